@@ -1,0 +1,132 @@
+//! Configuration handed from userspace to the programs.
+//!
+//! `Offsets` is a read-only global fixed at load time: the byte offsets of the kernel struct
+//! fields the programs read, looked up in the running kernel's BTF (never compiled in).
+//! `Filter` lives in a one-entry array map so a running tracer can change it.
+
+use crate::assert_size;
+
+/// Byte offsets of kernel struct fields, from `/sys/kernel/btf/vmlinux` at start-up.
+/// `u32::MAX` marks a field this kernel does not have; hooks needing it stay detached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    // struct sk_buff
+    pub skb_head: u32,
+    pub skb_data: u32,
+    pub skb_len: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub skb_dev: u32,
+    pub skb_sk: u32,
+    // struct net_device
+    pub dev_ifindex: u32,
+    pub dev_flags: u32,
+    pub dev_nd_net: u32,
+    // struct net
+    pub net_ns_inum: u32,
+    // struct sock / sock_common
+    pub sk_family: u32,
+    pub sk_daddr: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_dport: u32,
+    pub sk_num: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub sk_protocol: u32,
+    // struct tcp_sock
+    pub tcp_write_seq: u32,
+    pub tcp_rcv_nxt: u32,
+    pub tcp_copied_seq: u32,
+    // struct msghdr -> msg_iter.count
+    pub msg_iter_count: u32,
+    pub _pad: u32,
+}
+assert_size!(Offsets, 96);
+
+impl Offsets {
+    pub const MISSING: u32 = u32::MAX;
+    pub const UNSET: Offsets = Offsets {
+        skb_head: u32::MAX,
+        skb_data: u32::MAX,
+        skb_len: u32::MAX,
+        skb_network_header: u32::MAX,
+        skb_transport_header: u32::MAX,
+        skb_dev: u32::MAX,
+        skb_sk: u32::MAX,
+        dev_ifindex: u32::MAX,
+        dev_flags: u32::MAX,
+        dev_nd_net: u32::MAX,
+        net_ns_inum: u32::MAX,
+        sk_family: u32::MAX,
+        sk_daddr: u32::MAX,
+        sk_rcv_saddr: u32::MAX,
+        sk_dport: u32::MAX,
+        sk_num: u32::MAX,
+        sk_v6_daddr: u32::MAX,
+        sk_v6_rcv_saddr: u32::MAX,
+        sk_protocol: u32::MAX,
+        tcp_write_seq: u32::MAX,
+        tcp_rcv_nxt: u32::MAX,
+        tcp_copied_seq: u32::MAX,
+        msg_iter_count: u32::MAX,
+        _pad: 0,
+    };
+}
+
+pub const MAX_FILTER_PORTS: usize = 8;
+pub const MAX_FILTER_HOSTS: usize = 4;
+pub const MAX_FILTER_IFACES: usize = 8;
+
+pub const PROTO_TCP: u32 = 1;
+pub const PROTO_UDP: u32 = 2;
+
+/// What to trace. A packet is traced when it matches every non-empty criterion; a port or
+/// host matches on either end of the flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Filter {
+    /// Not zero once userspace has written the filter; hooks do nothing before that.
+    pub enabled: u32,
+    /// The tracer's own process: never traced at process-context hooks.
+    pub own_tgid: u32,
+    /// Only this process at process-context hooks (0 = any).
+    pub pid: u32,
+    /// `PROTO_*` bits; a protocol whose bit is clear is not traced.
+    pub protos: u32,
+    pub nports: u32,
+    pub nhosts: u32,
+    pub nifaces: u32,
+    /// Not zero: also trace ACK/SYN/FIN/RST segments as their own kind.
+    pub control: u32,
+    pub ports: [u16; MAX_FILTER_PORTS],
+    pub hosts: [[u8; 16]; MAX_FILTER_HOSTS],
+    /// 1 where `hosts[i]` is IPv6.
+    pub host_v6: [u8; MAX_FILTER_HOSTS],
+    /// Device stages: only these ifindexes.
+    pub ifaces: [u32; MAX_FILTER_IFACES],
+}
+assert_size!(Filter, 148);
+
+impl Filter {
+    pub const NONE: Filter = Filter {
+        enabled: 0,
+        own_tgid: 0,
+        pid: 0,
+        protos: PROTO_TCP | PROTO_UDP,
+        nports: 0,
+        nhosts: 0,
+        nifaces: 0,
+        control: 0,
+        ports: [0; MAX_FILTER_PORTS],
+        hosts: [[0; 16]; MAX_FILTER_HOSTS],
+        host_v6: [0; MAX_FILTER_HOSTS],
+        ifaces: [0; MAX_FILTER_IFACES],
+    };
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    unsafe impl aya::Pod for super::Offsets {}
+    unsafe impl aya::Pod for super::Filter {}
+}

@@ -1,0 +1,27 @@
+//! Indices into the per-CPU `COUNTERS` array. Nothing the tracer loses is silent: every
+//! failed ring-buffer write and every attribution it could not make has a counter here.
+
+use crate::NUM_STAGES;
+
+/// `LOST + stage`: records a hook could not write because its ring shard was full.
+pub const LOST: u32 = 0;
+/// `EMITTED + stage`: records written.
+pub const EMITTED: u32 = NUM_STAGES as u32;
+/// Packets the XDP/TC programs parsed as IPv4/IPv6 TCP/UDP.
+pub const PARSED_XDP: u32 = 2 * NUM_STAGES as u32;
+pub const UNPARSED_XDP: u32 = PARSED_XDP + 1;
+pub const PARSED_TC: u32 = PARSED_XDP + 2;
+pub const UNPARSED_TC: u32 = PARSED_XDP + 3;
+/// Socket buffers the tracepoint hooks could not parse (not IP, truncated, read failed).
+pub const UNPARSED_SKB: u32 = PARSED_XDP + 4;
+/// TCP segments without payload (ACK/SYN/FIN/RST) skipped because control tracing is off.
+pub const CONTROL_SKIPPED: u32 = PARSED_XDP + 5;
+/// A transport hook ran in a syscall whose entry this CPU did not record (the thread moved
+/// CPUs, or another thread overwrote the note): `send_syscall` is missing for that data.
+pub const SEND_SLOT_MISS: u32 = PARSED_XDP + 6;
+/// A recv syscall returned on another CPU than its copy ran on: `recv_syscall` missing.
+pub const RECV_SLOT_MISS: u32 = PARSED_XDP + 7;
+/// Kernel memory reads (`bpf_probe_read_kernel`) that failed.
+pub const READ_FAILED: u32 = PARSED_XDP + 8;
+
+pub const NUM_COUNTERS: u32 = 64;

@@ -1,0 +1,90 @@
+//! The stages of a packet's path, with stable numbers (they appear in ring-buffer records
+//! and counter indices) and canonical names (they appear in every output).
+
+/// One point on the path from the sending application to the receiving one.
+///
+/// The numbers are part of the record format: never renumber, only append.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// The application entered send/sendto/sendmsg/write/writev on the socket.
+    SendSyscall = 0,
+    /// The transport took the data (TCP: tcp_sendmsg_locked; UDP: cgroup_skb egress).
+    SockSend = 1,
+    /// Handed to the device layer (net:net_dev_queue).
+    DevQueue = 2,
+    /// TC egress program (tcx).
+    TcEgress = 3,
+    /// Driver transmit start (net:net_dev_start_xmit).
+    NicXmit = 4,
+    /// XDP on the receiving interface.
+    Xdp = 5,
+    /// Enters the stack (net:netif_receive_skb).
+    NetifReceive = 6,
+    /// TC ingress program (tcx).
+    TcIngress = 7,
+    /// TCP/UDP receive processing (tcp:tcp_probe; UDP: cgroup_skb ingress).
+    TransportRcv = 8,
+    /// Queued on the socket, reader woken (sock:sk_data_ready).
+    SockQueue = 9,
+    /// Data copied to the application (skb:skb_copy_datagram_iovec).
+    CopyToUser = 10,
+    /// The application's recv/read returned with the data.
+    RecvSyscall = 11,
+}
+
+/// Number of stage slots in per-stage arrays (room for optional stages to come).
+pub const NUM_STAGES: usize = 16;
+
+impl Stage {
+    /// All stages, in canonical path order.
+    pub const ALL: [Stage; 12] = [
+        Stage::SendSyscall,
+        Stage::SockSend,
+        Stage::DevQueue,
+        Stage::TcEgress,
+        Stage::NicXmit,
+        Stage::Xdp,
+        Stage::NetifReceive,
+        Stage::TcIngress,
+        Stage::TransportRcv,
+        Stage::SockQueue,
+        Stage::CopyToUser,
+        Stage::RecvSyscall,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stage::SendSyscall => "send_syscall",
+            Stage::SockSend => "sock_send",
+            Stage::DevQueue => "dev_queue",
+            Stage::TcEgress => "tc_egress",
+            Stage::NicXmit => "nic_xmit",
+            Stage::Xdp => "xdp",
+            Stage::NetifReceive => "netif_receive",
+            Stage::TcIngress => "tc_ingress",
+            Stage::TransportRcv => "transport_rcv",
+            Stage::SockQueue => "sock_queue",
+            Stage::CopyToUser => "copy_to_user",
+            Stage::RecvSyscall => "recv_syscall",
+        }
+    }
+
+    pub const fn from_u8(v: u8) -> Option<Stage> {
+        if (v as usize) < Self::ALL.len() {
+            Some(Self::ALL[v as usize])
+        } else {
+            None
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Stage> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// True for stages on the sending side of the path. A packet passes a sending-side stage
+    /// with its first byte; it has passed a receiving-side stage once its last byte has.
+    pub const fn is_egress(self) -> bool {
+        (self as u8) <= Stage::NicXmit as u8
+    }
+}

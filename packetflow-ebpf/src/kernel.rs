@@ -1,0 +1,229 @@
+//! Reading kernel structs (`sk_buff`, `net_device`, `sock`) through the offsets userspace
+//! found in the running kernel's BTF.
+
+use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user};
+use packetflow_common::{
+    counters::READ_FAILED,
+    event::{F_LOOPBACK, F_UDP, F_V6, KIND_SHIFT},
+    Event, Kind, Offsets,
+};
+
+use crate::{
+    emit::count,
+    maps::off,
+    parse::{parse_l3, Source, Unparsed, IPPROTO_TCP, IPPROTO_UDP},
+};
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IFF_LOOPBACK: u32 = 8;
+
+/// Reads a `T` at `base + off`. Fails (and counts) when the field is missing on this
+/// kernel or the memory cannot be read.
+#[inline(always)]
+pub fn read<T: Copy>(base: u64, off: u32) -> Result<T, ()> {
+    if off == Offsets::MISSING || base == 0 {
+        return Err(());
+    }
+    let mut v = core::mem::MaybeUninit::<T>::uninit();
+    let r = unsafe {
+        bpf_probe_read_kernel(
+            v.as_mut_ptr().cast(),
+            core::mem::size_of::<T>() as u32,
+            (base + off as u64) as *const _,
+        )
+    };
+    if r != 0 {
+        count(READ_FAILED);
+        return Err(());
+    }
+    Ok(unsafe { v.assume_init() })
+}
+
+/// Packet bytes of a kernel `sk_buff`, from its IP header on.
+pub struct SkbSource {
+    l3: u64,
+    l3_len: u32,
+}
+
+impl Source for SkbSource {
+    #[inline(always)]
+    fn read(&self, off: u32, buf: &mut [u8]) -> Result<(), Unparsed> {
+        if off as u64 + buf.len() as u64 > self.l3_len as u64 {
+            return Err(Unparsed::Malformed);
+        }
+        let r = unsafe {
+            bpf_probe_read_kernel(
+                buf.as_mut_ptr().cast(),
+                buf.len() as u32,
+                (self.l3 + off as u64) as *const _,
+            )
+        };
+        if r != 0 { Err(Unparsed::Malformed) } else { Ok(()) }
+    }
+    #[inline(always)]
+    fn l3_len(&self) -> u32 {
+        self.l3_len
+    }
+}
+
+/// Where a hook finds the IP header of its `sk_buff`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum L3At {
+    /// `head + network_header`: set on transmit and after IP receive.
+    NetworkHeader,
+    /// `data`: on receive before the stack resets the network header.
+    Data,
+}
+
+/// Parses the packet in kernel `sk_buff` `skb` into `ev`.
+#[inline(always)]
+pub fn parse_skb(skb: u64, at: L3At, ev: &mut Event) -> Result<(), Unparsed> {
+    let data: u64 = read(skb, off!(skb_data)).map_err(|_| Unparsed::Malformed)?;
+    let len: u32 = read(skb, off!(skb_len)).map_err(|_| Unparsed::Malformed)?;
+    let l3 = match at {
+        L3At::Data => data,
+        L3At::NetworkHeader => {
+            let head: u64 = read(skb, off!(skb_head)).map_err(|_| Unparsed::Malformed)?;
+            let nh: u16 = read(skb, off!(skb_network_header)).map_err(|_| Unparsed::Malformed)?;
+            if nh == 0xffff {
+                return Err(Unparsed::Other);
+            }
+            head + nh as u64
+        }
+    };
+    let end = data + len as u64;
+    if l3 >= end || end - l3 > u32::MAX as u64 {
+        return Err(Unparsed::Malformed);
+    }
+    let src = SkbSource { l3, l3_len: (end - l3) as u32 };
+    parse_l3(&src, ev)
+}
+
+/// Fills the device fields of `ev` (ifindex, netns inode, loopback flag) from `dev`.
+#[inline(always)]
+pub fn device_info(dev: u64, ev: &mut Event) {
+    ev.aux = read::<u32>(dev, off!(dev_ifindex)).unwrap_or(0);
+    if read::<u32>(dev, off!(dev_flags)).unwrap_or(0) & IFF_LOOPBACK != 0 {
+        ev.flags |= F_LOOPBACK;
+    }
+    if let Ok(net) = read::<u64>(dev, off!(dev_nd_net)) {
+        ev.aux2 = read::<u32>(net, off!(net_ns_inum)).unwrap_or(0);
+    }
+}
+
+/// Transport protocol of socket `sk` (6 TCP, 17 UDP, other values for anything else).
+#[inline(always)]
+pub fn sock_protocol(sk: u64) -> u8 {
+    read::<u16>(sk, off!(sk_protocol)).unwrap_or(0) as u8
+}
+
+/// Local port of socket `sk` (host order).
+#[inline(always)]
+pub fn sock_local_port(sk: u64) -> u16 {
+    read::<u16>(sk, off!(sk_num)).unwrap_or(0)
+}
+
+/// Fills the flow of `ev` from socket `sk`, oriented as data the socket sends
+/// (`rx == false`: src is the local end) or receives (`rx == true`: src is the peer).
+/// IPv4-mapped IPv6 sockets are reported as IPv4, as their packets are.
+#[inline(always)]
+pub fn sock_flow(sk: u64, rx: bool, ev: &mut Event) -> Result<(), ()> {
+    let proto = sock_protocol(sk);
+    match proto {
+        IPPROTO_TCP => ev.flags |= (Kind::Data as u8) << KIND_SHIFT,
+        IPPROTO_UDP => ev.flags |= F_UDP,
+        _ => return Err(()),
+    }
+    let family: u16 = read(sk, off!(sk_family))?;
+    let local_port: u16 = read(sk, off!(sk_num))?;
+    let peer_port: u16 = u16::from_be(read(sk, off!(sk_dport))?);
+    // Read as if sending (saddr = local), then swap for the receive direction.
+    match family {
+        AF_INET => {
+            let l: [u8; 4] = read(sk, off!(sk_rcv_saddr))?;
+            let p: [u8; 4] = read(sk, off!(sk_daddr))?;
+            ev.saddr[..4].copy_from_slice(&l);
+            ev.daddr[..4].copy_from_slice(&p);
+        }
+        AF_INET6 => {
+            ev.saddr = read(sk, off!(sk_v6_rcv_saddr))?;
+            ev.daddr = read(sk, off!(sk_v6_daddr))?;
+            if is_v4_mapped(&ev.daddr) && (is_v4_mapped(&ev.saddr) || is_zero(&ev.saddr)) {
+                unmap(&mut ev.saddr);
+                unmap(&mut ev.daddr);
+            } else {
+                ev.flags |= F_V6;
+            }
+        }
+        _ => return Err(()),
+    }
+    ev.sport = local_port;
+    ev.dport = peer_port;
+    if rx {
+        core::mem::swap(&mut ev.saddr, &mut ev.daddr);
+        core::mem::swap(&mut ev.sport, &mut ev.dport);
+    }
+    Ok(())
+}
+
+/// `::ffff:a.b.c.d` -> `a.b.c.d` in the first four bytes.
+#[inline(always)]
+fn unmap(a: &mut [u8; 16]) {
+    let v4 = [a[12], a[13], a[14], a[15]];
+    *a = [0; 16];
+    a[..4].copy_from_slice(&v4);
+}
+
+#[inline(always)]
+fn is_zero(a: &[u8; 16]) -> bool {
+    a.iter().fold(0u8, |acc, &b| acc | b) == 0
+}
+
+#[inline(always)]
+fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
+// User memory (the caller's buffers in receive syscalls).
+
+/// Reads a pointer-sized value at user address `at` (0 when unreadable).
+#[inline(always)]
+pub fn user_ptr(at: u64) -> u64 {
+    let mut v = 0u64;
+    let r = unsafe { bpf_probe_read_user((&mut v as *mut u64).cast(), 8, at as *const _) };
+    if r == 0 { v } else { 0 }
+}
+
+/// Fills the source of `ev` from a user `sockaddr_in`/`sockaddr_in6`.
+#[inline(always)]
+pub fn user_peer(addr: u64, ev: &mut Event) {
+    let mut sa = [0u8; 24];
+    if unsafe { bpf_probe_read_user(sa.as_mut_ptr().cast(), 24, addr as *const _) } != 0 {
+        return;
+    }
+    let family = u16::from_ne_bytes([sa[0], sa[1]]);
+    ev.sport = u16::from_be_bytes([sa[2], sa[3]]);
+    if family == 2 {
+        ev.saddr[..4].copy_from_slice(&sa[4..8]);
+        return;
+    }
+    ev.saddr.copy_from_slice(&sa[8..24]);
+    let mapped = ev.saddr[..10].iter().fold(0u8, |a, b| a | b) == 0 && ev.saddr[10] == 0xff && ev.saddr[11] == 0xff;
+    if mapped {
+        // An IPv6 socket receiving IPv4: report both ends as IPv4, as the packets are.
+        let v4 = [ev.saddr[12], ev.saddr[13], ev.saddr[14], ev.saddr[15]];
+        ev.saddr = [0; 16];
+        ev.saddr[..4].copy_from_slice(&v4);
+        let d = [ev.daddr[12], ev.daddr[13], ev.daddr[14], ev.daddr[15]];
+        let dst_mapped = ev.daddr[10] == 0xff && ev.daddr[11] == 0xff;
+        ev.daddr = [0; 16];
+        if dst_mapped {
+            ev.daddr[..4].copy_from_slice(&d);
+        }
+        ev.flags &= !F_V6;
+    }
+}
+

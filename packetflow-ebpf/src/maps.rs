@@ -1,0 +1,88 @@
+//! Every map and global the programs share.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+};
+use packetflow_common::{
+    counters::NUM_COUNTERS, Event, Filter, Offsets, RecvEnter, RecvSlot, SendSlot,
+};
+
+/// Kernel struct offsets, written by the loader before the programs are verified
+/// (a frozen global: the verifier sees the values, and code for absent fields is pruned).
+#[unsafe(no_mangle)]
+pub static OFFSETS: Offsets = Offsets::UNSET;
+
+/// Bytes of unread data in a ring shard above which a write wakes the reader; below it
+/// the reader finds the records on its periodic poll (batched wakeups).
+#[unsafe(no_mangle)]
+pub static WAKEUP_BYTES: u64 = 1 << 20;
+
+#[map]
+pub static FILTER: Array<Filter> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
+
+#[map]
+pub static SEND_SLOT: PerCpuArray<SendSlot> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub static RECV_SLOT: PerCpuArray<RecvSlot> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per thread (tid): a receive syscall blocks, and its thread may wake on another CPU.
+#[map]
+pub static RECV_ENTER: LruHashMap<u32, RecvEnter> = LruHashMap::with_max_entries(16384, 0);
+
+/// The UDP datagram cgroup_skb ingress just handed to a socket on this CPU, for the
+/// `sk_data_ready` that follows it in the same softirq.
+#[map]
+pub static UDP_RX_SLOT: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
+
+// Ring-buffer shards: a record goes to shard `cpu % 8`. The loader sizes the shards that
+// some CPU uses and shrinks the others to one page.
+#[map]
+pub static RB0: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+#[map]
+pub static RB1: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+#[map]
+pub static RB2: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+#[map]
+pub static RB3: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+#[map]
+pub static RB4: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+#[map]
+pub static RB5: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+#[map]
+pub static RB6: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+#[map]
+pub static RB7: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+#[inline(always)]
+pub fn ring(cpu: u32) -> &'static RingBuf {
+    match cpu & 7 {
+        0 => &RB0,
+        1 => &RB1,
+        2 => &RB2,
+        3 => &RB3,
+        4 => &RB4,
+        5 => &RB5,
+        6 => &RB6,
+        _ => &RB7,
+    }
+}
+
+/// The filter, once userspace has enabled it.
+#[inline(always)]
+pub fn filter() -> Option<&'static Filter> {
+    let f = FILTER.get(0)?;
+    if f.enabled == 0 { None } else { Some(f) }
+}
+
+/// One field of the frozen `OFFSETS` global.
+macro_rules! off {
+    ($field:ident) => {
+        unsafe { core::ptr::read_volatile(&$crate::maps::OFFSETS.$field) }
+    };
+}
+pub(crate) use off;

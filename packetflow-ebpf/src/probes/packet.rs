@@ -1,0 +1,152 @@
+//! `xdp`, `tc_egress` and `tc_ingress`: programs on the interfaces themselves. They parse
+//! the frame, count it as parsed or not, and always let it go on untouched: XDP_PASS, and
+//! TC_ACT_UNSPEC (tcx's "next"), so programs attached after ours still run.
+
+use aya_ebpf::{
+    bindings::{xdp_action::XDP_PASS, TC_ACT_UNSPEC},
+    bindings::bpf_hdr_start_off::BPF_HDR_START_NET,
+    helpers::generated::{bpf_skb_load_bytes_relative, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+use packetflow_common::{
+    counters::{CONTROL_SKIPPED, PARSED_TC, PARSED_XDP, UNPARSED_TC, UNPARSED_XDP},
+    Event, Stage,
+};
+
+use crate::{
+    emit::{count, emit, now},
+    filter::{flow_matches, iface_matches, kind_wanted},
+    maps::filter,
+    parse::{l2_skip, parse_l3, Source, Unparsed, ETH_P_IP, ETH_P_IPV6},
+};
+
+struct XdpSource<'a> {
+    ctx: &'a XdpContext,
+    l3_off: u32,
+    l3_len: u32,
+}
+
+impl Source for XdpSource<'_> {
+    #[inline(always)]
+    fn read(&self, off: u32, buf: &mut [u8]) -> Result<(), Unparsed> {
+        xdp_load(self.ctx, self.l3_off + off, buf).then_some(()).ok_or(Unparsed::Malformed)
+    }
+    #[inline(always)]
+    fn l3_len(&self) -> u32 {
+        self.l3_len
+    }
+}
+
+#[inline(always)]
+fn xdp_load(ctx: &XdpContext, off: u32, buf: &mut [u8]) -> bool {
+    unsafe { bpf_xdp_load_bytes(ctx.ctx, off, buf.as_mut_ptr().cast(), buf.len() as u32) == 0 }
+}
+
+/// A TC or cgroup_skb `__sk_buff`, read relative to its network header: where `data`
+/// points differs by hook and device (L2 on TC, L3 on cgroup_skb, and L3 on TC ingress
+/// after generic XDP on some devices), the network header does not.
+pub(crate) struct SkbCtxSource {
+    pub(crate) skb: *mut core::ffi::c_void,
+    /// An upper bound (skb->len counts from `data`); the IP length fields bound it.
+    pub(crate) l3_len: u32,
+}
+
+impl Source for SkbCtxSource {
+    #[inline(always)]
+    fn read(&self, off: u32, buf: &mut [u8]) -> Result<(), Unparsed> {
+        let r = unsafe {
+            bpf_skb_load_bytes_relative(self.skb, off, buf.as_mut_ptr().cast(), buf.len() as u32, BPF_HDR_START_NET)
+        };
+        if r == 0 { Ok(()) } else { Err(Unparsed::Malformed) }
+    }
+    #[inline(always)]
+    fn l3_len(&self) -> u32 {
+        self.l3_len
+    }
+}
+
+/// Parse result counted as parsed/unparsed; `None` for frames that are not traced.
+#[inline(always)]
+fn counted<S: Source>(src: &S, parsed: u32, unparsed: u32) -> Option<Event> {
+    let mut ev = Event::ZERO;
+    match parse_l3(src, &mut ev) {
+        Ok(()) => {
+            count(parsed);
+            Some(ev)
+        }
+        Err(_) => {
+            count(unparsed);
+            None
+        }
+    }
+}
+
+/// Filters and emits an event parsed at an interface hook.
+#[inline(always)]
+fn interface_stage(mut ev: Event, ifindex: u32, stage: Stage) {
+    let Some(f) = filter() else { return };
+    if !flow_matches(f, &ev) || !iface_matches(f, ifindex) {
+        return;
+    }
+    if !kind_wanted(f, &ev) {
+        count(CONTROL_SKIPPED);
+        return;
+    }
+    ev.aux = ifindex;
+    ev.ts_ns = now();
+    emit(&mut ev, stage);
+}
+
+#[xdp(frags)]
+pub fn pf_xdp(ctx: XdpContext) -> u32 {
+    try_xdp(&ctx);
+    XDP_PASS
+}
+
+#[inline(always)]
+fn try_xdp(ctx: &XdpContext) {
+    let total = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as u32;
+    let l3 = l2_skip(|off, buf| xdp_load(ctx, off, buf));
+    let ev = match l3 {
+        Ok((l3_off, _)) if l3_off <= total => {
+            let src = XdpSource { ctx, l3_off, l3_len: total - l3_off };
+            counted(&src, PARSED_XDP, UNPARSED_XDP)
+        }
+        _ => {
+            count(UNPARSED_XDP);
+            None
+        }
+    };
+    if let Some(ev) = ev {
+        interface_stage(ev, ctx.ingress_ifindex() as u32, Stage::Xdp);
+    }
+}
+
+#[classifier]
+pub fn pf_tc_egress(ctx: TcContext) -> i32 {
+    try_tc(&ctx, Stage::TcEgress);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn pf_tc_ingress(ctx: TcContext) -> i32 {
+    try_tc(&ctx, Stage::TcIngress);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn try_tc(ctx: &TcContext, stage: Stage) {
+    let proto = u16::from_be(ctx.skb.protocol() as u16);
+    let ev = if proto == ETH_P_IP || proto == ETH_P_IPV6 {
+        let src = SkbCtxSource { skb: ctx.skb.skb.cast(), l3_len: ctx.len() };
+        counted(&src, PARSED_TC, UNPARSED_TC)
+    } else {
+        count(UNPARSED_TC);
+        None
+    };
+    if let Some(ev) = ev {
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        interface_stage(ev, ifindex, stage);
+    }
+}

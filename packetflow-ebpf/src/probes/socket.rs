@@ -1,0 +1,329 @@
+//! The socket-side stages: `sock_send`, `transport_rcv`, `sock_queue`, `copy_to_user`, and
+//! the `send_syscall` record, which the transport hook writes because only it knows which
+//! bytes (TCP) or datagram (UDP) the syscall handed in.
+//!
+//! TCP records carry stream byte ranges read from the socket (write_seq, rcv_nxt,
+//! copied_seq), so segmentation and coalescing never mis-attribute bytes. UDP has no
+//! sequence: datagrams are keyed by their payload (see `parse.rs`).
+
+use aya_ebpf::{
+    helpers::generated::bpf_probe_read_user,
+    macros::{btf_tracepoint, cgroup_skb},
+    programs::{BtfTracePointContext, SkBuffContext},
+};
+use packetflow_common::{
+    counters::{RECV_SLOT_MISS, SEND_SLOT_MISS, UNPARSED_SKB},
+    event::{F_END, RECV_IOV, RECV_MSG},
+    payload_key, Event, Stage,
+};
+
+use super::{current, packet::SkbCtxSource as CtxSource};
+use crate::{
+    emit::{count, emit, now},
+    filter::{flow_matches, kind_wanted, process_wanted},
+    kernel::{parse_skb, read, sock_flow, sock_local_port, sock_protocol, user_ptr, L3At},
+    maps::{filter, off, RECV_ENTER, RECV_SLOT, SEND_SLOT, UDP_RX_SLOT},
+    parse::{parse_l3, IPPROTO_TCP, IPPROTO_UDP},
+};
+
+/// The `send_syscall` record for data a transport hook just took, from the note the
+/// syscall's entry left on this CPU. `once`: TCP writes one per syscall (its byte range
+/// covers the whole call); UDP one per datagram.
+#[inline(always)]
+fn send_syscall(ev: &mut Event, tid: u32, once: bool) {
+    let Some(slot) = SEND_SLOT.get_ptr_mut(0) else { return };
+    let slot = unsafe { &mut *slot };
+    if slot.tid != tid {
+        count(SEND_SLOT_MISS);
+        return;
+    }
+    if once && slot.emitted != 0 {
+        return;
+    }
+    slot.emitted = 1;
+    let ts = ev.ts_ns;
+    ev.ts_ns = slot.ts_ns;
+    emit(ev, Stage::SendSyscall);
+    ev.ts_ns = ts;
+}
+
+/// tcp:tcp_sendmsg_locked(sk, msg, skb, size_goal): once per chunk of a send call.
+#[btf_tracepoint(function = "tcp_sendmsg_locked")]
+pub fn pf_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_tcp_sendmsg(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_tcp_sendmsg(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let f = filter().ok_or(())?;
+    let (tgid, tid) = current();
+    if !process_wanted(f, tgid) {
+        return Ok(());
+    }
+    let sk: u64 = ctx.arg(0);
+    let msg: u64 = ctx.arg(1);
+    let mut ev = Event::ZERO;
+    sock_flow(sk, false, &mut ev)?;
+    if !flow_matches(f, &ev) {
+        return Ok(());
+    }
+    ev.seq = read(sk, off!(tcp_write_seq))?;
+    let left: u64 = read(msg, off!(msg_iter_count))?;
+    ev.len = if left > u32::MAX as u64 { u32::MAX } else { left as u32 };
+    ev.aux = tgid;
+    ev.aux2 = tid;
+    ev.ts_ns = now();
+    send_syscall(&mut ev, tid, true);
+    emit(&mut ev, Stage::SockSend);
+    Ok(())
+}
+
+/// tcp:tcp_probe(sk, skb): a segment entering tcp_rcv_established.
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn pf_tcp_probe(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_tcp_probe(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_tcp_probe(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let f = filter().ok_or(())?;
+    let skb: u64 = ctx.arg(1);
+    let mut ev = Event::ZERO;
+    if parse_skb(skb, L3At::NetworkHeader, &mut ev).is_err() {
+        count(UNPARSED_SKB);
+        return Err(());
+    }
+    if !flow_matches(f, &ev) || !kind_wanted(f, &ev) {
+        return Ok(());
+    }
+    ev.ts_ns = now();
+    emit(&mut ev, Stage::TransportRcv);
+    Ok(())
+}
+
+/// sock:sk_data_ready(sk): data queued on the socket, reader woken.
+#[btf_tracepoint(function = "sk_data_ready")]
+pub fn pf_sk_data_ready(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_sk_data_ready(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_sk_data_ready(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let f = filter().ok_or(())?;
+    let sk: u64 = ctx.arg(0);
+    match sock_protocol(sk) {
+        IPPROTO_TCP => {
+            let mut ev = Event::ZERO;
+            sock_flow(sk, true, &mut ev)?;
+            if !flow_matches(f, &ev) {
+                return Ok(());
+            }
+            // Everything before rcv_nxt is now queued.
+            ev.seq = read(sk, off!(tcp_rcv_nxt))?;
+            ev.flags |= F_END;
+            ev.ts_ns = now();
+            emit(&mut ev, Stage::SockQueue);
+        }
+        IPPROTO_UDP => {
+            // The datagram cgroup_skb ingress just passed to this socket on this CPU.
+            let slot = UDP_RX_SLOT.get_ptr_mut(0).ok_or(())?;
+            let slot = unsafe { &mut *slot };
+            if slot.ts_ns == 0 || slot.dport != sock_local_port(sk) {
+                return Ok(());
+            }
+            let mut ev = *slot;
+            slot.ts_ns = 0;
+            ev.ts_ns = now();
+            emit(&mut ev, Stage::SockQueue);
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// skb:skb_copy_datagram_iovec(skb, len): `len` bytes of `skb` copied to the reader.
+#[btf_tracepoint(function = "skb_copy_datagram_iovec")]
+pub fn pf_copy_to_user(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_copy_to_user(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_copy_to_user(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let f = filter().ok_or(())?;
+    let (tgid, tid) = current();
+    if !process_wanted(f, tgid) {
+        return Ok(());
+    }
+    let skb: u64 = ctx.arg(0);
+    let len: i32 = ctx.arg(1);
+    if len <= 0 {
+        return Ok(());
+    }
+    // TCP only: UDP's copy is seen at sock_recv_length (see pf_sock_recv).
+    let sk: u64 = read(skb, off!(skb_sk)).unwrap_or(0);
+    if sk == 0 || sock_protocol(sk) != IPPROTO_TCP {
+        return Ok(());
+    }
+    let mut ev = Event::ZERO;
+    // A TCP copy starts at the socket's copied_seq.
+    sock_flow(sk, true, &mut ev)?;
+    if !flow_matches(f, &ev) {
+        return Ok(());
+    }
+    ev.seq = read(sk, off!(tcp_copied_seq))?;
+    ev.len = len as u32;
+    ev.aux = tgid;
+    ev.aux2 = tid;
+    ev.ts_ns = now();
+    emit(&mut ev, Stage::CopyToUser);
+    stash_for_recv_syscall(&ev, tid)
+}
+
+/// sock:sock_recv_length(sk, ret, flags): sock_recvmsg handed `ret` bytes to the caller.
+/// UDP's `copy_to_user`: udp_recvmsg copies linear datagrams without the
+/// skb_copy_datagram_iovec tracepoint, so the datagram is identified from what the
+/// application received: its buffer (payload key) and source address.
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn pf_sock_recv(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_sock_recv(&ctx);
+    0
+}
+
+const MSG_PEEK: i32 = 2;
+
+#[inline(always)]
+fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), ()> {
+    let f = filter().ok_or(())?;
+    let (tgid, tid) = current();
+    if !process_wanted(f, tgid) {
+        return Ok(());
+    }
+    let sk: u64 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    let flags: i32 = ctx.arg(2);
+    if ret <= 0 || flags & MSG_PEEK != 0 || sock_protocol(sk) != IPPROTO_UDP {
+        return Ok(());
+    }
+    let Some(enter) = (unsafe { RECV_ENTER.get(&tid) }) else {
+        count(RECV_SLOT_MISS);
+        return Ok(());
+    };
+    let enter = *enter;
+    let mut ev = Event::ZERO;
+    sock_flow(sk, true, &mut ev)?;
+    // (user_msghdr: msg_name at 0, msg_iov at 16; iovec: iov_base at 0.)
+    let (buf, name) = match enter.kind {
+        RECV_MSG => (user_ptr(user_ptr(enter.ptr + 16)), user_ptr(enter.ptr)),
+        RECV_IOV => (user_ptr(enter.ptr), 0),
+        _ => (enter.ptr, enter.addr),
+    };
+    let n = if ret < 16 { ret as u32 } else { 16 };
+    let mut p = [0u8; 32];
+    let r = unsafe { bpf_probe_read_user(p.as_mut_ptr().cast(), n & 31, buf as *const _) };
+    if r != 0 {
+        return Err(());
+    }
+    let mut head = [0u8; 16];
+    head.copy_from_slice(&p[..16]);
+    ev.seq = payload_key(&head, n);
+    ev.len = ret as u32;
+    ev.aux = tgid;
+    ev.aux2 = tid;
+    ev.ts_ns = now();
+    // An unconnected socket learns the peer only when the kernel copies the source
+    // address to the caller, after this hook: the record is finished at syscall exit.
+    let slot = RECV_SLOT.get_ptr_mut(0).ok_or(())?;
+    let slot = unsafe { &mut *slot };
+    if slot.tid != 0 && slot.tid != tid {
+        count(RECV_SLOT_MISS);
+    }
+    slot.tid = tid;
+    slot.pending_copy = 1;
+    slot.name = if ev.sport == 0 { name } else { 0 };
+    slot.ev = ev;
+    Ok(())
+}
+
+/// Leaves the end of TCP range `ev` for the recv syscall's exit on this CPU.
+#[inline(always)]
+fn stash_for_recv_syscall(ev: &Event, tid: u32) -> Result<(), ()> {
+    let slot = RECV_SLOT.get_ptr_mut(0).ok_or(())?;
+    let slot = unsafe { &mut *slot };
+    if slot.tid != 0 && slot.tid != tid {
+        count(RECV_SLOT_MISS);
+    }
+    slot.tid = tid;
+    slot.pending_copy = 0;
+    slot.name = 0;
+    slot.ev = *ev;
+    slot.ev.seq = ev.seq.wrapping_add(ev.len);
+    slot.ev.flags |= F_END;
+    Ok(())
+}
+
+/// cgroup_skb egress: the IP output path of a local socket. UDP's `sock_send` (TCP's
+/// comes from tcp_sendmsg_locked, which knows the stream position).
+#[cgroup_skb(egress)]
+pub fn pf_cg_egress(ctx: SkBuffContext) -> i32 {
+    let _ = try_cg_egress(&ctx);
+    1
+}
+
+#[inline(always)]
+fn try_cg_egress(ctx: &SkBuffContext) -> Result<(), ()> {
+    let f = filter().ok_or(())?;
+    let mut ev = Event::ZERO;
+    cg_udp(ctx, &mut ev)?;
+    if !flow_matches(f, &ev) {
+        return Ok(());
+    }
+    let (tgid, tid) = current();
+    if !process_wanted(f, tgid) {
+        return Ok(());
+    }
+    ev.aux = tgid;
+    ev.aux2 = tid;
+    ev.ts_ns = now();
+    send_syscall(&mut ev, tid, false);
+    emit(&mut ev, Stage::SockSend);
+    Ok(())
+}
+
+/// cgroup_skb ingress: a datagram being handed to its socket. UDP's `transport_rcv`.
+#[cgroup_skb(ingress)]
+pub fn pf_cg_ingress(ctx: SkBuffContext) -> i32 {
+    let _ = try_cg_ingress(&ctx);
+    1
+}
+
+#[inline(always)]
+fn try_cg_ingress(ctx: &SkBuffContext) -> Result<(), ()> {
+    let f = filter().ok_or(())?;
+    let mut ev = Event::ZERO;
+    cg_udp(ctx, &mut ev)?;
+    if !flow_matches(f, &ev) {
+        return Ok(());
+    }
+    ev.ts_ns = now();
+    if let Some(slot) = UDP_RX_SLOT.get_ptr_mut(0) {
+        unsafe { *slot = ev };
+    }
+    emit(&mut ev, Stage::TransportRcv);
+    Ok(())
+}
+
+/// A UDP datagram seen by a cgroup_skb program (whose data starts at the IP header).
+#[inline(always)]
+fn cg_udp(ctx: &SkBuffContext, ev: &mut Event) -> Result<(), ()> {
+    let skb = ctx.skb.skb.cast();
+    let src = CtxSource { skb, l3_len: ctx.len() };
+    parse_l3(&src, ev).map_err(|_| ())?;
+    if !ev.is_udp() {
+        return Err(());
+    }
+    Ok(())
+}

@@ -1,0 +1,897 @@
+//! Joins per-hook records into per-packet traces.
+//!
+//! A *packet* is the `sk_buff` as the device layer queues it: every `dev_queue` record is
+//! an anchor (on a host that only receives, an unmatched `netif_receive` record is). For
+//! each anchor and each other stage we pick the record of the same flow that covers the
+//! packet's bytes and sits on the right side of the anchor in time:
+//!
+//! * TCP records carry stream byte ranges. A packet passes a sending-side stage with its
+//!   first byte and has passed a receiving-side stage once its last byte has, so a send
+//!   syscall that wrote many segments, a GSO super-packet, a GRO merge or a read that
+//!   returned several segments all attribute correctly.
+//! * UDP records carry a payload key; each record is used by one datagram only.
+//!
+//! Sending-side process stages (`send_syscall`, `sock_send`) must precede the anchor,
+//! receiving-side stages must follow it; `tc_egress` and `nic_xmit` take the nearest
+//! covering record on either side. A trace is finished when every expected stage matched
+//! and the readers have delivered everything up to its last timestamp (the watermark), or
+//! when the watermark passes the anchor by the timeout: stages still missing are reported
+//! missing, never guessed.
+//!
+//! Memory is bounded: per flow and stage at most `MAX_EVENTS_PER_STAGE` records, at most
+//! `max_flows` flows (least recently active evicted first), records older than the
+//! retention dropped. Every eviction is counted.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use packetflow_common::{
+    event::{F_END, F_LOOPBACK},
+    Event, Kind, Stage,
+};
+
+const MAX_EVENTS_PER_STAGE: usize = 1 << 16;
+/// Records examined on each side of the best candidate.
+const SCAN: usize = 24;
+const NSTAGES: usize = Stage::ALL.len();
+
+/// Flow direction: the packet's sender first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Flow {
+    pub v6: bool,
+    pub udp: bool,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Flow {
+    pub fn of(ev: &Event) -> Flow {
+        Flow {
+            v6: ev.is_v6(),
+            udp: ev.is_udp(),
+            src: ev.saddr,
+            dst: ev.daddr,
+            sport: ev.sport,
+            dport: ev.dport,
+        }
+    }
+
+    pub fn src_ip(&self) -> std::net::IpAddr {
+        ip(self.v6, &self.src)
+    }
+
+    pub fn dst_ip(&self) -> std::net::IpAddr {
+        ip(self.v6, &self.dst)
+    }
+}
+
+pub fn ip(v6: bool, a: &[u8; 16]) -> std::net::IpAddr {
+    if v6 {
+        std::net::IpAddr::from(*a)
+    } else {
+        std::net::IpAddr::from([a[0], a[1], a[2], a[3]])
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PathKind {
+    Loopback,
+    Nic,
+}
+
+impl PathKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PathKind::Loopback => "loopback",
+            PathKind::Nic => "nic",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TraceKind {
+    Data,
+    /// The same bytes sent again by TCP (retransmission): kept out of the statistics.
+    Retrans,
+    /// A TCP segment without payload (only with control tracing on).
+    Control(Kind),
+}
+
+impl TraceKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TraceKind::Data => "data",
+            TraceKind::Retrans => "retrans",
+            TraceKind::Control(k) => k.name(),
+        }
+    }
+}
+
+/// One stage of a finished trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StageTime {
+    pub stage: Stage,
+    pub t_ns: u64,
+    pub cpu: u16,
+}
+
+/// One packet's way through the stages.
+#[derive(Clone, Debug)]
+pub struct Trace {
+    pub kind: TraceKind,
+    pub flow: Flow,
+    /// TCP: sequence number of the first payload byte. UDP: the payload key.
+    pub seq: u32,
+    pub len: u32,
+    pub path: PathKind,
+    /// Device of the anchor (dev_queue, or netif_receive on a receive-only host).
+    pub ifindex: u32,
+    pub netns: u32,
+    /// Device the packet arrived on (netif_receive), when seen.
+    pub rx_ifindex: Option<(u32, u32)>,
+    pub pid: Option<u32>,
+    pub tid: Option<u32>,
+    pub rx_pid: Option<u32>,
+    pub rx_tid: Option<u32>,
+    pub comm: Option<String>,
+    pub rx_comm: Option<String>,
+    /// In time order.
+    pub stages: Vec<StageTime>,
+    /// Every expected stage was seen.
+    pub complete: bool,
+}
+
+impl Trace {
+    pub fn total_ns(&self) -> u64 {
+        match (self.stages.first(), self.stages.last()) {
+            (Some(a), Some(b)) => b.t_ns - a.t_ns,
+            _ => 0,
+        }
+    }
+
+    pub fn time_of(&self, stage: Stage) -> Option<u64> {
+        self.stages.iter().find(|s| s.stage == stage).map(|s| s.t_ns)
+    }
+}
+
+/// Counters of what the correlator had to give up on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CorrStats {
+    pub records: u64,
+    pub traces: u64,
+    pub incomplete: u64,
+    pub flows_evicted: u64,
+    pub records_evicted: u64,
+    pub records_unmatched: u64,
+    pub bad_records: u64,
+    pub extra_hops: u64,
+}
+
+/// Which device stages are observable where: (netns inode, ifindex) pairs with XDP and
+/// TC attached. Tracepoint stages are global and listed in `global`.
+#[derive(Clone, Debug, Default)]
+pub struct Coverage {
+    pub global: HashSet<Stage>,
+    pub xdp: HashSet<(u32, u32)>,
+    pub tc_ingress: HashSet<(u32, u32)>,
+    pub tc_egress: HashSet<(u32, u32)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Rec {
+    ts: u64,
+    /// TCP: unwrapped stream offset of the first byte; UDP: payload key.
+    lo: u64,
+    /// TCP: one past the last byte; UDP: payload length.
+    hi: u64,
+    end_only: bool,
+    cpu: u16,
+    aux: u32,
+    aux2: u32,
+    flags: u8,
+    used: bool,
+}
+
+struct Anchor {
+    stage: Stage,
+    rec: Rec,
+    kind: TraceKind,
+}
+
+#[derive(Default)]
+struct FlowState {
+    stages: [VecDeque<Rec>; NSTAGES],
+    pending: VecDeque<Anchor>,
+    has_egress: bool,
+    /// TCP sequence unwrapping: last raw value and its 64-bit position.
+    seq_ref: Option<(u32, u64)>,
+    /// Highest anchored TCP end, with the device and time of that anchor.
+    max_end: Option<(u64, u32, u64)>,
+    last_ts: u64,
+}
+
+impl FlowState {
+    fn unwrap_seq(&mut self, seq: u32) -> u64 {
+        match self.seq_ref {
+            None => {
+                // Start well away from zero so earlier bytes stay representable.
+                let pos = 1u64 << 40;
+                self.seq_ref = Some((seq, pos));
+                pos
+            }
+            Some((raw, pos)) => {
+                let d = seq.wrapping_sub(raw) as i32 as i64;
+                let p = (pos as i64 + d) as u64;
+                if d > 0 {
+                    self.seq_ref = Some((seq, p));
+                }
+                p
+            }
+        }
+    }
+}
+
+pub struct Correlator {
+    flows: HashMap<Flow, FlowState>,
+    pub coverage: Coverage,
+    pub stats: CorrStats,
+    /// Everything with a timestamp below this has been delivered.
+    watermark: u64,
+    pub timeout_ns: u64,
+    pub retention_ns: u64,
+    pub max_flows: usize,
+    /// Command names of the processes seen at process stages.
+    comms: HashMap<u32, Option<String>>,
+    /// UDP (family, source, ports) → the flow with its destination (see `resolve`).
+    udp_dst: HashMap<(bool, [u8; 16], u16, u16), Flow>,
+    /// UDP receive-side records whose flow is not known yet.
+    orphans: VecDeque<Event>,
+}
+
+impl Correlator {
+    pub fn new(coverage: Coverage) -> Correlator {
+        Correlator {
+            flows: HashMap::new(),
+            coverage,
+            stats: CorrStats::default(),
+            watermark: 0,
+            timeout_ns: 1_000_000_000,
+            retention_ns: 5_000_000_000,
+            max_flows: 65_536,
+            comms: HashMap::new(),
+            udp_dst: HashMap::new(),
+            orphans: VecDeque::new(),
+        }
+    }
+
+    pub fn flows(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Adds one record.
+    pub fn push(&mut self, ev: &Event) {
+        self.stats.records += 1;
+        let Some(stage) = Stage::from_u8(ev.stage) else {
+            self.stats.bad_records += 1;
+            return;
+        };
+        let Some(flow) = self.resolve(Flow::of(ev)) else {
+            // Destination not known yet: retried on every `advance`.
+            self.orphans.push_back(*ev);
+            return;
+        };
+        self.push_to(flow, stage, ev);
+    }
+
+    fn push_to(&mut self, flow: Flow, stage: Stage, ev: &Event) {
+        if !self.flows.contains_key(&flow) && self.flows.len() >= self.max_flows {
+            self.evict_flow();
+        }
+        let st = self.flows.entry(flow).or_default();
+        st.last_ts = st.last_ts.max(ev.ts_ns);
+        let rec = if ev.is_udp() {
+            Rec { lo: ev.seq as u64, hi: ev.len as u64, end_only: false, ..rec_base(ev) }
+        } else if ev.flags & F_END != 0 {
+            let end = st.unwrap_seq(ev.seq);
+            Rec { lo: end, hi: end, end_only: true, ..rec_base(ev) }
+        } else {
+            let lo = st.unwrap_seq(ev.seq);
+            Rec { lo, hi: lo + ev.len.max(control_len(ev)) as u64, end_only: false, ..rec_base(ev) }
+        };
+        let list = &mut st.stages[stage as usize];
+        let at = list.iter().rposition(|r| r.ts <= rec.ts).map_or(0, |i| i + 1);
+        list.insert(at, rec);
+        if list.len() > MAX_EVENTS_PER_STAGE {
+            list.pop_front();
+            self.stats.records_evicted += 1;
+        }
+        let kind = match ev.kind() {
+            Kind::Data => TraceKind::Data,
+            k => TraceKind::Control(k),
+        };
+        if stage == Stage::DevQueue {
+            st.has_egress = true;
+            let at = st.pending.iter().rposition(|a| a.rec.ts <= rec.ts).map_or(0, |i| i + 1);
+            st.pending.insert(at, Anchor { stage, rec, kind });
+        }
+        if matches!(stage, Stage::SendSyscall | Stage::SockSend | Stage::CopyToUser | Stage::RecvSyscall)
+            && !self.comms.contains_key(&ev.aux)
+        {
+            // Looked up while the process most likely still runs.
+            if self.comms.len() > 65_536 {
+                self.comms.clear();
+            }
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", ev.aux)).ok().map(|s| s.trim_end().to_string());
+            self.comms.insert(ev.aux, comm);
+        }
+    }
+
+    /// A UDP socket bound to the wildcard address does not know which of its addresses a
+    /// datagram was sent to: its receive-side records carry an unspecified destination.
+    /// They belong to the flow with the same source and ports seen on the wire.
+    fn resolve(&mut self, flow: Flow) -> Option<Flow> {
+        if !flow.udp {
+            return Some(flow);
+        }
+        let key = (flow.v6, flow.src, flow.sport, flow.dport);
+        if flow.dst == [0; 16] {
+            return self.udp_dst.get(&key).copied();
+        }
+        if self.udp_dst.len() > 65_536 {
+            self.udp_dst.clear();
+        }
+        self.udp_dst.insert(key, flow);
+        Some(flow)
+    }
+
+    fn retry_orphans(&mut self) {
+        for _ in 0..self.orphans.len() {
+            let Some(ev) = self.orphans.pop_front() else { break };
+            match (self.resolve(Flow::of(&ev)), Stage::from_u8(ev.stage)) {
+                (Some(flow), Some(stage)) => self.push_to(flow, stage, &ev),
+                _ if ev.ts_ns.saturating_add(self.retention_ns) < self.watermark => self.stats.records_unmatched += 1,
+                _ => self.orphans.push_back(ev),
+            }
+        }
+    }
+
+    fn evict_flow(&mut self) {
+        if let Some(victim) = self.flows.iter().min_by_key(|(_, s)| s.last_ts).map(|(f, _)| *f) {
+            let st = self.flows.remove(&victim).unwrap_or_default();
+            self.stats.flows_evicted += 1;
+            self.stats.records_evicted += st.stages.iter().map(|l| l.len() as u64).sum::<u64>();
+        }
+    }
+
+    /// Records that everything up to `wm` has been delivered, and emits the traces that
+    /// are now finished.
+    pub fn advance(&mut self, wm: u64, out: &mut impl FnMut(Trace)) {
+        self.watermark = self.watermark.max(wm);
+        if !self.orphans.is_empty() {
+            self.retry_orphans();
+        }
+        let wm = self.watermark;
+        let timeout = self.timeout_ns;
+        let coverage = &self.coverage;
+        let stats = &mut self.stats;
+        let comms = &self.comms;
+        for (flow, st) in self.flows.iter_mut() {
+            // On a host that only receives, unmatched netif_receive records are anchors.
+            if !st.has_egress {
+                promote_ingress_anchors(st, wm, timeout);
+            }
+            while let Some(anchor) = st.pending.front() {
+                let trace = build(flow, st, anchor, coverage);
+                let last = trace.stages.iter().map(|s| s.t_ns).max().unwrap_or(0);
+                let ready = (trace.complete && last < wm) || anchor.rec.ts.saturating_add(timeout) < wm;
+                if !ready {
+                    break;
+                }
+                let anchor = st.pending.pop_front().expect("front exists");
+                mark_used(flow, st, &anchor, &trace);
+                let mut trace = trace;
+                if !flow.udp && anchor.kind == TraceKind::Data {
+                    // In time order now: bytes anchored before are sent again, or the
+                    // same packet queued on a second device (a bridge, a tunnel).
+                    if let Some((end, ifindex, ts)) = st.max_end
+                        && anchor.rec.hi <= end
+                    {
+                        if ifindex != anchor.rec.aux && anchor.rec.ts.saturating_sub(ts) < 10_000_000 {
+                            stats.extra_hops += 1;
+                            continue;
+                        }
+                        trace.kind = TraceKind::Retrans;
+                    }
+                    if st.max_end.is_none_or(|(end, _, _)| anchor.rec.hi > end) {
+                        st.max_end = Some((anchor.rec.hi, anchor.rec.aux, anchor.rec.ts));
+                    }
+                }
+                trace.comm = trace.pid.and_then(|p| comms.get(&p).cloned().flatten());
+                trace.rx_comm = trace.rx_pid.and_then(|p| comms.get(&p).cloned().flatten());
+                stats.traces += 1;
+                if !trace.complete {
+                    stats.incomplete += 1;
+                }
+                out(trace);
+            }
+        }
+        self.prune();
+    }
+
+    /// Emits every pending trace as it stands (end of a run).
+    pub fn flush(&mut self, out: &mut impl FnMut(Trace)) {
+        self.advance(u64::MAX, out);
+    }
+
+    fn prune(&mut self) {
+        let horizon = self.watermark.saturating_sub(self.retention_ns);
+        let stats = &mut self.stats;
+        self.flows.retain(|_, st| {
+            let oldest_pending = st.pending.front().map_or(u64::MAX, |a| a.rec.ts);
+            let keep_from = horizon.min(oldest_pending);
+            for list in st.stages.iter_mut() {
+                while list.front().is_some_and(|r| r.ts < keep_from) {
+                    let r = list.pop_front().expect("front exists");
+                    if !r.used {
+                        stats.records_unmatched += 1;
+                    }
+                }
+            }
+            !(st.pending.is_empty() && st.last_ts < horizon)
+        });
+    }
+}
+
+fn rec_base(ev: &Event) -> Rec {
+    Rec {
+        ts: ev.ts_ns,
+        lo: 0,
+        hi: 0,
+        end_only: false,
+        cpu: ev.cpu,
+        aux: ev.aux,
+        aux2: ev.aux2,
+        flags: ev.flags,
+        used: false,
+    }
+}
+
+/// SYN and FIN occupy one sequence number each.
+fn control_len(ev: &Event) -> u32 {
+    match ev.kind() {
+        Kind::Syn | Kind::Fin => 1,
+        _ => 0,
+    }
+}
+
+fn promote_ingress_anchors(st: &mut FlowState, wm: u64, timeout: u64) {
+    let settle = timeout / 4;
+    let list = &st.stages[Stage::NetifReceive as usize];
+    let newest_anchor = st.pending.back().map_or(0, |a| a.rec.ts);
+    for r in list.iter() {
+        if r.ts <= newest_anchor || r.ts.saturating_add(settle) >= wm {
+            continue;
+        }
+        st.pending.push_back(Anchor { stage: Stage::NetifReceive, rec: *r, kind: TraceKind::Data });
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Before,
+    After,
+    Either,
+}
+
+fn side(stage: Stage, anchor: Stage) -> Side {
+    use Stage::*;
+    match (anchor, stage) {
+        (_, SendSyscall | SockSend) => Side::Before,
+        (DevQueue, TcEgress | NicXmit) => Side::Either,
+        (NetifReceive, DevQueue | TcEgress | NicXmit | Xdp) => Side::Before,
+        (NetifReceive, TcIngress) => Side::Either,
+        _ => Side::After,
+    }
+}
+
+/// Does `r` hold the bytes of `a` that matter at this stage?
+fn covers(udp: bool, stage: Stage, r: &Rec, a: &Rec) -> bool {
+    if udp {
+        return !r.used && r.lo == a.lo && r.hi == a.hi;
+    }
+    if a.hi == a.lo {
+        // A control segment: the record of the same sequence number.
+        return r.lo == a.lo && r.hi == a.hi;
+    }
+    if r.end_only {
+        return r.lo >= a.hi;
+    }
+    let byte = if stage.is_egress() { a.lo } else { a.hi - 1 };
+    r.lo <= byte && byte < r.hi
+}
+
+/// The best record of `stage` for anchor `a`, by the rules in the module docs.
+fn best(flow: &Flow, st: &FlowState, stage: Stage, anchor: &Anchor) -> Option<Rec> {
+    let list = &st.stages[stage as usize];
+    let a = &anchor.rec;
+    let sd = side(stage, anchor.stage);
+    // Start where the covering record should be, then look around it.
+    let pivot = if flow.udp {
+        list.partition_point(|r| r.ts < a.ts)
+    } else if stage.is_egress() {
+        list.partition_point(|r| r.lo <= a.lo)
+    } else {
+        list.partition_point(|r| r.hi < a.hi)
+    };
+    let from = pivot.saturating_sub(SCAN);
+    let to = (pivot + SCAN).min(list.len());
+    let mut best: Option<Rec> = None;
+    for r in list.range(from..to) {
+        let ok_side = match sd {
+            Side::Before => r.ts <= a.ts,
+            Side::After => r.ts >= a.ts,
+            Side::Either => true,
+        };
+        if !ok_side || !covers(flow.udp, stage, r, a) {
+            continue;
+        }
+        let better = match (best, sd) {
+            (None, _) => true,
+            (Some(b), Side::Before) => r.ts > b.ts,
+            (Some(b), Side::After) => r.ts < b.ts,
+            (Some(b), Side::Either) => r.ts.abs_diff(a.ts) < b.ts.abs_diff(a.ts),
+        };
+        if better {
+            best = Some(*r);
+        }
+    }
+    best
+}
+
+/// Stages this trace should have, given where its packet went.
+fn expected(cov: &Coverage, anchor: &Anchor, rx_dev: Option<(u32, u32)>) -> Vec<Stage> {
+    let dev = (anchor.rec.aux2, anchor.rec.aux);
+    let mut out = Vec::new();
+    for s in Stage::ALL {
+        let want = match s {
+            Stage::TcEgress => anchor.stage == Stage::DevQueue && cov.tc_egress.contains(&dev),
+            Stage::Xdp => rx_dev.is_some_and(|d| cov.xdp.contains(&d)),
+            Stage::TcIngress => rx_dev.is_some_and(|d| cov.tc_ingress.contains(&d)),
+            // Control segments have no socket-level or syscall stages.
+            Stage::SendSyscall | Stage::SockSend | Stage::SockQueue | Stage::CopyToUser | Stage::RecvSyscall
+                if matches!(anchor.kind, TraceKind::Control(_)) =>
+            {
+                false
+            }
+            Stage::DevQueue | Stage::NicXmit | Stage::SendSyscall | Stage::SockSend
+                if anchor.stage == Stage::NetifReceive =>
+            {
+                false
+            }
+            _ => cov.global.contains(&s),
+        };
+        if want {
+            out.push(s);
+        }
+    }
+    out
+}
+
+/// Builds the trace of `anchor` from what is known now.
+fn build(flow: &Flow, st: &FlowState, anchor: &Anchor, cov: &Coverage) -> Trace {
+    let mut found: Vec<(Stage, Rec)> = vec![(anchor.stage, anchor.rec)];
+    for s in Stage::ALL {
+        if s == anchor.stage {
+            continue;
+        }
+        if let Some(r) = best(flow, st, s, anchor) {
+            found.push((s, r));
+        }
+    }
+    let rx = found.iter().find(|(s, _)| *s == Stage::NetifReceive).map(|(_, r)| (r.aux2, r.aux));
+    let want = expected(cov, anchor, rx);
+    let complete = want.iter().all(|w| found.iter().any(|(s, _)| s == w));
+    let proc_of = |stage: Stage| found.iter().find(|(s, _)| *s == stage).map(|(_, r)| (r.aux, r.aux2));
+    let tx = proc_of(Stage::SendSyscall).or(proc_of(Stage::SockSend));
+    let rxp = proc_of(Stage::RecvSyscall).or(proc_of(Stage::CopyToUser));
+    let mut stages: Vec<StageTime> =
+        found.iter().map(|(s, r)| StageTime { stage: *s, t_ns: r.ts, cpu: r.cpu }).collect();
+    stages.sort_by_key(|s| (s.t_ns, s.stage));
+    let seq_raw = if flow.udp { anchor.rec.lo as u32 } else { raw_seq(st, anchor.rec.lo) };
+    let len = if flow.udp { anchor.rec.hi as u32 } else { (anchor.rec.hi - anchor.rec.lo) as u32 };
+    let trace = Trace {
+        kind: anchor.kind,
+        flow: *flow,
+        seq: seq_raw,
+        len,
+        path: if anchor.rec.flags & F_LOOPBACK != 0 { PathKind::Loopback } else { PathKind::Nic },
+        ifindex: anchor.rec.aux,
+        netns: anchor.rec.aux2,
+        rx_ifindex: rx.map(|(ns, i)| (i, ns)),
+        pid: tx.map(|p| p.0),
+        tid: tx.map(|p| p.1),
+        rx_pid: rxp.map(|p| p.0),
+        rx_tid: rxp.map(|p| p.1),
+        comm: None,
+        rx_comm: None,
+        stages,
+        complete,
+    };
+    trace
+}
+
+/// The raw 32-bit sequence number of unwrapped position `pos`.
+fn raw_seq(st: &FlowState, pos: u64) -> u32 {
+    match st.seq_ref {
+        Some((raw, at)) => raw.wrapping_add(pos.wrapping_sub(at) as u32),
+        None => pos as u32,
+    }
+}
+
+fn mark_used(flow: &Flow, st: &mut FlowState, anchor: &Anchor, trace: &Trace) {
+    if !flow.udp {
+        return;
+    }
+    for t in &trace.stages {
+        if t.stage == anchor.stage {
+            continue;
+        }
+        let list = &mut st.stages[t.stage as usize];
+        if let Some(r) = list.iter_mut().find(|r| {
+            !r.used && r.ts == t.t_ns && r.lo == anchor.rec.lo && r.hi == anchor.rec.hi
+        }) {
+            r.used = true;
+        }
+    }
+    if let Some(r) = st.stages[anchor.stage as usize]
+        .iter_mut()
+        .find(|r| r.ts == anchor.rec.ts && r.lo == anchor.rec.lo)
+    {
+        r.used = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use packetflow_common::event::{F_UDP, KIND_SHIFT};
+
+    fn ev(stage: Stage, ts: u64, seq: u32, len: u32) -> Event {
+        let mut e = Event::ZERO;
+        e.saddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        e.daddr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        e.sport = 40000;
+        e.dport = 8080;
+        e.stage = stage as u8;
+        e.ts_ns = ts;
+        e.seq = seq;
+        e.len = len;
+        e.flags = F_LOOPBACK;
+        e.aux = 1;
+        e.aux2 = 7;
+        e
+    }
+
+    fn all_global() -> Coverage {
+        let mut c = Coverage::default();
+        c.global = Stage::ALL.into_iter().collect();
+        c.xdp.insert((7, 1));
+        c.tc_ingress.insert((7, 1));
+        c.tc_egress.insert((7, 1));
+        c
+    }
+
+    fn run(c: &mut Correlator, evs: &[Event]) -> Vec<Trace> {
+        for e in evs {
+            c.push(e);
+        }
+        let mut out = Vec::new();
+        c.flush(&mut |t| out.push(t));
+        out
+    }
+
+    /// Every stage once for bytes [seq, seq+len), 100 ns apart, in kernel order.
+    fn one_packet(t0: u64, seq: u32, len: u32) -> Vec<Event> {
+        let order = [
+            Stage::SendSyscall,
+            Stage::SockSend,
+            Stage::TcEgress,
+            Stage::DevQueue,
+            Stage::NicXmit,
+            Stage::NetifReceive,
+            Stage::Xdp,
+            Stage::TcIngress,
+            Stage::TransportRcv,
+            Stage::SockQueue,
+            Stage::CopyToUser,
+            Stage::RecvSyscall,
+        ];
+        order
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let mut e = ev(s, t0 + i as u64 * 100, seq, len);
+                if s == Stage::SockQueue || s == Stage::RecvSyscall {
+                    e.seq = seq.wrapping_add(len);
+                    e.len = 0;
+                    e.flags |= F_END;
+                }
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn joins_one_packet_with_every_stage() {
+        let mut c = Correlator::new(all_global());
+        let t = run(&mut c, &one_packet(1_000, 5000, 18));
+        assert_eq!(t.len(), 1);
+        assert!(t[0].complete);
+        assert_eq!(t[0].stages.len(), 12);
+        assert_eq!(t[0].total_ns(), 1100);
+        assert_eq!(t[0].seq, 5000);
+        assert_eq!(t[0].len, 18);
+        assert_eq!(t[0].path, PathKind::Loopback);
+    }
+
+    #[test]
+    fn records_arriving_out_of_order_still_join() {
+        let mut c = Correlator::new(all_global());
+        let mut evs = one_packet(1_000, 5000, 18);
+        evs.reverse();
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 1);
+        assert!(t[0].complete);
+    }
+
+    #[test]
+    fn one_syscall_many_segments_and_one_read_many_segments() {
+        // A 3000-byte write sent as two segments, read back by one recv.
+        let mut c = Correlator::new(all_global());
+        let mut evs = vec![ev(Stage::SendSyscall, 100, 0, 3000), ev(Stage::SockSend, 110, 0, 3000)];
+        for (i, (s, l)) in [(0u32, 1500u32), (1500, 1500)].iter().enumerate() {
+            let t = 1_000 + i as u64 * 1_000;
+            for (k, st) in [Stage::TcEgress, Stage::DevQueue, Stage::NicXmit, Stage::NetifReceive, Stage::Xdp, Stage::TcIngress, Stage::TransportRcv].iter().enumerate() {
+                evs.push(ev(*st, t + k as u64 * 10, *s, *l));
+            }
+        }
+        let mut q = ev(Stage::SockQueue, 2_500, 3000, 0);
+        q.flags |= F_END;
+        evs.push(q);
+        evs.push(ev(Stage::CopyToUser, 3_000, 0, 3000));
+        let mut r = ev(Stage::RecvSyscall, 3_100, 3000, 0);
+        r.flags |= F_END;
+        evs.push(r);
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 2);
+        for tr in &t {
+            assert!(tr.complete, "{tr:?}");
+            assert_eq!(tr.time_of(Stage::SendSyscall), Some(100));
+            assert_eq!(tr.time_of(Stage::RecvSyscall), Some(3_100));
+        }
+        assert_eq!(t[0].time_of(Stage::DevQueue), Some(1_010));
+        assert_eq!(t[1].time_of(Stage::DevQueue), Some(2_010));
+    }
+
+    #[test]
+    fn gro_merge_attributes_by_last_byte() {
+        // Two segments queued separately, merged by GRO into one netif_receive record.
+        let mut c = Correlator::new(all_global());
+        let evs = vec![
+            ev(Stage::DevQueue, 100, 0, 100),
+            ev(Stage::DevQueue, 200, 100, 100),
+            ev(Stage::NetifReceive, 500, 0, 200),
+        ];
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 2);
+        assert!(t.iter().all(|t| t.time_of(Stage::NetifReceive) == Some(500)));
+    }
+
+    #[test]
+    fn retransmission_is_its_own_kind() {
+        let mut c = Correlator::new(all_global());
+        let evs = vec![ev(Stage::DevQueue, 100, 0, 100), ev(Stage::DevQueue, 300_000_000, 0, 100)];
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].kind, TraceKind::Data);
+        assert_eq!(t[1].kind, TraceKind::Retrans);
+    }
+
+    #[test]
+    fn anchors_arriving_out_of_order_are_not_retransmissions() {
+        let mut c = Correlator::new(all_global());
+        let evs = vec![ev(Stage::DevQueue, 200, 100, 100), ev(Stage::DevQueue, 100, 0, 100)];
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 2);
+        assert!(t.iter().all(|t| t.kind == TraceKind::Data));
+    }
+
+    #[test]
+    fn udp_identical_payloads_pair_one_to_one_in_order() {
+        let mut c = Correlator::new(all_global());
+        let mut evs = Vec::new();
+        for i in 0..3u64 {
+            for (k, s) in [Stage::SendSyscall, Stage::SockSend, Stage::DevQueue, Stage::NetifReceive, Stage::RecvSyscall]
+                .iter()
+                .enumerate()
+            {
+                let mut e = ev(*s, 1_000 * (i + 1) + k as u64 * 10, 0xabcd, 18);
+                e.flags |= F_UDP;
+                evs.push(e);
+            }
+        }
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 3);
+        for (i, tr) in t.iter().enumerate() {
+            let base = 1_000 * (i as u64 + 1);
+            assert_eq!(tr.time_of(Stage::SendSyscall), Some(base));
+            assert_eq!(tr.time_of(Stage::RecvSyscall), Some(base + 40));
+        }
+    }
+
+    #[test]
+    fn udp_records_from_a_wildcard_socket_join_their_flow() {
+        let mut c = Correlator::new(all_global());
+        let mut evs = Vec::new();
+        // The socket's record first: its flow is only known once the wire record is in.
+        for (s, t) in [(Stage::CopyToUser, 200), (Stage::DevQueue, 100)] {
+            let mut e = ev(s, t, 0x1234, 18);
+            e.flags |= F_UDP;
+            if s == Stage::CopyToUser {
+                e.daddr = [0; 16];
+            }
+            evs.push(e);
+        }
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].time_of(Stage::CopyToUser), Some(200));
+    }
+
+    #[test]
+    fn missing_stage_is_missing_not_guessed() {
+        let mut c = Correlator::new(all_global());
+        let evs: Vec<Event> =
+            one_packet(1_000, 0, 10).into_iter().filter(|e| e.stage != Stage::Xdp as u8).collect();
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 1);
+        assert!(!t[0].complete);
+        assert_eq!(t[0].time_of(Stage::Xdp), None);
+        assert_eq!(c.stats.incomplete, 1);
+    }
+
+    #[test]
+    fn waits_for_the_watermark() {
+        let mut c = Correlator::new(all_global());
+        for e in one_packet(1_000, 0, 10) {
+            c.push(&e);
+        }
+        let mut out = Vec::new();
+        c.advance(1_500, &mut |t| out.push(t));
+        assert!(out.is_empty(), "last stage at 2100 not yet covered by the watermark");
+        c.advance(2_200, &mut |t| out.push(t));
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn sequence_wraparound() {
+        let mut c = Correlator::new(all_global());
+        let mut evs = one_packet(1_000, u32::MAX - 5, 10);
+        evs.extend(one_packet(5_000, 4, 10));
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 2);
+        assert!(t.iter().all(|t| t.complete));
+        assert_eq!(t[0].seq, u32::MAX - 5);
+        assert_eq!(t[1].seq, 4);
+    }
+
+    #[test]
+    fn control_segment_kind() {
+        let mut c = Correlator::new(all_global());
+        let mut e = ev(Stage::DevQueue, 100, 77, 0);
+        e.flags |= (Kind::Ack as u8) << KIND_SHIFT;
+        let t = run(&mut c, &[e]);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].kind, TraceKind::Control(Kind::Ack));
+    }
+}

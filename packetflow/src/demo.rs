@@ -1,0 +1,266 @@
+//! `packetflow demo`: the seed exchange over loopback and over a veth "NIC" between two
+//! network namespaces, traced, with one side-by-side table of where the time went.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, anyhow};
+use packetflow_common::Stage;
+
+use crate::{
+    correlate::PathKind,
+    filter::FilterSpec,
+    loader::XdpChoice,
+    netns::{self, TestHosts},
+    run::{self, Finished, RunOptions, Running},
+    stats::{self, us},
+};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Which {
+    Loopback,
+    Nic,
+    Both,
+}
+
+pub struct DemoArgs {
+    pub path: Which,
+    pub count: u64,
+    pub size: usize,
+    pub udp: bool,
+    pub ipv6: bool,
+    pub json: Option<String>,
+    pub port: u16,
+}
+
+/// A seed server child process, killed on drop.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn me() -> Result<PathBuf> {
+    std::env::current_exe().context("locating the packetflow binary")
+}
+
+/// Starts `packetflow serve` (inside `ns` when given) and waits for "Server listening".
+fn start_server(ns: Option<&std::path::Path>, bind: &str, port: u16, udp: bool) -> Result<Server> {
+    let mut cmd = match ns {
+        Some(p) => netns::netns_command(p, me()?),
+        None => Command::new(me()?),
+    };
+    cmd.args(["serve", "--port", &port.to_string(), "--bind", bind]);
+    if udp {
+        cmd.arg("--udp");
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null()).spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no server stdout"))?;
+    let mut reader = BufReader::new(stdout);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    // Keep reading what the server prints, so it never writes into a closed pipe.
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    if !line.starts_with("Server listening") {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        let _ = child.kill();
+        return Err(crate::error::user(format!("the seed server did not start: {}", err.trim())));
+    }
+    Ok(Server(child))
+}
+
+/// Runs `packetflow client` to completion; returns its last line (the round-trip summary).
+fn run_client(ns: Option<&std::path::Path>, addr: &str, a: &DemoArgs) -> Result<String> {
+    let mut cmd = match ns {
+        Some(p) => netns::netns_command(p, me()?),
+        None => Command::new(me()?),
+    };
+    cmd.args(["client", addr, "--port", &a.port.to_string(), "--count", &a.count.to_string(), "--size", &a.size.to_string()]);
+    if a.udp {
+        cmd.arg("--udp");
+    }
+    let out = cmd.stdin(Stdio::null()).output()?;
+    if !out.status.success() {
+        return Err(crate::error::user(format!(
+            "the seed client failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_string())
+}
+
+fn free_port(preferred: u16) -> u16 {
+    if std::net::TcpListener::bind(("127.0.0.1", preferred)).is_ok() && std::net::UdpSocket::bind(("127.0.0.1", preferred)).is_ok() {
+        return preferred;
+    }
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(preferred)
+}
+
+pub async fn run(mut a: DemoArgs) -> Result<()> {
+    run::preflight("demo")?;
+    if a.count == 0 {
+        crate::user_bail!("--count must be at least 1");
+    }
+    let port = free_port(a.port);
+    if port != a.port {
+        println!("port {} is busy on 127.0.0.1; using {port}", a.port);
+        a.port = port;
+    }
+    let want_lo = a.path != Which::Nic;
+    let want_nic = a.path != Which::Loopback;
+    let hosts = if want_nic { Some(TestHosts::new("pfdemo").context("creating the test hosts for the NIC path")?) } else { None };
+
+    let mut interfaces = Vec::new();
+    if want_lo {
+        interfaces.push((None, "lo".to_string()));
+    }
+    if let Some(h) = &hosts {
+        interfaces.push((Some(h.path_a()), h.veth_a.clone()));
+        interfaces.push((Some(h.path_b()), h.veth_b.clone()));
+    }
+    let running = Running::start(RunOptions {
+        filter: FilterSpec { ports: vec![a.port], proto: Some(if a.udp { "udp" } else { "tcp" }.into()), ..Default::default() },
+        interfaces,
+        xdp: XdpChoice::Auto,
+        json: a.json.clone(),
+        netns_names: hosts.iter().flat_map(|h| [h.path_a(), h.path_b()]).collect(),
+        ..Default::default()
+    })
+    .await?;
+    for (s, h) in &running.tracer.stages {
+        if let Err(e) = &h.state {
+            println!("stage {} unavailable: {e}", s.name());
+        }
+    }
+
+    let (lo_addr, nic_server) = if a.ipv6 { ("::1", netns::ADDR6_B) } else { ("127.0.0.1", netns::ADDR_B) };
+    let mut rtt = Vec::new();
+    let mut expected = 0;
+    if want_lo {
+        println!("loopback: {} exchanges of {} bytes over {lo_addr}:{} ({})", a.count, a.size, a.port, proto(&a));
+        let _server = start_server(None, lo_addr, a.port, a.udp)?;
+        rtt.push(("loopback", run_client(None, lo_addr, &a)?));
+        expected += 2 * a.count;
+        running.wait_traces(expected, Duration::from_secs(5)).await;
+    }
+    if let Some(h) = &hosts {
+        println!(
+            "nic: {} exchanges of {} bytes from {} ({}) to {nic_server}:{} ({}) over veth",
+            a.count,
+            a.size,
+            if a.ipv6 { netns::ADDR6_A } else { netns::ADDR_A },
+            h.ns_a,
+            a.port,
+            h.ns_b
+        );
+        let bind = if a.ipv6 { "::" } else { "0.0.0.0" };
+        let _server = start_server(Some(&h.path_b()), bind, a.port, a.udp)?;
+        rtt.push(("nic", run_client(Some(&h.path_a()), nic_server, &a)?));
+        expected += 2 * a.count;
+        running.wait_traces(expected, Duration::from_secs(5)).await;
+    }
+    let f = running.finish().await?;
+    println!();
+    print!("{}", side_by_side(&f, &a, hosts.as_ref()));
+    for (p, line) in rtt {
+        println!("{p} client: {line}");
+    }
+    println!("{}", run::loss_line(&f));
+    Ok(())
+}
+
+fn proto(a: &DemoArgs) -> String {
+    format!("{}/{}", if a.udp { "UDP" } else { "TCP" }, if a.ipv6 { "IPv6" } else { "IPv4" })
+}
+
+/// The demo's table: per stage, p50/p99 on each path, then end-to-end and the route.
+pub fn side_by_side(f: &Finished, a: &DemoArgs, hosts: Option<&TestHosts>) -> String {
+    let paths = [PathKind::Loopback, PathKind::Nic];
+    let mut header = vec!["stage".to_string()];
+    for p in paths {
+        header.push(format!("{} p50 µs", p.name()));
+        header.push(format!("{} p99 µs", p.name()));
+    }
+    let cell = |p: PathKind, s: Option<Stage>, pct: f64| -> String {
+        let Some(ps) = f.stats.paths.get(&p) else { return "-".into() };
+        let h = match s {
+            Some(s) => match ps.stages.get(&s) {
+                Some(h) => h,
+                None => return "missing".into(),
+            },
+            None => &ps.e2e,
+        };
+        if h.is_empty() { "(first)".into() } else { us(h.value_at_percentile(pct)) }
+    };
+    let mut rows = Vec::new();
+    for s in Stage::ALL {
+        let mut r = vec![s.name().to_string()];
+        for p in paths {
+            r.push(cell(p, Some(s), 50.0));
+            r.push(cell(p, Some(s), 99.0));
+        }
+        rows.push(r);
+    }
+    let mut r = vec!["end-to-end".to_string()];
+    for p in paths {
+        r.push(cell(p, None, 50.0));
+        r.push(cell(p, None, 99.0));
+    }
+    rows.push(r);
+    let mut out = String::from("Communication analysis (measured): where the time went, per stage\n");
+    out.push_str("(each stage: time since the stage before it in the same packet's trace)\n\n");
+    out.push_str(&stats::render(&header, &rows));
+    out.push('\n');
+    for p in paths {
+        match f.stats.paths.get(&p) {
+            Some(ps) => {
+                out.push_str(&format!("{}: {} packet traces, {} complete", p.name(), ps.traces, ps.complete));
+                let route = match p {
+                    PathKind::Loopback => format!(
+                        "; route: {} → lo → {} (interface lo)",
+                        if a.ipv6 { "::1" } else { "127.0.0.1" },
+                        if a.ipv6 { "::1" } else { "127.0.0.1" }
+                    ),
+                    PathKind::Nic => hosts
+                        .map(|h| {
+                            format!(
+                                "; route: {} ({} in {}) → veth → {} ({} in {})",
+                                if a.ipv6 { netns::ADDR6_A } else { netns::ADDR_A },
+                                h.veth_a,
+                                h.ns_a,
+                                if a.ipv6 { netns::ADDR6_B } else { netns::ADDR_B },
+                                h.veth_b,
+                                h.ns_b
+                            )
+                        })
+                        .unwrap_or_default(),
+                };
+                out.push_str(&route);
+                out.push('\n');
+            }
+            None if (p == PathKind::Loopback && a.path != Which::Nic) || (p == PathKind::Nic && a.path != Which::Loopback) => {
+                out.push_str(&format!("{}: no traces\n", p.name()));
+            }
+            None => {}
+        }
+    }
+    let xdp: Vec<String> = f
+        .interfaces
+        .iter()
+        .map(|i| format!("{}: xdp {}", i.ifname, i.xdp.as_ref().map(|m| m.to_string()).unwrap_or_else(|e| format!("unavailable ({e})"))))
+        .collect();
+    if !xdp.is_empty() {
+        out.push_str(&format!("hooks: {}\n", xdp.join(", ")));
+    }
+    out
+}

@@ -1,0 +1,352 @@
+//! `packetflow doctor`: finds out, by trying, what this kernel lets packetflow do.
+//!
+//! Every program-type row loads a tiny program and attaches it (then detaches it); the
+//! verdict is what the kernel answered, with the errno when it refused. Nothing is decided
+//! from the kernel version.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::Result;
+use aya::{
+    Ebpf,
+    maps::RingBuf,
+    programs::{
+        BtfTracePoint, FEntry, KProbe, LinkOrder, RawTracePoint, SchedClassifier, TcAttachType, TracePoint, Xdp,
+        XdpMode, tc::TcAttachOptions,
+    },
+};
+
+use crate::{
+    btf::Btf,
+    loader::{LoadOptions, Tracer, XdpChoice},
+    netns::TestHosts,
+    stats::render,
+    sys,
+};
+
+fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EINVAL => "EINVAL",
+        libc::EACCES => "EACCES",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::ENODEV => "ENODEV",
+        libc::ENXIO => "ENXIO",
+        libc::E2BIG => "E2BIG",
+        libc::ENOSPC => "ENOSPC",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::ESRCH => "ESRCH",
+        524 => "ENOTSUPP",
+        _ => "errno",
+    }
+}
+
+/// The first OS error in an error's chain, as "EPERM (1)".
+fn errno_of(e: &(dyn std::error::Error + 'static)) -> Option<(i32, String)> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && let Some(n) = io.raw_os_error()
+        {
+            return Some((n, format!("{} ({n})", errno_name(n))));
+        }
+        cur = c.source();
+    }
+    None
+}
+
+struct Row {
+    what: String,
+    ok: bool,
+    detail: String,
+}
+
+fn verdict<E: std::error::Error + 'static>(r: Result<(), E>, why_refused: impl Fn(i32) -> Option<&'static str>) -> (bool, String) {
+    match r {
+        Ok(()) => (true, "works".into()),
+        Err(e) => {
+            let (word, extra) = match errno_of(&e) {
+                Some((n, name)) => (
+                    if n == libc::EPERM || n == libc::EACCES { format!("refused: {name}") } else { format!("unavailable: {name}") },
+                    why_refused(n).map(|s| format!(" — {s}")).unwrap_or_default(),
+                ),
+                None => (format!("unavailable: {e}"), String::new()),
+            };
+            (false, format!("{word}{extra}"))
+        }
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or_else(|| anyhow::anyhow!("{name} missing from the object"))?;
+    Ok(p.try_into()?)
+}
+
+pub async fn run() -> Result<()> {
+    let mut rows: Vec<Row> = Vec::new();
+    let push = |rows: &mut Vec<Row>, what: &str, ok: bool, detail: String| {
+        rows.push(Row { what: what.into(), ok, detail })
+    };
+    push(&mut rows, "kernel", true, sys::kernel_release());
+    let btf_ok = Path::new(Btf::VMLINUX).exists() && Btf::from_sys_fs().is_ok();
+    push(
+        &mut rows,
+        "BTF",
+        btf_ok,
+        if btf_ok { format!("{} present", Btf::VMLINUX) } else { format!("{} missing or unreadable", Btf::VMLINUX) },
+    );
+    let lockdown = sys::lockdown();
+    push(&mut rows, "lockdown", true, lockdown.clone().unwrap_or_else(|| "not reported (no securityfs lockdown file)".into()));
+    let caps: Vec<String> = [sys::CAP_BPF, sys::CAP_PERFMON, sys::CAP_NET_ADMIN, sys::CAP_SYS_ADMIN]
+        .iter()
+        .map(|&c| format!("{} {}", sys::cap_name(c), if sys::has_cap(c) { "yes" } else { "NO" }))
+        .collect();
+    let caps_ok = sys::require_caps("doctor", sys::TRACE_CAPS).is_ok();
+    push(&mut rows, "capabilities", caps_ok, caps.join(", "));
+    let fs_row = |st: sys::MountState, path: &str| match st {
+        sys::MountState::Present => (true, format!("mounted at {path}")),
+        sys::MountState::Mounted => (true, format!("was missing; mounted at {path}")),
+        sys::MountState::Failed(e) => (false, e),
+    };
+    let (ok, d) = fs_row(sys::ensure_tracefs(), sys::TRACEFS);
+    push(&mut rows, "tracefs", ok, d);
+    let (ok, d) = fs_row(sys::ensure_bpffs(), sys::BPFFS);
+    push(&mut rows, "bpffs", ok, d);
+    match sys::ensure_cgroup2() {
+        Ok(p) => push(&mut rows, "cgroup2", true, format!("mounted at {}", p.display())),
+        Err(e) => push(&mut rows, "cgroup2", false, format!("{e:#}")),
+    }
+
+    let mut probes: Vec<(&str, bool, String)> = Vec::new();
+    let mut stage_rows: Vec<Vec<String>> = Vec::new();
+    if caps_ok && btf_ok {
+        probe_program_types(&mut probes).await;
+        match stage_table().await {
+            Ok(r) => stage_rows = r,
+            Err(e) => probes.push(("tracer", false, format!("{e:#}"))),
+        }
+    }
+    for (what, ok, detail) in &probes {
+        push(&mut rows, what, *ok, detail.clone());
+    }
+
+    let table: Vec<Vec<String>> =
+        rows.iter().map(|r| vec![r.what.clone(), if r.ok { "ok" } else { "NO" }.into(), r.detail.clone()]).collect();
+    print!("{}", render(&["check".into(), "".into(), "result".into()], &table));
+    if !stage_rows.is_empty() {
+        println!();
+        print!(
+            "{}",
+            render(&["stage".into(), "hook on this kernel".into(), "status".into()], &stage_rows)
+        );
+    }
+    println!();
+
+    if !caps_ok {
+        sys::require_caps("doctor", sys::TRACE_CAPS)?;
+    }
+    if !btf_ok {
+        crate::user_bail!("this kernel has no readable BTF at {}; packetflow cannot find kernel struct layouts", Btf::VMLINUX);
+    }
+    let works = |name: &str| probes.iter().any(|(w, ok, _)| *w == name && *ok);
+    let kernel_fn_hooks = works("kprobe") || works("fentry");
+    if !kernel_fn_hooks {
+        println!(
+            "kprobe and fentry are not usable here; packetflow uses tracepoints (tp_btf, tracepoint), XDP, tcx and cgroup_skb instead."
+        );
+    }
+    if !(works("tp_btf") || works("raw_tp")) || !works("ring buffer") {
+        crate::user_bail!(
+            "tracing cannot work here: {}",
+            probes.iter().filter(|(w, ok, _)| !ok && matches!(*w, "tp_btf" | "raw_tp" | "ring buffer")).map(|(w, _, d)| format!("{w} {d}")).collect::<Vec<_>>().join("; ")
+        );
+    }
+    println!("tracing can work on this machine.");
+    Ok(())
+}
+
+async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
+    let mut tracer = match Tracer::load(&LoadOptions { ring_bytes: 4096 }) {
+        Ok(t) => t,
+        Err(e) => {
+            out.push(("load", false, format!("{e:#}")));
+            return;
+        }
+    };
+    let btf = match aya::Btf::from_sys_fs() {
+        Ok(b) => b,
+        Err(e) => {
+            out.push(("BTF", false, e.to_string()));
+            return;
+        }
+    };
+    let lockdown_note = |n: i32| (n == libc::EPERM).then_some("kernel lockdown forbids it");
+    let ebpf = tracer.ebpf_mut();
+
+    // tracepoint + ring buffer + aya-log in one go: the probe writes a record and a log line.
+    let mut ring_ok = (false, "not tried".to_string());
+    let tp = (|| -> Result<()> {
+        let p: &mut TracePoint = program(ebpf, "pf_probe_tp")?;
+        p.load()?;
+        p.attach("syscalls", "sys_enter_getppid")?;
+        Ok(())
+    })();
+    match tp {
+        Ok(()) => {
+            out.push(("tracepoint", true, "works".into()));
+            unsafe { libc::getppid() };
+            let me = std::process::id();
+            ring_ok = match ebpf.take_map("PROBE_RB").map(RingBuf::try_from) {
+                Some(Ok(mut rb)) => {
+                    let mut seen = false;
+                    for _ in 0..50 {
+                        while let Some(item) = rb.next() {
+                            if item.len() >= 4 && u32::from_ne_bytes([item[0], item[1], item[2], item[3]]) == me {
+                                seen = true;
+                            }
+                        }
+                        if seen {
+                            break;
+                        }
+                        unsafe { libc::getppid() };
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    if seen { (true, "works (a record written in the kernel was read back)".into()) } else { (false, "no record arrived".into()) }
+                }
+                Some(Err(e)) => (false, e.to_string()),
+                None => (false, "PROBE_RB map missing".into()),
+            };
+        }
+        Err(e) => {
+            let (ok, d) = verdict(Err::<(), _>(AnyErr(e)), lockdown_note);
+            out.push(("tracepoint", ok, d));
+        }
+    }
+    out.push(("ring buffer", ring_ok.0, ring_ok.1));
+
+    let r = (|| -> Result<()> {
+        let p: &mut RawTracePoint = program(ebpf, "pf_probe_raw_tp")?;
+        p.load()?;
+        p.attach("net_dev_queue")?;
+        Ok(())
+    })();
+    let (ok, d) = verdict(r.map_err(AnyErr), lockdown_note);
+    out.push(("raw_tp", ok, d));
+
+    let r = (|| -> Result<()> {
+        let p: &mut BtfTracePoint = program(ebpf, "pf_probe_tp_btf")?;
+        p.load("net_dev_queue", &btf)?;
+        p.attach()?;
+        Ok(())
+    })();
+    let (ok, d) = verdict(r.map_err(AnyErr), lockdown_note);
+    out.push(("tp_btf", ok, d));
+
+    let r = (|| -> Result<()> {
+        let p: &mut KProbe = program(ebpf, "pf_probe_kprobe")?;
+        p.load()?;
+        p.attach("tcp_sendmsg", 0)?;
+        Ok(())
+    })();
+    let (ok, d) = verdict(r.map_err(AnyErr), |n| {
+        (n == libc::ENOENT).then_some("no kprobe support in this kernel (CONFIG_KPROBES off)")
+    });
+    out.push(("kprobe", ok, d));
+
+    let r = (|| -> Result<()> {
+        let p: &mut FEntry = program(ebpf, "pf_probe_fentry")?;
+        p.load("tcp_sendmsg", &btf)?;
+        p.attach()?;
+        Ok(())
+    })();
+    let (ok, d) = verdict(r.map_err(AnyErr), lockdown_note);
+    out.push(("fentry", ok, d));
+
+    let r = (|| -> Result<()> {
+        let p: &mut Xdp = program(ebpf, "pf_probe_xdp")?;
+        p.load()?;
+        let lo = sys::ifindex("lo").ok_or_else(|| anyhow::anyhow!("no lo interface"))?;
+        p.attach_to_if_index(lo, XdpMode::Skb)?;
+        p.unload()?;
+        Ok(())
+    })();
+    let (ok, d) = verdict(r.map_err(AnyErr), |n| (n == libc::EBUSY).then_some("another XDP program holds lo"));
+    out.push(("XDP generic (lo)", ok, d));
+
+    let native = match TestHosts::new("pfdoc") {
+        Ok(h) => {
+            let ns = h.path_a();
+            let veth = h.veth_a.clone();
+            let r = (|| -> Result<()> {
+                let p: &mut Xdp = program(ebpf, "pf_probe_xdp")?;
+                p.load()?;
+                sys::in_netns(Some(&ns), || {
+                    let i = sys::ifindex(&veth).ok_or_else(|| anyhow::anyhow!("veth vanished"))?;
+                    p.attach_to_if_index(i, XdpMode::Driver)?;
+                    Ok(())
+                })
+            })();
+            let v = verdict(r.map_err(AnyErr), |_| None);
+            // Detach before the namespaces go.
+            if let Some(aya::programs::Program::Xdp(p)) = ebpf.program_mut("pf_probe_xdp") {
+                let _ = p.unload();
+            }
+            v
+        }
+        Err(e) => (false, format!("could not create a veth test host: {e:#}")),
+    };
+    out.push(("XDP native (veth)", native.0, native.1));
+
+    let r = (|| -> Result<()> {
+        let p: &mut SchedClassifier = program(ebpf, "pf_probe_tc")?;
+        p.load()?;
+        p.attach_with_options("lo", TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))?;
+        Ok(())
+    })();
+    let (ok, d) = verdict(r.map_err(AnyErr), |_| None);
+    out.push(("tcx (lo)", ok, d));
+    drop(tracer);
+}
+
+/// The stage → hook table of a real tracer (inert: its filter is never enabled).
+async fn stage_table() -> Result<Vec<Vec<String>>> {
+    let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096 })?;
+    t.attach_kernel_hooks()?;
+    t.attach_interface(None, "lo", XdpChoice::Auto)?;
+    let rows = t
+        .stages
+        .iter()
+        .map(|(s, h)| {
+            vec![
+                s.name().to_string(),
+                h.hook.clone(),
+                match &h.state {
+                    Ok(()) => "available".into(),
+                    Err(e) => format!("missing: {e}"),
+                },
+            ]
+        })
+        .collect();
+    Ok(rows)
+}
+
+/// anyhow::Error as a std error whose source chain can be searched for an errno.
+#[derive(Debug)]
+struct AnyErr(anyhow::Error);
+
+impl std::fmt::Display for AnyErr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for AnyErr {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.0.as_ref())
+    }
+}

@@ -1,0 +1,102 @@
+//! The trace filter as the user writes it, and as the kernel programs read it.
+
+use std::net::IpAddr;
+
+use anyhow::Result;
+use packetflow_common::{
+    Filter, MAX_FILTER_HOSTS, MAX_FILTER_IFACES, MAX_FILTER_PORTS,
+    config::{PROTO_TCP, PROTO_UDP},
+};
+use serde::Serialize;
+
+use crate::user_bail;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FilterSpec {
+    pub ports: Vec<u16>,
+    pub hosts: Vec<IpAddr>,
+    pub pid: Option<u32>,
+    /// "tcp" or "udp"; both when `None`.
+    pub proto: Option<String>,
+    /// Interface indexes for the device stages (names are resolved by the caller).
+    pub ifindexes: Vec<u32>,
+    pub control: bool,
+}
+
+impl FilterSpec {
+    /// The kernel's view; fails with a sentence when the spec does not fit.
+    pub fn to_kernel(&self, own_tgid: u32) -> Result<Filter> {
+        let mut f = Filter::NONE;
+        f.own_tgid = own_tgid;
+        f.pid = self.pid.unwrap_or(0);
+        f.protos = match self.proto.as_deref() {
+            None => PROTO_TCP | PROTO_UDP,
+            Some("tcp") => PROTO_TCP,
+            Some("udp") => PROTO_UDP,
+            Some(p) => user_bail!("unknown protocol '{p}' (expected tcp or udp)"),
+        };
+        if self.ports.len() > MAX_FILTER_PORTS {
+            user_bail!("at most {MAX_FILTER_PORTS} --port filters are supported, got {}", self.ports.len());
+        }
+        for (i, p) in self.ports.iter().enumerate() {
+            f.ports[i] = *p;
+        }
+        f.nports = self.ports.len() as u32;
+        if self.hosts.len() > MAX_FILTER_HOSTS {
+            user_bail!("at most {MAX_FILTER_HOSTS} --host filters are supported, got {}", self.hosts.len());
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            match h {
+                IpAddr::V4(a) => f.hosts[i][..4].copy_from_slice(&a.octets()),
+                IpAddr::V6(a) => match a.to_ipv4_mapped() {
+                    Some(v4) => f.hosts[i][..4].copy_from_slice(&v4.octets()),
+                    None => {
+                        f.hosts[i] = a.octets();
+                        f.host_v6[i] = 1;
+                    }
+                },
+            }
+        }
+        f.nhosts = self.hosts.len() as u32;
+        if self.ifindexes.len() > MAX_FILTER_IFACES {
+            user_bail!("at most {MAX_FILTER_IFACES} interfaces can be traced at once, got {}", self.ifindexes.len());
+        }
+        for (i, x) in self.ifindexes.iter().enumerate() {
+            f.ifaces[i] = *x;
+        }
+        f.nifaces = self.ifindexes.len() as u32;
+        f.control = self.control as u32;
+        Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_kernel_filter() {
+        let s = FilterSpec {
+            ports: vec![8080, 53],
+            hosts: vec!["127.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap(), "::ffff:1.2.3.4".parse().unwrap()],
+            pid: Some(42),
+            proto: Some("udp".into()),
+            ..Default::default()
+        };
+        let f = s.to_kernel(7).unwrap();
+        assert_eq!((f.nports, f.ports[0], f.ports[1]), (2, 8080, 53));
+        assert_eq!(f.nhosts, 3);
+        assert_eq!(&f.hosts[0][..4], &[127, 0, 0, 1]);
+        assert_eq!(f.host_v6, [0, 1, 0, 0]);
+        assert_eq!(&f.hosts[2][..4], &[1, 2, 3, 4]);
+        assert_eq!((f.pid, f.own_tgid, f.protos), (42, 7, PROTO_UDP));
+    }
+
+    #[test]
+    fn refuses_what_does_not_fit() {
+        let s = FilterSpec { ports: (1..=9).collect(), ..Default::default() };
+        assert!(s.to_kernel(1).is_err());
+        let s = FilterSpec { proto: Some("sctp".into()), ..Default::default() };
+        assert!(s.to_kernel(1).unwrap_err().to_string().contains("sctp"));
+    }
+}

@@ -1,0 +1,23 @@
+//! packetflow: where a packet's time goes inside Linux.
+//!
+//! See ARCHITECTURE.md for the map of the code; in short: `loader` loads and attaches the
+//! eBPF programs, `session` reads their ring buffers, `correlate` joins the records into
+//! per-packet traces, `stats` and `json` turn traces into tables and files, and the
+//! subcommands (`trace`, `demo`, `doctor`, `seed`) put it together.
+
+pub mod btf;
+pub mod correlate;
+pub mod demo;
+pub mod doctor;
+pub mod error;
+pub mod filter;
+pub mod json;
+pub mod loader;
+pub mod names;
+pub mod netns;
+pub mod run;
+pub mod seed;
+pub mod session;
+pub mod stats;
+pub mod sys;
+pub mod trace;

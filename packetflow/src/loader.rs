@@ -1,0 +1,462 @@
+//! Loading the embedded eBPF object and attaching its programs.
+//!
+//! Every attachment is a bpf_link (tracepoints, tp_btf, cgroup, tcx, XDP link): the kernel
+//! detaches it when the last fd closes, so even SIGKILL leaves nothing behind. Nothing is
+//! pinned. [`Tracer`] owns the object; dropping it detaches everything.
+//!
+//! Stage → hook (also printed by `doctor` and recorded in the JSON header):
+//!
+//! | stage          | hook                                                                 |
+//! |----------------|----------------------------------------------------------------------|
+//! | send_syscall   | tracepoint syscalls:sys_enter_{write,writev,sendto,sendmsg,sendmmsg} |
+//! | sock_send      | tp_btf tcp_sendmsg_locked (TCP), cgroup_skb/egress (UDP)             |
+//! | dev_queue      | tp_btf net_dev_queue                                                 |
+//! | tc_egress      | tcx egress, per interface                                            |
+//! | nic_xmit       | tp_btf net_dev_start_xmit                                            |
+//! | xdp            | XDP (native where the driver has it, else generic), per interface   |
+//! | netif_receive  | tp_btf netif_receive_skb                                             |
+//! | tc_ingress     | tcx ingress, per interface                                           |
+//! | transport_rcv  | tp_btf tcp_probe (TCP), cgroup_skb/ingress (UDP)                     |
+//! | sock_queue     | tp_btf sk_data_ready                                                 |
+//! | copy_to_user   | tp_btf skb_copy_datagram_iovec (TCP), sock_recv_length (UDP)         |
+//! | recv_syscall   | tracepoint syscalls:sys_exit_{read,readv,recvfrom,recvmsg,recvmmsg}  |
+
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{Context, Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData, PerCpuArray, RingBuf},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, ProgramError,
+        SchedClassifier, TcAttachType, TracePoint, Xdp, XdpMode,
+        tc::TcAttachOptions,
+    },
+};
+use packetflow_common::{Filter, Offsets, RING_SHARDS, Stage, counters::NUM_COUNTERS};
+
+use crate::{btf::Btf, error::user, sys};
+
+/// The compiled `packetflow-ebpf` object, embedded at build time.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/packetflow"));
+
+pub const SEND_SYSCALLS: &[&str] = &["write", "writev", "sendto", "sendmsg", "sendmmsg"];
+pub const RECV_SYSCALLS: &[&str] = &["read", "readv", "recvfrom", "recvmsg", "recvmmsg"];
+
+/// How one stage is observed on this kernel.
+#[derive(Clone, Debug)]
+pub struct StageHook {
+    pub hook: String,
+    /// `Err(reason)` when the stage cannot be observed.
+    pub state: Result<(), String>,
+}
+
+/// XDP and TC on one interface.
+#[derive(Clone, Debug)]
+pub struct Attached {
+    pub netns: Option<std::path::PathBuf>,
+    pub netns_inode: u32,
+    pub ifname: String,
+    pub ifindex: u32,
+    /// "native" or "generic", or the reason XDP is not attached.
+    pub xdp: Result<&'static str, String>,
+    pub tc_ingress: Result<(), String>,
+    pub tc_egress: Result<(), String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpChoice {
+    Auto,
+    Native,
+    Generic,
+    Off,
+}
+
+pub struct LoadOptions {
+    /// Bytes per ring-buffer shard (a power of two, at least one page).
+    pub ring_bytes: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { ring_bytes: 4 << 20 }
+    }
+}
+
+pub struct Tracer {
+    /// `None` once detached.
+    ebpf: Option<Ebpf>,
+    /// Taken out of the object at load, so they outlive the programs.
+    counters: PerCpuArray<MapData, u64>,
+    filter: Array<MapData, Filter>,
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    pub offsets: Offsets,
+    pub stages: BTreeMap<Stage, StageHook>,
+    pub interfaces: Vec<Attached>,
+    /// Shards some CPU writes to.
+    pub used_shards: Vec<usize>,
+    btf: aya::Btf,
+}
+
+fn describe(e: &ProgramError) -> String {
+    match e {
+        ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            format!("{io_error}; verifier: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" / "))
+        }
+        other => {
+            let mut s = other.to_string();
+            let mut src = std::error::Error::source(other);
+            while let Some(e) = src {
+                s = format!("{s}: {e}");
+                src = e.source();
+            }
+            s
+        }
+    }
+}
+
+fn ring_name(i: usize) -> &'static str {
+    ["RB0", "RB1", "RB2", "RB3", "RB4", "RB5", "RB6", "RB7"][i]
+}
+
+/// Offset of `ret` in the sys_exit tracepoint records, from tracefs.
+fn sys_exit_ret_offset() -> u32 {
+    let path = format!("{}/events/syscalls/sys_exit_read/format", sys::TRACEFS);
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|f| {
+            f.lines().find(|l| l.contains(" ret;")).and_then(|l| {
+                l.split(';').find_map(|p| p.trim().strip_prefix("offset:")).and_then(|v| v.parse().ok())
+            })
+        })
+        .unwrap_or(16)
+}
+
+impl Tracer {
+    /// Loads the object with this kernel's struct offsets. Nothing is attached yet.
+    pub fn load(opts: &LoadOptions) -> Result<Tracer> {
+        if !Path::new(Btf::VMLINUX).exists() {
+            crate::user_bail!(
+                "this kernel has no BTF ({} is missing); packetflow needs a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+                Btf::VMLINUX
+            );
+        }
+        sys::raise_memlock();
+        let tracefs = sys::ensure_tracefs();
+        if let sys::MountState::Failed(why) = &tracefs {
+            return Err(user(format!("tracefs is needed for the syscall tracepoints: {why}")));
+        }
+        let btf = Btf::from_sys_fs()?;
+        let offsets = btf.offsets();
+        let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let ring_bytes = opts.ring_bytes.max(4096).next_power_of_two();
+        let wake = (ring_bytes / 4) as u64;
+        let ret_off = sys_exit_ret_offset();
+        let cpus = sys::possible_cpus();
+        let used: Vec<usize> =
+            (0..RING_SHARDS).filter(|s| cpus.iter().any(|c| *c as usize % RING_SHARDS == *s)).collect();
+        let mut loader = EbpfLoader::new();
+        loader
+            .btf(Some(&aya_btf))
+            .override_global("OFFSETS", &offsets, true)
+            .override_global("WAKEUP_BYTES", &wake, true)
+            .override_global("SYS_EXIT_RET_OFF", &ret_off, true);
+        for s in 0..RING_SHARDS {
+            loader.map_max_entries(ring_name(s), if used.contains(&s) { ring_bytes } else { 4096 });
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| {
+            if e.to_string().contains("Operation not permitted") {
+                user("the kernel refused to create BPF maps (EPERM): run packetflow as root or with CAP_BPF")
+            } else {
+                anyhow!("loading the eBPF object: {e}")
+            }
+        })?;
+        let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
+        let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").ok_or_else(|| anyhow!("COUNTERS map missing"))?)?;
+        let filter = Array::try_from(ebpf.take_map("FILTER").ok_or_else(|| anyhow!("FILTER map missing"))?)?;
+        let t = Tracer {
+            ebpf: Some(ebpf),
+            counters,
+            filter,
+            _logger: logger,
+            offsets,
+            stages: BTreeMap::new(),
+            interfaces: Vec::new(),
+            used_shards: used,
+            btf: aya_btf,
+        };
+        Ok(t)
+    }
+
+    /// Writes the in-kernel filter (`enabled` is set here).
+    pub fn set_filter(&mut self, f: &Filter) -> Result<()> {
+        let mut f = *f;
+        f.enabled = 1;
+        self.filter.set(0, f, 0)?;
+        Ok(())
+    }
+
+    /// Sum over CPUs of every counter in `COUNTERS`.
+    pub fn counters(&self) -> Result<Vec<u64>> {
+        let arr = &self.counters;
+        let mut out = vec![0u64; NUM_COUNTERS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(vals) = arr.get(&(i as u32), 0) {
+                *slot = vals.iter().sum();
+            }
+        }
+        Ok(out)
+    }
+
+    /// The ring-buffer shards, for the reader (taken out of the object).
+    pub fn take_rings(&mut self) -> Result<Vec<(usize, RingBuf<MapData>)>> {
+        let mut out = Vec::new();
+        for s in self.used_shards.clone() {
+            let map = self.ebpf_mut().take_map(ring_name(s)).ok_or_else(|| anyhow!("{} missing", ring_name(s)))?;
+            out.push((s, RingBuf::try_from(map)?));
+        }
+        Ok(out)
+    }
+
+    fn tracepoint(&mut self, prog: &str, category: &str, names: &[&str]) -> Result<(), String> {
+        let p: &mut TracePoint = self
+            .ebpf_mut()
+            .program_mut(prog)
+            .ok_or("program missing")?
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())?;
+        p.load().map_err(|e| describe(&e))?;
+        for n in names {
+            p.attach(category, n).map_err(|e| format!("{category}:{n}: {}", describe(&e)))?;
+        }
+        Ok(())
+    }
+
+    fn tp_btf(&mut self, prog: &str, tp: &str) -> Result<(), String> {
+        let btf = &self.btf;
+        let p: &mut BtfTracePoint = self
+            .ebpf
+            .as_mut()
+            .ok_or("detached")?
+            .program_mut(prog)
+            .ok_or("program missing")?
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())?;
+        p.load(tp, btf).map_err(|e| describe(&e))?;
+        p.attach().map_err(|e| describe(&e))?;
+        Ok(())
+    }
+
+    fn cgroup(&mut self, prog: &str, kind: CgroupSkbAttachType) -> Result<(), String> {
+        let root = sys::ensure_cgroup2().map_err(|e| format!("{e:#}"))?;
+        let fd = std::fs::File::open(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+        let p: &mut CgroupSkb = self
+            .ebpf_mut()
+            .program_mut(prog)
+            .ok_or("program missing")?
+            .try_into()
+            .map_err(|e: ProgramError| e.to_string())?;
+        p.load().map_err(|e| describe(&e))?;
+        // With bpf_link every attachment coexists; link_create takes no mode flags.
+        p.attach(&fd, kind, CgroupAttachMode::Single).map_err(|e| describe(&e))?;
+        Ok(())
+    }
+
+    /// Attaches every global hook (tracepoints, tp_btf, cgroup_skb) and records which
+    /// stage each serves. A stage whose hook fails is reported missing, not fatal.
+    pub fn attach_kernel_hooks(&mut self) -> Result<()> {
+        let enter: Vec<String> = SEND_SYSCALLS.iter().map(|s| format!("sys_enter_{s}")).collect();
+        let exit_send: Vec<String> = SEND_SYSCALLS.iter().map(|s| format!("sys_exit_{s}")).collect();
+        let exit_recv: Vec<String> = RECV_SYSCALLS.iter().map(|s| format!("sys_exit_{s}")).collect();
+        fn refs(v: &[String]) -> Vec<&str> {
+            v.iter().map(String::as_str).collect()
+        }
+
+        let send = self
+            .tracepoint("pf_sys_enter_send", "syscalls", &refs(&enter))
+            .and_then(|()| self.tracepoint("pf_sys_exit_send", "syscalls", &refs(&exit_send)));
+        let tcp_send = self.tp_btf("pf_tcp_sendmsg", "tcp_sendmsg_locked");
+        let udp_send = self.cgroup("pf_cg_egress", CgroupSkbAttachType::Egress);
+        let dev_queue = self.tp_btf("pf_dev_queue", "net_dev_queue");
+        let xmit = self.tp_btf("pf_start_xmit", "net_dev_start_xmit");
+        let rcv = self.tp_btf("pf_netif_receive", "netif_receive_skb");
+        let tcp_rcv = self.tp_btf("pf_tcp_probe", "tcp_probe");
+        let udp_rcv = self.cgroup("pf_cg_ingress", CgroupSkbAttachType::Ingress);
+        let ready = self.tp_btf("pf_sk_data_ready", "sk_data_ready");
+        let tcp_copy = self.tp_btf("pf_copy_to_user", "skb_copy_datagram_iovec");
+        let udp_copy = self
+            .tracepoint("pf_sys_enter_recvfrom", "syscalls", &["sys_enter_recvfrom"])
+            .and_then(|()| self.tracepoint("pf_sys_enter_recvmsg", "syscalls", &["sys_enter_recvmsg", "sys_enter_recvmmsg"]))
+            .and_then(|()| self.tp_btf("pf_sock_recv", "sock_recv_length"));
+        let recv = self
+            .tracepoint("pf_sys_exit_recv", "syscalls", &["sys_exit_read", "sys_exit_readv"])
+            .and_then(|()| self.tracepoint("pf_sys_exit_recvmsg", "syscalls", &refs(&exit_recv[2..])));
+
+        let both = |a: &Result<(), String>, b: &Result<(), String>| match (a, b) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), Ok(())) => Err(format!("TCP: {e}")),
+            (Ok(()), Err(e)) => Err(format!("UDP: {e}")),
+            (Err(a), Err(b)) => Err(format!("TCP: {a}; UDP: {b}")),
+        };
+        let send_ok = match (&send, &tcp_send, &udp_send) {
+            (Err(e), _, _) => Err(e.clone()),
+            (Ok(()), t, u) => both(t, u),
+        };
+        let mut put = |s: Stage, hook: String, state: Result<(), String>| {
+            self.stages.insert(s, StageHook { hook, state });
+        };
+        put(
+            Stage::SendSyscall,
+            format!("tracepoint syscalls:sys_enter_{{{}}}", SEND_SYSCALLS.join(",")),
+            send_ok,
+        );
+        put(Stage::SockSend, "tp_btf tcp_sendmsg_locked (TCP), cgroup_skb/egress (UDP)".into(), both(&tcp_send, &udp_send));
+        put(Stage::DevQueue, "tp_btf net_dev_queue".into(), dev_queue);
+        put(Stage::NicXmit, "tp_btf net_dev_start_xmit".into(), xmit);
+        put(Stage::NetifReceive, "tp_btf netif_receive_skb".into(), rcv);
+        put(Stage::TransportRcv, "tp_btf tcp_probe (TCP), cgroup_skb/ingress (UDP)".into(), both(&tcp_rcv, &udp_rcv));
+        put(Stage::SockQueue, "tp_btf sk_data_ready".into(), ready);
+        put(
+            Stage::CopyToUser,
+            "tp_btf skb_copy_datagram_iovec (TCP), tp_btf sock_recv_length (UDP)".into(),
+            both(&tcp_copy, &udp_copy),
+        );
+        put(
+            Stage::RecvSyscall,
+            format!("tracepoint syscalls:sys_exit_{{{}}}", RECV_SYSCALLS.join(",")),
+            recv,
+        );
+        for s in [Stage::Xdp, Stage::TcEgress, Stage::TcIngress] {
+            put(s, "per interface (none attached)".into(), Err("no interface attached".into()));
+        }
+        if self.stages.values().all(|h| h.state.is_err()) {
+            let why = self.stages.get(&Stage::DevQueue).and_then(|h| h.state.clone().err()).unwrap_or_default();
+            crate::user_bail!("no tracing hook could be attached on this kernel ({why}); run `packetflow doctor`");
+        }
+        Ok(())
+    }
+
+    /// Attaches XDP and tcx ingress/egress to `ifname` in network namespace `netns`
+    /// (the current one when `None`). Failures are recorded, not fatal, except an
+    /// unknown interface.
+    pub fn attach_interface(&mut self, netns: Option<&Path>, ifname: &str, xdp: XdpChoice) -> Result<&Attached> {
+        for name in ["pf_xdp", "pf_tc_ingress", "pf_tc_egress"] {
+            let prog = self.ebpf_mut().program_mut(name).ok_or_else(|| anyhow!("{name} missing"))?;
+            if prog.fd().is_err() {
+                let r = match prog {
+                    aya::programs::Program::Xdp(p) => p.load(),
+                    aya::programs::Program::SchedClassifier(p) => p.load(),
+                    _ => Ok(()),
+                };
+                r.map_err(|e| anyhow!("loading {name}: {}", describe(&e)))?;
+            }
+        }
+        let netns_inode = sys::netns_inode(netns.unwrap_or(Path::new("/proc/self/ns/net"))).unwrap_or(0);
+        let [x, ti, te] = self.ebpf_mut().programs_mut().fold([None, None, None], |mut acc, (n, p)| {
+            match n {
+                "pf_xdp" => acc[0] = Some(p),
+                "pf_tc_ingress" => acc[1] = Some(p),
+                "pf_tc_egress" => acc[2] = Some(p),
+                _ => {}
+            }
+            acc
+        });
+        let (Some(x), Some(ti), Some(te)) = (x, ti, te) else { return Err(anyhow!("interface programs missing")) };
+        let x: &mut Xdp = x.try_into()?;
+        let ti: &mut SchedClassifier = ti.try_into()?;
+        let te: &mut SchedClassifier = te.try_into()?;
+        let name = ifname.to_string();
+        let ns_owned = netns.map(Path::to_path_buf);
+        let attached = sys::in_netns(netns, move || {
+            let Some(ifindex) = sys::ifindex(&name) else {
+                let where_ = ns_owned.as_ref().map(|p| format!(" in network namespace {}", p.display())).unwrap_or_default();
+                crate::user_bail!("unknown interface '{name}'{where_}");
+            };
+            let xdp_state = attach_xdp(x, ifindex, xdp);
+            let tcx = |p: &mut SchedClassifier, t: TcAttachType| {
+                p.attach_with_options(&name, t, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                    .map(|_| ())
+                    .map_err(|e| describe(&e))
+            };
+            let tc_ingress = tcx(ti, TcAttachType::Ingress);
+            let tc_egress = tcx(te, TcAttachType::Egress);
+            Ok(Attached {
+                netns: ns_owned,
+                netns_inode,
+                ifname: name,
+                ifindex,
+                xdp: xdp_state,
+                tc_ingress,
+                tc_egress,
+            })
+        })?;
+        self.interfaces.push(attached);
+        self.refresh_interface_stages();
+        Ok(self.interfaces.last().expect("just pushed"))
+    }
+
+    fn refresh_interface_stages(&mut self) {
+        let list = |f: &dyn Fn(&Attached) -> Option<String>| -> Vec<String> { self.interfaces.iter().filter_map(f).collect() };
+        let xdp = list(&|a| a.xdp.as_ref().ok().map(|m| format!("{} ({m})", a.ifname)));
+        let ti = list(&|a| a.tc_ingress.is_ok().then(|| a.ifname.clone()));
+        let te = list(&|a| a.tc_egress.is_ok().then(|| a.ifname.clone()));
+        let errs = |f: &dyn Fn(&Attached) -> Option<String>| list(f).join("; ");
+        let mk = |kind: &str, ok: Vec<String>, err: String| StageHook {
+            hook: if ok.is_empty() { format!("{kind} (not attached)") } else { format!("{kind} on {}", ok.join(", ")) },
+            state: if ok.is_empty() { Err(if err.is_empty() { "no interface attached".into() } else { err }) } else { Ok(()) },
+        };
+        let s = mk("XDP", xdp, errs(&|a| a.xdp.as_ref().err().map(|e| format!("{}: {e}", a.ifname))));
+        self.stages.insert(Stage::Xdp, s);
+        let s = mk("tcx ingress", ti, errs(&|a| a.tc_ingress.as_ref().err().map(|e| format!("{}: {e}", a.ifname))));
+        self.stages.insert(Stage::TcIngress, s);
+        let s = mk("tcx egress", te, errs(&|a| a.tc_egress.as_ref().err().map(|e| format!("{}: {e}", a.ifname))));
+        self.stages.insert(Stage::TcEgress, s);
+    }
+
+    /// What the correlator may expect to see, from what is attached.
+    pub fn coverage(&self) -> crate::correlate::Coverage {
+        let mut c = crate::correlate::Coverage::default();
+        for (s, h) in &self.stages {
+            if h.state.is_ok() && !matches!(s, Stage::Xdp | Stage::TcEgress | Stage::TcIngress) {
+                c.global.insert(*s);
+            }
+        }
+        for a in &self.interfaces {
+            let key = (a.netns_inode, a.ifindex);
+            if a.xdp.is_ok() {
+                c.xdp.insert(key);
+            }
+            if a.tc_ingress.is_ok() {
+                c.tc_ingress.insert(key);
+            }
+            if a.tc_egress.is_ok() {
+                c.tc_egress.insert(key);
+            }
+        }
+        c
+    }
+
+    /// Detaches and unloads every program. The rings, counters and filter stay readable.
+    pub fn detach_all(&mut self) {
+        self.ebpf = None;
+    }
+
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        self.ebpf.as_mut().expect("programs already detached")
+    }
+}
+
+fn attach_xdp(x: &mut Xdp, ifindex: u32, choice: XdpChoice) -> Result<&'static str, String> {
+    let try_mode = |x: &mut Xdp, mode: XdpMode| x.attach_to_if_index(ifindex, mode).map(|_| ()).map_err(|e| describe(&e));
+    match choice {
+        XdpChoice::Off => Err("disabled".into()),
+        XdpChoice::Native => try_mode(x, XdpMode::Driver).map(|()| "native"),
+        XdpChoice::Generic => try_mode(x, XdpMode::Skb).map(|()| "generic"),
+        XdpChoice::Auto => match try_mode(x, XdpMode::Driver) {
+            Ok(()) => Ok("native"),
+            Err(native) => try_mode(x, XdpMode::Skb).map(|()| "generic").map_err(|g| format!("native: {native}; generic: {g}")),
+        },
+    }
+}

@@ -1,0 +1,236 @@
+use std::{net::IpAddr, path::PathBuf, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use packetflow::{demo, doctor, error, loader::XdpChoice, seed, trace};
+
+#[derive(Parser)]
+#[command(name = "packetflow", version, about = "Where a packet's time goes inside Linux: per-stage latency from send syscall to receive syscall, measured with eBPF.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum XdpArg {
+    Auto,
+    Native,
+    Generic,
+    Off,
+}
+
+impl From<XdpArg> for XdpChoice {
+    fn from(x: XdpArg) -> XdpChoice {
+        match x {
+            XdpArg::Auto => XdpChoice::Auto,
+            XdpArg::Native => XdpChoice::Native,
+            XdpArg::Generic => XdpChoice::Generic,
+            XdpArg::Off => XdpChoice::Off,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PathArg {
+    Loopback,
+    Nic,
+    Both,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ProtoArg {
+    Tcp,
+    Udp,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check what this kernel lets packetflow do (by trying), and say what is missing.
+    Doctor,
+    /// Trace packets live: per-stage latency table, optional NDJSON per packet.
+    Trace {
+        /// Attach XDP/TC to this interface (repeatable; `any` = all). Default: lo.
+        #[arg(short = 'i', long = "interface", value_name = "IFACE")]
+        ifaces: Vec<String>,
+        /// Only flows with this port on either end (repeatable).
+        #[arg(long = "port", value_name = "P")]
+        ports: Vec<u16>,
+        /// Only flows with this address on either end (repeatable).
+        #[arg(long = "host", value_name = "ADDR")]
+        hosts: Vec<IpAddr>,
+        /// Only this process (at the process-context stages).
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long, value_enum)]
+        proto: Option<ProtoArg>,
+        /// Network namespace (e.g. /run/netns/NAME) whose interfaces -i names.
+        #[arg(long, value_name = "PATH")]
+        netns: Option<PathBuf>,
+        /// Stop after this many seconds.
+        #[arg(long, value_name = "SECS")]
+        duration: Option<f64>,
+        /// Stop after this many data-packet traces.
+        #[arg(long, value_name = "N")]
+        count: Option<u64>,
+        /// Write one JSON object per packet trace to FILE (`-` for stdout).
+        #[arg(long, value_name = "FILE")]
+        json: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: XdpArg,
+        /// Also trace segments without payload (ACK, SYN, FIN, RST) as their own kinds.
+        #[arg(long)]
+        control: bool,
+        /// Give up waiting for a packet's missing stages after this many ms.
+        #[arg(long, value_name = "MS", default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// Run the seed exchange over loopback and a veth NIC path, traced, side by side.
+    Demo {
+        #[arg(long, value_enum, default_value = "both")]
+        path: PathArg,
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        #[arg(long, default_value_t = 18, value_name = "BYTES")]
+        size: usize,
+        #[arg(long)]
+        udp: bool,
+        #[arg(long)]
+        ipv6: bool,
+        #[arg(long, value_name = "FILE")]
+        json: Option<String>,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// The seed server: answers each message with "Hello from server!".
+    Serve {
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long, default_value = "0.0.0.0", value_name = "ADDR")]
+        bind: String,
+        #[arg(long)]
+        udp: bool,
+        /// Print the seed's lines for every message (default: each client's first).
+        #[arg(short, long)]
+        verbose: bool,
+        /// Exit after the first client disconnects (UDP: after --count messages).
+        #[arg(long)]
+        once: bool,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+    },
+    /// The seed client: sends "Hello from client!" and prints the answer.
+    Client {
+        #[arg(value_name = "ADDR")]
+        addr: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long)]
+        udp: bool,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// Message size: the greeting padded with '.' (or cut) to this many bytes.
+        #[arg(long, default_value_t = 18, value_name = "BYTES")]
+        size: usize,
+        /// Pause between exchanges.
+        #[arg(long, default_value_t = 0, value_name = "MS")]
+        interval: u64,
+        #[arg(short, long)]
+        verbose: bool,
+    },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Doctor => runtime()?.block_on(doctor::run()),
+        Cmd::Trace { ifaces, ports, hosts, pid, proto, netns, duration, count, json, xdp_mode, control, timeout_ms } => {
+            if let Some(d) = duration
+                && !(d > 0.0 && d.is_finite())
+            {
+                packetflow::user_bail!("--duration must be a positive number of seconds");
+            }
+            runtime()?.block_on(trace::run(trace::TraceArgs {
+                ifaces,
+                ports,
+                hosts,
+                pid,
+                proto: proto.map(|p| match p {
+                    ProtoArg::Tcp => "tcp".into(),
+                    ProtoArg::Udp => "udp".into(),
+                }),
+                netns,
+                duration: duration.map(Duration::from_secs_f64),
+                count,
+                json,
+                xdp: xdp_mode.into(),
+                control,
+                timeout: Duration::from_millis(timeout_ms.max(1)),
+            }))
+        }
+        Cmd::Demo { path, count, size, udp, ipv6, json, port } => runtime()?.block_on(demo::run(demo::DemoArgs {
+            path: match path {
+                PathArg::Loopback => demo::Which::Loopback,
+                PathArg::Nic => demo::Which::Nic,
+                PathArg::Both => demo::Which::Both,
+            },
+            count,
+            size,
+            udp,
+            ipv6,
+            json,
+            port,
+        })),
+        Cmd::Serve { port, bind, udp, verbose, once, count } => seed::serve(&seed::ServeOpts {
+            port,
+            bind: seed::parse_addr(&bind)?,
+            udp,
+            verbose,
+            once,
+            count,
+        }),
+        Cmd::Client { addr, port, udp, count, size, interval, verbose } => seed::client(&seed::ClientOpts {
+            addr: seed::parse_addr(&addr)?,
+            port,
+            udp,
+            count,
+            size,
+            interval: Duration::from_millis(interval),
+            verbose,
+        })
+        .map(|_| ()),
+    }
+}
+
+fn main() {
+    // No panic message or backtrace reaches a user: one line, exit 1.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("packetflow: internal error{at}: {msg} (please report this)");
+    }));
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let code = match std::panic::catch_unwind(|| dispatch(cli)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(e)) => {
+            let (code, line) = error::report(&e);
+            eprintln!("packetflow: {line}");
+            code
+        }
+        Err(_) => 1,
+    };
+    std::process::exit(code);
+}

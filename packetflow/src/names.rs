@@ -1,0 +1,64 @@
+//! Interface names for (netns inode, ifindex) pairs, looked up once and cached.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use crate::{loader::Attached, sys};
+
+#[derive(Default)]
+pub struct Names {
+    ifnames: HashMap<(u32, u32), String>,
+    own_netns: u32,
+    netns_paths: HashMap<u32, PathBuf>,
+}
+
+impl Names {
+    pub fn new(attached: &[Attached]) -> Names {
+        let mut n = Names { own_netns: sys::netns_inode(Path::new("/proc/self/ns/net")).unwrap_or(0), ..Default::default() };
+        for a in attached {
+            n.ifnames.insert((a.netns_inode, a.ifindex), a.ifname.clone());
+            if let Some(p) = &a.netns {
+                n.netns_paths.insert(a.netns_inode, p.clone());
+            }
+        }
+        n
+    }
+
+    /// Registers a named network namespace (e.g. a test host) for name lookups.
+    pub fn add_netns(&mut self, path: &Path) {
+        if let Some(i) = sys::netns_inode(path) {
+            self.netns_paths.insert(i, path.to_path_buf());
+        }
+    }
+
+    fn find_netns(&mut self, inode: u32) -> Option<PathBuf> {
+        if let Some(p) = self.netns_paths.get(&inode) {
+            return Some(p.clone());
+        }
+        let dir = std::fs::read_dir("/run/netns").ok()?;
+        for e in dir.flatten() {
+            if sys::netns_inode(&e.path()) == Some(inode) {
+                self.netns_paths.insert(inode, e.path());
+                return Some(e.path());
+            }
+        }
+        None
+    }
+
+    pub fn ifname(&mut self, netns: u32, ifindex: u32) -> String {
+        if let Some(n) = self.ifnames.get(&(netns, ifindex)) {
+            return n.clone();
+        }
+        let name = if netns == 0 || netns == self.own_netns {
+            sys::ifname(ifindex)
+        } else {
+            self.find_netns(netns)
+                .and_then(|p| sys::in_netns(Some(&p), move || Ok(sys::ifname(ifindex))).ok().flatten())
+        };
+        let name = name.unwrap_or_else(|| format!("if{ifindex}"));
+        self.ifnames.insert((netns, ifindex), name.clone());
+        name
+    }
+}

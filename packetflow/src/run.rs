@@ -1,0 +1,231 @@
+//! One tracing run, as `trace` and `demo` use it: load, start readers, filter, attach,
+//! correlate; then detach, drain and summarize.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::PathBuf,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use packetflow_common::{Stage, counters};
+
+use crate::{
+    correlate::CorrStats,
+    filter::FilterSpec,
+    json::{self, JsonSink},
+    loader::{LoadOptions, Tracer, XdpChoice},
+    names::Names,
+    session::{self, CorrelatorHandle, Readers, Shared, Sink},
+    stats::Stats,
+    sys,
+};
+
+pub struct RunOptions {
+    pub filter: FilterSpec,
+    /// (network namespace, interface name) pairs that get XDP and TC.
+    pub interfaces: Vec<(Option<PathBuf>, String)>,
+    pub xdp: XdpChoice,
+    /// NDJSON output: a path, or "-" for stdout.
+    pub json: Option<String>,
+    /// Extra network namespaces whose interface names traces may mention.
+    pub netns_names: Vec<PathBuf>,
+    pub timeout: Duration,
+    pub count: Option<u64>,
+    pub poll: Duration,
+    pub ring_bytes: u32,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            filter: FilterSpec::default(),
+            interfaces: vec![(None, "lo".into())],
+            xdp: XdpChoice::Auto,
+            json: None,
+            netns_names: Vec::new(),
+            timeout: Duration::from_secs(1),
+            count: None,
+            poll: Duration::from_millis(10),
+            ring_bytes: LoadOptions::default().ring_bytes,
+        }
+    }
+}
+
+pub struct Running {
+    pub tracer: Tracer,
+    readers: Readers,
+    corr: CorrelatorHandle,
+    pub shared: Arc<Shared>,
+}
+
+/// What a finished run leaves.
+pub struct Finished {
+    pub stats: Stats,
+    pub corr: CorrStats,
+    pub counters: Vec<u64>,
+    pub lost: BTreeMap<Stage, u64>,
+    pub overflow_records: u64,
+    pub summary: serde_json::Value,
+    pub stages: BTreeMap<Stage, crate::loader::StageHook>,
+    pub interfaces: Vec<crate::loader::Attached>,
+}
+
+/// Ring-buffer losses per stage, from the kernel counters.
+pub fn lost_per_stage(c: &[u64]) -> BTreeMap<Stage, u64> {
+    Stage::ALL.iter().map(|s| (*s, c.get((counters::LOST + *s as u32) as usize).copied().unwrap_or(0))).collect()
+}
+
+pub fn counters_json(c: &[u64], overflow: u64) -> serde_json::Value {
+    let g = |i: u32| c.get(i as usize).copied().unwrap_or(0);
+    serde_json::json!({
+        "parsed_xdp": g(counters::PARSED_XDP),
+        "unparsed_xdp": g(counters::UNPARSED_XDP),
+        "parsed_tc": g(counters::PARSED_TC),
+        "unparsed_tc": g(counters::UNPARSED_TC),
+        "unparsed_skb": g(counters::UNPARSED_SKB),
+        "control_skipped": g(counters::CONTROL_SKIPPED),
+        "send_syscall_unattributed": g(counters::SEND_SLOT_MISS),
+        "recv_syscall_unattributed": g(counters::RECV_SLOT_MISS),
+        "kernel_reads_failed": g(counters::READ_FAILED),
+        "reader_overflow_records": overflow,
+        "emitted": Stage::ALL.iter().map(|s| (s.name(), g(counters::EMITTED + *s as u32))).collect::<BTreeMap<_, _>>(),
+    })
+}
+
+impl Running {
+    pub async fn start(o: RunOptions) -> Result<Running> {
+        let mut tracer = Tracer::load(&LoadOptions { ring_bytes: o.ring_bytes })?;
+        let rings = tracer.take_rings()?;
+        let mut readers = session::start_readers(rings, o.poll)?;
+        let mut filter = o.filter.clone();
+        // Interface filter: only when the user named interfaces explicitly.
+        if !filter.ifindexes.is_empty() {
+            filter.ifindexes.sort();
+            filter.ifindexes.dedup();
+        }
+        let kf = filter.to_kernel(std::process::id())?;
+        tracer.set_filter(&kf)?;
+        tracer.attach_kernel_hooks()?;
+        for (ns, name) in &o.interfaces {
+            tracer.attach_interface(ns.as_deref(), name, o.xdp)?;
+        }
+        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+        if let Some(path) = &o.json {
+            let out: Box<dyn Write + Send> = if path == "-" {
+                Box::new(std::io::BufWriter::new(std::io::stdout()))
+            } else {
+                Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path).map_err(|e| crate::error::user(format!("cannot write {path}: {e}")))?,
+                ))
+            };
+            let mut names = Names::new(&tracer.interfaces);
+            for p in &o.netns_names {
+                names.add_netns(p);
+            }
+            let available: Vec<Stage> =
+                tracer.stages.iter().filter(|(_, h)| h.state.is_ok()).map(|(s, _)| *s).collect();
+            let mut sink = JsonSink::new(out, names, available);
+            sink.line(&json::header(&tracer, serde_json::to_value(&filter)?));
+            sinks.push(Box::new(sink));
+        }
+        let corr = readers.start_correlator(tracer.coverage(), o.timeout, o.count, sinks);
+        let shared = readers.shared.clone();
+        Ok(Running { tracer, readers, corr, shared })
+    }
+
+    pub fn lost(&self) -> BTreeMap<Stage, u64> {
+        lost_per_stage(&self.tracer.counters().unwrap_or_default())
+    }
+
+    /// Waits until at least `n` data traces are finished, or `max` passes.
+    pub async fn wait_traces(&self, n: u64, max: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + max;
+        while self.shared.data_traces.load(Ordering::Relaxed) < n {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Detaches every program, drains the rings, finishes every trace and writes the
+    /// summary to the sinks.
+    pub async fn finish(self) -> Result<Finished> {
+        let Running { mut tracer, readers, corr, shared } = self;
+        tracer.detach_all();
+        let (_corr, mut sinks) = readers.stop(corr).await.context("stopping the pipeline")?;
+        let counters = tracer.counters().unwrap_or_default();
+        let stats = shared.stats.lock().expect("stats lock").clone();
+        let corr = *shared.corr.lock().expect("corr lock");
+        let overflow = shared.overflow_records.load(Ordering::Relaxed);
+        let lost = lost_per_stage(&counters);
+        let summary = json::summary(&stats, &lost, counters_json(&counters, overflow), &corr);
+        for s in sinks.iter_mut() {
+            s.finish(&summary);
+        }
+        Ok(Finished {
+            stats,
+            corr,
+            counters,
+            lost,
+            overflow_records: overflow,
+            summary,
+            stages: tracer.stages.clone(),
+            interfaces: tracer.interfaces.clone(),
+        })
+    }
+}
+
+/// Kernel timestamp → wall clock, for display.
+pub fn wall_clock(offset: i64, t_ns: u64) -> String {
+    let w = (t_ns as i64 + offset) as u64;
+    let secs = w / 1_000_000_000;
+    format!("{}.{:09}", secs, w % 1_000_000_000)
+}
+
+/// One line naming every loss, for the end of a run ("lost 0 events" when none).
+pub fn loss_line(f: &Finished) -> String {
+    let lost: Vec<String> =
+        f.lost.iter().filter(|(_, n)| **n > 0).map(|(s, n)| format!("lost {n} events at {}", s.name())).collect();
+    let mut parts = if lost.is_empty() { vec!["lost 0 events in the kernel".to_string()] } else { lost };
+    if f.overflow_records > 0 {
+        parts.push(format!("{} records dropped by a slow reader", f.overflow_records));
+    }
+    if f.corr.flows_evicted > 0 || f.corr.records_evicted > 0 {
+        parts.push(format!(
+            "{} flows and {} records evicted from the correlator",
+            f.corr.flows_evicted, f.corr.records_evicted
+        ));
+    }
+    let g = |i: u32| f.counters.get(i as usize).copied().unwrap_or(0);
+    if g(counters::SEND_SLOT_MISS) + g(counters::RECV_SLOT_MISS) > 0 {
+        parts.push(format!(
+            "{} sends and {} receives could not be tied to their syscall",
+            g(counters::SEND_SLOT_MISS),
+            g(counters::RECV_SLOT_MISS)
+        ));
+    }
+    parts.join("; ")
+}
+
+/// The stop signals: Ctrl-C and SIGTERM, handled alike.
+pub async fn stop_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => Ok("SIGTERM"),
+        _ = int.recv() => Ok("SIGINT"),
+    }
+}
+
+/// Checks privileges and mounts for any tracing subcommand.
+pub fn preflight(what: &str) -> Result<()> {
+    sys::require_caps(what, sys::TRACE_CAPS)?;
+    let _ = sys::ensure_bpffs();
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The running pipeline: ring-buffer readers → correlator → sinks.
+//!
+//! ```text
+//! kernel hooks ──► ring shards RB0..RB7 ──► reader task per shard (tokio AsyncFd)
+//!        ──► bounded channel (overflow counted) ──► correlator thread ──► sinks
+//!                                                   (traces)              (stats, JSON, ...)
+//! ```
+//!
+//! Readers start before any program is attached, so nothing emitted at start-up is lost.
+//! They wake when a shard passes a fill threshold (the programs write with
+//! BPF_RB_NO_WAKEUP below it) and otherwise poll every `poll` interval. They never block:
+//! when the correlator falls behind, a batch that does not fit is dropped and counted.
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+    },
+    time::Duration,
+};
+
+use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
+use packetflow_common::{Event, RING_SHARDS};
+use tokio::{io::unix::AsyncFd, sync::watch, task::JoinHandle};
+
+use crate::{
+    correlate::{CorrStats, Correlator, Coverage, Trace},
+    stats::Stats,
+    sys,
+};
+
+/// Readers deliver everything older than their drain start minus this margin.
+const WATERMARK_MARGIN_NS: u64 = 2_000_000;
+
+struct Batch {
+    shard: usize,
+    events: Vec<Event>,
+    watermark: u64,
+    last: bool,
+}
+
+/// Where finished traces go (besides the statistics, which every session keeps).
+pub trait Sink: Send {
+    fn trace(&mut self, t: &Trace);
+    /// Called once, after the last trace, with the run's summary.
+    fn finish(&mut self, _summary: &serde_json::Value) {}
+}
+
+/// State shared between the pipeline and whoever displays it.
+#[derive(Default)]
+pub struct Shared {
+    pub stats: Mutex<Stats>,
+    pub corr: Mutex<CorrStats>,
+    /// Records dropped because the correlator was behind (reader never blocks).
+    pub overflow_records: AtomicU64,
+    /// Ring records of unexpected size.
+    pub bad_records: AtomicU64,
+    pub data_traces: AtomicU64,
+    /// Set once `count` data traces are done.
+    pub count_reached: AtomicBool,
+    pub count_notify: tokio::sync::Notify,
+    pub flows: AtomicU64,
+}
+
+pub struct Readers {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    rx: Option<Receiver<Batch>>,
+    shards: Vec<usize>,
+    pub shared: Arc<Shared>,
+}
+
+/// Starts one reader task per ring shard. Call before attaching programs.
+pub fn start_readers(rings: Vec<(usize, RingBuf<MapData>)>, poll: Duration) -> Result<Readers> {
+    let (tx, rx) = sync_channel::<Batch>(4096);
+    let (stop, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared::default());
+    let mut tasks = Vec::new();
+    let mut shards = Vec::new();
+    for (shard, ring) in rings {
+        // SAFETY: the ring owns its fd and keeps it open while the AsyncFd holds it.
+        let afd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
+        shards.push(shard);
+        tasks.push(tokio::spawn(read_shard(shard, afd, tx.clone(), stop_rx.clone(), poll, shared.clone())));
+    }
+    Ok(Readers { stop, tasks, rx: Some(rx), shards, shared })
+}
+
+async fn read_shard(
+    shard: usize,
+    mut afd: AsyncFd<RingBuf<MapData>>,
+    tx: SyncSender<Batch>,
+    mut stop: watch::Receiver<bool>,
+    poll: Duration,
+    shared: Arc<Shared>,
+) {
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = *stop.borrow();
+        let watermark = sys::monotonic_ns().saturating_sub(WATERMARK_MARGIN_NS);
+        let mut events = Vec::new();
+        {
+            let ring = afd.get_mut();
+            while let Some(item) = ring.next() {
+                if item.len() == std::mem::size_of::<Event>() {
+                    events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+                } else {
+                    shared.bad_records.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let n = events.len() as u64;
+        match tx.try_send(Batch { shard, events, watermark, last }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(b)) => {
+                shared.overflow_records.fetch_add(n, Ordering::Relaxed);
+                if b.last {
+                    // The final marker must get through: wait for room.
+                    let tx = tx.clone();
+                    let _ = tokio::task::spawn_blocking(move || tx.send(Batch { events: Vec::new(), ..b })).await;
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => return,
+        }
+        if last {
+            return;
+        }
+        tokio::select! {
+            r = afd.readable_mut() => {
+                if let Ok(mut g) = r {
+                    g.clear_ready();
+                }
+            }
+            _ = tick.tick() => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+pub struct CorrelatorHandle {
+    thread: std::thread::JoinHandle<(Correlator, Vec<Box<dyn Sink>>)>,
+}
+
+impl Readers {
+    /// Starts the correlator thread, which feeds finished traces to the statistics and
+    /// to `sinks`. `count`: after this many data traces, `count_reached` is set.
+    pub fn start_correlator(
+        &mut self,
+        coverage: Coverage,
+        timeout: Duration,
+        count: Option<u64>,
+        mut sinks: Vec<Box<dyn Sink>>,
+    ) -> CorrelatorHandle {
+        let rx = self.rx.take().expect("correlator started once");
+        let shared = self.shared.clone();
+        let shards = self.shards.clone();
+        let thread = std::thread::Builder::new()
+            .name("correlator".into())
+            .spawn(move || {
+                let mut corr = Correlator::new(coverage);
+                corr.timeout_ns = timeout.as_nanos() as u64;
+                let mut wms = [u64::MAX; RING_SHARDS];
+                for s in &shards {
+                    wms[*s] = 0;
+                }
+                let mut done = vec![false; RING_SHARDS];
+                let mut emit = |t: Trace| {
+                    shared.stats.lock().expect("stats lock").record(&t);
+                    for s in sinks.iter_mut() {
+                        s.trace(&t);
+                    }
+                    if t.kind == crate::correlate::TraceKind::Data {
+                        let n = shared.data_traces.fetch_add(1, Ordering::Relaxed) + 1;
+                        if count.is_some_and(|c| n >= c) && !shared.count_reached.swap(true, Ordering::Relaxed) {
+                            shared.count_notify.notify_one();
+                        }
+                    }
+                };
+                loop {
+                    match rx.recv_timeout(Duration::from_millis(50)) {
+                        Ok(b) => {
+                            for e in &b.events {
+                                corr.push(e);
+                            }
+                            wms[b.shard] = wms[b.shard].max(b.watermark);
+                            if b.last {
+                                done[b.shard] = true;
+                                wms[b.shard] = u64::MAX;
+                            }
+                        }
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    let wm = wms.iter().copied().min().unwrap_or(0);
+                    corr.advance(wm, &mut emit);
+                    *shared.corr.lock().expect("corr lock") = corr.stats;
+                    shared.flows.store(corr.flows() as u64, Ordering::Relaxed);
+                    if shards.iter().all(|s| done[*s]) {
+                        break;
+                    }
+                }
+                corr.flush(&mut emit);
+                *shared.corr.lock().expect("corr lock") = corr.stats;
+                drop(emit);
+                (corr, sinks)
+            })
+            .expect("spawning the correlator thread");
+        CorrelatorHandle { thread }
+    }
+
+    /// Asks the readers for a final drain and waits for them. Detach the programs first
+    /// so the final drain sees everything.
+    pub async fn stop(self, corr: CorrelatorHandle) -> Result<(Correlator, Vec<Box<dyn Sink>>)> {
+        let Readers { stop, tasks, .. } = self;
+        let _ = stop.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        tokio::task::spawn_blocking(move || corr.thread.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the correlator thread panicked"))
+    }
+}

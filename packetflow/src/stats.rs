@@ -1,0 +1,198 @@
+//! Per-stage latency statistics and the tables that show them.
+//!
+//! A stage's latency in a trace is the time from the stage before it (in time order) to
+//! it; `end-to-end` is `send_syscall` → `recv_syscall` (or first → last stage when one of
+//! them is missing). Only data-packet traces count; retransmissions and control segments
+//! are counted separately.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use packetflow_common::Stage;
+
+use crate::correlate::{PathKind, Trace, TraceKind};
+
+/// Largest value a histogram holds: 100 s in ns.
+const MAX_NS: u64 = 100_000_000_000;
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_NS, 3).expect("valid histogram bounds")
+}
+
+#[derive(Clone)]
+pub struct PathStats {
+    pub traces: u64,
+    pub complete: u64,
+    pub stages: BTreeMap<Stage, Histogram<u64>>,
+    pub e2e: Histogram<u64>,
+}
+
+impl Default for PathStats {
+    fn default() -> Self {
+        PathStats { traces: 0, complete: 0, stages: BTreeMap::new(), e2e: hist() }
+    }
+}
+
+#[derive(Clone, Default)]
+pub struct Stats {
+    pub paths: BTreeMap<PathKind, PathStats>,
+    /// Traces that are not data packets, by kind name.
+    pub other_kinds: BTreeMap<&'static str, u64>,
+}
+
+/// Percentiles reported everywhere, in this order.
+pub const PERCENTILES: [(f64, &str); 4] = [(50.0, "p50"), (90.0, "p90"), (99.0, "p99"), (99.9, "p99.9")];
+
+impl Stats {
+    pub fn record(&mut self, t: &Trace) {
+        if t.kind != TraceKind::Data {
+            *self.other_kinds.entry(t.kind.name()).or_default() += 1;
+            return;
+        }
+        let p = self.paths.entry(t.path).or_default();
+        p.traces += 1;
+        if t.complete {
+            p.complete += 1;
+        }
+        for w in t.stages.windows(2) {
+            let d = w[1].t_ns - w[0].t_ns;
+            let h = p.stages.entry(w[1].stage).or_insert_with(hist);
+            h.saturating_record(d.max(1));
+        }
+        if let Some(first) = t.stages.first() {
+            p.stages.entry(first.stage).or_insert_with(hist);
+        }
+        let e2e = match (t.time_of(Stage::SendSyscall), t.time_of(Stage::RecvSyscall)) {
+            (Some(a), Some(b)) => b - a,
+            _ => t.total_ns(),
+        };
+        p.e2e.saturating_record(e2e.max(1));
+    }
+}
+
+pub fn us(ns: u64) -> String {
+    format!("{:.2}", ns as f64 / 1000.0)
+}
+
+/// One summary row: count, percentiles and max, in µs.
+pub fn row(h: &Histogram<u64>) -> Vec<String> {
+    let mut v = vec![h.len().to_string()];
+    if h.is_empty() {
+        v.extend(std::iter::repeat_n("-".to_string(), PERCENTILES.len() + 1));
+        v[0] = "(first)".into();
+        return v;
+    }
+    for (p, _) in PERCENTILES {
+        v.push(us(h.value_at_percentile(p)));
+    }
+    v.push(us(h.max()));
+    v
+}
+
+fn numeric(c: &str) -> bool {
+    c == "-" || c.parse::<f64>().is_ok()
+}
+
+/// Renders rows as an aligned text table: numbers right-aligned, text left-aligned.
+pub fn render(header: &[String], rows: &[Vec<String>]) -> String {
+    let n = header.len();
+    let mut w = vec![0; n];
+    for r in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)) {
+        for (i, c) in r.iter().enumerate().take(n) {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for (k, r) in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)).enumerate() {
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .take(n)
+            .map(|(i, c)| if i > 0 && numeric(c) { format!("{c:>w$}", w = w[i]) } else { format!("{c:<w$}", w = w[i]) })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+        if k == 0 {
+            out.push_str(&"-".repeat(w.iter().sum::<usize>() + 2 * (n - 1)));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The per-stage table of one path (live view and final summary).
+pub fn path_table(p: &PathStats, lost: &BTreeMap<Stage, u64>) -> String {
+    let mut header: Vec<String> = vec!["stage".into(), "count".into()];
+    header.extend(PERCENTILES.iter().map(|(_, n)| format!("{n} µs")));
+    header.push("max µs".into());
+    header.push("lost".into());
+    let mut rows = Vec::new();
+    for s in Stage::ALL {
+        let Some(h) = p.stages.get(&s) else { continue };
+        let mut r = vec![s.name().to_string()];
+        r.extend(row(h));
+        r.push(lost.get(&s).copied().unwrap_or(0).to_string());
+        rows.push(r);
+    }
+    let mut r = vec!["end-to-end".to_string()];
+    r.extend(row(&p.e2e));
+    r.push(String::new());
+    rows.push(r);
+    render(&header, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlate::{Flow, StageTime};
+
+    fn trace(times: &[(Stage, u64)]) -> Trace {
+        Trace {
+            kind: TraceKind::Data,
+            flow: Flow { v6: false, udp: false, src: [0; 16], dst: [0; 16], sport: 1, dport: 2 },
+            seq: 0,
+            len: 1,
+            path: PathKind::Loopback,
+            ifindex: 1,
+            netns: 0,
+            rx_ifindex: None,
+            pid: None,
+            tid: None,
+            rx_pid: None,
+            rx_tid: None,
+            comm: None,
+            rx_comm: None,
+            stages: times.iter().map(|&(stage, t_ns)| StageTime { stage, t_ns, cpu: 0 }).collect(),
+            complete: true,
+        }
+    }
+
+    #[test]
+    fn stage_deltas_sum_to_end_to_end() {
+        let mut s = Stats::default();
+        s.record(&trace(&[(Stage::SendSyscall, 1000), (Stage::DevQueue, 3000), (Stage::RecvSyscall, 10000)]));
+        let p = &s.paths[&PathKind::Loopback];
+        // HdrHistogram keeps 3 significant digits.
+        let near = |h: &Histogram<u64>, v: u64| h.equivalent(h.max(), v);
+        assert!(near(&p.stages[&Stage::DevQueue], 2000));
+        assert!(near(&p.stages[&Stage::RecvSyscall], 7000));
+        assert!(near(&p.e2e, 9000));
+        assert!(p.stages[&Stage::SendSyscall].is_empty());
+    }
+
+    #[test]
+    fn other_kinds_stay_out_of_the_statistics() {
+        let mut s = Stats::default();
+        let mut t = trace(&[(Stage::DevQueue, 1)]);
+        t.kind = TraceKind::Retrans;
+        s.record(&t);
+        assert!(s.paths.is_empty());
+        assert_eq!(s.other_kinds["retrans"], 1);
+    }
+
+    #[test]
+    fn renders_aligned() {
+        let t = render(&["a".into(), "bb".into()], &[vec!["xxx".into(), "1".into()]]);
+        assert_eq!(t, "a    bb\n-------\nxxx   1\n");
+    }
+}

@@ -1,0 +1,171 @@
+//! `packetflow trace`: live per-stage latency of the packets that match a filter.
+
+use std::{
+    io::IsTerminal,
+    net::IpAddr,
+    path::PathBuf,
+    sync::atomic::Ordering,
+    time::Duration,
+};
+
+use anyhow::Result;
+
+use crate::{
+    correlate::PathKind,
+    filter::FilterSpec,
+    loader::XdpChoice,
+    run::{self, RunOptions, Running},
+    stats::{self, Stats},
+    sys,
+};
+
+pub struct TraceArgs {
+    pub ifaces: Vec<String>,
+    pub ports: Vec<u16>,
+    pub hosts: Vec<IpAddr>,
+    pub pid: Option<u32>,
+    pub proto: Option<String>,
+    pub netns: Option<PathBuf>,
+    pub duration: Option<Duration>,
+    pub count: Option<u64>,
+    pub json: Option<String>,
+    pub xdp: XdpChoice,
+    pub control: bool,
+    pub timeout: Duration,
+}
+
+/// The per-path tables, as printed live and at the end.
+pub fn tables(stats: &Stats, lost: &std::collections::BTreeMap<packetflow_common::Stage, u64>) -> String {
+    if stats.paths.is_empty() {
+        return "no packet traces yet\n".into();
+    }
+    let mut out = String::new();
+    for (p, ps) in &stats.paths {
+        out.push_str(&format!(
+            "{} path: {} traces ({} complete)\n",
+            p.name(),
+            ps.traces,
+            ps.complete
+        ));
+        out.push_str(&stats::path_table(ps, lost));
+        out.push('\n');
+    }
+    for (k, n) in &stats.other_kinds {
+        out.push_str(&format!("{n} {k} traces (not in the statistics)\n"));
+    }
+    out
+}
+
+pub async fn run(a: TraceArgs) -> Result<()> {
+    run::preflight("trace")?;
+    if let Some(ns) = &a.netns
+        && !ns.exists()
+    {
+        crate::user_bail!("network namespace {} does not exist", ns.display());
+    }
+    // Interfaces: the ones named, `any` for all, or loopback by default.
+    let names: Vec<String> = if a.ifaces.iter().any(|i| i == "any") {
+        sys::in_netns(a.netns.as_deref(), || Ok(sys::interfaces().into_iter().map(|(_, n, _)| n).collect()))?
+    } else if a.ifaces.is_empty() {
+        vec!["lo".into()]
+    } else {
+        a.ifaces.clone()
+    };
+    let mut ifindexes = Vec::new();
+    if !a.ifaces.is_empty() && !a.ifaces.iter().any(|i| i == "any") {
+        for n in &names {
+            let idx = sys::in_netns(a.netns.as_deref(), || Ok(sys::ifindex(n)))?;
+            match idx {
+                Some(i) => ifindexes.push(i),
+                None => crate::user_bail!("unknown interface '{n}'"),
+            }
+        }
+    }
+    let filter = FilterSpec {
+        ports: a.ports.clone(),
+        hosts: a.hosts.clone(),
+        pid: a.pid,
+        proto: a.proto.clone(),
+        ifindexes,
+        control: a.control,
+    };
+    let json_to_stdout = a.json.as_deref() == Some("-");
+    let running = Running::start(RunOptions {
+        filter,
+        interfaces: names.iter().map(|n| (a.netns.clone(), n.clone())).collect(),
+        xdp: a.xdp,
+        json: a.json.clone(),
+        netns_names: a.netns.iter().cloned().collect(),
+        timeout: a.timeout,
+        count: a.count,
+        ..Default::default()
+    })
+    .await?;
+    let live = std::io::stdout().is_terminal() && !json_to_stdout;
+    let say = |s: &str| {
+        if json_to_stdout {
+            eprint!("{s}");
+        } else {
+            print!("{s}");
+        }
+    };
+    for (s, h) in &running.tracer.stages {
+        if let Err(e) = &h.state {
+            say(&format!("stage {} unavailable: {e}\n", s.name()));
+        }
+    }
+    say(&format!("tracing ({}); Ctrl-C to stop\n", describe_filter(&a)));
+    let deadline = a.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let why = loop {
+        tokio::select! {
+            r = run::stop_signal() => break r?,
+            _ = running.shared.count_notify.notified() => break "count reached",
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break "duration over",
+            _ = tick.tick() => {
+                if live {
+                    let stats = running.shared.stats.lock().expect("stats lock").clone();
+                    let lost = running.lost();
+                    let flows = running.shared.flows.load(Ordering::Relaxed);
+                    print!("\x1b[2J\x1b[H{}{} flows tracked, {} records dropped by a slow reader\n",
+                        tables(&stats, &lost), flows, running.shared.overflow_records.load(Ordering::Relaxed));
+                }
+            }
+        }
+    };
+    let f = running.finish().await?;
+    let say = |s: &str| {
+        if json_to_stdout {
+            eprint!("{s}");
+        } else {
+            print!("{s}");
+        }
+    };
+    say(&format!("\nstopped ({why}); final summary:\n"));
+    for p in [PathKind::Loopback, PathKind::Nic] {
+        if !f.stats.paths.contains_key(&p) {
+            say(&format!("{} path: no traces\n", p.name()));
+        }
+    }
+    say(&tables(&f.stats, &f.lost));
+    say(&format!("{}\n", run::loss_line(&f)));
+    Ok(())
+}
+
+fn describe_filter(a: &TraceArgs) -> String {
+    let mut parts = Vec::new();
+    if !a.ports.is_empty() {
+        parts.push(format!("port {}", a.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")));
+    }
+    if !a.hosts.is_empty() {
+        parts.push(format!("host {}", a.hosts.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")));
+    }
+    if let Some(p) = a.pid {
+        parts.push(format!("pid {p}"));
+    }
+    if let Some(p) = &a.proto {
+        parts.push(p.clone());
+    }
+    if parts.is_empty() { "all TCP and UDP".into() } else { parts.join(", ") }
+}

@@ -34,13 +34,14 @@ pub struct Offsets {
     pub sk_v6_daddr: u32,
     pub sk_v6_rcv_saddr: u32,
     pub sk_protocol: u32,
+    /// `sk_buff.cb`: on TCP receive it holds `struct tcp_skb_cb` (seq, end_seq first).
+    pub skb_cb: u32,
     // struct tcp_sock
     pub tcp_write_seq: u32,
     pub tcp_rcv_nxt: u32,
     pub tcp_copied_seq: u32,
     // struct msghdr -> msg_iter.count
     pub msg_iter_count: u32,
-    pub _pad: u32,
 }
 assert_size!(Offsets, 96);
 
@@ -66,11 +67,11 @@ impl Offsets {
         sk_v6_daddr: u32::MAX,
         sk_v6_rcv_saddr: u32::MAX,
         sk_protocol: u32::MAX,
+        skb_cb: u32::MAX,
         tcp_write_seq: u32::MAX,
         tcp_rcv_nxt: u32::MAX,
         tcp_copied_seq: u32::MAX,
         msg_iter_count: u32::MAX,
-        _pad: 0,
     };
 }
 

@@ -205,6 +205,7 @@ impl Btf {
             sk_v6_daddr: o("sock_common", "skc_v6_daddr"),
             sk_v6_rcv_saddr: o("sock_common", "skc_v6_rcv_saddr"),
             sk_protocol: o("sock", "sk_protocol"),
+            skb_cb: o("sk_buff", "cb"),
             tcp_write_seq: o("tcp_sock", "write_seq"),
             tcp_rcv_nxt: o("tcp_sock", "rcv_nxt"),
             tcp_copied_seq: o("tcp_sock", "copied_seq"),
@@ -213,7 +214,6 @@ impl Btf {
             } else {
                 msg_iter + count
             },
-            _pad: 0,
         }
     }
 }

@@ -22,7 +22,7 @@
 //! `max_flows` flows (least recently active evicted first), records older than the
 //! retention dropped. Every eviction is counted.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use packetflow_common::{
     event::{F_END, F_LOOPBACK},
@@ -190,7 +190,61 @@ struct Rec {
     aux: u32,
     aux2: u32,
     flags: u8,
-    used: bool,
+}
+
+/// One stage's records of one flow.
+#[derive(Default)]
+struct Records {
+    /// TCP: in time order (and, for one flow, nearly in sequence order).
+    tcp: VecDeque<Rec>,
+    /// UDP: by (payload key, length, time). A datagram's record leaves when a trace
+    /// uses it, so identical payloads pair one to one, in order.
+    udp: BTreeMap<(u64, u64, u64), Rec>,
+}
+
+impl Records {
+    fn len(&self) -> usize {
+        self.tcp.len() + self.udp.len()
+    }
+
+    /// Inserts `r`; false when the oldest record had to go to make room.
+    fn insert(&mut self, udp: bool, r: Rec) -> bool {
+        if udp {
+            self.udp.insert((r.lo, r.hi, r.ts), r);
+            if self.udp.len() > MAX_EVENTS_PER_STAGE {
+                if let Some(k) = self.udp.iter().min_by_key(|(_, r)| r.ts).map(|(k, _)| *k) {
+                    self.udp.remove(&k);
+                }
+                return false;
+            }
+        } else {
+            let at = self.tcp.iter().rposition(|x| x.ts <= r.ts).map_or(0, |i| i + 1);
+            self.tcp.insert(at, r);
+            if self.tcp.len() > MAX_EVENTS_PER_STAGE {
+                self.tcp.pop_front();
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Drops records older than `keep_from`; returns how many nobody used (TCP: whose
+    /// bytes are not below `until`, the end of the finished traces).
+    fn prune(&mut self, keep_from: u64, until: u64) -> u64 {
+        let mut unmatched = 0;
+        while self.tcp.front().is_some_and(|r| r.ts < keep_from) {
+            let r = self.tcp.pop_front().expect("front exists");
+            if r.lo >= until {
+                unmatched += 1;
+            }
+        }
+        if self.udp.values().any(|r| r.ts < keep_from) {
+            let before = self.udp.len();
+            self.udp.retain(|_, r| r.ts >= keep_from);
+            unmatched += (before - self.udp.len()) as u64;
+        }
+        unmatched
+    }
 }
 
 struct Anchor {
@@ -201,13 +255,15 @@ struct Anchor {
 
 #[derive(Default)]
 struct FlowState {
-    stages: [VecDeque<Rec>; NSTAGES],
+    stages: [Records; NSTAGES],
     pending: VecDeque<Anchor>,
     has_egress: bool,
     /// TCP sequence unwrapping: last raw value and its 64-bit position.
     seq_ref: Option<(u32, u64)>,
     /// Highest anchored TCP end, with the device and time of that anchor.
     max_end: Option<(u64, u32, u64)>,
+    /// TCP: every byte below this belongs to a finished trace.
+    anchored_until: u64,
     last_ts: u64,
 }
 
@@ -247,6 +303,7 @@ pub struct Correlator {
     udp_dst: HashMap<(bool, [u8; 16], u16, u16), Flow>,
     /// UDP receive-side records whose flow is not known yet.
     orphans: VecDeque<Event>,
+    last_prune: u64,
 }
 
 impl Correlator {
@@ -262,6 +319,7 @@ impl Correlator {
             comms: HashMap::new(),
             udp_dst: HashMap::new(),
             orphans: VecDeque::new(),
+            last_prune: 0,
         }
     }
 
@@ -299,11 +357,7 @@ impl Correlator {
             let lo = st.unwrap_seq(ev.seq);
             Rec { lo, hi: lo + ev.len.max(control_len(ev)) as u64, end_only: false, ..rec_base(ev) }
         };
-        let list = &mut st.stages[stage as usize];
-        let at = list.iter().rposition(|r| r.ts <= rec.ts).map_or(0, |i| i + 1);
-        list.insert(at, rec);
-        if list.len() > MAX_EVENTS_PER_STAGE {
-            list.pop_front();
+        if !st.stages[stage as usize].insert(flow.udp, rec) {
             self.stats.records_evicted += 1;
         }
         let kind = match ev.kind() {
@@ -407,6 +461,9 @@ impl Correlator {
                         st.max_end = Some((anchor.rec.hi, anchor.rec.aux, anchor.rec.ts));
                     }
                 }
+                if !flow.udp {
+                    st.anchored_until = st.anchored_until.max(anchor.rec.hi);
+                }
                 trace.comm = trace.pid.and_then(|p| comms.get(&p).cloned().flatten());
                 trace.rx_comm = trace.rx_pid.and_then(|p| comms.get(&p).cloned().flatten());
                 stats.traces += 1;
@@ -425,18 +482,20 @@ impl Correlator {
     }
 
     fn prune(&mut self) {
+        // Old records go at most every 50 ms of watermark progress (and at the end).
+        if self.watermark != u64::MAX && self.watermark < self.last_prune.saturating_add(50_000_000) {
+            return;
+        }
+        self.last_prune = self.watermark;
         let horizon = self.watermark.saturating_sub(self.retention_ns);
         let stats = &mut self.stats;
         self.flows.retain(|_, st| {
             let oldest_pending = st.pending.front().map_or(u64::MAX, |a| a.rec.ts);
             let keep_from = horizon.min(oldest_pending);
+            // A TCP record is accounted for when its bytes belong to finished traces (a
+            // segment of a GSO packet, a read of several packets); a UDP one when used.
             for list in st.stages.iter_mut() {
-                while list.front().is_some_and(|r| r.ts < keep_from) {
-                    let r = list.pop_front().expect("front exists");
-                    if !r.used {
-                        stats.records_unmatched += 1;
-                    }
-                }
+                stats.records_unmatched += list.prune(keep_from, st.anchored_until);
             }
             !(st.pending.is_empty() && st.last_ts < horizon)
         });
@@ -453,7 +512,6 @@ fn rec_base(ev: &Event) -> Rec {
         aux: ev.aux,
         aux2: ev.aux2,
         flags: ev.flags,
-        used: false,
     }
 }
 
@@ -469,11 +527,16 @@ fn promote_ingress_anchors(st: &mut FlowState, wm: u64, timeout: u64) {
     let settle = timeout / 4;
     let list = &st.stages[Stage::NetifReceive as usize];
     let newest_anchor = st.pending.back().map_or(0, |a| a.rec.ts);
-    for r in list.iter() {
-        if r.ts <= newest_anchor || r.ts.saturating_add(settle) >= wm {
-            continue;
-        }
-        st.pending.push_back(Anchor { stage: Stage::NetifReceive, rec: *r, kind: TraceKind::Data });
+    let mut new: Vec<Rec> = list
+        .tcp
+        .iter()
+        .chain(list.udp.values())
+        .filter(|r| r.ts > newest_anchor && r.ts.saturating_add(settle) < wm)
+        .copied()
+        .collect();
+    new.sort_by_key(|r| r.ts);
+    for rec in new {
+        st.pending.push_back(Anchor { stage: Stage::NetifReceive, rec, kind: TraceKind::Data });
     }
 }
 
@@ -495,11 +558,8 @@ fn side(stage: Stage, anchor: Stage) -> Side {
     }
 }
 
-/// Does `r` hold the bytes of `a` that matter at this stage?
-fn covers(udp: bool, stage: Stage, r: &Rec, a: &Rec) -> bool {
-    if udp {
-        return !r.used && r.lo == a.lo && r.hi == a.hi;
-    }
+/// Does TCP record `r` hold the bytes of `a` that matter at this stage?
+fn covers(stage: Stage, r: &Rec, a: &Rec) -> bool {
     if a.hi == a.lo {
         // A control segment: the record of the same sequence number.
         return r.lo == a.lo && r.hi == a.hi;
@@ -516,24 +576,36 @@ fn best(flow: &Flow, st: &FlowState, stage: Stage, anchor: &Anchor) -> Option<Re
     let list = &st.stages[stage as usize];
     let a = &anchor.rec;
     let sd = side(stage, anchor.stage);
-    // Start where the covering record should be, then look around it.
-    let pivot = if flow.udp {
-        list.partition_point(|r| r.ts < a.ts)
-    } else if stage.is_egress() {
-        list.partition_point(|r| r.lo <= a.lo)
+    if flow.udp {
+        // The same datagram: same key and length, the nearest on the allowed side.
+        let before = || list.udp.range((a.lo, a.hi, 0)..=(a.lo, a.hi, a.ts)).next_back().map(|(_, r)| *r);
+        let after = || list.udp.range((a.lo, a.hi, a.ts)..=(a.lo, a.hi, u64::MAX)).next().map(|(_, r)| *r);
+        return match sd {
+            Side::Before => before(),
+            Side::After => after(),
+            Side::Either => match (before(), after()) {
+                (Some(b), Some(f)) => Some(if a.ts - b.ts <= f.ts - a.ts { b } else { f }),
+                (b, f) => b.or(f),
+            },
+        };
+    }
+    // TCP: start where the covering record should be (records are nearly in sequence
+    // order), then look around it.
+    let pivot = if stage.is_egress() {
+        list.tcp.partition_point(|r| r.lo <= a.lo)
     } else {
-        list.partition_point(|r| r.hi < a.hi)
+        list.tcp.partition_point(|r| r.hi < a.hi)
     };
     let from = pivot.saturating_sub(SCAN);
-    let to = (pivot + SCAN).min(list.len());
+    let to = (pivot + SCAN).min(list.tcp.len());
     let mut best: Option<Rec> = None;
-    for r in list.range(from..to) {
+    for r in list.tcp.range(from..to) {
         let ok_side = match sd {
             Side::Before => r.ts <= a.ts,
             Side::After => r.ts >= a.ts,
             Side::Either => true,
         };
-        if !ok_side || !covers(flow.udp, stage, r, a) {
+        if !ok_side || !covers(stage, r, a) {
             continue;
         }
         let better = match (best, sd) {
@@ -629,26 +701,13 @@ fn raw_seq(st: &FlowState, pos: u64) -> u32 {
     }
 }
 
+/// A UDP trace's records leave their stages, so no other datagram can use them.
 fn mark_used(flow: &Flow, st: &mut FlowState, anchor: &Anchor, trace: &Trace) {
     if !flow.udp {
         return;
     }
     for t in &trace.stages {
-        if t.stage == anchor.stage {
-            continue;
-        }
-        let list = &mut st.stages[t.stage as usize];
-        if let Some(r) = list.iter_mut().find(|r| {
-            !r.used && r.ts == t.t_ns && r.lo == anchor.rec.lo && r.hi == anchor.rec.hi
-        }) {
-            r.used = true;
-        }
-    }
-    if let Some(r) = st.stages[anchor.stage as usize]
-        .iter_mut()
-        .find(|r| r.ts == anchor.rec.ts && r.lo == anchor.rec.lo)
-    {
-        r.used = true;
+        st.stages[t.stage as usize].udp.remove(&(anchor.rec.lo, anchor.rec.hi, t.t_ns));
     }
 }
 

@@ -48,7 +48,8 @@ enum Cmd {
     Doctor,
     /// Trace packets live: per-stage latency table, optional NDJSON per packet.
     Trace {
-        /// Attach XDP/TC to this interface (repeatable; `any` = all). Default: lo.
+        /// Attach XDP/TC to this interface (repeatable; IFACE@NETNS for another network
+        /// namespace; `any` = all). Device stages are then limited to these. Default: lo.
         #[arg(short = 'i', long = "interface", value_name = "IFACE")]
         ifaces: Vec<String>,
         /// Only flows with this port on either end (repeatable).

@@ -58,28 +58,34 @@ pub fn tables(stats: &Stats, lost: &std::collections::BTreeMap<packetflow_common
 
 pub async fn run(a: TraceArgs) -> Result<()> {
     run::preflight("trace")?;
-    if let Some(ns) = &a.netns
-        && !ns.exists()
-    {
-        crate::user_bail!("network namespace {} does not exist", ns.display());
-    }
-    // Interfaces: the ones named, `any` for all, or loopback by default.
-    let names: Vec<String> = if a.ifaces.iter().any(|i| i == "any") {
-        sys::in_netns(a.netns.as_deref(), || Ok(sys::interfaces().into_iter().map(|(_, n, _)| n).collect()))?
-    } else if a.ifaces.is_empty() {
-        vec!["lo".into()]
-    } else {
-        a.ifaces.clone()
-    };
+    // Interfaces: the ones named (IFACE, or IFACE@NETNS for another namespace), `any` for
+    // all in the namespace, or loopback by default.
+    let mut interfaces: Vec<(Option<PathBuf>, String)> = Vec::new();
     let mut ifindexes = Vec::new();
-    if !a.ifaces.is_empty() && !a.ifaces.iter().any(|i| i == "any") {
-        for n in &names {
-            let idx = sys::in_netns(a.netns.as_deref(), || Ok(sys::ifindex(n)))?;
-            match idx {
-                Some(i) => ifindexes.push(i),
-                None => crate::user_bail!("unknown interface '{n}'"),
-            }
+    let specs: Vec<String> = if a.ifaces.is_empty() { vec!["lo".into()] } else { a.ifaces.clone() };
+    for spec in &specs {
+        let (name, ns) = match spec.split_once('@') {
+            Some((n, ns)) => (n.to_string(), Some(netns_path(ns))),
+            None => (spec.clone(), a.netns.clone()),
+        };
+        if let Some(p) = &ns
+            && !p.exists()
+        {
+            crate::user_bail!("network namespace {} does not exist", p.display());
         }
+        if name == "any" {
+            let all = sys::in_netns(ns.as_deref(), || Ok(sys::interfaces()))?;
+            interfaces.extend(all.into_iter().map(|(_, n, _)| (ns.clone(), n)));
+            continue;
+        }
+        let Some(idx) = sys::in_netns(ns.as_deref(), || Ok(sys::ifindex(&name)))? else {
+            let where_ = ns.as_ref().map(|p| format!(" in network namespace {}", p.display())).unwrap_or_default();
+            crate::user_bail!("unknown interface '{name}'{where_}");
+        };
+        if !a.ifaces.is_empty() {
+            ifindexes.push(idx);
+        }
+        interfaces.push((ns, name));
     }
     let filter = FilterSpec {
         ports: a.ports.clone(),
@@ -92,10 +98,15 @@ pub async fn run(a: TraceArgs) -> Result<()> {
     let json_to_stdout = a.json.as_deref() == Some("-");
     let running = Running::start(RunOptions {
         filter,
-        interfaces: names.iter().map(|n| (a.netns.clone(), n.clone())).collect(),
+        interfaces,
         xdp: a.xdp,
         json: a.json.clone(),
-        netns_names: a.netns.iter().cloned().collect(),
+        netns_names: a
+            .ifaces
+            .iter()
+            .filter_map(|s| s.split_once('@').map(|(_, ns)| netns_path(ns)))
+            .chain(a.netns.iter().cloned())
+            .collect(),
         timeout: a.timeout,
         count: a.count,
         ..Default::default()
@@ -151,6 +162,11 @@ pub async fn run(a: TraceArgs) -> Result<()> {
     say(&tables(&f.stats, &f.lost));
     say(&format!("{}\n", run::loss_line(&f)));
     Ok(())
+}
+
+/// A namespace given by name (in /run/netns) or by path.
+fn netns_path(s: &str) -> PathBuf {
+    if s.contains('/') { PathBuf::from(s) } else { PathBuf::from("/run/netns").join(s) }
 }
 
 fn describe_filter(a: &TraceArgs) -> String {

@@ -1,1 +1,224 @@
+//! Harness for packetflow's end-to-end tests: the binary under test, root checks, test
+//! hosts, traffic, and reading the NDJSON the tracer writes.
+//!
+//! Every test here loads the real programs into this kernel and sends real packets on
+//! loopback or between test hosts (network namespaces joined by veth, addresses from
+//! 198.18.0.0/15 and fd00::/8). Traffic loops are bounded in count and time.
 
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU16, Ordering},
+    time::{Duration, Instant},
+};
+
+pub use packetflow::netns::{self, TestHosts};
+use serde_json::Value;
+
+/// The `packetflow` binary: `$PACKETFLOW_BIN` (set by `cargo xtask test`), else the one
+/// next to this test executable's directory.
+pub fn bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("PACKETFLOW_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let p = exe.parent().and_then(|d| d.parent()).map(|d| d.join("packetflow")).expect("target dir");
+    assert!(p.exists(), "{} is missing: run `cargo build -p packetflow` first, or use `cargo xtask test`", p.display());
+    p
+}
+
+/// End-to-end tests load eBPF programs: they need root. Failing (not skipping) keeps a
+/// run without privileges from looking green.
+pub fn require_root() {
+    assert!(unsafe { libc::geteuid() } == 0, "end-to-end tests load eBPF programs and must run as root");
+}
+
+static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+
+/// A port no other test in this run uses (the tracer's hooks are global: tests tell
+/// their traffic apart by port).
+pub fn unique_port() -> u16 {
+    // Below the ephemeral range (32768+), so no client socket lands on a test port.
+    let base = 10000 + (std::process::id() % 1000) as u16 * 20;
+    base + NEXT_PORT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// Sends SIGINT and waits (at most `max`) for the exit status.
+    pub fn interrupt(&mut self, max: Duration) -> Option<std::process::ExitStatus> {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        self.wait(max)
+    }
+
+    pub fn wait(&mut self, max: Duration) -> Option<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        while t0.elapsed() < max {
+            if let Ok(Some(st)) = self.0.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+/// `packetflow ARGS` with output captured.
+pub fn packetflow(args: &[&str]) -> std::process::Output {
+    Command::new(bin()).args(args).stdin(Stdio::null()).output().expect("running packetflow")
+}
+
+/// Starts `packetflow trace ARGS --json FILE` and waits until its hooks are attached
+/// (it prints "tracing (" then).
+pub fn start_trace(args: &[&str], json: &std::path::Path) -> Proc {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(bin())
+        .arg("trace")
+        .args(args)
+        .arg("--json")
+        .arg(json)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting packetflow trace");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(out);
+        let mut line = String::new();
+        while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if line.starts_with("tracing (") {
+                let _ = tx.send(());
+            }
+            print!("[trace] {line}");
+            line.clear();
+        }
+    });
+    let p = Proc(child);
+    rx.recv_timeout(Duration::from_secs(30)).expect("packetflow trace did not start within 30 s");
+    p
+}
+
+/// A seed server (`packetflow serve`), inside namespace `ns` when given.
+pub fn serve(ns: Option<&std::path::Path>, bind: &str, port: u16, udp: bool) -> Proc {
+    use std::io::{BufRead, BufReader};
+    let mut cmd = match ns {
+        Some(p) => netns::netns_command(p, bin()),
+        None => Command::new(bin()),
+    };
+    cmd.args(["serve", "--port", &port.to_string(), "--bind", bind]);
+    if udp {
+        cmd.arg("--udp");
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::null()).spawn().expect("starting packetflow serve");
+    let mut r = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    r.read_line(&mut line).expect("server output");
+    assert!(line.starts_with("Server listening"), "server said: {line}");
+    std::thread::spawn(move || std::io::copy(&mut r, &mut std::io::sink()));
+    Proc(child)
+}
+
+/// Runs the seed client to completion (inside `ns` when given); returns its stdout.
+pub fn client(ns: Option<&std::path::Path>, addr: &str, port: u16, count: u64, size: usize, udp: bool) -> String {
+    let mut cmd = match ns {
+        Some(p) => netns::netns_command(p, bin()),
+        None => Command::new(bin()),
+    };
+    cmd.args(["client", addr, "--port", &port.to_string(), "--count", &count.to_string(), "--size", &size.to_string()]);
+    if udp {
+        cmd.arg("--udp");
+    }
+    let out = cmd.stdin(Stdio::null()).output().expect("running packetflow client");
+    assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every JSON line of an NDJSON file.
+pub fn read_ndjson(path: &std::path::Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l}: {e}"))).collect()
+}
+
+/// The `trace` objects of an NDJSON file.
+pub fn traces(lines: &[Value]) -> Vec<&Value> {
+    lines.iter().filter(|v| v["type"] == "trace").collect()
+}
+
+pub fn summary(lines: &[Value]) -> &Value {
+    lines.iter().rev().find(|v| v["type"] == "summary").expect("a summary line")
+}
+
+/// Stage names of a trace, in its (time) order.
+pub fn stage_names(t: &Value) -> Vec<String> {
+    t["stages"].as_array().expect("stages").iter().map(|s| s["stage"].as_str().expect("name").to_string()).collect()
+}
+
+/// A temporary file path unique to this process and `name`.
+pub fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("packetflow-tests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir.join(name)
+}
+
+/// The order in which the kernel passes the stages (see docs/stages.md): tcx egress runs in
+/// __dev_queue_xmit before the net_dev_queue tracepoint; native XDP runs before the stack
+/// (before netif_receive_skb), generic XDP inside it (after the tracepoint).
+pub fn kernel_order(xdp_generic: bool) -> Vec<&'static str> {
+    let mut v = vec!["send_syscall", "sock_send", "tc_egress", "dev_queue", "nic_xmit"];
+    if xdp_generic {
+        v.extend(["netif_receive", "xdp"]);
+    } else {
+        v.extend(["xdp", "netif_receive"]);
+    }
+    v.extend(["tc_ingress", "transport_rcv", "sock_queue", "copy_to_user", "recv_syscall"]);
+    v
+}
+
+/// Checks one trace: timestamps never go backwards in kernel order, and the total is
+/// last minus first.
+pub fn assert_monotonic(t: &Value, xdp_generic: bool) {
+    let order = kernel_order(xdp_generic);
+    let stages = t["stages"].as_array().expect("stages");
+    let time = |name: &str| stages.iter().find(|s| s["stage"] == name).map(|s| s["t_ns"].as_u64().expect("t_ns"));
+    let mut last = 0u64;
+    for name in &order {
+        if let Some(ts) = time(name) {
+            assert!(ts >= last, "{name} at {ts} before the previous stage at {last}: {t}");
+            last = ts;
+        }
+    }
+    let first = stages.first().and_then(|s| s["t_ns"].as_u64()).expect("first");
+    let end = stages.last().and_then(|s| s["t_ns"].as_u64()).expect("last");
+    assert_eq!(t["total_ns"].as_u64(), Some(end - first), "total_ns");
+}
+
+/// Stages the header says this kernel serves.
+pub fn available_stages(lines: &[Value]) -> Vec<String> {
+    let hooks = lines[0]["hooks"].as_object().expect("header hooks");
+    hooks.iter().filter(|(_, h)| h["available"] == true).map(|(s, _)| s.clone()).collect()
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut v = Vec::with_capacity(n + 8);
+    while v.len() < n {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        v.extend(x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}

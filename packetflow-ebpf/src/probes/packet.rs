@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     bindings::{xdp_action::XDP_PASS, TC_ACT_UNSPEC},
-    bindings::bpf_hdr_start_off::BPF_HDR_START_NET,
+    bindings::bpf_hdr_start_off::{BPF_HDR_START_MAC, BPF_HDR_START_NET},
     helpers::generated::{bpf_skb_load_bytes_relative, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
@@ -48,17 +48,29 @@ fn xdp_load(ctx: &XdpContext, off: u32, buf: &mut [u8]) -> bool {
 /// after generic XDP on some devices), the network header does not.
 pub(crate) struct SkbCtxSource {
     pub(crate) skb: *mut core::ffi::c_void,
+    /// BPF_HDR_START_NET, or BPF_HDR_START_MAC for frames with an in-band VLAN tag.
+    pub(crate) hdr: u32,
+    /// Offset of the IP header from `hdr`.
+    pub(crate) base: u32,
     /// An upper bound (skb->len counts from `data`); the IP length fields bound it.
     pub(crate) l3_len: u32,
+}
+
+impl SkbCtxSource {
+    pub(crate) fn net(skb: *mut core::ffi::c_void, l3_len: u32) -> SkbCtxSource {
+        SkbCtxSource { skb, hdr: BPF_HDR_START_NET, base: 0, l3_len }
+    }
+}
+
+#[inline(always)]
+fn skb_load(skb: *mut core::ffi::c_void, hdr: u32, off: u32, buf: &mut [u8]) -> bool {
+    unsafe { bpf_skb_load_bytes_relative(skb, off, buf.as_mut_ptr().cast(), buf.len() as u32, hdr) == 0 }
 }
 
 impl Source for SkbCtxSource {
     #[inline(always)]
     fn read(&self, off: u32, buf: &mut [u8]) -> Result<(), Unparsed> {
-        let r = unsafe {
-            bpf_skb_load_bytes_relative(self.skb, off, buf.as_mut_ptr().cast(), buf.len() as u32, BPF_HDR_START_NET)
-        };
-        if r == 0 { Ok(()) } else { Err(Unparsed::Malformed) }
+        if skb_load(self.skb, self.hdr, self.base + off, buf) { Ok(()) } else { Err(Unparsed::Malformed) }
     }
     #[inline(always)]
     fn l3_len(&self) -> u32 {
@@ -138,12 +150,21 @@ pub fn pf_tc_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn try_tc(ctx: &TcContext, stage: Stage) {
     let proto = u16::from_be(ctx.skb.protocol() as u16);
+    let skb = ctx.skb.skb.cast();
     let ev = if proto == ETH_P_IP || proto == ETH_P_IPV6 {
-        let src = SkbCtxSource { skb: ctx.skb.skb.cast(), l3_len: ctx.len() };
-        counted(&src, PARSED_TC, UNPARSED_TC)
+        counted(&SkbCtxSource::net(skb, ctx.len()), PARSED_TC, UNPARSED_TC)
     } else {
-        count(UNPARSED_TC);
-        None
+        // An in-band VLAN tag (not offloaded): walk the frame from its MAC header.
+        match l2_skip(|off, buf| skb_load(skb, BPF_HDR_START_MAC, off, buf)) {
+            Ok((base, _)) => {
+                let src = SkbCtxSource { skb, hdr: BPF_HDR_START_MAC, base, l3_len: ctx.len() };
+                counted(&src, PARSED_TC, UNPARSED_TC)
+            }
+            Err(_) => {
+                count(UNPARSED_TC);
+                None
+            }
+        }
     };
     if let Some(ev) = ev {
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use packetflow_common::{
     counters::{RECV_SLOT_MISS, SEND_SLOT_MISS, UNPARSED_SKB},
     event::{F_END, RECV_IOV, RECV_MSG},
-    payload_key, Event, Stage,
+    payload_key, Event, Offsets, Stage,
 };
 
 use super::{current, packet::SkbCtxSource as CtxSource};
@@ -97,6 +97,17 @@ fn try_tcp_probe(ctx: &BtfTracePointContext) -> Result<(), ()> {
     }
     if !flow_matches(f, &ev) || !kind_wanted(f, &ev) {
         return Ok(());
+    }
+    // The byte range from TCP's control block: when the stack coalesced segments (in the
+    // socket backlog), the headers describe only the first one.
+    let cb = off!(skb_cb);
+    if cb != Offsets::MISSING && ev.len > 0 {
+        let seq: u32 = read(skb, cb)?;
+        let end_seq: u32 = read(skb, cb + 4)?;
+        let n = end_seq.wrapping_sub(seq);
+        if seq == ev.seq && n > ev.len && n < 1 << 30 {
+            ev.len = n;
+        }
     }
     ev.ts_ns = now();
     emit(&mut ev, Stage::TransportRcv);
@@ -320,7 +331,7 @@ fn try_cg_ingress(ctx: &SkBuffContext) -> Result<(), ()> {
 #[inline(always)]
 fn cg_udp(ctx: &SkBuffContext, ev: &mut Event) -> Result<(), ()> {
     let skb = ctx.skb.skb.cast();
-    let src = CtxSource { skb, l3_len: ctx.len() };
+    let src = CtxSource::net(skb, ctx.len());
     parse_l3(&src, ev).map_err(|_| ())?;
     if !ev.is_udp() {
         return Err(());

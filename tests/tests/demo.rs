@@ -1,0 +1,79 @@
+//! `packetflow demo` over both paths: one trace per request and per response, complete,
+//! on the right interfaces, with timestamps in kernel order. TCP and UDP, IPv4 and IPv6.
+
+use packetflow_tests::*;
+
+const EXCHANGES: usize = 500;
+
+fn run_demo(extra: &[&str]) {
+    require_root();
+    let port = unique_port();
+    let json = tmp(&format!("demo-{port}.json"));
+    let mut args = vec!["demo", "--count", "500", "--port"];
+    let p = port.to_string();
+    args.push(&p);
+    args.extend(["--json", json.to_str().expect("utf-8 path")]);
+    args.extend(extra);
+    let o = packetflow(&args);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "demo failed: {out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("end-to-end"), "{out}");
+    assert!(out.contains("lost 0 events"), "{out}");
+
+    let lines = read_ndjson(&json);
+    let available = available_stages(&lines);
+    assert_eq!(available.len(), 12, "this kernel serves every stage: {available:?}");
+    let traces = traces(&lines);
+    let proto = if extra.contains(&"--udp") { "udp" } else { "tcp" };
+    let family = if extra.contains(&"--ipv6") { "ipv6" } else { "ipv4" };
+    for path in ["loopback", "nic"] {
+        let on: Vec<_> = traces.iter().filter(|t| t["path"] == path).collect();
+        let req = on.iter().filter(|t| t["dport"] == port).count();
+        let resp = on.iter().filter(|t| t["sport"] == port).count();
+        assert_eq!((req, resp), (EXCHANGES, EXCHANGES), "{path}: request and response traces");
+        for t in &on {
+            assert_eq!(t["kind"], "data");
+            assert_eq!(t["proto"], proto);
+            assert_eq!(t["family"], family);
+            assert_eq!(t["complete"], true, "{t}");
+            let mut names = stage_names(t);
+            names.sort();
+            let mut want = available.clone();
+            want.sort();
+            assert_eq!(names, want, "every available stage, once");
+            let ifname = t["ifname"].as_str().expect("ifname");
+            if path == "loopback" {
+                assert_eq!(ifname, "lo");
+                assert_monotonic(t, true);
+            } else {
+                assert!(ifname.starts_with("pfa") || ifname.starts_with("pfb"), "NIC path on the veth: {ifname}");
+                assert_monotonic(t, false);
+            }
+        }
+    }
+    let s = summary(&lines);
+    for (hook, n) in s["lost"].as_object().expect("lost") {
+        assert_eq!(n, 0, "lost at {hook}");
+    }
+    assert_eq!(s["counters"]["reader_overflow_records"], 0);
+}
+
+#[test]
+fn demo_tcp_ipv4() {
+    run_demo(&[]);
+}
+
+#[test]
+fn demo_udp_ipv4() {
+    run_demo(&["--udp"]);
+}
+
+#[test]
+fn demo_tcp_ipv6() {
+    run_demo(&["--ipv6"]);
+}
+
+#[test]
+fn demo_udp_ipv6() {
+    run_demo(&["--udp", "--ipv6"]);
+}

@@ -1,0 +1,116 @@
+//! Truth of the numbers: a veth shaped with tbf to a known rate must show the queueing
+//! delay that rate implies in the dev_queue → nic_xmit stage (within 20%), while the
+//! other stages stay where they were without shaping.
+
+use std::{net::UdpSocket, time::Duration};
+
+use packetflow::sys::in_netns;
+use packetflow_tests::*;
+use serde_json::Value;
+
+const RATE_BYTES_PER_S: f64 = 1_000_000.0; // 8 Mbit/s
+const BURST: f64 = 2000.0;
+const PAYLOAD: usize = 1000;
+const WIRE: f64 = (14 + 20 + 8 + PAYLOAD) as f64; // what tbf charges: the L2 frame
+const PACKETS: usize = 40;
+
+fn t(tr: &Value, stage: &str) -> u64 {
+    tr["stages"].as_array().unwrap().iter().find(|s| s["stage"] == stage).and_then(|s| s["t_ns"].as_u64()).unwrap_or_else(|| panic!("{stage} missing in {tr}"))
+}
+
+/// Sends a burst through the NIC path, traced; returns the burst's traces by send order.
+fn burst(h: &TestHosts, port: u16, name: &str) -> Vec<Value> {
+    let json = tmp(name);
+    let ia = format!("{}@{}", h.veth_a, h.ns_a);
+    let ib = format!("{}@{}", h.veth_b, h.ns_b);
+    let mut tracer = start_trace(&["--port", &port.to_string(), "--proto", "udp", "-i", &ia, "-i", &ib], &json);
+    let rx = in_netns(Some(&h.path_b()), || Ok(UdpSocket::bind((netns::ADDR_B, port))?)).expect("bind");
+    rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let tx = in_netns(Some(&h.path_a()), || Ok(UdpSocket::bind((netns::ADDR_A, 0))?)).expect("bind");
+    // Distinct payloads: datagram i starts with its number.
+    for i in 0..PACKETS {
+        let mut p = pattern(PAYLOAD, i as u64 + 1);
+        p[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        tx.send_to(&p, (netns::ADDR_B, port)).expect("send");
+    }
+    let mut buf = [0u8; 2048];
+    for _ in 0..PACKETS {
+        rx.recv_from(&mut buf).expect("every datagram arrives");
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(tracer.interrupt(Duration::from_secs(10)).expect("stops").success());
+    let lines = read_ndjson(&json);
+    let mut v: Vec<Value> = traces(&lines).into_iter().filter(|t| t["dport"] == port).cloned().collect();
+    assert_eq!(v.len(), PACKETS, "one trace per datagram");
+    v.sort_by_key(|tr| t(tr, "dev_queue"));
+    v
+}
+
+/// Token-bucket departure times for packets entering the qdisc at `enq` (ns).
+fn model(enq: &[u64]) -> Vec<f64> {
+    let mut tokens = BURST;
+    let mut clock = enq[0] as f64;
+    let mut out = Vec::new();
+    for &e in enq {
+        let start = clock.max(e as f64);
+        tokens = (tokens + (start - clock) * RATE_BYTES_PER_S / 1e9).min(BURST);
+        let wait = if tokens >= WIRE { 0.0 } else { (WIRE - tokens) / RATE_BYTES_PER_S * 1e9 };
+        let depart = start + wait;
+        tokens = (tokens + wait * RATE_BYTES_PER_S / 1e9) - WIRE;
+        clock = depart;
+        out.push(depart);
+    }
+    out
+}
+
+fn median(mut v: Vec<u64>) -> u64 {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn stage_medians(trs: &[Value]) -> Vec<(String, u64)> {
+    let names = ["sock_send", "tc_egress", "xdp", "netif_receive", "tc_ingress", "transport_rcv", "sock_queue"];
+    let prev = |s: &str| match s {
+        "sock_send" => "send_syscall",
+        "tc_egress" => "sock_send",
+        "xdp" => "nic_xmit",
+        "netif_receive" => "xdp",
+        "tc_ingress" => "netif_receive",
+        "transport_rcv" => "tc_ingress",
+        _ => "transport_rcv",
+    };
+    names.iter().map(|n| (n.to_string(), median(trs.iter().map(|tr| t(tr, n) - t(tr, prev(n))).collect()))).collect()
+}
+
+#[test]
+fn tbf_queueing_delay_shows_in_nic_xmit_only() {
+    require_root();
+    let h = TestHosts::new("pftbf").expect("test hosts");
+    let base = burst(&h, unique_port(), "tbf-base.json");
+
+    let st = std::process::Command::new("tc")
+        .args(["-n", &h.ns_a, "qdisc", "add", "dev", &h.veth_a, "root", "tbf", "rate", "8mbit", "burst", "2000", "limit", "1000000"])
+        .status()
+        .expect("tc (iproute2)");
+    assert!(st.success(), "adding tbf");
+    let shaped = burst(&h, unique_port(), "tbf-shaped.json");
+
+    let enq: Vec<u64> = shaped.iter().map(|tr| t(tr, "dev_queue")).collect();
+    let dep = model(&enq);
+    let measured: Vec<f64> = shaped.iter().map(|tr| (t(tr, "nic_xmit") - t(tr, "dev_queue")) as f64).collect();
+    let expected: Vec<f64> = dep.iter().zip(&enq).map(|(d, e)| d - *e as f64).collect();
+    let (sm, se): (f64, f64) = (measured.iter().sum(), expected.iter().sum());
+    println!("queueing delay: measured {:.1} ms in total, tbf model {:.1} ms", sm / 1e6, se / 1e6);
+    assert!(se > 10e6, "the burst must queue: model {se}");
+    assert!((sm - se).abs() <= 0.2 * se, "measured {sm} vs expected {se}");
+    for (i, (m, e)) in measured.iter().zip(&expected).enumerate() {
+        if *e > 5e6 {
+            assert!((m - e).abs() <= 0.2 * e, "packet {i}: measured {m} ns, expected {e} ns");
+        }
+    }
+    let (b, s) = (stage_medians(&base), stage_medians(&shaped));
+    for ((name, before), (_, after)) in b.iter().zip(&s) {
+        println!("{name}: {before} ns unshaped, {after} ns shaped");
+        assert!(*after <= before * 3 + 50_000, "{name} moved: {before} ns -> {after} ns");
+    }
+}

@@ -53,6 +53,25 @@ impl Stage {
         Stage::RecvSyscall,
     ];
 
+    /// The order in which the kernel passes the stages, used for every table: tcx egress
+    /// runs in __dev_queue_xmit before the net_dev_queue tracepoint, and native XDP runs
+    /// before the stack (generic XDP runs inside it, after netif_receive_skb: on such an
+    /// interface the `xdp` row is the time since `netif_receive`). See docs/stages.md.
+    pub const KERNEL_ORDER: [Stage; 12] = [
+        Stage::SendSyscall,
+        Stage::SockSend,
+        Stage::TcEgress,
+        Stage::DevQueue,
+        Stage::NicXmit,
+        Stage::Xdp,
+        Stage::NetifReceive,
+        Stage::TcIngress,
+        Stage::TransportRcv,
+        Stage::SockQueue,
+        Stage::CopyToUser,
+        Stage::RecvSyscall,
+    ];
+
     pub const fn name(self) -> &'static str {
         match self {
             Stage::SendSyscall => "send_syscall",

@@ -11,9 +11,10 @@
 //!   returned several segments all attribute correctly.
 //! * UDP records carry a payload key; each record is used by one datagram only.
 //!
-//! Sending-side process stages (`send_syscall`, `sock_send`) must precede the anchor,
-//! receiving-side stages must follow it; `tc_egress` and `nic_xmit` take the nearest
-//! covering record on either side. A trace is finished when every expected stage matched
+//! Every stage sits on a known side of the anchor in kernel order (`tc_egress` before
+//! `dev_queue`, `nic_xmit` and the receive stages after it): the record taken is the
+//! nearest covering one on that side, never one from the other side, which belongs to
+//! another packet. A trace is finished when every expected stage matched
 //! and the readers have delivered everything up to its last timestamp (the watermark), or
 //! when the watermark passes the anchor by the timeout: stages still missing are reported
 //! missing, never guessed.
@@ -549,11 +550,13 @@ enum Side {
 
 fn side(stage: Stage, anchor: Stage) -> Side {
     use Stage::*;
+    // Kernel order (docs/stages.md): tcx egress runs before the net_dev_queue tracepoint,
+    // the driver after it. Native XDP runs before netif_receive_skb, generic XDP after it.
     match (anchor, stage) {
         (_, SendSyscall | SockSend) => Side::Before,
-        (DevQueue, TcEgress | NicXmit) => Side::Either,
-        (NetifReceive, DevQueue | TcEgress | NicXmit | Xdp) => Side::Before,
-        (NetifReceive, TcIngress) => Side::Either,
+        (DevQueue, TcEgress) => Side::Before,
+        (NetifReceive, DevQueue | TcEgress | NicXmit) => Side::Before,
+        (NetifReceive, Xdp) => Side::Either,
         _ => Side::After,
     }
 }

@@ -203,7 +203,7 @@ pub fn side_by_side(f: &Finished, a: &DemoArgs, hosts: Option<&TestHosts>) -> St
         if h.is_empty() { "(first)".into() } else { us(h.value_at_percentile(pct)) }
     };
     let mut rows = Vec::new();
-    for s in Stage::ALL {
+    for s in Stage::KERNEL_ORDER {
         let mut r = vec![s.name().to_string()];
         for p in paths {
             r.push(cell(p, Some(s), 50.0));
@@ -218,7 +218,7 @@ pub fn side_by_side(f: &Finished, a: &DemoArgs, hosts: Option<&TestHosts>) -> St
     }
     rows.push(r);
     let mut out = String::from("Communication analysis (measured): where the time went, per stage\n");
-    out.push_str("(each stage: time since the stage before it in the same packet's trace)\n\n");
+    out.push_str("(each stage: time since the stage before it in the same packet's trace; on lo, XDP runs\n in generic mode after netif_receive, so its row there is the time since netif_receive)\n\n");
     out.push_str(&stats::render(&header, &rows));
     out.push('\n');
     for p in paths {

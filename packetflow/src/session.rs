@@ -161,6 +161,10 @@ impl Readers {
             .name("correlator".into())
             .spawn(move || {
                 let mut corr = Correlator::new(coverage);
+                // Debugging aid: every raw record, one line each (docs/stages.md).
+                let mut dump = std::env::var_os("PACKETFLOW_DUMP_RECORDS")
+                    .and_then(|p| std::fs::File::create(p).ok())
+                    .map(std::io::BufWriter::new);
                 corr.timeout_ns = timeout.as_nanos() as u64;
                 let mut wms = [u64::MAX; RING_SHARDS];
                 for s in &shards {
@@ -183,6 +187,25 @@ impl Readers {
                     match rx.recv_timeout(Duration::from_millis(50)) {
                         Ok(b) => {
                             for e in &b.events {
+                                if let Some(d) = dump.as_mut() {
+                                    use std::io::Write;
+                                    let _ = writeln!(
+                                        d,
+                                        "{} {} cpu{} {}:{}>{}:{} seq={} len={} flags={:#x} aux={} aux2={}",
+                                        e.ts_ns,
+                                        packetflow_common::Stage::from_u8(e.stage).map_or("?", |s| s.name()),
+                                        e.cpu,
+                                        crate::correlate::ip(e.is_v6(), &e.saddr),
+                                        e.sport,
+                                        crate::correlate::ip(e.is_v6(), &e.daddr),
+                                        e.dport,
+                                        e.seq,
+                                        e.len,
+                                        e.flags,
+                                        e.aux,
+                                        e.aux2
+                                    );
+                                }
                                 corr.push(e);
                             }
                             wms[b.shard] = wms[b.shard].max(b.watermark);

@@ -127,7 +127,7 @@ pub fn path_table(p: &PathStats, lost: &BTreeMap<Stage, u64>) -> String {
     header.push("max µs".into());
     header.push("lost".into());
     let mut rows = Vec::new();
-    for s in Stage::ALL {
+    for s in Stage::KERNEL_ORDER {
         let Some(h) = p.stages.get(&s) else { continue };
         let mut r = vec![s.name().to_string()];
         r.extend(row(h));

@@ -189,11 +189,32 @@ fn test(args: &[String]) -> Result<ExitCode> {
     let bin = root().join("target/debug/packetflow");
     // The end-to-end tests share the kernel's global hooks and the machine's two cores:
     // one at a time keeps their numbers honest.
-    let st = cargo()
+    let mut child = cargo()
         .args(["test", "--no-fail-fast"])
         .args(args)
         .args(["--", "--test-threads=1"])
         .env("PACKETFLOW_BIN", &bin)
-        .status()?;
-    Ok(if st.success() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let out = child.stdout.take().context("cargo test stdout")?;
+    let mut totals = [0u64; 3];
+    for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for (i, word) in ["passed", "failed", "ignored"].iter().enumerate() {
+                totals[i] += count_before(rest, word);
+            }
+        }
+    }
+    let st = child.wait()?;
+    // One closing line for the whole suite (cargo prints one per test binary).
+    println!("tests: {} passed, {} failed, {} skipped", totals[0], totals[1], totals[2]);
+    Ok(if st.success() && totals[1] == 0 && totals[0] > 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// The number in front of `word` in "ok. 5 passed; 0 failed; 1 ignored; ...".
+fn count_before(s: &str, word: &str) -> u64 {
+    let words: Vec<&str> = s.split(|c: char| c == ';' || c == '.' || c.is_whitespace()).filter(|w| !w.is_empty()).collect();
+    words.windows(2).find(|w| w[1] == word).and_then(|w| w[0].parse().ok()).unwrap_or(0)
 }

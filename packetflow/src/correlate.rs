@@ -893,6 +893,28 @@ mod tests {
     }
 
     #[test]
+    fn a_sender_interrupted_before_the_device_queue_keeps_its_own_tc_egress() {
+        // Datagram 1 waits 72 µs between tcx egress and the device queue; datagram 2
+        // (same payload) passes tcx egress 36 µs after datagram 1's dev_queue.
+        let mut c = Correlator::new(all_global());
+        let udp = |s, t| {
+            let mut e = ev(s, t, 0xbeef, 18);
+            e.flags |= F_UDP;
+            e
+        };
+        let evs = vec![
+            udp(Stage::TcEgress, 1_000),
+            udp(Stage::DevQueue, 73_000),
+            udp(Stage::TcEgress, 109_000),
+            udp(Stage::DevQueue, 110_000),
+        ];
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].time_of(Stage::TcEgress), Some(1_000));
+        assert_eq!(t[1].time_of(Stage::TcEgress), Some(109_000));
+    }
+
+    #[test]
     fn udp_records_from_a_wildcard_socket_join_their_flow() {
         let mut c = Correlator::new(all_global());
         let mut evs = Vec::new();

@@ -9,7 +9,6 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow};
-use packetflow_common::Stage;
 
 use crate::{
     correlate::PathKind,
@@ -17,7 +16,7 @@ use crate::{
     loader::XdpChoice,
     netns::{self, TestHosts},
     run::{self, Finished, RunOptions, Running},
-    stats::{self, us},
+    stats,
 };
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -34,6 +33,7 @@ pub struct DemoArgs {
     pub udp: bool,
     pub ipv6: bool,
     pub json: Option<String>,
+    pub chrome_trace: Option<String>,
     pub port: u16,
 }
 
@@ -133,6 +133,7 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
         interfaces,
         xdp: XdpChoice::Auto,
         json: a.json.clone(),
+        chrome_trace: a.chrome_trace.clone(),
         netns_names: hosts.iter().flat_map(|h| [h.path_a(), h.path_b()]).collect(),
         ..Default::default()
     })
@@ -183,45 +184,11 @@ fn proto(a: &DemoArgs) -> String {
     format!("{}/{}", if a.udp { "UDP" } else { "TCP" }, if a.ipv6 { "IPv6" } else { "IPv4" })
 }
 
-/// The demo's table: per stage, p50/p99 on each path, then end-to-end and the route.
+/// The demo's table (stats::side_by_side), then the route each path took and the hooks.
 pub fn side_by_side(f: &Finished, a: &DemoArgs, hosts: Option<&TestHosts>) -> String {
-    let paths = [PathKind::Loopback, PathKind::Nic];
-    let mut header = vec!["stage".to_string()];
-    for p in paths {
-        header.push(format!("{} p50 µs", p.name()));
-        header.push(format!("{} p99 µs", p.name()));
-    }
-    let cell = |p: PathKind, s: Option<Stage>, pct: f64| -> String {
-        let Some(ps) = f.stats.paths.get(&p) else { return "-".into() };
-        let h = match s {
-            Some(s) => match ps.stages.get(&s) {
-                Some(h) => h,
-                None => return "missing".into(),
-            },
-            None => &ps.e2e,
-        };
-        if h.is_empty() { "(first)".into() } else { us(h.value_at_percentile(pct)) }
-    };
-    let mut rows = Vec::new();
-    for s in Stage::KERNEL_ORDER {
-        let mut r = vec![s.name().to_string()];
-        for p in paths {
-            r.push(cell(p, Some(s), 50.0));
-            r.push(cell(p, Some(s), 99.0));
-        }
-        rows.push(r);
-    }
-    let mut r = vec!["end-to-end".to_string()];
-    for p in paths {
-        r.push(cell(p, None, 50.0));
-        r.push(cell(p, None, 99.0));
-    }
-    rows.push(r);
-    let mut out = String::from("Communication analysis (measured): where the time went, per stage\n");
-    out.push_str("(each stage: time since the stage before it in the same packet's trace; on lo, XDP runs\n in generic mode after netif_receive, so its row there is the time since netif_receive)\n\n");
-    out.push_str(&stats::render(&header, &rows));
+    let mut out = stats::side_by_side(&f.stats);
     out.push('\n');
-    for p in paths {
+    for p in [PathKind::Loopback, PathKind::Nic] {
         match f.stats.paths.get(&p) {
             Some(ps) => {
                 out.push_str(&format!("{}: {} packet traces, {} complete", p.name(), ps.traces, ps.complete));

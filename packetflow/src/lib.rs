@@ -6,6 +6,8 @@
 //! subcommands (`trace`, `demo`, `doctor`, `seed`) put it together.
 
 pub mod btf;
+pub mod charts;
+pub mod chrome;
 pub mod correlate;
 pub mod demo;
 pub mod doctor;
@@ -15,6 +17,8 @@ pub mod json;
 pub mod loader;
 pub mod names;
 pub mod netns;
+pub mod recording;
+pub mod report;
 pub mod run;
 pub mod seed;
 pub mod session;

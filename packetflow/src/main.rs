@@ -1,7 +1,7 @@
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use packetflow::{demo, doctor, error, loader::XdpChoice, seed, trace};
+use packetflow::{correlate::PathKind, demo, doctor, error, loader::XdpChoice, report, seed, trace};
 
 #[derive(Parser)]
 #[command(name = "packetflow", version, about = "Where a packet's time goes inside Linux: per-stage latency from send syscall to receive syscall, measured with eBPF.")]
@@ -34,6 +34,19 @@ enum PathArg {
     Loopback,
     Nic,
     Both,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OnlyPath {
+    Loopback,
+    Nic,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ByArg {
+    Stage,
+    Flow,
+    Pid,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -75,6 +88,9 @@ enum Cmd {
         /// Write one JSON object per packet trace to FILE (`-` for stdout).
         #[arg(long, value_name = "FILE")]
         json: Option<String>,
+        /// Write a Chrome/Perfetto trace (open in ui.perfetto.dev).
+        #[arg(long, value_name = "OUT.json")]
+        chrome_trace: Option<String>,
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: XdpArg,
         /// Also trace segments without payload (ACK, SYN, FIN, RST) as their own kinds.
@@ -98,8 +114,32 @@ enum Cmd {
         ipv6: bool,
         #[arg(long, value_name = "FILE")]
         json: Option<String>,
+        /// Write a Chrome/Perfetto trace (open in ui.perfetto.dev).
+        #[arg(long, value_name = "OUT.json")]
+        chrome_trace: Option<String>,
         #[arg(long, default_value_t = 8080)]
         port: u16,
+    },
+    /// Read a recording (--json output; `-` for stdin): tables, comparison, pictures.
+    Report {
+        #[arg(value_name = "FILE")]
+        file: String,
+        /// Compare with this recording: p50/p99 per stage, changes beyond noise marked.
+        #[arg(long, value_name = "OTHER")]
+        baseline: Option<String>,
+        #[arg(long, value_enum)]
+        path: Option<OnlyPath>,
+        #[arg(long, value_enum, default_value = "stage")]
+        by: ByArg,
+        /// Write a Chrome/Perfetto trace (open in ui.perfetto.dev).
+        #[arg(long, value_name = "OUT.json")]
+        chrome_trace: Option<String>,
+        /// Write one self-contained HTML page with the tables and charts.
+        #[arg(long, value_name = "OUT.html")]
+        html: Option<String>,
+        /// Write the charts as SVG files into DIR.
+        #[arg(long, value_name = "DIR")]
+        svg: Option<PathBuf>,
     },
     /// The seed server: answers each message with "Hello from server!".
     Serve {
@@ -146,7 +186,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Doctor => runtime()?.block_on(doctor::run()),
-        Cmd::Trace { ifaces, ports, hosts, pid, proto, netns, duration, count, json, xdp_mode, control, timeout_ms } => {
+        Cmd::Trace { ifaces, ports, hosts, pid, proto, netns, duration, count, json, chrome_trace, xdp_mode, control, timeout_ms } => {
             if let Some(d) = duration
                 && !(d > 0.0 && d.is_finite())
             {
@@ -165,12 +205,29 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 duration: duration.map(Duration::from_secs_f64),
                 count,
                 json,
+                chrome_trace,
                 xdp: xdp_mode.into(),
                 control,
                 timeout: Duration::from_millis(timeout_ms.max(1)),
             }))
         }
-        Cmd::Demo { path, count, size, udp, ipv6, json, port } => runtime()?.block_on(demo::run(demo::DemoArgs {
+        Cmd::Report { file, baseline, path, by, chrome_trace, html, svg } => report::run(report::ReportArgs {
+            file,
+            baseline,
+            path: path.map(|p| match p {
+                OnlyPath::Loopback => PathKind::Loopback,
+                OnlyPath::Nic => PathKind::Nic,
+            }),
+            by: match by {
+                ByArg::Stage => report::By::Stage,
+                ByArg::Flow => report::By::Flow,
+                ByArg::Pid => report::By::Pid,
+            },
+            chrome_trace,
+            html,
+            svg,
+        }),
+        Cmd::Demo { path, count, size, udp, ipv6, json, chrome_trace, port } => runtime()?.block_on(demo::run(demo::DemoArgs {
             path: match path {
                 PathArg::Loopback => demo::Which::Loopback,
                 PathArg::Nic => demo::Which::Nic,
@@ -181,6 +238,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             udp,
             ipv6,
             json,
+            chrome_trace,
             port,
         })),
         Cmd::Serve { port, bind, udp, verbose, once, count } => seed::serve(&seed::ServeOpts {

@@ -30,6 +30,8 @@ pub struct RunOptions {
     pub xdp: XdpChoice,
     /// NDJSON output: a path, or "-" for stdout.
     pub json: Option<String>,
+    /// Chrome Trace Event output (Perfetto).
+    pub chrome_trace: Option<String>,
     /// Extra network namespaces whose interface names traces may mention.
     pub netns_names: Vec<PathBuf>,
     pub timeout: Duration,
@@ -45,6 +47,7 @@ impl Default for RunOptions {
             interfaces: vec![(None, "lo".into())],
             xdp: XdpChoice::Auto,
             json: None,
+            chrome_trace: None,
             netns_names: Vec::new(),
             timeout: Duration::from_secs(1),
             count: None,
@@ -130,6 +133,10 @@ impl Running {
             let mut sink = JsonSink::new(out, names, available);
             sink.line(&json::header(&tracer, serde_json::to_value(&filter)?));
             sinks.push(Box::new(sink));
+        }
+        if let Some(path) = &o.chrome_trace {
+            let f = std::fs::File::create(path).map_err(|e| crate::error::user(format!("cannot write {path}: {e}")))?;
+            sinks.push(Box::new(crate::chrome::ChromeTrace::new(Box::new(std::io::BufWriter::new(f)))));
         }
         let corr = readers.start_correlator(tracer.coverage(), o.timeout, o.count, sinks);
         let shared = readers.shared.clone();

@@ -90,7 +90,7 @@ pub fn row(h: &Histogram<u64>) -> Vec<String> {
 }
 
 fn numeric(c: &str) -> bool {
-    c == "-" || c.parse::<f64>().is_ok()
+    matches!(c, "-" | "(first)" | "missing") || c.parse::<f64>().is_ok()
 }
 
 /// Renders rows as an aligned text table: numbers right-aligned, text left-aligned.
@@ -139,6 +139,47 @@ pub fn path_table(p: &PathStats, lost: &BTreeMap<Stage, u64>) -> String {
     r.push(String::new());
     rows.push(r);
     render(&header, &rows)
+}
+
+/// Per stage, p50 and p99 on each path side by side, then end-to-end: the demo's table,
+/// and `report`'s first table.
+pub fn side_by_side(stats: &Stats) -> String {
+    let paths = [PathKind::Loopback, PathKind::Nic];
+    let mut header = vec!["stage".to_string()];
+    for p in paths {
+        header.push(format!("{} p50 µs", p.name()));
+        header.push(format!("{} p99 µs", p.name()));
+    }
+    let cell = |p: PathKind, s: Option<Stage>, pct: f64| -> String {
+        let Some(ps) = stats.paths.get(&p) else { return "-".into() };
+        let h = match s {
+            Some(s) => match ps.stages.get(&s) {
+                Some(h) => h,
+                None => return "missing".into(),
+            },
+            None => &ps.e2e,
+        };
+        if h.is_empty() { "(first)".into() } else { us(h.value_at_percentile(pct)) }
+    };
+    let mut rows = Vec::new();
+    for s in Stage::KERNEL_ORDER {
+        let mut r = vec![s.name().to_string()];
+        for p in paths {
+            r.push(cell(p, Some(s), 50.0));
+            r.push(cell(p, Some(s), 99.0));
+        }
+        rows.push(r);
+    }
+    let mut r = vec!["end-to-end".to_string()];
+    for p in paths {
+        r.push(cell(p, None, 50.0));
+        r.push(cell(p, None, 99.0));
+    }
+    rows.push(r);
+    let mut out = String::from("Communication analysis (measured): where the time went, per stage\n");
+    out.push_str("(each stage: time since the stage before it in the same packet's trace; on lo, XDP runs\n in generic mode after netif_receive, so its row there is the time since netif_receive)\n\n");
+    out.push_str(&render(&header, &rows));
+    out
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ pub struct TraceArgs {
     pub duration: Option<Duration>,
     pub count: Option<u64>,
     pub json: Option<String>,
+    pub chrome_trace: Option<String>,
     pub xdp: XdpChoice,
     pub control: bool,
     pub timeout: Duration,
@@ -101,6 +102,7 @@ pub async fn run(a: TraceArgs) -> Result<()> {
         interfaces,
         xdp: a.xdp,
         json: a.json.clone(),
+        chrome_trace: a.chrome_trace.clone(),
         netns_names: a
             .ifaces
             .iter()

@@ -5,6 +5,7 @@
 //!   fast when everything is there; `demo` and `test` run it first.
 //! * `demo [ARGS]` — build, then `packetflow demo ARGS` (the README's main job).
 //! * `test [ARGS]` — build, then the whole test suite (the README's test command).
+//! * `fuzz [SECONDS]` — every cargo-fuzz target under fuzz/ (cargo-fuzz installed on demand).
 
 use std::{
     path::{Path, PathBuf},
@@ -14,7 +15,13 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 /// Debian packages the tests (and benchmarks) use, by the command each provides.
-const PACKAGES: &[(&str, &str)] = &[("ip", "iproute2"), ("tc", "iproute2")];
+const PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("ping", "iputils-ping"),
+    ("setpriv", "util-linux"),
+    ("chromium", "chromium"),
+];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -26,8 +33,9 @@ fn main() -> ExitCode {
         "setup" => setup(),
         "demo" => demo(&rest),
         "test" => test(&rest),
+        "fuzz" => fuzz(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|demo [ARGS]|test [ARGS]>");
+            eprintln!("usage: cargo xtask <setup|demo [ARGS]|test [ARGS]|fuzz [SECONDS]>");
             return ExitCode::from(2);
         }
     };
@@ -211,6 +219,28 @@ fn test(args: &[String]) -> Result<ExitCode> {
     // One closing line for the whole suite (cargo prints one per test binary).
     println!("tests: {} passed, {} failed, {} skipped", totals[0], totals[1], totals[2]);
     Ok(if st.success() && totals[1] == 0 && totals[0] > 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Every cargo-fuzz target under fuzz/, each for SECONDS (default 60). Fails on a crash.
+fn fuzz(args: &[String]) -> Result<ExitCode> {
+    nightly()?;
+    let secs: u64 = match args.first() {
+        Some(s) => s.parse().with_context(|| format!("'{s}' is not a number of seconds"))?,
+        None => 60,
+    };
+    if Command::new("cargo").args(["fuzz", "--version"]).output().map_or(true, |o| !o.status.success()) {
+        run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let list = output(Command::new("cargo").args(["+nightly", "fuzz", "list"]).current_dir(root()))?;
+    for target in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        eprintln!("fuzzing {target} for {secs} s");
+        // The fuzzed code never loads eBPF: skip building the programs.
+        run(Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", target, "--", &format!("-max_total_time={secs}")])
+            .current_dir(root())
+            .env("PACKETFLOW_SKIP_EBPF", "1"))?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The number in front of `word` in "ok. 5 passed; 0 failed; 1 ignored; ...".

@@ -1,0 +1,309 @@
+//! Reading recordings (the NDJSON packetflow writes) back, one line at a time.
+//!
+//! Memory does not grow with the file: lines are read and handed on one by one. What the
+//! reader does with damaged input (docs/trace-format.md, "Reading"):
+//!
+//! * empty input, no header on line 1, or a header of another schema version: refused
+//!   with one sentence (a newer packetflow reads older versions; this one reads version 1);
+//! * a line that is not valid JSON, or a trace missing a required field: skipped, counted,
+//!   and reported with its line number;
+//! * a last line cut short (no newline at the end, not valid JSON): skipped and reported
+//!   as truncated;
+//! * fields this version does not know: ignored (a newer writer may add fields without a
+//!   version bump); lines of an unknown `type`: skipped and counted.
+
+use std::{
+    io::{BufRead, Read},
+    net::IpAddr,
+};
+
+use anyhow::Result;
+use packetflow_common::Stage;
+use serde::Deserialize;
+
+use crate::{
+    correlate::{Flow, PathKind, StageTime, Trace, TraceKind},
+    error::user,
+    json::SCHEMA_VERSION,
+};
+
+#[derive(Deserialize)]
+pub struct StageRec {
+    pub stage: String,
+    pub t_ns: u64,
+    #[serde(default)]
+    pub cpu: u16,
+}
+
+/// A `trace` line. Unknown fields are ignored.
+#[derive(Deserialize)]
+pub struct TraceRec {
+    pub kind: String,
+    pub proto: String,
+    pub family: String,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub seq: u32,
+    pub len: u32,
+    pub path: String,
+    #[serde(default)]
+    pub ifname: String,
+    #[serde(default)]
+    pub ifindex: u32,
+    #[serde(default)]
+    pub pid: Option<u32>,
+    #[serde(default)]
+    pub comm: Option<String>,
+    #[serde(default)]
+    pub rx_pid: Option<u32>,
+    #[serde(default)]
+    pub rx_comm: Option<String>,
+    pub complete: bool,
+    pub stages: Vec<StageRec>,
+}
+
+impl TraceRec {
+    /// The trace as the live pipeline had it (for identical statistics).
+    pub fn to_trace(&self) -> Result<Trace, String> {
+        let kind = match self.kind.as_str() {
+            "data" => TraceKind::Data,
+            "retrans" => TraceKind::Retrans,
+            "ack" => TraceKind::Control(packetflow_common::Kind::Ack),
+            "syn" => TraceKind::Control(packetflow_common::Kind::Syn),
+            "fin" => TraceKind::Control(packetflow_common::Kind::Fin),
+            "rst" => TraceKind::Control(packetflow_common::Kind::Rst),
+            k => return Err(format!("unknown kind '{k}'")),
+        };
+        let path = match self.path.as_str() {
+            "loopback" => PathKind::Loopback,
+            "nic" => PathKind::Nic,
+            p => return Err(format!("unknown path '{p}'")),
+        };
+        let addr = |a: &IpAddr| -> [u8; 16] {
+            match a {
+                IpAddr::V4(v4) => {
+                    let mut b = [0u8; 16];
+                    b[..4].copy_from_slice(&v4.octets());
+                    b
+                }
+                IpAddr::V6(v6) => v6.octets(),
+            }
+        };
+        let mut stages = Vec::with_capacity(self.stages.len());
+        for s in &self.stages {
+            let stage = Stage::from_name(&s.stage).ok_or_else(|| format!("unknown stage '{}'", s.stage))?;
+            stages.push(StageTime { stage, t_ns: s.t_ns, cpu: s.cpu });
+        }
+        if stages.windows(2).any(|w| w[1].t_ns < w[0].t_ns) {
+            return Err("stages are not in time order".into());
+        }
+        Ok(Trace {
+            kind,
+            flow: Flow {
+                v6: self.family == "ipv6",
+                udp: self.proto == "udp",
+                src: addr(&self.src),
+                dst: addr(&self.dst),
+                sport: self.sport,
+                dport: self.dport,
+            },
+            seq: self.seq,
+            len: self.len,
+            path,
+            ifindex: self.ifindex,
+            netns: 0,
+            rx_ifindex: None,
+            pid: self.pid,
+            tid: None,
+            rx_pid: self.rx_pid,
+            rx_tid: None,
+            comm: self.comm.clone(),
+            rx_comm: self.rx_comm.clone(),
+            stages,
+            complete: self.complete,
+        })
+    }
+}
+
+pub enum Line {
+    Trace(Box<Trace>),
+    Summary(serde_json::Value),
+}
+
+/// Problems met and survived while reading.
+#[derive(Default, Debug)]
+pub struct ReadNotes {
+    pub lines: u64,
+    pub skipped: u64,
+    pub unknown_type: u64,
+    pub truncated_last: bool,
+    /// The first few problems, "line N: what" (all are counted).
+    pub warnings: Vec<String>,
+}
+
+impl ReadNotes {
+    fn warn(&mut self, msg: String) {
+        if self.warnings.len() < 10 {
+            self.warnings.push(msg);
+        }
+    }
+}
+
+/// Streams a recording. `name` is used in messages ("trace.ndjson", "stdin").
+pub struct Reader<R: BufRead> {
+    r: R,
+    name: String,
+    buf: Vec<u8>,
+    pub header: serde_json::Value,
+    pub notes: ReadNotes,
+    /// Bytes read so far (for progress).
+    pub bytes: u64,
+}
+
+impl<R: BufRead> Reader<R> {
+    /// Reads and checks the header line.
+    pub fn new(mut r: R, name: &str) -> Result<Reader<R>> {
+        let mut buf = Vec::new();
+        let n = r.by_ref().take(1 << 24).read_until(b'\n', &mut buf)?;
+        if n == 0 {
+            return Err(user(format!("{name} is empty: not a packetflow recording")));
+        }
+        let header: serde_json::Value = serde_json::from_slice(&buf)
+            .map_err(|_| user(format!("{name}, line 1: not a packetflow recording (the first line is not a JSON header)")))?;
+        if header.get("type").and_then(|t| t.as_str()) != Some("header") {
+            return Err(user(format!("{name}, line 1: not a packetflow recording (no header line)")));
+        }
+        let v = header.get("v").and_then(|v| v.as_u64()).unwrap_or(0);
+        if v != SCHEMA_VERSION as u64 {
+            let hint = if v > SCHEMA_VERSION as u64 { "upgrade packetflow to read it" } else { "it cannot be read" };
+            return Err(user(format!(
+                "{name} is a schema version {v} recording; this packetflow reads version {SCHEMA_VERSION} ({hint})"
+            )));
+        }
+        let bytes = n as u64;
+        Ok(Reader { r, name: name.to_string(), buf, header, notes: ReadNotes { lines: 1, ..Default::default() }, bytes })
+    }
+
+    /// The next trace or summary; `None` at the end. Damaged lines are skipped (and noted).
+    pub fn next_line(&mut self) -> Result<Option<Line>> {
+        loop {
+            self.buf.clear();
+            // A line longer than 16 MiB is not a packetflow line: cut it and skip it.
+            let n = self.r.by_ref().take(1 << 24).read_until(b'\n', &mut self.buf)?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.bytes += n as u64;
+            self.notes.lines += 1;
+            let no = self.notes.lines;
+            let complete_line = self.buf.last() == Some(&b'\n');
+            let text = trim(&self.buf);
+            if text.is_empty() {
+                continue;
+            }
+            let v: serde_json::Value = match serde_json::from_slice(text) {
+                Ok(v) => v,
+                Err(_) if !complete_line => {
+                    self.notes.truncated_last = true;
+                    self.notes.skipped += 1;
+                    self.notes.warn(format!("{}, line {no}: truncated last line (the recording was cut short), skipped", self.name));
+                    continue;
+                }
+                Err(e) => {
+                    self.notes.skipped += 1;
+                    self.notes.warn(format!("{}, line {no}: not valid JSON ({e}), skipped", self.name));
+                    continue;
+                }
+            };
+            match v.get("type").and_then(|t| t.as_str()) {
+                Some("trace") => match serde_json::from_value::<TraceRec>(v).map_err(|e| e.to_string()).and_then(|t| t.to_trace()) {
+                    Ok(t) => return Ok(Some(Line::Trace(Box::new(t)))),
+                    Err(e) => {
+                        self.notes.skipped += 1;
+                        self.notes.warn(format!("{}, line {no}: not a valid trace ({e}), skipped", self.name));
+                    }
+                },
+                Some("summary") => return Ok(Some(Line::Summary(v))),
+                Some("header") => {
+                    self.notes.skipped += 1;
+                    self.notes.warn(format!("{}, line {no}: a second header (two recordings joined?), skipped", self.name));
+                }
+                _ => {
+                    self.notes.unknown_type += 1;
+                    self.notes.warn(format!("{}, line {no}: unknown line type, skipped", self.name));
+                }
+            }
+        }
+    }
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |i| i + 1);
+    &b[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = r#"{"type":"header","v":1,"packetflow":"0.1.0"}"#;
+    const TRACE: &str = r#"{"type":"trace","v":1,"kind":"data","proto":"tcp","family":"ipv4","src":"127.0.0.1","sport":1,"dst":"127.0.0.1","dport":2,"seq":5,"len":10,"path":"loopback","ifname":"lo","complete":true,"stages":[{"stage":"dev_queue","t_ns":10,"cpu":0},{"stage":"netif_receive","t_ns":20,"cpu":1}],"total_ns":10}"#;
+
+    fn read_all(input: &str) -> Result<(usize, ReadNotes)> {
+        let mut r = Reader::new(input.as_bytes(), "test")?;
+        let mut n = 0;
+        while let Some(l) = r.next_line()? {
+            if matches!(l, Line::Trace(_)) {
+                n += 1;
+            }
+        }
+        Ok((n, r.notes))
+    }
+
+    #[test]
+    fn reads_a_recording() {
+        let (n, notes) = read_all(&format!("{HEADER}\n{TRACE}\n{TRACE}\n")).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(notes.skipped, 0);
+    }
+
+    #[test]
+    fn refuses_empty_headerless_and_other_versions() {
+        let e = read_all("").unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+        let e = read_all(&format!("{TRACE}\n")).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("no header"), "{e}");
+        let e = read_all("garbage\n").unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+        let e = read_all(&HEADER.replace("\"v\":1", "\"v\":2")).unwrap_err().to_string();
+        assert!(e.contains("version 2") && e.contains("upgrade"), "{e}");
+    }
+
+    #[test]
+    fn skips_and_counts_damage_with_line_numbers() {
+        let cut = &TRACE[..40];
+        let input = format!("{HEADER}\n{TRACE}\nnot json\n{}\n{TRACE}\n{cut}", TRACE.replace("\"len\":10", "\"len\":10,\"future_field\":[1,2]"));
+        let (n, notes) = read_all(&input).unwrap();
+        assert_eq!(n, 3, "the unknown field is ignored, not fatal");
+        assert_eq!(notes.skipped, 2);
+        assert!(notes.truncated_last);
+        assert!(notes.warnings[0].contains("line 3"), "{:?}", notes.warnings);
+        assert!(notes.warnings[1].contains("line 6") && notes.warnings[1].contains("truncated"), "{:?}", notes.warnings);
+    }
+
+    #[test]
+    fn rejects_impossible_traces_without_panicking() {
+        for bad in [
+            TRACE.replace("dev_queue", "warp_drive"),
+            TRACE.replace("\"t_ns\":20", "\"t_ns\":5"),
+            TRACE.replace("127.0.0.1", "nope"),
+            TRACE.replace("\"sport\":1", "\"sport\":70000"),
+        ] {
+            let (n, notes) = read_all(&format!("{HEADER}\n{bad}\n")).unwrap();
+            assert_eq!((n, notes.skipped), (0, 1), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! `packetflow report`: the tables of a recording, computed from the file alone; a
+//! comparison with a baseline recording; Chrome/Perfetto, HTML and SVG output.
+//!
+//! Reading streams: memory holds the statistics (bounded) and one line at a time, never
+//! the file. On a terminal, progress goes to stderr.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{BufReader, IsTerminal, Read, Write},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use packetflow_common::Stage;
+
+use crate::{
+    charts::{self, Gathered},
+    chrome::ChromeTrace,
+    correlate::{Flow, PathKind, Trace},
+    error::user,
+    recording::{Line, ReadNotes, Reader},
+    session::Sink,
+    stats::{self, Stats, us},
+    trace::tables,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum By {
+    Stage,
+    Flow,
+    Pid,
+}
+
+pub struct ReportArgs {
+    pub file: String,
+    pub baseline: Option<String>,
+    pub path: Option<PathKind>,
+    pub by: By,
+    pub chrome_trace: Option<String>,
+    pub html: Option<String>,
+    pub svg: Option<PathBuf>,
+}
+
+/// Groups for `--by flow|pid` (bounded: past the limit, new groups fall into "other").
+struct Groups {
+    by: By,
+    map: BTreeMap<String, Histogram<u64>>,
+}
+
+const MAX_GROUPS: usize = 10_000;
+
+impl Groups {
+    fn add(&mut self, t: &Trace) {
+        if t.kind != crate::correlate::TraceKind::Data {
+            return;
+        }
+        let key = match self.by {
+            By::Stage => return,
+            By::Flow => flow_name(&t.flow, t.path),
+            By::Pid => match (t.pid, &t.comm) {
+                (Some(p), Some(c)) => format!("{p} {c}"),
+                (Some(p), None) => p.to_string(),
+                _ => "(no sender process)".into(),
+            },
+        };
+        let key = if self.map.len() >= MAX_GROUPS && !self.map.contains_key(&key) { "(other)".to_string() } else { key };
+        let h = self.map.entry(key).or_insert_with(|| Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("bounds"));
+        h.saturating_record(charts::end_to_end(t).max(1));
+    }
+
+    fn table(&self) -> String {
+        let title = if self.by == By::Flow { "flow" } else { "sender (pid comm)" };
+        let mut header = vec![title.to_string(), "count".into()];
+        header.extend(stats::PERCENTILES.iter().map(|(_, n)| format!("{n} µs")));
+        header.push("max µs".into());
+        let mut rows: Vec<(u64, Vec<String>)> = self
+            .map
+            .iter()
+            .map(|(k, h)| {
+                let mut r = vec![k.clone()];
+                r.extend(stats::row(h));
+                (h.len(), r)
+            })
+            .collect();
+        rows.sort_by(|a, b| b.0.cmp(&a.0).then(a.1[0].cmp(&b.1[0])));
+        let rows: Vec<Vec<String>> = rows.into_iter().map(|(_, r)| r).collect();
+        format!("end-to-end latency by {}\n{}", if self.by == By::Flow { "flow" } else { "sender" }, stats::render(&header, &rows))
+    }
+}
+
+fn flow_name(f: &Flow, p: PathKind) -> String {
+    format!(
+        "{} {}:{} > {}:{} ({})",
+        if f.udp { "udp" } else { "tcp" },
+        f.src_ip(),
+        f.sport,
+        f.dst_ip(),
+        f.dport,
+        p.name()
+    )
+}
+
+/// A reader that counts bytes and shows progress on a terminal.
+struct Progress<R> {
+    inner: R,
+    read: u64,
+    total: Option<u64>,
+    name: String,
+    last: Instant,
+    show: bool,
+}
+
+impl<R: Read> Read for Progress<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.show && self.last.elapsed() > Duration::from_millis(250) {
+            self.last = Instant::now();
+            let mb = self.read as f64 / 1e6;
+            match self.total {
+                Some(t) if t > 0 => eprint!("\rreading {}: {:.0}% ({mb:.0} of {:.0} MB)", self.name, self.read as f64 * 100.0 / t as f64, t as f64 / 1e6),
+                _ => eprint!("\rreading {}: {mb:.0} MB", self.name),
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// What one pass over a recording leaves.
+pub struct Read1 {
+    pub gathered: Gathered,
+    pub notes: ReadNotes,
+    pub lost: BTreeMap<Stage, u64>,
+    pub header: serde_json::Value,
+    groups: Groups,
+}
+
+fn open(name: &str) -> Result<(Box<dyn Read>, Option<u64>)> {
+    if name == "-" {
+        return Ok((Box::new(std::io::stdin().lock()), None));
+    }
+    let f = File::open(name).map_err(|e| user(format!("cannot read {name}: {e}")))?;
+    let len = f.metadata().ok().map(|m| m.len());
+    Ok((Box::new(f), len))
+}
+
+/// Streams `name` through the statistics (and `sink`, when given).
+pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dyn Sink>) -> Result<Read1> {
+    let (inner, total) = open(name)?;
+    let show = std::io::stderr().is_terminal();
+    let shown = if name == "-" { "stdin" } else { name };
+    let progress = Progress { inner, read: 0, total, name: shown.to_string(), last: Instant::now(), show };
+    let mut reader = Reader::new(BufReader::with_capacity(1 << 20, progress), shown)?;
+    let mut gathered = Gathered::default();
+    let mut groups = Groups { by, map: BTreeMap::new() };
+    let mut lost = BTreeMap::new();
+    while let Some(line) = reader.next_line()? {
+        match line {
+            Line::Trace(t) => {
+                if only.is_some_and(|p| p != t.path) {
+                    continue;
+                }
+                gathered.add(&t);
+                groups.add(&t);
+                if let Some(s) = sink.as_deref_mut() {
+                    s.trace(&t);
+                }
+            }
+            Line::Summary(v) => {
+                if let Some(l) = v.get("lost").and_then(|l| l.as_object()) {
+                    for (k, n) in l {
+                        if let (Some(s), Some(n)) = (Stage::from_name(k), n.as_u64()) {
+                            lost.insert(s, n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if show {
+        eprint!("\r\x1b[K");
+    }
+    Ok(Read1 { gathered, notes: std::mem::take(&mut reader.notes), lost, header: reader.header.clone(), groups })
+}
+
+fn report_notes(n: &ReadNotes) {
+    for w in &n.warnings {
+        eprintln!("warning: {w}");
+    }
+    if n.skipped + n.unknown_type > n.warnings.len() as u64 {
+        eprintln!("warning: {} lines skipped in all", n.skipped + n.unknown_type);
+    }
+}
+
+/// The quantile's 95% interval from the histogram (rank ± 1.96 sd of a binomial).
+fn interval(h: &Histogram<u64>, q: f64) -> (u64, u64) {
+    let n = h.len() as f64;
+    let sd = (n * q * (1.0 - q)).sqrt();
+    let lo = ((n * q - 1.96 * sd) / n).clamp(0.0, 1.0);
+    let hi = ((n * q + 1.96 * sd) / n).clamp(0.0, 1.0);
+    (h.value_at_quantile(lo), h.value_at_quantile(hi))
+}
+
+/// "slower"/"faster" when the change is beyond noise: the 95% intervals of the quantile
+/// do not overlap and the medians differ by more than 5%.
+pub fn verdict(base: &Histogram<u64>, new: &Histogram<u64>, q: f64) -> &'static str {
+    if base.len() < 20 || new.len() < 20 {
+        return "";
+    }
+    let (b, n) = (base.value_at_quantile(q) as f64, new.value_at_quantile(q) as f64);
+    let (bl, bh) = interval(base, q);
+    let (nl, nh) = interval(new, q);
+    let apart = nl > bh || nh < bl;
+    if !apart || (n - b).abs() <= 0.05 * b {
+        ""
+    } else if n > b {
+        "slower"
+    } else {
+        "faster"
+    }
+}
+
+fn change(b: u64, n: u64) -> String {
+    if b == 0 {
+        return "-".into();
+    }
+    format!("{:+.1}%", (n as f64 - b as f64) * 100.0 / b as f64)
+}
+
+/// Per path present in both: per stage p50 and p99, baseline vs this, change, verdict.
+pub fn compare(base: &Stats, new: &Stats) -> String {
+    let mut out = String::new();
+    for (p, np) in &new.paths {
+        let Some(bp) = base.paths.get(p) else {
+            out.push_str(&format!("{} path: not in the baseline\n", p.name()));
+            continue;
+        };
+        out.push_str(&format!("{} path: baseline {} traces, this {} traces\n", p.name(), bp.traces, np.traces));
+        let header: Vec<String> = ["stage", "base p50 µs", "p50 µs", "change", "", "base p99 µs", "p99 µs", "change", ""]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut rows = Vec::new();
+        let mut row = |name: &str, b: &Histogram<u64>, n: &Histogram<u64>| {
+            if b.is_empty() || n.is_empty() {
+                return;
+            }
+            let (b50, n50, b99, n99) =
+                (b.value_at_quantile(0.5), n.value_at_quantile(0.5), b.value_at_quantile(0.99), n.value_at_quantile(0.99));
+            rows.push(vec![
+                name.to_string(),
+                us(b50),
+                us(n50),
+                change(b50, n50),
+                verdict(b, n, 0.5).into(),
+                us(b99),
+                us(n99),
+                change(b99, n99),
+                verdict(b, n, 0.99).into(),
+            ]);
+        };
+        for s in Stage::KERNEL_ORDER {
+            if let (Some(b), Some(n)) = (bp.stages.get(&s), np.stages.get(&s)) {
+                row(s.name(), b, n);
+            }
+        }
+        row("end-to-end", &bp.e2e, &np.e2e);
+        out.push_str(&stats::render(&header, &rows));
+        out.push('\n');
+    }
+    out.push_str("(a change is marked when the 95% intervals of the percentile do not overlap and it exceeds 5%)\n");
+    out
+}
+
+pub fn run(a: ReportArgs) -> Result<()> {
+    let mut chrome = match &a.chrome_trace {
+        Some(p) => Some(ChromeTrace::new(Box::new(std::io::BufWriter::new(
+            File::create(p).map_err(|e| user(format!("cannot write {p}: {e}")))?,
+        )))),
+        None => None,
+    };
+    let r = read(&a.file, a.path, a.by, chrome.as_mut().map(|c| c as &mut dyn Sink))?;
+    report_notes(&r.notes);
+    if let Some(c) = chrome.as_mut() {
+        c.finish(&serde_json::Value::Null);
+        if c.errors > 0 {
+            return Err(user(format!("writing {} failed", a.chrome_trace.as_deref().unwrap_or(""))));
+        }
+    }
+    let stats = &r.gathered.stats;
+    let mut text = String::new();
+    match a.by {
+        By::Stage => {
+            if stats.paths.is_empty() {
+                text.push_str("no data-packet traces in the recording\n");
+            } else {
+                text.push_str(&stats::side_by_side(stats));
+                text.push('\n');
+                text.push_str(&tables(stats, &r.lost));
+            }
+        }
+        By::Flow | By::Pid => text.push_str(&r.groups.table()),
+    }
+    print!("{text}");
+    if let Some(b) = &a.baseline {
+        let base = read(b, a.path, By::Stage, None)?;
+        report_notes(&base.notes);
+        println!("\ncompared with the baseline {b}:");
+        print!("{}", compare(&base.gathered.stats, stats));
+    }
+    if let Some(dir) = &a.svg {
+        std::fs::create_dir_all(dir).map_err(|e| user(format!("cannot create {}: {e}", dir.display())))?;
+        for (name, svg) in charts::all(&r.gathered) {
+            let p = dir.join(format!("{name}.svg"));
+            std::fs::write(&p, svg).map_err(|e| user(format!("cannot write {}: {e}", p.display())))?;
+        }
+    }
+    if let Some(p) = &a.html {
+        let title = format!("packetflow report: {}", if a.file == "-" { "stdin" } else { &a.file });
+        let page = charts::html(&r.gathered, &title, &text);
+        let mut f = File::create(p).map_err(|e| user(format!("cannot write {p}: {e}")))?;
+        f.write_all(page.as_bytes()).with_context(|| format!("writing {p}"))?;
+    }
+    Ok(())
+}
+

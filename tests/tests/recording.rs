@@ -1,0 +1,312 @@
+//! Recordings people can use: every line packetflow writes validates against the JSON
+//! Schema; `report` reproduces the live tables from the file alone; the Perfetto export
+//! has the right structure; the HTML report renders in Chromium; damaged files give a
+//! sentence with a line number, never a panic.
+
+use std::{collections::HashMap, path::Path, process::Command};
+
+use packetflow_tests::*;
+use serde_json::Value;
+
+fn demo_recording(extra: &[&str]) -> (String, std::path::PathBuf, u16) {
+    require_root();
+    let port = unique_port();
+    let json = tmp(&format!("rec-{port}.json"));
+    let p = port.to_string();
+    let mut args = vec!["demo", "--count", "100", "--port", &p, "--json", json.to_str().unwrap()];
+    args.extend(extra);
+    let o = packetflow(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    (String::from_utf8_lossy(&o.stdout).into_owned(), json, port)
+}
+
+fn validator() -> jsonschema::Validator {
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../schema/trace.schema.json")).unwrap()).unwrap();
+    jsonschema::options().should_validate_formats(true).build(&schema).expect("schema compiles")
+}
+
+#[test]
+fn every_line_validates_against_the_schema() {
+    let v = validator();
+    for extra in [&[][..], &["--udp", "--ipv6"][..]] {
+        let (_, json, _) = demo_recording(extra);
+        let lines = read_ndjson(&json);
+        assert!(lines.len() > 400);
+        for (i, l) in lines.iter().enumerate() {
+            let errors: Vec<String> = v.iter_errors(l).map(|e| e.to_string()).collect();
+            assert!(errors.is_empty(), "line {}: {errors:?}\n{l}", i + 1);
+        }
+        // The schema is not vacuous: damaged lines fail it.
+        let mut bad = lines[1].clone();
+        bad["stages"][0]["stage"] = "warp_drive".into();
+        assert!(!v.is_valid(&bad));
+        let mut bad = lines[1].clone();
+        bad.as_object_mut().unwrap().remove("src");
+        assert!(!v.is_valid(&bad));
+    }
+}
+
+#[test]
+fn report_reproduces_the_demo_table_from_the_file_alone() {
+    let (out, json, _) = demo_recording(&[]);
+    let r = packetflow(&["report", json.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let rep = String::from_utf8_lossy(&r.stdout);
+    let block = |s: &str| -> String {
+        let start = s.find("Communication analysis").expect("table");
+        let end = s[start..].find("end-to-end").map(|i| start + i).expect("end-to-end row");
+        let line_end = s[end..].find('\n').map_or(s.len(), |i| end + i);
+        s[start..line_end].to_string()
+    };
+    assert_eq!(block(&rep), block(&out), "report's table differs from the demo's");
+    // From stdin too.
+    let r2 = Command::new(bin()).args(["report", "-"]).stdin(std::fs::File::open(&json).unwrap()).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&r2.stdout), rep);
+}
+
+#[test]
+fn report_reproduces_the_trace_tables() {
+    require_root();
+    let port = unique_port();
+    let json = tmp("rt-trace.json");
+    let mut t = {
+        use std::io::{BufRead, BufReader};
+        let mut c = Command::new(bin())
+            .args(["trace", "--port", &port.to_string(), "--json", json.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = c.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut all = String::new();
+            let mut r = BufReader::new(out);
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+                if line.starts_with("tracing (") {
+                    let _ = tx.send(String::new());
+                }
+                all.push_str(&line);
+                line.clear();
+            }
+            let _ = tx.send(all);
+        });
+        rx.recv().unwrap();
+        (Proc(c), rx)
+    };
+    let _srv = serve(None, "127.0.0.1", port, false);
+    client(None, "127.0.0.1", port, 50, 64, false);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(t.0.interrupt(std::time::Duration::from_secs(10)).unwrap().success());
+    let live = t.1.recv().unwrap();
+    let final_part = &live[live.find("final summary").expect("final summary")..];
+    let from_live = &final_part[final_part.find("loopback path:").unwrap()..final_part.find("lost 0 events").unwrap()];
+    let r = packetflow(&["report", json.to_str().unwrap()]);
+    let rep = String::from_utf8_lossy(&r.stdout);
+    let from_file = &rep[rep.find("loopback path:").unwrap()..];
+    assert_eq!(from_file.trim_end(), from_live.trim_end());
+}
+
+#[test]
+fn perfetto_export_has_processes_tracks_slices_and_arrows() {
+    let (_, json, _) = demo_recording(&[]);
+    let out = tmp("chrome.json");
+    let r = packetflow(&["report", json.to_str().unwrap(), "--chrome-trace", out.to_str().unwrap()]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).expect("valid JSON");
+    let ev = v["traceEvents"].as_array().expect("traceEvents");
+    let by = |ph: &'static str| ev.iter().filter(move |e| e["ph"] == ph);
+    for e in ev {
+        assert!(e["ph"].is_string() && e["pid"].is_u64() && e["name"].is_string(), "{e}");
+    }
+    let procs: Vec<&str> = by("M").filter(|e| e["name"] == "process_name").map(|e| e["args"]["name"].as_str().unwrap()).collect();
+    assert!(procs.contains(&"loopback path") && procs.contains(&"nic path"), "{procs:?}");
+    let threads = by("M").filter(|e| e["name"] == "thread_name").count();
+    assert!(threads >= 4, "a track per flow (2 flows per path): {threads}");
+    let packets: Vec<&Value> = by("X").filter(|e| e["cat"] == "packet").collect();
+    assert_eq!(packets.len(), 400, "one packet slice per trace");
+    // Stage slices tile their packet: durations are the stage deltas of the recording.
+    let lines = read_ndjson(&json);
+    let mut want: HashMap<(u64, String), f64> = HashMap::new();
+    for t in traces(&lines) {
+        let st = t["stages"].as_array().unwrap();
+        for w in st.windows(2) {
+            let d = w[1]["t_ns"].as_u64().unwrap() - w[0]["t_ns"].as_u64().unwrap();
+            want.insert((w[0]["t_ns"].as_u64().unwrap(), w[1]["stage"].as_str().unwrap().to_string()), d as f64 / 1000.0);
+        }
+    }
+    let stages: Vec<&Value> = by("X").filter(|e| e["cat"] == "stage").collect();
+    assert_eq!(stages.len(), 400 * 11);
+    for s in stages {
+        let key = ((s["ts"].as_f64().unwrap() * 1000.0).round() as u64, s["name"].as_str().unwrap().to_string());
+        let d = want.get(&key).unwrap_or_else(|| panic!("no stage delta for {s}"));
+        assert!((s["dur"].as_f64().unwrap() - d).abs() < 1e-6, "{s}: want {d}");
+    }
+    let starts: Vec<u64> = by("s").map(|e| e["id"].as_u64().unwrap()).collect();
+    let ends: Vec<u64> = by("f").map(|e| e["id"].as_u64().unwrap()).collect();
+    assert_eq!(starts.len(), 400);
+    assert_eq!(starts, ends, "every send→receive arrow is closed");
+}
+
+#[test]
+fn damaged_recordings_get_a_sentence_with_the_line_number() {
+    let (_, json, _) = demo_recording(&[]);
+    let text = std::fs::read_to_string(&json).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let write = |name: &str, content: &str| {
+        let p = tmp(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    };
+    let run = |p: &Path| packetflow(&["report", p.to_str().unwrap()]);
+    let no_panic = |o: &std::process::Output| {
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!e.contains("panicked") && !e.contains("internal error"), "{e}");
+    };
+    // Cut mid-line: skipped, named, the rest reported.
+    let cut = &text[..text.len() - 200];
+    let o = run(&write("cut.json", cut));
+    no_panic(&o);
+    assert!(o.status.success());
+    let n = cut.lines().count();
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("line {n}: truncated last line")), "{}", String::from_utf8_lossy(&o.stderr));
+    // A corrupt line in the middle: skipped and named.
+    let mut corrupt: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+    corrupt[10] = "{\"type\":\"trace\", this is not json".into();
+    let o = run(&write("corrupt.json", &(corrupt.join("\n") + "\n")));
+    no_panic(&o);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("line 11: not valid JSON"));
+    // An unknown future field: accepted.
+    let future = text.replacen("\"kind\":\"data\"", "\"kind\":\"data\",\"added_in_v1_5\":{\"x\":1}", 5);
+    let o = run(&write("future.json", &future));
+    assert!(o.status.success() && o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Empty, not a recording, another schema version: refused with exit 2.
+    for (name, content, needle) in [
+        ("empty.json", String::new(), "is empty"),
+        ("nothdr.json", lines[1..].join("\n"), "line 1"),
+        ("v9.json", text.replacen("\"v\":1", "\"v\":9", 1), "schema version 9"),
+        ("binary.json", "\u{0}\u{1}\u{2}garbage".to_string(), "line 1"),
+    ] {
+        let o = run(&write(name, &content));
+        no_panic(&o);
+        assert_eq!(o.status.code(), Some(2), "{name}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains(needle), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let o = packetflow(&["report", "/no/such/file.json"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn html_report_renders_in_chromium() {
+    let (_, json, _) = demo_recording(&[]);
+    let html = tmp("report.html");
+    let svg = tmp("svg");
+    let o = packetflow(&["report", json.to_str().unwrap(), "--html", html.to_str().unwrap(), "--svg", svg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(!page.contains("http://") || page.matches("http://").all(|_| page.contains("xmlns=\"http://www.w3.org/2000/svg\"")));
+    assert!(!page.contains("<script") && !page.contains("src=\"http"), "self-contained");
+    for name in ["percentiles", "timeline", "waterfall-loopback-median", "waterfall-loopback-p99", "waterfall-nic-median", "waterfall-nic-p99"] {
+        let f = svg.join(format!("{name}.svg"));
+        let s = std::fs::read_to_string(&f).unwrap_or_else(|_| panic!("{} missing", f.display()));
+        assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
+    }
+    let shot = tmp("report.png");
+    let profile = tmp("chromium-profile");
+    let o = Command::new("chromium")
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"])
+        .args(["--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(["--enable-logging=stderr", "--v=0", "--window-size=1200,2400"])
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!("file://{}", html.display()))
+        .output()
+        .expect("chromium (Debian package `chromium`, installed by cargo xtask setup)");
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    for bad in ["Uncaught", "CONSOLE", "Failed to load resource", "net::ERR_"] {
+        let hits: Vec<&str> = log.lines().filter(|l| l.contains(bad) && l.contains("report.html")).collect();
+        assert!(hits.is_empty(), "console: {hits:?}");
+    }
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).expect("screenshot")));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let px = info.color_type.samples();
+    let pixels = &buf[..info.buffer_size()];
+    let nonwhite = pixels.chunks(px).filter(|p| p.iter().take(3).any(|&c| c < 200)).count();
+    let total = pixels.len() / px;
+    println!("{nonwhite} of {total} pixels drawn");
+    assert!(nonwhite * 100 > total, "the screenshot is (nearly) blank: {nonwhite} of {total}");
+}
+
+#[test]
+fn report_streams_big_recordings_in_bounded_memory() {
+    let (_, json, _) = demo_recording(&[]);
+    let text = std::fs::read_to_string(&json).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let traces: Vec<&str> = lines.filter(|l| l.contains("\"type\":\"trace\"")).collect();
+    let big = tmp("big.json");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        writeln!(f, "{header}").unwrap();
+        let mut size = 0usize;
+        while size < 100_000_000 {
+            for t in &traces {
+                writeln!(f, "{t}").unwrap();
+                size += t.len() + 1;
+            }
+        }
+    }
+    let child = Command::new(bin()).args(["report", big.to_str().unwrap()]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as i32);
+    assert_eq!(status, 0, "report exit status");
+    let rss_mb = usage.ru_maxrss / 1024;
+    println!("report of a 100 MB recording: max RSS {rss_mb} MB");
+    assert!(rss_mb < 64, "memory grows with the file: {rss_mb} MB");
+    let _ = std::fs::remove_file(&big);
+}
+
+#[test]
+fn baseline_comparison_marks_only_the_stage_that_changed() {
+    let (_, json, _) = demo_recording(&[]);
+    // A copy of the recording where every packet spends 50 µs more before copy_to_user.
+    let slow: String = std::fs::read_to_string(&json)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            if v["type"] == "trace" {
+                let mut shift = 0;
+                for s in v["stages"].as_array_mut().unwrap() {
+                    if s["stage"] == "copy_to_user" {
+                        shift = 50_000;
+                    }
+                    let t = s["t_ns"].as_u64().unwrap() + shift;
+                    s["t_ns"] = t.into();
+                }
+            }
+            v.to_string() + "\n"
+        })
+        .collect();
+    let slow_path = tmp("slow.json");
+    std::fs::write(&slow_path, slow).unwrap();
+    let o = packetflow(&["report", slow_path.to_str().unwrap(), "--baseline", json.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let cmp = &out[out.find("compared with the baseline").expect("comparison")..];
+    for line in cmp.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase()) && l.contains("  ")) {
+        let name = line.split_whitespace().next().unwrap();
+        match name {
+            "copy_to_user" | "end-to-end" => assert!(line.contains("slower"), "{line}"),
+            _ if line.contains('%') => assert!(!line.contains("slower") && !line.contains("faster"), "noise marked as change: {line}"),
+            _ => {}
+        }
+    }
+}

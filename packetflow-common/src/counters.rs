@@ -25,3 +25,13 @@ pub const RECV_SLOT_MISS: u32 = PARSED_XDP + 7;
 pub const READ_FAILED: u32 = PARSED_XDP + 8;
 
 pub const NUM_COUNTERS: u32 = 64;
+
+/// Capture: packets the filter selected, per hook (XDP, TC egress).
+pub const CAP_MATCHED_XDP: u32 = PARSED_XDP + 9;
+pub const CAP_MATCHED_TC: u32 = PARSED_XDP + 10;
+/// Capture: selected packets lost to a full ring shard, per hook.
+pub const CAP_LOST_XDP: u32 = PARSED_XDP + 11;
+pub const CAP_LOST_TC: u32 = PARSED_XDP + 12;
+/// Capture: packets seen by the capture programs, per hook (matched or not).
+pub const CAP_SEEN_XDP: u32 = PARSED_XDP + 13;
+pub const CAP_SEEN_TC: u32 = PARSED_XDP + 14;

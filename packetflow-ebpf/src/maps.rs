@@ -58,6 +58,38 @@ pub static RB6: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 #[map]
 pub static RB7: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
+// Capture records (header + packet bytes) have their own shards: CR0..CR7.
+#[map]
+pub static CR0: RingBuf = RingBuf::with_byte_size(4096, 0);
+#[map]
+pub static CR1: RingBuf = RingBuf::with_byte_size(4096, 0);
+#[map]
+pub static CR2: RingBuf = RingBuf::with_byte_size(4096, 0);
+#[map]
+pub static CR3: RingBuf = RingBuf::with_byte_size(4096, 0);
+#[map]
+pub static CR4: RingBuf = RingBuf::with_byte_size(4096, 0);
+#[map]
+pub static CR5: RingBuf = RingBuf::with_byte_size(4096, 0);
+#[map]
+pub static CR6: RingBuf = RingBuf::with_byte_size(4096, 0);
+#[map]
+pub static CR7: RingBuf = RingBuf::with_byte_size(4096, 0);
+
+#[inline(always)]
+pub fn cap_ring(cpu: u32) -> &'static RingBuf {
+    match cpu & 7 {
+        0 => &CR0,
+        1 => &CR1,
+        2 => &CR2,
+        3 => &CR3,
+        4 => &CR4,
+        5 => &CR5,
+        6 => &CR6,
+        _ => &CR7,
+    }
+}
+
 #[inline(always)]
 pub fn ring(cpu: u32) -> &'static RingBuf {
     match cpu & 7 {

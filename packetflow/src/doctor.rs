@@ -171,7 +171,7 @@ pub async fn run() -> Result<()> {
 }
 
 async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
-    let mut tracer = match Tracer::load(&LoadOptions { ring_bytes: 4096 }) {
+    let mut tracer = match Tracer::load(&LoadOptions { ring_bytes: 4096, capture_ring_bytes: 0 }) {
         Ok(t) => t,
         Err(e) => {
             out.push(("load", false, format!("{e:#}")));
@@ -315,7 +315,7 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
 
 /// The stage → hook table of a real tracer (inert: its filter is never enabled).
 async fn stage_table() -> Result<Vec<Vec<String>>> {
-    let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096 })?;
+    let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, capture_ring_bytes: 0 })?;
     t.attach_kernel_hooks()?;
     t.attach_interface(None, "lo", XdpChoice::Auto)?;
     let rows = t

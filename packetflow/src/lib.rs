@@ -6,17 +6,21 @@
 //! subcommands (`trace`, `demo`, `doctor`, `seed`) put it together.
 
 pub mod btf;
+pub mod capture;
 pub mod charts;
 pub mod chrome;
 pub mod correlate;
+pub mod decode;
 pub mod demo;
 pub mod doctor;
 pub mod error;
+pub mod expr;
 pub mod filter;
 pub mod json;
 pub mod loader;
 pub mod names;
 pub mod netns;
+pub mod pcapng;
 pub mod recording;
 pub mod report;
 pub mod run;

@@ -33,7 +33,7 @@ use aya::{
         tc::TcAttachOptions,
     },
 };
-use packetflow_common::{Filter, Offsets, RING_SHARDS, Stage, counters::NUM_COUNTERS};
+use packetflow_common::{Filter, Offsets, RING_SHARDS, Stage, capture::CaptureConfig, counters::NUM_COUNTERS};
 
 use crate::{btf::Btf, error::user, sys};
 
@@ -75,11 +75,13 @@ pub enum XdpChoice {
 pub struct LoadOptions {
     /// Bytes per ring-buffer shard (a power of two, at least one page).
     pub ring_bytes: u32,
+    /// Bytes per capture ring shard; 0 when not capturing.
+    pub capture_ring_bytes: u32,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { ring_bytes: 4 << 20 }
+        LoadOptions { ring_bytes: 4 << 20, capture_ring_bytes: 0 }
     }
 }
 
@@ -89,6 +91,7 @@ pub struct Tracer {
     /// Taken out of the object at load, so they outlive the programs.
     counters: PerCpuArray<MapData, u64>,
     filter: Array<MapData, Filter>,
+    capture: Array<MapData, CaptureConfig>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub offsets: Offsets,
     pub stages: BTreeMap<Stage, StageHook>,
@@ -102,6 +105,10 @@ fn describe(e: &ProgramError) -> String {
     match e {
         ProgramError::LoadError { io_error, verifier_log } => {
             let log = verifier_log.to_string();
+            // Debugging aid: the whole verifier log.
+            if let Some(p) = std::env::var_os("PACKETFLOW_VERIFIER_LOG") {
+                let _ = std::fs::write(p, &log);
+            }
             let tail: Vec<&str> = log.lines().rev().take(3).collect();
             format!("{io_error}; verifier: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" / "))
         }
@@ -119,6 +126,10 @@ fn describe(e: &ProgramError) -> String {
 
 fn ring_name(i: usize) -> &'static str {
     ["RB0", "RB1", "RB2", "RB3", "RB4", "RB5", "RB6", "RB7"][i]
+}
+
+fn cap_ring_name(i: usize) -> &'static str {
+    ["CR0", "CR1", "CR2", "CR3", "CR4", "CR5", "CR6", "CR7"][i]
 }
 
 /// Offset of `ret` in the sys_exit tracepoint records, from tracefs.
@@ -163,9 +174,14 @@ impl Tracer {
             .override_global("OFFSETS", &offsets, true)
             .override_global("WAKEUP_BYTES", &wake, true)
             .override_global("SYS_EXIT_RET_OFF", &ret_off, true);
+        let cap_bytes = if opts.capture_ring_bytes == 0 { 4096 } else { opts.capture_ring_bytes.max(1 << 20).next_power_of_two() };
         for s in 0..RING_SHARDS {
             loader.map_max_entries(ring_name(s), if used.contains(&s) { ring_bytes } else { 4096 });
+            loader.map_max_entries(cap_ring_name(s), if used.contains(&s) { cap_bytes } else { 4096 });
         }
+        // One capture staging buffer per possible CPU (64 KiB each), only when capturing.
+        let ncpu = if opts.capture_ring_bytes == 0 { 1 } else { cpus.iter().max().copied().unwrap_or(0) + 1 };
+        loader.map_max_entries("CAP_SCRATCH", ncpu);
         let mut ebpf = loader.load(OBJECT).map_err(|e| {
             if e.to_string().contains("Operation not permitted") {
                 user("the kernel refused to create BPF maps (EPERM): run packetflow as root or with CAP_BPF")
@@ -176,10 +192,12 @@ impl Tracer {
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").ok_or_else(|| anyhow!("COUNTERS map missing"))?)?;
         let filter = Array::try_from(ebpf.take_map("FILTER").ok_or_else(|| anyhow!("FILTER map missing"))?)?;
+        let capture = Array::try_from(ebpf.take_map("CAP_CONFIG").ok_or_else(|| anyhow!("CAP_CONFIG map missing"))?)?;
         let t = Tracer {
             ebpf: Some(ebpf),
             counters,
             filter,
+            capture,
             _logger: logger,
             offsets,
             stages: BTreeMap::new(),
@@ -196,6 +214,35 @@ impl Tracer {
         f.enabled = 1;
         self.filter.set(0, f, 0)?;
         Ok(())
+    }
+
+    /// Writes the capture settings (the filter's primitives and truth table).
+    pub fn set_capture(&mut self, c: &crate::expr::Compiled) -> Result<()> {
+        let mut table: Array<_, u8> =
+            Array::try_from(self.ebpf_mut().map_mut("CAP_TABLE").ok_or_else(|| anyhow!("CAP_TABLE map missing"))?)?;
+        for (i, v) in c.table.iter().enumerate() {
+            table.set(i as u32, *v, 0)?;
+        }
+        // The table first, then the config that switches capture on.
+        self.capture.set(0, c.config, 0)?;
+        Ok(())
+    }
+
+    /// The capture ring shards (taken out of the object).
+    pub fn take_capture_rings(&mut self) -> Result<Vec<(usize, RingBuf<MapData>)>> {
+        let mut out = Vec::new();
+        for s in self.used_shards.clone() {
+            let map = self.ebpf_mut().take_map(cap_ring_name(s)).ok_or_else(|| anyhow!("{} missing", cap_ring_name(s)))?;
+            out.push((s, RingBuf::try_from(map)?));
+        }
+        Ok(out)
+    }
+
+    /// Capture losses per ifindex (records that did not fit the ring).
+    pub fn capture_losses(&self) -> std::collections::HashMap<u32, u64> {
+        let Some(m) = self.ebpf.as_ref().and_then(|e| e.map("CAP_IF_LOST")) else { return Default::default() };
+        let Ok(h) = aya::maps::HashMap::<_, u32, u64>::try_from(m) else { return Default::default() };
+        h.iter().filter_map(Result::ok).collect()
     }
 
     /// Sum over CPUs of every counter in `COUNTERS`.

@@ -1,7 +1,7 @@
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use packetflow::{correlate::PathKind, demo, doctor, error, loader::XdpChoice, report, seed, trace};
+use packetflow::{capture, correlate::PathKind, demo, doctor, error, loader::XdpChoice, report, seed, trace};
 
 #[derive(Parser)]
 #[command(name = "packetflow", version, about = "Where a packet's time goes inside Linux: per-stage latency from send syscall to receive syscall, measured with eBPF.")]
@@ -34,6 +34,13 @@ enum PathArg {
     Loopback,
     Nic,
     Both,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DirArg {
+    In,
+    Out,
+    Inout,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -99,6 +106,34 @@ enum Cmd {
         /// Give up waiting for a packet's missing stages after this many ms.
         #[arg(long, value_name = "MS", default_value_t = 1000)]
         timeout_ms: u64,
+    },
+    /// Capture packets (XDP in, tcx out) to pcapng or tcpdump-like lines; filter in the kernel.
+    Capture {
+        /// Interface (repeatable; IFACE@NETNS for another namespace; `any` = all).
+        #[arg(short = 'i', long = "interface", value_name = "IFACE")]
+        ifaces: Vec<String>,
+        /// Write pcapng to FILE (`-` for stdout) instead of printing lines.
+        #[arg(short = 'w', value_name = "FILE")]
+        write: Option<String>,
+        /// Stop after COUNT packets.
+        #[arg(short = 'c', value_name = "COUNT")]
+        count: Option<u64>,
+        /// Bytes to keep of each packet (at most 65535, what the hooks can copy).
+        #[arg(short = 's', value_name = "SNAPLEN", default_value_t = 262144)]
+        snaplen: u32,
+        /// Direction: in (XDP), out (tcx egress) or inout.
+        #[arg(short = 'Q', value_enum, default_value = "inout")]
+        direction: DirArg,
+        #[arg(long, value_name = "SECS")]
+        duration: Option<f64>,
+        #[arg(long, value_enum, default_value = "auto")]
+        xdp_mode: XdpArg,
+        /// Also trace: put each packet's stage timestamps in its pcapng comment.
+        #[arg(long)]
+        stages: bool,
+        /// Filter, in pcap-filter syntax (host, net, port, portrange, src, dst, tcp, udp, icmp, icmp6, ip, ip6, and/or/not).
+        #[arg(value_name = "EXPRESSION", trailing_var_arg = true)]
+        expression: Vec<String>,
     },
     /// Run the seed exchange over loopback and a veth NIC path, traced, side by side.
     Demo {
@@ -209,6 +244,32 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 xdp: xdp_mode.into(),
                 control,
                 timeout: Duration::from_millis(timeout_ms.max(1)),
+            }))
+        }
+        Cmd::Capture { ifaces, write, count, snaplen, direction, duration, xdp_mode, stages, expression } => {
+            if let Some(d) = duration
+                && !(d > 0.0 && d.is_finite())
+            {
+                packetflow::user_bail!("--duration must be a positive number of seconds");
+            }
+            if snaplen == 0 {
+                packetflow::user_bail!("-s must be at least 1 byte");
+            }
+            use packetflow_common::capture::{DIR_IN, DIR_OUT};
+            runtime()?.block_on(capture::run(capture::CaptureArgs {
+                ifaces,
+                write,
+                count,
+                snaplen: snaplen.min(packetflow_common::capture::CAPTURE_MAX as u32),
+                dirs: match direction {
+                    DirArg::In => DIR_IN,
+                    DirArg::Out => DIR_OUT,
+                    DirArg::Inout => DIR_IN | DIR_OUT,
+                },
+                duration: duration.map(Duration::from_secs_f64),
+                xdp: xdp_mode.into(),
+                expression,
+                stages,
             }))
         }
         Cmd::Report { file, baseline, path, by, chrome_trace, html, svg } => report::run(report::ReportArgs {

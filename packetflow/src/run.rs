@@ -100,7 +100,7 @@ pub fn counters_json(c: &[u64], overflow: u64) -> serde_json::Value {
 
 impl Running {
     pub async fn start(o: RunOptions) -> Result<Running> {
-        let mut tracer = Tracer::load(&LoadOptions { ring_bytes: o.ring_bytes })?;
+        let mut tracer = Tracer::load(&LoadOptions { ring_bytes: o.ring_bytes, capture_ring_bytes: 0 })?;
         let rings = tracer.take_rings()?;
         let mut readers = session::start_readers(rings, o.poll)?;
         let mut filter = o.filter.clone();

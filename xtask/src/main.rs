@@ -21,6 +21,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("ping", "iputils-ping"),
     ("setpriv", "util-linux"),
     ("chromium", "chromium"),
+    ("tcpdump", "tcpdump"),
+    ("tshark", "tshark"),
 ];
 
 fn main() -> ExitCode {

@@ -113,10 +113,13 @@ fn interface_stage(mut ev: Event, ifindex: u32, stage: Stage) {
 #[xdp(frags)]
 pub fn pf_xdp(ctx: XdpContext) -> u32 {
     try_xdp(&ctx);
+    super::capture::capture_xdp(&ctx);
     XDP_PASS
 }
 
-#[inline(always)]
+/// Not inlined (nor is the capture half): each half keeps its own stack frame, so the
+/// program's frames stay under the verifier's 512-byte limit for a call chain.
+#[inline(never)]
 fn try_xdp(ctx: &XdpContext) {
     let total = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as u32;
     let l3 = l2_skip(|off, buf| xdp_load(ctx, off, buf));
@@ -138,6 +141,7 @@ fn try_xdp(ctx: &XdpContext) {
 #[classifier]
 pub fn pf_tc_egress(ctx: TcContext) -> i32 {
     try_tc(&ctx, Stage::TcEgress);
+    super::capture::capture_tc_egress(&ctx);
     TC_ACT_UNSPEC
 }
 
@@ -147,7 +151,7 @@ pub fn pf_tc_ingress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
-#[inline(always)]
+#[inline(never)]
 fn try_tc(ctx: &TcContext, stage: Stage) {
     let proto = u16::from_be(ctx.skb.protocol() as u16);
     let skb = ctx.skb.skb.cast();

@@ -1,0 +1,278 @@
+//! Packet capture: XDP for packets coming in, tcx egress for packets going out (the same
+//! `pf_xdp` and `pf_tc_egress` programs the tracer uses: an interface holds one XDP
+//! program, so capture and tracing share it, each switched on by its own config). A packet
+//! the filter selects is copied (up to the snaplen, at most CAPTURE_MAX bytes) behind a
+//! `CapHdr` into this CPU's capture ring shard. The packet always goes on untouched.
+//!
+//! The filter follows libpcap's semantics (see packetflow/src/expr.rs): the frame's
+//! EtherType at offset 12 (no VLAN skipping), IPv6's fixed next header, ports of TCP, UDP
+//! and SCTP on first IPv4 fragments, ARP/RARP addresses for IPv4 `host`/`net`.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_smp_processor_id,
+        generated::{bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
+    },
+    macros::map,
+    maps::{Array, HashMap},
+    programs::{TcContext, XdpContext},
+};
+use packetflow_common::{
+    capture::{
+        CapHdr, CaptureConfig, Prim, CAPTURE_MAX, CAP_BUF, DIR_BOTH, DIR_DST, DIR_IN, DIR_OUT, DIR_SRC, HOOK_TC_EGRESS,
+        HOOK_XDP, MAX_PRIMS, TABLE_SIZE, P_HOST, P_ICMP, P_ICMP6, P_IP, P_IP6, P_NET, P_PORT, P_TCP, P_UDP,
+    },
+    counters::{CAP_LOST_TC, CAP_LOST_XDP, CAP_MATCHED_TC, CAP_MATCHED_XDP, CAP_SEEN_TC, CAP_SEEN_XDP},
+};
+
+use crate::{
+    emit::{count, now},
+    maps::{cap_ring, WAKEUP_BYTES},
+};
+
+#[map]
+static CAP_CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+
+/// One staging buffer per CPU (the loader sizes the map to the possible CPUs). Capture
+/// programs run with bottom halves off, so two never share a CPU's buffer at once.
+/// Records lost to a full ring, per ifindex (for the pcapng interface statistics).
+#[map]
+static CAP_IF_LOST: HashMap<u32, u64> = HashMap::with_max_entries(256, 0);
+
+#[inline(always)]
+fn lost_on(ifindex: u32) {
+    match CAP_IF_LOST.get_ptr_mut(&ifindex) {
+        Some(p) => unsafe { *p += 1 },
+        None => {
+            let _ = CAP_IF_LOST.insert(&ifindex, &1, 0);
+        }
+    }
+}
+
+#[map]
+static CAP_SCRATCH: Array<[u8; CAP_BUF]> = Array::with_max_entries(1, 0);
+
+const ETH_IP: u16 = 0x0800;
+const ETH_IP6: u16 = 0x86dd;
+const ETH_ARP: u16 = 0x0806;
+const ETH_RARP: u16 = 0x8035;
+
+/// What the filter looks at.
+struct Pkt {
+    eth: u16,
+    /// IPv4 protocol or IPv6 fixed next header.
+    l4: u8,
+    ports: bool,
+    sport: u16,
+    dport: u16,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+#[inline(always)]
+fn summarize(load: impl Fn(u32, &mut [u8]) -> bool) -> Pkt {
+    let mut k = Pkt { eth: 0, l4: 0, ports: false, sport: 0, dport: 0, src: [0; 16], dst: [0; 16] };
+    let mut b = [0u8; 2];
+    if !load(12, &mut b) {
+        return k;
+    }
+    k.eth = u16::from_be_bytes(b);
+    let mut l4_off = 0u32;
+    match k.eth {
+        ETH_IP => {
+            let mut h = [0u8; 20];
+            if !load(14, &mut h) {
+                return k;
+            }
+            k.l4 = h[9];
+            k.src[..4].copy_from_slice(&h[12..16]);
+            k.dst[..4].copy_from_slice(&h[16..20]);
+            let first_fragment = u16::from_be_bytes([h[6], h[7]]) & 0x1fff == 0;
+            if first_fragment {
+                l4_off = 14 + ((h[0] & 0x0f) as u32) * 4;
+            }
+        }
+        ETH_IP6 => {
+            let mut h = [0u8; 8];
+            if !load(14, &mut h) || !load(22, &mut k.src) || !load(38, &mut k.dst) {
+                return k;
+            }
+            k.l4 = h[6];
+            l4_off = 54;
+        }
+        ETH_ARP | ETH_RARP => {
+            // Ethernet/IPv4 ARP: sender protocol address at 28, target at 38.
+            let mut a = [0u8; 4];
+            if load(28, &mut a) {
+                k.src[..4].copy_from_slice(&a);
+            }
+            if load(38, &mut a) {
+                k.dst[..4].copy_from_slice(&a);
+            }
+        }
+        _ => {}
+    }
+    if l4_off != 0 && matches!(k.l4, 6 | 17 | 132) {
+        let mut p = [0u8; 4];
+        if load(l4_off, &mut p) {
+            k.ports = true;
+            k.sport = u16::from_be_bytes([p[0], p[1]]);
+            k.dport = u16::from_be_bytes([p[2], p[3]]);
+        }
+    }
+    k
+}
+
+/// The first `prefix` bits of `a` and `b` are equal.
+#[inline(always)]
+fn prefix_eq(a: &[u8; 16], b: &[u8; 16], prefix: u8) -> bool {
+    let mut diff = 0u32;
+    for w in 0..4usize {
+        let bits = (prefix as i32 - 32 * w as i32).clamp(0, 32) as u32;
+        let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+        let x = u32::from_be_bytes([a[4 * w], a[4 * w + 1], a[4 * w + 2], a[4 * w + 3]]);
+        let y = u32::from_be_bytes([b[4 * w], b[4 * w + 1], b[4 * w + 2], b[4 * w + 3]]);
+        diff |= (x ^ y) & mask;
+    }
+    diff == 0
+}
+
+#[inline(always)]
+fn by_dir(dir: u8, s: bool, d: bool) -> bool {
+    match dir {
+        DIR_SRC => s,
+        DIR_DST => d,
+        DIR_BOTH => s && d,
+        _ => s || d,
+    }
+}
+
+#[inline(always)]
+fn matches(p: &Prim, k: &Pkt) -> bool {
+    let ip = k.eth == ETH_IP;
+    let ip6 = k.eth == ETH_IP6;
+    match p.kind {
+        P_IP => ip,
+        P_IP6 => ip6,
+        P_TCP => (ip || ip6) && k.l4 == 6,
+        P_UDP => (ip || ip6) && k.l4 == 17,
+        P_ICMP => ip && k.l4 == 1,
+        P_ICMP6 => ip6 && k.l4 == 58,
+        P_HOST | P_NET => {
+            let family_ok = if p.family == 4 {
+                ip || (p.l4 == 0 && (k.eth == ETH_ARP || k.eth == ETH_RARP))
+            } else {
+                ip6
+            };
+            family_ok && by_dir(p.dir, prefix_eq(&k.src, &p.addr, p.prefix), prefix_eq(&k.dst, &p.addr, p.prefix))
+        }
+        P_PORT => {
+            k.ports
+                && (p.l4 == 0 || p.l4 == k.l4)
+                && by_dir(
+                    p.dir,
+                    k.sport >= p.port_lo && k.sport <= p.port_hi,
+                    k.dport >= p.port_lo && k.dport <= p.port_hi,
+                )
+        }
+        _ => false,
+    }
+}
+
+/// The truth table: entry `mask` is 1 when that combination of primitive results is
+/// captured (see packetflow-common's capture.rs).
+#[map]
+static CAP_TABLE: Array<u8> = Array::with_max_entries(TABLE_SIZE, 0);
+
+#[inline(always)]
+fn selected(cfg: &CaptureConfig, k: &Pkt) -> bool {
+    let mut mask = 0u32;
+    for i in 0..MAX_PRIMS {
+        if (i as u32) < cfg.nprims && matches(&cfg.prims[i], k) {
+            mask |= 1 << i;
+        }
+    }
+    CAP_TABLE.get(mask).is_some_and(|v| *v != 0)
+}
+
+/// Copies `caplen` bytes of the packet behind a header into this CPU's capture shard.
+#[inline(always)]
+fn record(len: u32, ifindex: u32, dir: u8, hook: u8, snaplen: u32, load: impl Fn(&mut [u8]) -> bool) -> bool {
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(buf) = CAP_SCRATCH.get_ptr_mut(cpu) else { return false };
+    let buf = unsafe { &mut *buf };
+    let mut caplen = if len < snaplen { len } else { snaplen };
+    if caplen as usize > CAPTURE_MAX {
+        caplen = CAPTURE_MAX as u32;
+    }
+    let n = (caplen as usize) & 0xffff;
+    if n == 0 || n > CAPTURE_MAX {
+        return false;
+    }
+    let hdr = CapHdr { ts_ns: now(), len, caplen: n as u32, ifindex, dir, hook, cpu: cpu as u16, _pad: [0; 8] };
+    let (h, data) = buf.split_at_mut(32);
+    let Some(data) = data.get_mut(..n) else { return false };
+    if !load(data) {
+        return false;
+    }
+    unsafe { core::ptr::write_unaligned(h.as_mut_ptr().cast::<CapHdr>(), hdr) };
+    let rb = cap_ring(cpu);
+    let wake = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    let flags = if rb.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= wake {
+        aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP
+    } else {
+        aya_ebpf::bindings::BPF_RB_NO_WAKEUP
+    };
+    let Some(out) = buf.get(..32 + n) else { return false };
+    rb.output::<[u8]>(out, flags as u64).is_ok()
+}
+
+/// Capture at XDP (called by `pf_xdp`): packets coming in. A BPF-to-BPF call, not
+/// inlined: the verifier then checks it once, not once for every state the tracing
+/// half of the program leaves behind.
+#[inline(never)]
+pub fn capture_xdp(ctx: &XdpContext) {
+    let Some(cfg) = CAP_CONFIG.get(0) else { return };
+    if cfg.enabled == 0 || cfg.dirs & DIR_IN as u32 == 0 {
+        return;
+    }
+    count(CAP_SEEN_XDP);
+    let load = |off: u32, buf: &mut [u8]| unsafe {
+        bpf_xdp_load_bytes(ctx.ctx, off, buf.as_mut_ptr().cast(), buf.len() as u32) == 0
+    };
+    if !selected(cfg, &summarize(load)) {
+        return;
+    }
+    count(CAP_MATCHED_XDP);
+    let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as u32;
+    let ifindex = ctx.ingress_ifindex() as u32;
+    if !record(len, ifindex, DIR_IN, HOOK_XDP, cfg.snaplen, |d| load(0, d)) {
+        count(CAP_LOST_XDP);
+        lost_on(ifindex);
+    }
+}
+
+/// Capture at tcx egress (called by `pf_tc_egress`): packets going out (not inlined,
+/// as `capture_xdp`).
+#[inline(never)]
+pub fn capture_tc_egress(ctx: &TcContext) {
+    let Some(cfg) = CAP_CONFIG.get(0) else { return };
+    if cfg.enabled == 0 || cfg.dirs & DIR_OUT as u32 == 0 {
+        return;
+    }
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if cfg.skip_out.iter().any(|&i| i != 0 && i == ifindex) {
+        return;
+    }
+    count(CAP_SEEN_TC);
+    let skb = ctx.skb.skb.cast::<core::ffi::c_void>();
+    let load = |off: u32, buf: &mut [u8]| unsafe { bpf_skb_load_bytes(skb, off, buf.as_mut_ptr().cast(), buf.len() as u32) == 0 };
+    if !selected(cfg, &summarize(load)) {
+        return;
+    }
+    count(CAP_MATCHED_TC);
+    if !record(ctx.len(), ifindex, DIR_OUT, HOOK_TC_EGRESS, cfg.snaplen, |d| load(0, d)) {
+        count(CAP_LOST_TC);
+        lost_on(ifindex);
+    }
+}

@@ -1,0 +1,549 @@
+//! `packetflow capture`: tcpdump's job from eBPF hooks. Incoming packets are taken at XDP,
+//! outgoing ones at tcx egress (on a loopback device each packet is recorded once, at
+//! ingress, as tcpdump does); the filter expression runs in the kernel before any copy.
+//! Output: one tcpdump-like line per packet, or pcapng (`-w FILE`, `-w -` for stdout).
+//! With `--stages`, the tracer runs too, and each packet of a finished trace carries its
+//! stage timestamps in its pcapng comment.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    io::Write,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, sync_channel},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use aya::maps::{MapData, RingBuf};
+use packetflow_common::{
+    Stage,
+    capture::{CapHdr, DIR_IN, DIR_OUT, HOOK_XDP},
+    counters,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::{
+    correlate::{Trace, TraceKind},
+    decode,
+    error::user,
+    expr,
+    filter::FilterSpec,
+    loader::{LoadOptions, Tracer, XdpChoice},
+    pcapng,
+    run,
+    session::{self, Sink},
+    sys,
+};
+
+pub struct CaptureArgs {
+    pub ifaces: Vec<String>,
+    pub write: Option<String>,
+    pub count: Option<u64>,
+    pub snaplen: u32,
+    /// DIR_IN | DIR_OUT bits (`-Q`).
+    pub dirs: u8,
+    pub duration: Option<Duration>,
+    pub xdp: XdpChoice,
+    pub expression: Vec<String>,
+    pub stages: bool,
+}
+
+/// A captured packet, with its wall-clock time.
+struct Packet {
+    hdr: CapHdr,
+    wall_ns: u64,
+    data: Vec<u8>,
+}
+
+struct Iface {
+    id: u32,
+    name: String,
+    captured: u64,
+    lost: u64,
+}
+
+/// The packet's trace key: (src, sport, dst, dport, udp, seq/key, len) — as the tracer
+/// would have anchored it.
+type Key = (IpAddr, u16, IpAddr, u16, bool, u32, u32);
+
+fn packet_key(d: &[u8]) -> Option<Key> {
+    let et = u16::from_be_bytes([*d.get(12)?, *d.get(13)?]);
+    let (src, dst, proto, l4, end): (IpAddr, IpAddr, u8, usize, usize) = match et {
+        0x0800 => {
+            let ihl = ((*d.get(14)? & 0x0f) as usize) * 4;
+            let s: [u8; 4] = d.get(26..30)?.try_into().ok()?;
+            let t: [u8; 4] = d.get(30..34)?.try_into().ok()?;
+            let tot = u16::from_be_bytes([*d.get(16)?, *d.get(17)?]) as usize;
+            (s.into(), t.into(), *d.get(23)?, 14 + ihl, 14 + tot)
+        }
+        0x86dd => {
+            let s: [u8; 16] = d.get(22..38)?.try_into().ok()?;
+            let t: [u8; 16] = d.get(38..54)?.try_into().ok()?;
+            let plen = u16::from_be_bytes([*d.get(18)?, *d.get(19)?]) as usize;
+            (s.into(), t.into(), *d.get(20)?, 54, 54 + plen)
+        }
+        _ => return None,
+    };
+    let sport = u16::from_be_bytes([*d.get(l4)?, *d.get(l4 + 1)?]);
+    let dport = u16::from_be_bytes([*d.get(l4 + 2)?, *d.get(l4 + 3)?]);
+    match proto {
+        6 => {
+            let seq = u32::from_be_bytes(d.get(l4 + 4..l4 + 8)?.try_into().ok()?);
+            let doff = ((*d.get(l4 + 12)? >> 4) as usize) * 4;
+            let len = end.checked_sub(l4 + doff)? as u32;
+            Some((src, sport, dst, dport, false, seq, len))
+        }
+        17 => {
+            let len = (u16::from_be_bytes([*d.get(l4 + 4)?, *d.get(l4 + 5)?]) as usize).checked_sub(8)?;
+            let payload = d.get(l4 + 8..)?;
+            let mut head = [0u8; 16];
+            let n = len.min(16).min(payload.len());
+            head[..n].copy_from_slice(&payload[..n]);
+            Some((src, sport, dst, dport, true, packetflow_common::payload_key(&head, n as u32), len as u32))
+        }
+        _ => None,
+    }
+}
+
+fn trace_key(t: &Trace) -> Key {
+    (t.flow.src_ip(), t.flow.sport, t.flow.dst_ip(), t.flow.dport, t.flow.udp, t.seq, t.len)
+}
+
+/// "stages: send_syscall 0.00 µs, sock_send +0.71 µs, ..." for a packet's comment.
+fn stages_comment(t: &Trace) -> String {
+    let mut parts = Vec::new();
+    let mut prev: Option<u64> = None;
+    for s in &t.stages {
+        match prev {
+            None => parts.push(format!("{} t={}", s.stage.name(), s.t_ns)),
+            Some(p) => parts.push(format!("{} +{:.3} µs", s.stage.name(), (s.t_ns - p) as f64 / 1000.0)),
+        }
+        prev = Some(s.t_ns);
+    }
+    let missing: Vec<&str> = Stage::ALL.iter().filter(|x| !t.stages.iter().any(|s| s.stage == **x)).map(|s| s.name()).collect();
+    let mut c = format!("packetflow stages ({} µs in all): {}", crate::stats::us(t.total_ns()), parts.join(", "));
+    if !missing.is_empty() {
+        c.push_str(&format!("; not seen: {}", missing.join(", ")));
+    }
+    c
+}
+
+/// Finished traces, handed from the correlator to the capture writer.
+struct TraceTap(std::sync::mpsc::SyncSender<Trace>);
+
+impl Sink for TraceTap {
+    fn trace(&mut self, t: &Trace) {
+        if t.kind == TraceKind::Data {
+            let _ = self.0.try_send(t.clone());
+        }
+    }
+}
+
+enum Out {
+    Text(Box<dyn Write + Send>),
+    Pcap(pcapng::Writer<Box<dyn Write + Send>>),
+}
+
+struct WriterState {
+    out: Out,
+    ifaces: BTreeMap<u32, Iface>,
+    written: u64,
+    count: Option<u64>,
+    done: Arc<AtomicBool>,
+    /// --stages: packets waiting for their trace, and traces waiting for their packet.
+    held: VecDeque<Packet>,
+    traces: HashMap<Key, Trace>,
+    stages: bool,
+}
+
+impl WriterState {
+    fn emit(&mut self, p: &Packet, comment: &str) -> Result<()> {
+        if self.count.is_some_and(|c| self.written >= c) {
+            return Ok(());
+        }
+        let Some(iface) = self.ifaces.get_mut(&p.hdr.ifindex) else { return Ok(()) };
+        iface.captured += 1;
+        self.written += 1;
+        match &mut self.out {
+            Out::Text(w) => {
+                let t = p.wall_ns;
+                let secs = (t / 1_000_000_000) as i64;
+                let tm = unsafe {
+                    let mut tm: libc::tm = std::mem::zeroed();
+                    libc::localtime_r(&secs, &mut tm);
+                    tm
+                };
+                let dir = if p.hdr.dir == DIR_IN { "In " } else { "Out" };
+                writeln!(
+                    w,
+                    "{:02}:{:02}:{:02}.{:09} {} {dir} {}",
+                    tm.tm_hour,
+                    tm.tm_min,
+                    tm.tm_sec,
+                    t % 1_000_000_000,
+                    iface.name,
+                    decode::summary(&p.data, p.hdr.len)
+                )?;
+                if !comment.is_empty() {
+                    writeln!(w, "    {comment}")?;
+                }
+            }
+            Out::Pcap(w) => {
+                let flags = if p.hdr.dir == DIR_IN { pcapng::FLAG_INBOUND } else { pcapng::FLAG_OUTBOUND };
+                let hook = if p.hdr.hook == HOOK_XDP { "xdp" } else { "tc_egress" };
+                let mut c = format!("hook={hook} cpu={}", p.hdr.cpu);
+                if !comment.is_empty() {
+                    c.push_str("; ");
+                    c.push_str(comment);
+                }
+                w.packet(iface.id, p.wall_ns, &p.data, p.hdr.len, flags, &c)?;
+            }
+        }
+        if self.count.is_some_and(|c| self.written >= c) {
+            self.done.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Writes held packets whose trace arrived or that waited long enough (in order).
+    fn release(&mut self, now_wall: u64, all: bool) -> Result<()> {
+        while let Some(p) = self.held.front() {
+            let key = packet_key(&p.data);
+            let trace = key.and_then(|k| self.traces.remove(&k));
+            let expired = all || key.is_none() || p.wall_ns + 3_000_000_000 < now_wall;
+            if trace.is_none() && !expired {
+                break;
+            }
+            let p = self.held.pop_front().expect("front exists");
+            let comment = trace.as_ref().map(stages_comment).unwrap_or_default();
+            self.emit(&p, &comment)?;
+        }
+        if self.traces.len() > 100_000 {
+            self.traces.clear();
+        }
+        Ok(())
+    }
+
+    fn packets(&mut self, mut batch: Vec<Packet>) -> Result<()> {
+        batch.sort_by_key(|p| p.hdr.ts_ns);
+        for p in batch {
+            if self.stages {
+                self.held.push_back(p);
+            } else {
+                self.emit(&p, "")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        match &mut self.out {
+            Out::Text(w) => w.flush()?,
+            Out::Pcap(w) => w.flush()?,
+        }
+        Ok(())
+    }
+}
+
+/// Reads every capture shard; hands batches (sorted by time) to the writer.
+async fn read_rings(
+    rings: Vec<(usize, RingBuf<MapData>)>,
+    tx: std::sync::mpsc::SyncSender<Vec<Packet>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    offset: i64,
+    overflow: Arc<AtomicU64>,
+) -> Result<()> {
+    let mut fds = Vec::new();
+    for (_, r) in rings {
+        // SAFETY: the ring owns its fd and keeps it open while the AsyncFd holds it.
+        fds.push(unsafe { AsyncFd::register_with_interest(r, tokio::io::Interest::READABLE)? });
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        let last = *stop.borrow();
+        let mut batch = Vec::new();
+        for fd in fds.iter_mut() {
+            let ring = fd.get_mut();
+            while let Some(item) = ring.next() {
+                if item.len() < 32 {
+                    continue;
+                }
+                let hdr: CapHdr = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let data = item[32..32 + (hdr.caplen as usize).min(item.len() - 32)].to_vec();
+                batch.push(Packet { wall_ns: (hdr.ts_ns as i64 + offset) as u64, hdr, data });
+            }
+        }
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            if tx.try_send(batch).is_err() {
+                overflow.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        if last {
+            return Ok(());
+        }
+        let ready = futures_select(&mut fds);
+        tokio::select! {
+            _ = ready => {}
+            _ = tick.tick() => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Resolves when any shard is readable (and clears its readiness).
+async fn futures_select(fds: &mut [AsyncFd<RingBuf<MapData>>]) {
+    let futs = fds.iter_mut().map(|f| Box::pin(async move {
+        if let Ok(mut g) = f.readable_mut().await {
+            g.clear_ready();
+        }
+    }));
+    let all: Vec<_> = futs.collect();
+    if all.is_empty() {
+        return std::future::pending().await;
+    }
+    select_any(all).await;
+}
+
+/// The first of several futures to finish.
+async fn select_any<F: std::future::Future<Output = ()> + Unpin>(mut futs: Vec<F>) {
+    std::future::poll_fn(|cx| {
+        for f in futs.iter_mut() {
+            if std::pin::Pin::new(&mut *f).poll(cx).is_ready() {
+                return std::task::Poll::Ready(());
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// A namespace given by name (in /run/netns) or by path.
+fn netns_path(s: &str) -> PathBuf {
+    if s.contains('/') { PathBuf::from(s) } else { PathBuf::from("/run/netns").join(s) }
+}
+
+pub async fn run(a: CaptureArgs) -> Result<()> {
+    run::preflight("capture")?;
+    if a.ifaces.is_empty() {
+        crate::user_bail!("capture needs an interface: -i IFACE (repeatable, IFACE@NETNS for another namespace, or -i any)");
+    }
+    let expression = a.expression.join(" ");
+    let mut compiled = expr::compile(&expression, a.snaplen).map_err(|e| user(e.to_string()))?;
+    let cfg = &mut compiled.config;
+    cfg.dirs = a.dirs as u32;
+
+    // Interfaces: (namespace, name, ifindex, loopback).
+    let mut targets: Vec<(Option<PathBuf>, String, u32, bool)> = Vec::new();
+    for spec in &a.ifaces {
+        let (name, ns) = match spec.split_once('@') {
+            Some((n, ns)) => (n.to_string(), Some(netns_path(ns))),
+            None => (spec.clone(), None),
+        };
+        if let Some(p) = &ns
+            && !p.exists()
+        {
+            crate::user_bail!("network namespace {} does not exist", p.display());
+        }
+        let all = sys::in_netns(ns.as_deref(), || Ok(sys::interfaces()))?;
+        if name == "any" {
+            targets.extend(all.into_iter().map(|(i, n, lo)| (ns.clone(), n, i, lo)));
+            continue;
+        }
+        let Some((i, n, lo)) = all.into_iter().find(|(_, n, _)| *n == name) else {
+            let where_ = ns.as_ref().map(|p| format!(" in network namespace {}", p.display())).unwrap_or_default();
+            crate::user_bail!("unknown interface '{name}'{where_}");
+        };
+        targets.push((ns, n, i, lo));
+    }
+    targets.dedup_by(|x, y| x.0 == y.0 && x.1 == y.1);
+    for (i, x) in targets.iter().enumerate() {
+        if let Some(y) = targets[..i].iter().find(|y| y.2 == x.2 && y.0 != x.0) {
+            crate::user_bail!(
+                "{} and {} have the same ifindex {} in different namespaces; capture them in separate runs",
+                x.1,
+                y.1,
+                x.2
+            );
+        }
+    }
+    let lo: Vec<u32> = targets.iter().filter(|t| t.3).map(|t| t.2).collect();
+    for (k, i) in lo.iter().take(4).enumerate() {
+        cfg.skip_out[k] = *i;
+    }
+
+    let mut tracer = Tracer::load(&LoadOptions {
+        ring_bytes: if a.stages { 4 << 20 } else { 4096 },
+        capture_ring_bytes: 8 << 20,
+    })?;
+    let offset = sys::mono_to_wall_offset();
+    let rings = tracer.take_capture_rings()?;
+    let (tx, rx) = sync_channel::<Vec<Packet>>(1024);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let overflow = Arc::new(AtomicU64::new(0));
+    let reader = tokio::spawn(read_rings(rings, tx, stop_rx, offset, overflow.clone()));
+
+    // --stages: the tracer, filtered to TCP/UDP of the interfaces captured.
+    let (trace_tx, trace_rx) = sync_channel::<Trace>(65536);
+    let mut tracing = None;
+    if a.stages {
+        let trace_rings = tracer.take_rings()?;
+        let readers = session::start_readers(trace_rings, Duration::from_millis(10))?;
+        tracer.set_filter(&FilterSpec::default().to_kernel(std::process::id())?)?;
+        tracer.attach_kernel_hooks()?;
+        tracing = Some(readers);
+    }
+    let snaplen = compiled.config.snaplen;
+    tracer.set_capture(&compiled)?;
+    for (ns, name, _, is_lo) in &targets {
+        let att = tracer.attach_interface(ns.as_deref(), name, if a.dirs & DIR_IN != 0 { a.xdp } else { XdpChoice::Off })?;
+        if a.dirs & DIR_IN != 0
+            && let Err(e) = &att.xdp
+        {
+            crate::user_bail!("cannot capture packets coming in on {name}: XDP would not attach ({e})");
+        }
+        if (a.dirs & DIR_OUT != 0 && !is_lo)
+            && let Err(e) = &att.tc_egress
+        {
+            crate::user_bail!("cannot capture packets going out on {name}: tcx egress would not attach ({e})");
+        }
+    }
+    let corr = tracing
+        .as_mut()
+        .map(|r| r.start_correlator(tracer.coverage(), Duration::from_secs(1), None, vec![Box::new(TraceTap(trace_tx))]));
+
+    // The writer: interfaces first (pcapng), then packets as they come.
+    let out: Out = match a.write.as_deref() {
+        None => Out::Text(Box::new(std::io::BufWriter::new(std::io::stdout()))),
+        Some(path) => {
+            let w: Box<dyn Write + Send> = if path == "-" {
+                Box::new(std::io::BufWriter::new(std::io::stdout()))
+            } else {
+                Box::new(std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| user(format!("cannot write {path}: {e}")))?))
+            };
+            let os = format!("Linux {}", sys::kernel_release());
+            Out::Pcap(pcapng::Writer::new(w, &format!("packetflow {}", env!("CARGO_PKG_VERSION")), &os)?)
+        }
+    };
+    let mut state = WriterState {
+        out,
+        ifaces: BTreeMap::new(),
+        written: 0,
+        count: a.count,
+        done: Arc::new(AtomicBool::new(false)),
+        held: VecDeque::new(),
+        traces: HashMap::new(),
+        stages: a.stages,
+    };
+    for (ns, name, ifindex, is_lo) in &targets {
+        let ns_ino = sys::netns_inode(ns.as_deref().unwrap_or(std::path::Path::new("/proc/self/ns/net"))).unwrap_or(0);
+        let id = match &mut state.out {
+            Out::Pcap(w) => w.interface(
+                name,
+                snaplen,
+                &format!("ifindex {ifindex}, netns inode {ns_ino}{}", if *is_lo { ", loopback (recorded at ingress)" } else { "" }),
+            )?,
+            Out::Text(_) => state.ifaces.len() as u32,
+        };
+        state.ifaces.insert(*ifindex, Iface { id, name: name.clone(), captured: 0, lost: 0 });
+    }
+    let start_wall = sys::realtime_ns();
+    let quiet_stdout = a.write.as_deref() == Some("-");
+    eprintln!(
+        "capturing on {} ({}){}",
+        targets.iter().map(|t| t.1.as_str()).collect::<Vec<_>>().join(", "),
+        if expression.is_empty() { "all packets".to_string() } else { expression.clone() },
+        if quiet_stdout { "" } else { "; Ctrl-C to stop" }
+    );
+    let done = state.done.clone();
+    let writer = std::thread::spawn(move || -> Result<WriterState> { write_loop(state, rx, trace_rx) });
+
+    let deadline = a.duration.map(|d| tokio::time::Instant::now() + d);
+    loop {
+        tokio::select! {
+            r = run::stop_signal() => { r?; break; }
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        }
+    }
+    let counters = tracer.counters().unwrap_or_default();
+    let if_lost = tracer.capture_losses();
+    tracer.detach_all();
+    let _ = stop_tx.send(true);
+    reader.await.context("capture reader")??;
+    if let (Some(r), Some(c)) = (tracing, corr) {
+        let _ = r.stop(c).await;
+    }
+    let mut state = writer.join().map_err(|_| anyhow::anyhow!("the capture writer panicked"))??;
+    let g = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
+    let lost = g(counters::CAP_LOST_XDP) + g(counters::CAP_LOST_TC) + overflow.load(Ordering::Relaxed);
+    let end_wall = sys::realtime_ns();
+    for (ifindex, i) in state.ifaces.iter_mut() {
+        i.lost = if_lost.get(ifindex).copied().unwrap_or(0);
+    }
+    if let Out::Pcap(w) = &mut state.out {
+        for i in state.ifaces.values() {
+            w.stats(i.id, start_wall, end_wall, i.captured, i.lost)?;
+        }
+    }
+    state.flush()?;
+    eprintln!("{} packets captured", state.written);
+    eprintln!("{} packets received by filter", g(counters::CAP_MATCHED_XDP) + g(counters::CAP_MATCHED_TC));
+    eprintln!("{lost} packets dropped by packetflow");
+    Ok(())
+}
+
+fn write_loop(mut state: WriterState, rx: Receiver<Vec<Packet>>, traces: Receiver<Trace>) -> Result<WriterState> {
+    loop {
+        let r = rx.recv_timeout(Duration::from_millis(50));
+        if state.stages {
+            while let Ok(t) = traces.try_recv() {
+                state.traces.insert(trace_key(&t), t);
+            }
+        }
+        match r {
+            Ok(batch) => state.packets(batch)?,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if state.stages {
+            state.release(sys::realtime_ns(), false)?;
+        }
+        state.flush()?;
+    }
+    if state.stages {
+        while let Ok(t) = traces.recv_timeout(Duration::from_millis(200)) {
+            state.traces.insert(trace_key(&t), t);
+        }
+        state.release(u64::MAX, true)?;
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_keys_match_trace_keys() {
+        let mut f = vec![0u8; 14];
+        f[12] = 8;
+        f.extend([0x45, 0, 0, 46, 0, 0, 0x40, 0, 64, 17, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2]);
+        f.extend([0x9c, 0x40, 0x1f, 0x90, 0, 26, 0, 0]);
+        f.extend(b"Hello from client!");
+        let k = packet_key(&f).unwrap();
+        let mut head = [0u8; 16];
+        head.copy_from_slice(&b"Hello from client!"[..16]);
+        assert_eq!(k.5, packetflow_common::payload_key(&head, 16));
+        assert_eq!((k.1, k.3, k.4, k.6), (40000, 8080, true, 18));
+    }
+}

@@ -1,0 +1,414 @@
+//! `packetflow capture` cross-checked against tcpdump on the same live packets: the packet
+//! lists match (direction, addresses, ports, TCP sequence, length, payload bytes), every
+//! filter primitive selects what tcpdump's same expression selects, malformed frames are
+//! captured as they are and passed on, and tshark reads the pcapng without complaint.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use packetflow_tests::*;
+
+/// tshark's per-packet fields we compare.
+const FIELDS: &[&str] = &[
+    "eth.type", "ip.src", "ip.dst", "ipv6.src", "ipv6.dst", "tcp.srcport", "tcp.dstport", "tcp.seq_raw", "udp.srcport",
+    "udp.dstport", "icmp.type", "icmpv6.type", "frame.len", "frame.cap_len", "data.data", "tcp.payload",
+];
+
+/// The packet list of a capture file, one line of fields per packet (tshark -T fields).
+fn fields(file: &Path, filter: Option<&str>) -> Vec<String> {
+    let mut c = Command::new("tshark");
+    c.arg("-r").arg(file).args(["-T", "fields", "-E", "separator=|"]);
+    for f in FIELDS {
+        c.args(["-e", f]);
+    }
+    if let Some(f) = filter {
+        c.args(["-Y", f]);
+    }
+    let o = c.stderr(Stdio::piped()).output().expect("tshark (installed by cargo xtask setup)");
+    assert!(o.status.success(), "tshark -r {}: {}", file.display(), String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect()
+}
+
+/// tshark's complaints about a file (its warning about running as root is not about the file).
+fn tshark_complaints(file: &Path) -> String {
+    let o = Command::new("tshark").arg("-r").arg(file).stdout(Stdio::null()).stderr(Stdio::piped()).output().expect("tshark");
+    assert!(o.status.success());
+    String::from_utf8_lossy(&o.stderr).lines().filter(|l| !l.contains("Running as user")).collect::<Vec<_>>().join("\n")
+}
+
+/// A capture with packetflow: started, then stopped by SIGINT after `traffic` ran.
+struct Pf {
+    p: Proc,
+    err: std::sync::mpsc::Receiver<String>,
+}
+
+fn start_pf(args: &[&str]) -> Pf {
+    use std::io::{BufRead, BufReader};
+    let mut c = Command::new(bin()).arg("capture").args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("capture");
+    let err = c.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(err);
+        let mut all = String::new();
+        let mut line = String::new();
+        while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+            if line.starts_with("capturing on") {
+                let _ = tx.send(String::new());
+            }
+            all.push_str(&line);
+            line.clear();
+        }
+        let _ = tx.send(all);
+    });
+    let pf = Pf { p: Proc(c), err: rx };
+    let first = pf.err.recv_timeout(Duration::from_secs(30)).expect("capture starts");
+    assert!(first.is_empty(), "capture failed to start: {first}");
+    pf
+}
+
+impl Pf {
+    fn stop(mut self) -> String {
+        let st = self.p.interrupt(Duration::from_secs(15)).expect("capture stops on SIGINT");
+        let err = self.err.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+        assert!(st.success(), "capture failed: {err}");
+        err
+    }
+}
+
+/// tcpdump on `iface` (inside `ns` when given), one direction, unfiltered, into `file`.
+fn start_tcpdump(ns: Option<&Path>, iface: &str, dir: &str, file: &Path) -> Proc {
+    let mut c = match ns {
+        Some(p) => netns::netns_command(p, "tcpdump"),
+        None => Command::new("tcpdump"),
+    };
+    let c = c
+        .args(["-i", iface, "-Q", dir, "-n", "-s", "262144", "-U", "--immediate-mode", "-w"])
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("tcpdump (installed by cargo xtask setup)");
+    Proc(c)
+}
+
+fn stop_tcpdump(mut p: Proc) {
+    std::thread::sleep(Duration::from_millis(300));
+    p.interrupt(Duration::from_secs(10)).expect("tcpdump stops");
+}
+
+/// Mixed traffic between the test hosts: TCP and UDP seed exchanges over IPv4 and IPv6,
+/// pings both ways. Bounded: a few dozen packets.
+fn mixed_traffic(h: &TestHosts, port: u16) {
+    for (addr, udp) in [(netns::ADDR_B, false), (netns::ADDR_B, true), (netns::ADDR6_B, false), (netns::ADDR6_B, true)] {
+        let bind = if addr.contains(':') { "::" } else { "0.0.0.0" };
+        let _srv = serve(Some(&h.path_b()), bind, port, udp);
+        client(Some(&h.path_a()), addr, port, 3, 100, udp);
+    }
+    for target in [netns::ADDR_B, netns::ADDR6_B] {
+        let _ = h.command(&h.ns_a, "ping").args(["-c", "2", "-i", "0.2", "-W", "1", target]).output();
+    }
+}
+
+fn pf_list(file: &Path, dir: &str) -> Vec<String> {
+    let f = if dir == "in" { "frame.packet_flags_direction == 1" } else { "frame.packet_flags_direction == 2" };
+    fields(file, Some(f))
+}
+
+#[test]
+fn lo_capture_matches_tcpdump_packet_for_packet() {
+    require_root();
+    let port = unique_port();
+    let pf = tmp("lo-pf.pcapng");
+    let td = tmp("lo-td.pcap");
+    let cap = start_pf(&["-i", "lo", "-w", pf.to_str().unwrap(), "port", &port.to_string()]);
+    let dump = start_tcpdump(None, "lo", "in", &td);
+    std::thread::sleep(Duration::from_millis(1000));
+    let _srv = serve(None, "127.0.0.1", port, false);
+    client(None, "127.0.0.1", port, 10, 200, false);
+    std::thread::sleep(Duration::from_millis(300));
+    stop_tcpdump(dump);
+    let err = cap.stop();
+    assert!(err.contains("packets captured") && err.contains("0 packets dropped by packetflow"), "{err}");
+    assert_eq!(tshark_complaints(&pf), "", "tshark warnings");
+    let theirs = fields(&td, Some(&format!("tcp.port == {port}")));
+    let ours = pf_list(&pf, "in");
+    assert!(theirs.len() >= 23, "tcpdump saw {} packets", theirs.len());
+    assert_eq!(ours, theirs, "packetflow and tcpdump disagree on lo");
+    assert!(pf_list(&pf, "out").is_empty(), "loopback packets are recorded once, at ingress");
+}
+
+#[test]
+fn veth_capture_matches_tcpdump_in_both_directions() {
+    require_root();
+    let h = TestHosts::new("pfcap").expect("test hosts");
+    let port = unique_port();
+    let pf = tmp("veth-pf.pcapng");
+    let (tin, tout) = (tmp("veth-in.pcap"), tmp("veth-out.pcap"));
+    let cap = start_pf(&["-i", &format!("{}@{}", h.veth_b, h.ns_b), "-w", pf.to_str().unwrap()]);
+    let d_in = start_tcpdump(Some(&h.path_b()), &h.veth_b, "in", &tin);
+    let d_out = start_tcpdump(Some(&h.path_b()), &h.veth_b, "out", &tout);
+    std::thread::sleep(Duration::from_millis(1000));
+    mixed_traffic(&h, port);
+    std::thread::sleep(Duration::from_millis(300));
+    stop_tcpdump(d_in);
+    stop_tcpdump(d_out);
+    cap.stop();
+    assert_eq!(tshark_complaints(&pf), "");
+    for (dir, td) in [("in", &tin), ("out", &tout)] {
+        let theirs = fields(td, None);
+        let ours = pf_list(&pf, dir);
+        assert!(theirs.len() >= 20, "{dir}: tcpdump saw {}", theirs.len());
+        assert_eq!(ours, theirs, "direction {dir}: packetflow and tcpdump disagree");
+    }
+}
+
+#[test]
+fn each_filter_primitive_selects_what_tcpdump_selects() {
+    require_root();
+    let h = TestHosts::new("pfflt").expect("test hosts");
+    let port = unique_port();
+    let p = port.to_string();
+    let lo_port = (port - 5).to_string();
+    let hi_port = (port + 5).to_string();
+    let range = format!("{lo_port}-{hi_port}");
+    let expressions: Vec<Vec<&str>> = vec![
+        vec!["host", netns::ADDR_A],
+        vec!["src", "host", netns::ADDR_B],
+        vec!["dst", "host", netns::ADDR6_B],
+        vec!["net", "198.18.0.0/24"],
+        vec!["net", "fd00::/64"],
+        vec!["port", &p],
+        vec!["dst", "port", &p],
+        vec!["portrange", &range],
+        vec!["tcp"],
+        vec!["udp"],
+        vec!["icmp"],
+        vec!["icmp6"],
+        vec!["ip"],
+        vec!["ip6"],
+        vec!["tcp", "and", "dst", "port", &p],
+        vec!["udp", "or", "icmp"],
+        vec!["not", "tcp"],
+        vec!["host", netns::ADDR_B, "and", "(", "tcp", "or", "icmp", ")"],
+        vec!["!udp", "&&", "!icmp6"],
+        vec!["host", netns::ADDR_A, "or", netns::ADDR6_A],
+    ];
+    for expr in expressions {
+        let text = expr.join(" ");
+        let pf = tmp("flt-pf.pcapng");
+        let (tin, tout) = (tmp("flt-in.pcap"), tmp("flt-out.pcap"));
+        let mut args = vec!["-i".to_string(), format!("{}@{}", h.veth_b, h.ns_b), "-w".into(), pf.to_str().unwrap().into()];
+        args.extend(expr.iter().map(|s| s.to_string()));
+        let cap = start_pf(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let d_in = start_tcpdump(Some(&h.path_b()), &h.veth_b, "in", &tin);
+        let d_out = start_tcpdump(Some(&h.path_b()), &h.veth_b, "out", &tout);
+        std::thread::sleep(Duration::from_millis(800));
+        mixed_traffic(&h, port);
+        std::thread::sleep(Duration::from_millis(300));
+        stop_tcpdump(d_in);
+        stop_tcpdump(d_out);
+        cap.stop();
+        for (dir, td) in [("in", &tin), ("out", &tout)] {
+            // tcpdump's own filter, applied by libpcap to the same packets.
+            let filtered = tmp("flt-td.pcap");
+            let st = Command::new("tcpdump")
+                .arg("-r")
+                .arg(td)
+                .arg("-w")
+                .arg(&filtered)
+                .args(&expr)
+                .stderr(Stdio::null())
+                .status()
+                .expect("tcpdump -r");
+            assert!(st.success(), "tcpdump rejected '{text}'");
+            let theirs = fields(&filtered, None);
+            let ours = pf_list(&pf, dir);
+            assert_eq!(ours, theirs, "'{text}', direction {dir}");
+        }
+    }
+}
+
+#[test]
+fn malformed_frames_are_captured_as_they_are_and_passed_on() {
+    require_root();
+    let h = TestHosts::new("pfbad").expect("test hosts");
+    let pf = tmp("bad-pf.pcapng");
+    let td = tmp("bad-td.pcap");
+    let cap = start_pf(&["-i", &format!("{}@{}", h.veth_b, h.ns_b), "-Q", "in", "-w", pf.to_str().unwrap()]);
+    let dump = start_tcpdump(Some(&h.path_b()), &h.veth_b, "in", &td);
+    std::thread::sleep(Duration::from_millis(1000));
+    let dst = [0xffu8; 6];
+    let src = [0x02u8, 0, 0, 0, 0, 0xaa];
+    let frame = |ethertype: u16, body: &[u8]| {
+        let mut f = dst.to_vec();
+        f.extend(src);
+        f.extend(ethertype.to_be_bytes());
+        f.extend(body);
+        f
+    };
+    let frames = vec![
+        frame(0x0800, &[0x45, 0, 0, 60, 0, 0]),                      // IPv4 header cut short
+        frame(0x0800, &[0x43, 0, 0, 20, 0, 0, 0, 0, 64, 6, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2]), // IHL 3
+        frame(0x86dd, &[0x60, 0, 0, 0, 0, 8, 17]),                    // IPv6 header cut short
+        frame(0x88b5, b"local experimental ethertype"),              // not IP at all
+        frame(0x0800, &[0x45, 0, 0, 40, 0, 0, 0x20, 0, 64, 6, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2, 0x9c]), // TCP cut
+    ];
+    let sent = frames.clone();
+    let ifname = h.veth_a.clone();
+    packetflow::sys::in_netns(Some(&h.path_a()), move || {
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32) };
+        assert!(fd >= 0, "raw socket");
+        let ifindex = packetflow::sys::ifindex(&ifname).expect("veth");
+        for f in &sent {
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = ifindex as i32;
+            sll.sll_halen = 6;
+            let r = unsafe {
+                libc::sendto(fd, f.as_ptr().cast(), f.len(), 0, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+            };
+            assert_eq!(r, f.len() as isize, "sending a crafted frame");
+        }
+        unsafe { libc::close(fd) };
+        Ok(())
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stop_tcpdump(dump);
+    cap.stop();
+    // Captured byte for byte (frame.cap_len and the bytes), and passed on: tcpdump, which
+    // sees packets after XDP, got every one too.
+    // Every frame's bytes, as tshark reads them.
+    let bytes = |file: &PathBuf| -> Vec<String> {
+        let o = Command::new("tshark").arg("-r").arg(file).args(["-T", "json", "-x"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("tshark json");
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["_source"]["layers"]["frame_raw"][0].as_str().expect("frame_raw").to_string())
+            .collect()
+    };
+    let ours = bytes(&pf);
+    let theirs = bytes(&td);
+    assert_eq!(ours, theirs, "captured bytes differ from what tcpdump saw after XDP");
+    let hex = |f: &[u8]| f.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    for f in &frames {
+        assert!(ours.contains(&hex(f)), "frame {} not captured as sent", hex(f));
+    }
+}
+
+#[test]
+fn pcapng_to_stdout_pipes_into_tshark_and_carries_statistics() {
+    require_root();
+    let port = unique_port();
+    let out = tmp("stdout.pcapng");
+    let mut c = Command::new(bin())
+        .args(["capture", "-i", "lo", "-w", "-", "-c", "6", "port", &port.to_string()])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _srv = serve(None, "127.0.0.1", port, false);
+    client(None, "127.0.0.1", port, 3, 50, false);
+    let st = c.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(c.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(st.success(), "{err}");
+    assert!(err.contains("6 packets captured"), "{err}");
+    let tshark = Command::new("tshark").args(["-r", "-"]).stdin(std::fs::File::open(&out).unwrap()).output().unwrap();
+    assert!(tshark.status.success());
+    assert_eq!(String::from_utf8_lossy(&tshark.stdout).lines().count(), 6);
+    // Walk the blocks: section header, interface description (ns resolution, name),
+    // six enhanced packets with direction flags, an interface statistics block.
+    let data = std::fs::read(&out).unwrap();
+    let (mut off, mut types) = (0usize, Vec::new());
+    let mut isb_counts = None;
+    while off + 12 <= data.len() {
+        let ty = u32::from_le_bytes(data[off..off + 4].try_into().unwrap());
+        let len = u32::from_le_bytes(data[off + 4..off + 8].try_into().unwrap()) as usize;
+        if ty == 5 {
+            // options after interface id (4) and timestamp (8)
+            let mut o = off + 20;
+            let mut recv = None;
+            while o + 4 <= off + len - 4 {
+                let code = u16::from_le_bytes([data[o], data[o + 1]]);
+                let l = u16::from_le_bytes([data[o + 2], data[o + 3]]) as usize;
+                if code == 0 {
+                    break;
+                }
+                if code == 4 {
+                    recv = Some(u64::from_le_bytes(data[o + 4..o + 12].try_into().unwrap()));
+                }
+                o += 4 + l + (4 - l % 4) % 4;
+            }
+            isb_counts = recv;
+        }
+        types.push(ty);
+        off += len;
+    }
+    assert_eq!(types.first(), Some(&0x0A0D0D0A));
+    assert_eq!(types.iter().filter(|t| **t == 1).count(), 1);
+    assert_eq!(types.iter().filter(|t| **t == 6).count(), 6);
+    assert_eq!(isb_counts, Some(6), "interface statistics: packets received");
+    let tsres = fields(&out, None);
+    assert_eq!(tsres.len(), 6);
+}
+
+#[test]
+fn text_output_and_bad_expressions() {
+    require_root();
+    let port = unique_port();
+    let mut c = Command::new(bin())
+        .args(["capture", "-i", "lo", "-c", "4", "tcp", "port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _srv = serve(None, "127.0.0.1", port, false);
+    client(None, "127.0.0.1", port, 2, 18, false);
+    let o = c.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.lines().count(), 4, "{out}");
+    let first = out.lines().next().unwrap();
+    assert!(first.contains(" lo In  IP 127.0.0.1.") && first.contains("Flags [S]"), "{first}");
+    for bad in ["port 80 and fooo", "host 999.1.1.1", "(tcp", "ether host 1:2:3:4:5:6"] {
+        let mut args = vec!["capture", "-i", "lo"];
+        args.extend(bad.split(' '));
+        let o = packetflow(&args);
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("bad filter expression") && e.lines().count() == 1, "{bad}: {e}");
+    }
+    let o = packetflow(&["capture", "port", "80"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn stages_land_in_packet_comments() {
+    require_root();
+    let port = unique_port();
+    let out = tmp("stages.pcapng");
+    let cap = start_pf(&["-i", "lo", "--stages", "-w", out.to_str().unwrap(), "port", &port.to_string()]);
+    std::thread::sleep(Duration::from_millis(500));
+    let _srv = serve(None, "127.0.0.1", port, false);
+    client(None, "127.0.0.1", port, 5, 40, false);
+    std::thread::sleep(Duration::from_millis(1500));
+    cap.stop();
+    let o = Command::new("tshark")
+        .arg("-r")
+        .arg(&out)
+        .args(["-Y", "tcp.len > 0", "-T", "fields", "-e", "frame.comment"])
+        .output()
+        .unwrap();
+    let comments = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = comments.lines().collect();
+    assert_eq!(lines.len(), 10, "{comments}");
+    for l in lines {
+        assert!(l.contains("packetflow stages") && l.contains("recv_syscall +"), "{l}");
+    }
+}

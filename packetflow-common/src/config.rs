@@ -79,6 +79,11 @@ pub const MAX_FILTER_PORTS: usize = 8;
 pub const MAX_FILTER_HOSTS: usize = 4;
 pub const MAX_FILTER_IFACES: usize = 8;
 
+/// Per-packet records into the ring buffers (full tracing).
+pub const MODE_RECORDS: u32 = 1;
+/// In-kernel per-stage histograms (summary mode): no per-packet records.
+pub const MODE_SUMMARY: u32 = 2;
+
 pub const PROTO_TCP: u32 = 1;
 pub const PROTO_UDP: u32 = 2;
 
@@ -100,6 +105,13 @@ pub struct Filter {
     pub nifaces: u32,
     /// Not zero: also trace ACK/SYN/FIN/RST segments as their own kind.
     pub control: u32,
+    /// `MODE_*` bits: per-packet records to the rings, and/or in-kernel histograms.
+    pub mode: u32,
+    /// Trace 1 flow in `sample` (0 or 1: every flow). Decided by a hash of the flow's
+    /// two endpoints, so both directions of a connection are in or out together.
+    pub sample: u32,
+    pub sample_seed: u32,
+    pub _pad: u32,
     pub ports: [u16; MAX_FILTER_PORTS],
     pub hosts: [[u8; 16]; MAX_FILTER_HOSTS],
     /// 1 where `hosts[i]` is IPv6.
@@ -107,7 +119,7 @@ pub struct Filter {
     /// Device stages: only these ifindexes.
     pub ifaces: [u32; MAX_FILTER_IFACES],
 }
-assert_size!(Filter, 148);
+assert_size!(Filter, 164);
 
 impl Filter {
     pub const NONE: Filter = Filter {
@@ -119,6 +131,10 @@ impl Filter {
         nhosts: 0,
         nifaces: 0,
         control: 0,
+        mode: MODE_RECORDS,
+        sample: 1,
+        sample_seed: 0,
+        _pad: 0,
         ports: [0; MAX_FILTER_PORTS],
         hosts: [[0; 16]; MAX_FILTER_HOSTS],
         host_v6: [0; MAX_FILTER_HOSTS],

@@ -10,6 +10,7 @@ pub mod config;
 pub mod counters;
 pub mod event;
 pub mod stage;
+pub mod summary;
 
 pub use config::{Filter, Offsets, MAX_FILTER_HOSTS, MAX_FILTER_IFACES, MAX_FILTER_PORTS};
 pub use event::{payload_key, Event, Kind, RecvEnter, RecvSlot, SendSlot};

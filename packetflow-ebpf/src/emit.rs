@@ -5,11 +5,12 @@ use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
 };
 use packetflow_common::{
+    config::{MODE_RECORDS, MODE_SUMMARY},
     counters::{EMITTED, LOST},
     Event, Stage,
 };
 
-use crate::maps::{ring, COUNTERS, WAKEUP_BYTES};
+use crate::maps::{filter, ring, COUNTERS, WAKEUP_BYTES};
 
 #[inline(always)]
 pub fn count(idx: u32) {
@@ -23,9 +24,17 @@ pub fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
-/// Writes `ev` as a record of `stage` to this CPU's ring shard. `ev.ts_ns` must be set.
+/// Writes `ev` as a record of `stage` to this CPU's ring shard (full tracing) and/or
+/// notes it for the in-kernel histograms (summary mode). `ev.ts_ns` must be set.
 #[inline(always)]
 pub fn emit(ev: &mut Event, stage: Stage) {
+    let mode = filter().map_or(MODE_RECORDS, |f| f.mode);
+    if mode & MODE_SUMMARY != 0 {
+        crate::summary::update(ev, stage);
+    }
+    if mode & MODE_RECORDS == 0 {
+        return;
+    }
     let cpu = unsafe { bpf_get_smp_processor_id() };
     ev.stage = stage as u8;
     ev.cpu = cpu as u16;

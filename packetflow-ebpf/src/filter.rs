@@ -16,9 +16,17 @@ fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     }
 }
 
-/// Protocol, ports and hosts: the criteria every hook can check.
+/// Protocol, ports, hosts and sampling: the criteria every hook can check.
 #[inline(always)]
 pub fn flow_matches(f: &Filter, ev: &Event) -> bool {
+    if f.sample > 1 {
+        // Symmetric in the two endpoints: a connection's two directions go together.
+        let h = crate::summary::endpoint_hash(&ev.saddr, ev.sport) ^ crate::summary::endpoint_hash(&ev.daddr, ev.dport);
+        let h = (h ^ f.sample_seed as u64).wrapping_mul(0x94d0_49bb_1331_11eb);
+        if ((h >> 32) as u32) % f.sample != 0 {
+            return false;
+        }
+    }
     let bit = if ev.is_udp() { PROTO_UDP } else { PROTO_TCP };
     if f.protos & bit == 0 {
         return false;

@@ -13,6 +13,7 @@ mod kernel;
 mod maps;
 mod parse;
 mod probes;
+mod summary;
 
 #[cfg(not(test))]
 #[panic_handler]

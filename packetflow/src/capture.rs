@@ -33,7 +33,7 @@ use crate::{
     error::user,
     expr,
     filter::FilterSpec,
-    loader::{LoadOptions, Tracer, XdpChoice},
+    loader::{LoadOptions, Role, Tracer, XdpChoice},
     pcapng,
     run,
     session::{self, Sink},
@@ -401,7 +401,8 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     let snaplen = compiled.config.snaplen;
     tracer.set_capture(&compiled)?;
     for (ns, name, _, is_lo) in &targets {
-        let att = tracer.attach_interface(ns.as_deref(), name, if a.dirs & DIR_IN != 0 { a.xdp } else { XdpChoice::Off })?;
+        let xdp = if a.dirs & DIR_IN != 0 { a.xdp } else { XdpChoice::Off };
+        let att = tracer.attach_interface_as(Role::Capture, ns.as_deref(), name, xdp)?;
         if a.dirs & DIR_IN != 0
             && let Err(e) = &att.xdp
         {

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use anyhow::Result;
 use packetflow_common::{
     Filter, MAX_FILTER_HOSTS, MAX_FILTER_IFACES, MAX_FILTER_PORTS,
-    config::{PROTO_TCP, PROTO_UDP},
+    config::{MODE_RECORDS, MODE_SUMMARY, PROTO_TCP, PROTO_UDP},
 };
 use serde::Serialize;
 
@@ -21,6 +21,12 @@ pub struct FilterSpec {
     /// Interface indexes for the device stages (names are resolved by the caller).
     pub ifindexes: Vec<u32>,
     pub control: bool,
+    /// In-kernel histograms (summary mode).
+    pub summary: bool,
+    /// No per-packet records (with `summary`: summary mode only).
+    pub no_records: bool,
+    /// Trace 1 flow in N (1: all).
+    pub sample: u32,
 }
 
 impl FilterSpec {
@@ -66,6 +72,9 @@ impl FilterSpec {
         }
         f.nifaces = self.ifindexes.len() as u32;
         f.control = self.control as u32;
+        f.mode = if self.summary { MODE_SUMMARY } else { 0 } | if self.no_records { 0 } else { MODE_RECORDS };
+        f.sample = self.sample.max(1);
+        f.sample_seed = std::process::id().wrapping_mul(0x9e37_79b9);
         Ok(f)
     }
 }

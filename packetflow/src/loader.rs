@@ -33,7 +33,7 @@ use aya::{
         tc::TcAttachOptions,
     },
 };
-use packetflow_common::{Filter, Offsets, RING_SHARDS, Stage, capture::CaptureConfig, counters::NUM_COUNTERS};
+use packetflow_common::{Filter, Offsets, RING_SHARDS, Stage, capture::CaptureConfig, counters::NUM_COUNTERS, summary::HIST_BUCKETS};
 
 use crate::{btf::Btf, error::user, sys};
 
@@ -64,6 +64,22 @@ pub struct Attached {
     pub tc_egress: Result<(), String>,
 }
 
+/// Which programs go on an interface: the tracer's, or capture's (which also trace).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Trace,
+    Capture,
+}
+
+impl Role {
+    fn programs(self) -> [&'static str; 3] {
+        match self {
+            Role::Trace => ["pf_xdp", "pf_tc_ingress", "pf_tc_egress"],
+            Role::Capture => ["pf_cap_xdp", "pf_tc_ingress", "pf_cap_tc_egress"],
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum XdpChoice {
     Auto,
@@ -92,6 +108,7 @@ pub struct Tracer {
     counters: PerCpuArray<MapData, u64>,
     filter: Array<MapData, Filter>,
     capture: Array<MapData, CaptureConfig>,
+    hist: PerCpuArray<MapData, [u64; HIST_BUCKETS]>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub offsets: Offsets,
     pub stages: BTreeMap<Stage, StageHook>,
@@ -193,11 +210,13 @@ impl Tracer {
         let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").ok_or_else(|| anyhow!("COUNTERS map missing"))?)?;
         let filter = Array::try_from(ebpf.take_map("FILTER").ok_or_else(|| anyhow!("FILTER map missing"))?)?;
         let capture = Array::try_from(ebpf.take_map("CAP_CONFIG").ok_or_else(|| anyhow!("CAP_CONFIG map missing"))?)?;
+        let hist = PerCpuArray::try_from(ebpf.take_map("HIST").ok_or_else(|| anyhow!("HIST map missing"))?)?;
         let t = Tracer {
             ebpf: Some(ebpf),
             counters,
             filter,
             capture,
+            hist,
             _logger: logger,
             offsets,
             stages: BTreeMap::new(),
@@ -236,6 +255,43 @@ impl Tracer {
             out.push((s, RingBuf::try_from(map)?));
         }
         Ok(out)
+    }
+
+    /// The in-kernel histograms (summary mode), summed over CPUs, as statistics.
+    pub fn kernel_stats(&self) -> crate::stats::Stats {
+        use packetflow_common::summary::{E2E_SLOT, SLOTS_PER_PATH, bucket_range};
+        let mut stats = crate::stats::Stats::default();
+        for (p, path) in [crate::correlate::PathKind::Loopback, crate::correlate::PathKind::Nic].into_iter().enumerate() {
+            let mut ps = crate::stats::PathStats::default();
+            for slot in 0..SLOTS_PER_PATH {
+                let Ok(per_cpu) = self.hist.get(&(p as u32 * SLOTS_PER_PATH + slot), 0) else { continue };
+                let mut h = crate::stats::hist();
+                for buckets in per_cpu.iter() {
+                    for (i, &n) in buckets.iter().enumerate() {
+                        if n > 0 {
+                            let (lo, hi) = bucket_range(i);
+                            let _ = h.record_n(((lo + hi - 1) / 2).max(1), n);
+                        }
+                    }
+                }
+                if h.is_empty() {
+                    continue;
+                }
+                if slot == E2E_SLOT {
+                    ps.traces = h.len();
+                    ps.complete = h.len();
+                    ps.e2e = h;
+                } else if let Some(s) = Stage::from_u8(slot as u8) {
+                    ps.stages.insert(s, h);
+                }
+            }
+            if ps.traces > 0 {
+                // The first stage of every packet has no delta: show it as seen.
+                ps.stages.entry(Stage::SendSyscall).or_insert_with(crate::stats::hist);
+                stats.paths.insert(path, ps);
+            }
+        }
+        stats
     }
 
     /// Capture losses per ifindex (records that did not fit the ring).
@@ -291,7 +347,11 @@ impl Tracer {
             .ok_or("program missing")?
             .try_into()
             .map_err(|e: ProgramError| e.to_string())?;
+        let t0 = std::time::Instant::now();
         p.load(tp, btf).map_err(|e| describe(&e))?;
+        if std::env::var_os("PACKETFLOW_DEBUG_LOAD").is_some() {
+            eprintln!("loaded {prog} in {:?}", t0.elapsed());
+        }
         p.attach().map_err(|e| describe(&e))?;
         Ok(())
     }
@@ -389,7 +449,13 @@ impl Tracer {
     /// (the current one when `None`). Failures are recorded, not fatal, except an
     /// unknown interface.
     pub fn attach_interface(&mut self, netns: Option<&Path>, ifname: &str, xdp: XdpChoice) -> Result<&Attached> {
-        for name in ["pf_xdp", "pf_tc_ingress", "pf_tc_egress"] {
+        self.attach_interface_as(Role::Trace, netns, ifname, xdp)
+    }
+
+    /// As `attach_interface`, with `role`'s programs.
+    pub fn attach_interface_as(&mut self, role: Role, netns: Option<&Path>, ifname: &str, xdp: XdpChoice) -> Result<&Attached> {
+        let [xdp_name, ti_name, te_name] = role.programs();
+        for name in role.programs() {
             let prog = self.ebpf_mut().program_mut(name).ok_or_else(|| anyhow!("{name} missing"))?;
             if prog.fd().is_err() {
                 let r = match prog {
@@ -402,11 +468,12 @@ impl Tracer {
         }
         let netns_inode = sys::netns_inode(netns.unwrap_or(Path::new("/proc/self/ns/net"))).unwrap_or(0);
         let [x, ti, te] = self.ebpf_mut().programs_mut().fold([None, None, None], |mut acc, (n, p)| {
-            match n {
-                "pf_xdp" => acc[0] = Some(p),
-                "pf_tc_ingress" => acc[1] = Some(p),
-                "pf_tc_egress" => acc[2] = Some(p),
-                _ => {}
+            if n == xdp_name {
+                acc[0] = Some(p);
+            } else if n == ti_name {
+                acc[1] = Some(p);
+            } else if n == te_name {
+                acc[2] = Some(p);
             }
             acc
         });

@@ -106,6 +106,12 @@ enum Cmd {
         /// Give up waiting for a packet's missing stages after this many ms.
         #[arg(long, value_name = "MS", default_value_t = 1000)]
         timeout_ms: u64,
+        /// Summary mode: per-stage histograms kept in the kernel, no per-packet records.
+        #[arg(long)]
+        summary: bool,
+        /// Trace 1 flow in N (decided per flow in the kernel; sampled flows stay complete).
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        sample: u32,
     },
     /// Capture packets (XDP in, tcx out) to pcapng or tcpdump-like lines; filter in the kernel.
     Capture {
@@ -221,7 +227,26 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Doctor => runtime()?.block_on(doctor::run()),
-        Cmd::Trace { ifaces, ports, hosts, pid, proto, netns, duration, count, json, chrome_trace, xdp_mode, control, timeout_ms } => {
+        Cmd::Trace {
+            ifaces,
+            ports,
+            hosts,
+            pid,
+            proto,
+            netns,
+            duration,
+            count,
+            json,
+            chrome_trace,
+            xdp_mode,
+            control,
+            timeout_ms,
+            summary,
+            sample,
+        } => {
+            if sample == 0 {
+                packetflow::user_bail!("--sample must be at least 1 (1 = every flow)");
+            }
             if let Some(d) = duration
                 && !(d > 0.0 && d.is_finite())
             {
@@ -244,6 +269,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 xdp: xdp_mode.into(),
                 control,
                 timeout: Duration::from_millis(timeout_ms.max(1)),
+                summary,
+                sample,
             }))
         }
         Cmd::Capture { ifaces, write, count, snaplen, direction, duration, xdp_mode, stages, expression } => {

@@ -62,11 +62,16 @@ pub struct Running {
     readers: Readers,
     corr: CorrelatorHandle,
     pub shared: Arc<Shared>,
+    summary: bool,
+    records: bool,
 }
 
 /// What a finished run leaves.
 pub struct Finished {
+    /// From the per-packet traces (or, with records off, the kernel's histograms).
     pub stats: Stats,
+    /// The kernel's histograms, in summary mode.
+    pub kernel_stats: Option<Stats>,
     pub corr: CorrStats,
     pub counters: Vec<u64>,
     pub lost: BTreeMap<Stage, u64>,
@@ -100,7 +105,12 @@ pub fn counters_json(c: &[u64], overflow: u64) -> serde_json::Value {
 
 impl Running {
     pub async fn start(o: RunOptions) -> Result<Running> {
+        let dbg = std::env::var_os("PACKETFLOW_DEBUG_LOAD").is_some();
+        let t0 = std::time::Instant::now();
         let mut tracer = Tracer::load(&LoadOptions { ring_bytes: o.ring_bytes, capture_ring_bytes: 0 })?;
+        if dbg {
+            eprintln!("object loaded in {:?}", t0.elapsed());
+        }
         let rings = tracer.take_rings()?;
         let mut readers = session::start_readers(rings, o.poll)?;
         let mut filter = o.filter.clone();
@@ -112,8 +122,14 @@ impl Running {
         let kf = filter.to_kernel(std::process::id())?;
         tracer.set_filter(&kf)?;
         tracer.attach_kernel_hooks()?;
+        if dbg {
+            eprintln!("kernel hooks attached at {:?}", t0.elapsed());
+        }
         for (ns, name) in &o.interfaces {
             tracer.attach_interface(ns.as_deref(), name, o.xdp)?;
+        }
+        if dbg {
+            eprintln!("interfaces attached at {:?}", t0.elapsed());
         }
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
         if let Some(path) = &o.json {
@@ -140,7 +156,12 @@ impl Running {
         }
         let corr = readers.start_correlator(tracer.coverage(), o.timeout, o.count, sinks);
         let shared = readers.shared.clone();
-        Ok(Running { tracer, readers, corr, shared })
+        Ok(Running { tracer, readers, corr, shared, summary: o.filter.summary, records: !o.filter.no_records })
+    }
+
+    /// The statistics so far: the correlator's, or the kernel's in summary mode.
+    pub fn stats(&self) -> Stats {
+        if self.records { self.shared.stats.lock().expect("stats lock").clone() } else { self.tracer.kernel_stats() }
     }
 
     pub fn lost(&self) -> BTreeMap<Stage, u64> {
@@ -162,11 +183,15 @@ impl Running {
     /// Detaches every program, drains the rings, finishes every trace and writes the
     /// summary to the sinks.
     pub async fn finish(self) -> Result<Finished> {
-        let Running { mut tracer, readers, corr, shared } = self;
+        let Running { mut tracer, readers, corr, shared, summary, records } = self;
         tracer.detach_all();
         let (_corr, mut sinks) = readers.stop(corr).await.context("stopping the pipeline")?;
         let counters = tracer.counters().unwrap_or_default();
-        let stats = shared.stats.lock().expect("stats lock").clone();
+        let kernel_stats = summary.then(|| tracer.kernel_stats());
+        let stats = match (&kernel_stats, records) {
+            (Some(k), false) => k.clone(),
+            _ => shared.stats.lock().expect("stats lock").clone(),
+        };
         let corr = *shared.corr.lock().expect("corr lock");
         let overflow = shared.overflow_records.load(Ordering::Relaxed);
         let lost = lost_per_stage(&counters);
@@ -176,6 +201,7 @@ impl Running {
         }
         Ok(Finished {
             stats,
+            kernel_stats,
             corr,
             counters,
             lost,

@@ -15,7 +15,7 @@ use crate::correlate::{PathKind, Trace, TraceKind};
 /// Largest value a histogram holds: 100 s in ns.
 const MAX_NS: u64 = 100_000_000_000;
 
-fn hist() -> Histogram<u64> {
+pub fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_NS, 3).expect("valid histogram bounds")
 }
 

@@ -33,6 +33,8 @@ pub struct TraceArgs {
     pub xdp: XdpChoice,
     pub control: bool,
     pub timeout: Duration,
+    pub summary: bool,
+    pub sample: u32,
 }
 
 /// The per-path tables, as printed live and at the end.
@@ -95,7 +97,13 @@ pub async fn run(a: TraceArgs) -> Result<()> {
         proto: a.proto.clone(),
         ifindexes,
         control: a.control,
+        summary: a.summary,
+        no_records: a.summary,
+        sample: a.sample,
     };
+    if a.summary && (a.json.is_some() || a.chrome_trace.is_some() || a.count.is_some()) {
+        crate::user_bail!("--summary keeps no per-packet records: --json, --chrome-trace and --count need full tracing");
+    }
     let json_to_stdout = a.json.as_deref() == Some("-");
     let running = Running::start(RunOptions {
         filter,
@@ -138,7 +146,7 @@ pub async fn run(a: TraceArgs) -> Result<()> {
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break "duration over",
             _ = tick.tick() => {
                 if live {
-                    let stats = running.shared.stats.lock().expect("stats lock").clone();
+                    let stats = running.stats();
                     let lost = running.lost();
                     let flows = running.shared.flows.load(Ordering::Relaxed);
                     print!("\x1b[2J\x1b[H{}{} flows tracked, {} records dropped by a slow reader\n",
@@ -184,6 +192,12 @@ fn describe_filter(a: &TraceArgs) -> String {
     }
     if let Some(p) = &a.proto {
         parts.push(p.clone());
+    }
+    if a.sample > 1 {
+        parts.push(format!("1 flow in {}", a.sample));
+    }
+    if a.summary {
+        parts.push("summary mode: in-kernel histograms".into());
     }
     if parts.is_empty() { "all TCP and UDP".into() } else { parts.join(", ") }
 }

@@ -184,3 +184,42 @@ fn errno(e: &aya::programs::ProgramError) -> Option<i32> {
     }
     None
 }
+
+#[test]
+fn interface_programs_write_a_record_for_a_matching_packet() {
+    require_root();
+    let mut t = Tracer::load(&LoadOptions { ring_bytes: 1 << 16, capture_ring_bytes: 0 }).expect("load");
+    let mut rings = t.take_rings().expect("rings");
+    t.set_filter(&packetflow::filter::FilterSpec::default().to_kernel(0).unwrap()).unwrap();
+    for name in ["pf_xdp", "pf_tc_ingress", "pf_tc_egress"] {
+        match t.ebpf_mut().program_mut(name).expect(name) {
+            aya::programs::Program::Xdp(p) => p.load().expect("load xdp"),
+            aya::programs::Program::SchedClassifier(p) => p.load().expect("load tc"),
+            _ => unreachable!(),
+        }
+    }
+    let (name, frame, _) = frames().into_iter().next().expect("ipv4 tcp");
+    for prog in ["pf_xdp", "pf_tc_ingress", "pf_tc_egress"] {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions { data_in: Some(&frame), data_out: Some(&mut out), ..Default::default() };
+        let r = match t.ebpf_mut().program_mut(prog).unwrap() {
+            aya::programs::Program::Xdp(p) => TestRun::test_run(p as &mut Xdp, opts),
+            aya::programs::Program::SchedClassifier(p) => TestRun::test_run(p as &mut SchedClassifier, opts),
+            _ => unreachable!(),
+        };
+        r.unwrap_or_else(|e| panic!("{name} via {prog}: {e}"));
+    }
+    let stage_of = |s: packetflow_common::Stage| counters(&t, packetflow_common::counters::EMITTED + s as u32);
+    use packetflow_common::Stage;
+    assert_eq!((stage_of(Stage::Xdp), stage_of(Stage::TcIngress), stage_of(Stage::TcEgress)), (1, 1, 1));
+    let mut seen = Vec::new();
+    for (_, r) in rings.iter_mut() {
+        while let Some(item) = r.next() {
+            let ev: packetflow_common::Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            seen.push((ev.stage, ev.sport, ev.dport, ev.len));
+        }
+    }
+    seen.sort();
+    let s = |x: Stage| (x as u8, 40000u16, 8080u16, 18u32);
+    assert_eq!(seen, vec![s(Stage::TcEgress), s(Stage::Xdp), s(Stage::TcIngress)]);
+}

@@ -1,6 +1,8 @@
-//! Packet capture: XDP for packets coming in, tcx egress for packets going out (the same
-//! `pf_xdp` and `pf_tc_egress` programs the tracer uses: an interface holds one XDP
-//! program, so capture and tracing share it, each switched on by its own config). A packet
+//! Packet capture: XDP for packets coming in (`pf_cap_xdp`), tcx egress for packets going
+//! out (`pf_cap_tc_egress`). These programs also do the tracer's work for their stage
+//! (an interface holds one XDP program): `capture --stages` attaches them instead of
+//! `pf_xdp`/`pf_tc_egress`, and plain tracing never pays for the filter's verification.
+//! A packet
 //! the filter selects is copied (up to the snaplen, at most CAPTURE_MAX bytes) behind a
 //! `CapHdr` into this CPU's capture ring shard. The packet always goes on untouched.
 //!
@@ -9,11 +11,12 @@
 //! and SCTP on first IPv4 fragments, ARP/RARP addresses for IPv4 `host`/`net`.
 
 use aya_ebpf::{
+    bindings::{xdp_action::XDP_PASS, TC_ACT_UNSPEC},
     helpers::{
         bpf_get_smp_processor_id,
         generated::{bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     },
-    macros::map,
+    macros::{classifier, map, xdp},
     maps::{Array, HashMap},
     programs::{TcContext, XdpContext},
 };
@@ -23,6 +26,7 @@ use packetflow_common::{
         HOOK_XDP, MAX_PRIMS, TABLE_SIZE, P_HOST, P_ICMP, P_ICMP6, P_IP, P_IP6, P_NET, P_PORT, P_TCP, P_UDP,
     },
     counters::{CAP_LOST_TC, CAP_LOST_XDP, CAP_MATCHED_TC, CAP_MATCHED_XDP, CAP_SEEN_TC, CAP_SEEN_XDP},
+    Stage,
 };
 
 use crate::{
@@ -227,11 +231,24 @@ fn record(len: u32, ifindex: u32, dir: u8, hook: u8, snaplen: u32, load: impl Fn
     rb.output::<[u8]>(out, flags as u64).is_ok()
 }
 
-/// Capture at XDP (called by `pf_xdp`): packets coming in. A BPF-to-BPF call, not
-/// inlined: the verifier then checks it once, not once for every state the tracing
-/// half of the program leaves behind.
+#[xdp(frags)]
+pub fn pf_cap_xdp(ctx: XdpContext) -> u32 {
+    super::packet::try_xdp(&ctx);
+    capture_xdp(&ctx);
+    XDP_PASS
+}
+
+#[classifier]
+pub fn pf_cap_tc_egress(ctx: TcContext) -> i32 {
+    super::packet::try_tc(&ctx, Stage::TcEgress);
+    capture_tc_egress(&ctx);
+    TC_ACT_UNSPEC
+}
+
+/// Capture at XDP: packets coming in. A BPF-to-BPF call, not inlined: the verifier then
+/// checks it once, not once for every state the tracing half leaves behind.
 #[inline(never)]
-pub fn capture_xdp(ctx: &XdpContext) {
+fn capture_xdp(ctx: &XdpContext) {
     let Some(cfg) = CAP_CONFIG.get(0) else { return };
     if cfg.enabled == 0 || cfg.dirs & DIR_IN as u32 == 0 {
         return;
@@ -252,10 +269,9 @@ pub fn capture_xdp(ctx: &XdpContext) {
     }
 }
 
-/// Capture at tcx egress (called by `pf_tc_egress`): packets going out (not inlined,
-/// as `capture_xdp`).
+/// Capture at tcx egress: packets going out (not inlined, as `capture_xdp`).
 #[inline(never)]
-pub fn capture_tc_egress(ctx: &TcContext) {
+fn capture_tc_egress(ctx: &TcContext) {
     let Some(cfg) = CAP_CONFIG.get(0) else { return };
     if cfg.enabled == 0 || cfg.dirs & DIR_OUT as u32 == 0 {
         return;

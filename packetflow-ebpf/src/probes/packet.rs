@@ -113,14 +113,13 @@ fn interface_stage(mut ev: Event, ifindex: u32, stage: Stage) {
 #[xdp(frags)]
 pub fn pf_xdp(ctx: XdpContext) -> u32 {
     try_xdp(&ctx);
-    super::capture::capture_xdp(&ctx);
     XDP_PASS
 }
 
-/// Not inlined (nor is the capture half): each half keeps its own stack frame, so the
-/// program's frames stay under the verifier's 512-byte limit for a call chain.
+/// Not inlined: the capture programs call it too, and each half of those keeps its own
+/// stack frame (the verifier allows 512 bytes per call chain).
 #[inline(never)]
-fn try_xdp(ctx: &XdpContext) {
+pub(crate) fn try_xdp(ctx: &XdpContext) {
     let total = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as u32;
     let l3 = l2_skip(|off, buf| xdp_load(ctx, off, buf));
     let ev = match l3 {
@@ -141,7 +140,6 @@ fn try_xdp(ctx: &XdpContext) {
 #[classifier]
 pub fn pf_tc_egress(ctx: TcContext) -> i32 {
     try_tc(&ctx, Stage::TcEgress);
-    super::capture::capture_tc_egress(&ctx);
     TC_ACT_UNSPEC
 }
 
@@ -152,7 +150,7 @@ pub fn pf_tc_ingress(ctx: TcContext) -> i32 {
 }
 
 #[inline(never)]
-fn try_tc(ctx: &TcContext, stage: Stage) {
+pub(crate) fn try_tc(ctx: &TcContext, stage: Stage) {
     let proto = u16::from_be(ctx.skb.protocol() as u16);
     let skb = ctx.skb.skb.cast();
     let ev = if proto == ETH_P_IP || proto == ETH_P_IPV6 {

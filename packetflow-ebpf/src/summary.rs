@@ -1,0 +1,129 @@
+//! Summary mode: stage times gathered per packet in the kernel and, when the packet
+//! reaches `recv_syscall`, turned into per-stage latency histograms (no ring records).
+//! Userspace reads and merges the per-CPU histograms once a second.
+//!
+//! A packet is keyed by its flow and the end of its bytes (TCP) or its payload key (UDP):
+//! every hook can compute that. Packets that never reach `recv_syscall` (received on
+//! another host, dropped) age out of the LRU map and are not counted.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
+use packetflow_common::{
+    event::{F_END, F_LOOPBACK},
+    summary::{bucket, PktKey, PktState, E2E_SLOT, HIST_BUCKETS, HIST_SLOTS, PATH_LOOPBACK, SLOTS_PER_PATH},
+    Event, Stage,
+};
+
+#[map]
+static PKT_STATE: LruHashMap<PktKey, PktState> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+static HIST: PerCpuArray<[u64; HIST_BUCKETS]> = PerCpuArray::with_max_entries(HIST_SLOTS, 0);
+
+/// A hash of one endpoint.
+#[inline(always)]
+pub fn endpoint_hash(addr: &[u8; 16], port: u16) -> u64 {
+    let w = addr.as_ptr().cast::<u32>();
+    // Both callers pass 8-byte aligned arrays of an Event.
+    let (a, b, c, d) = unsafe { (*w as u64, *w.add(1) as u64, *w.add(2) as u64, *w.add(3) as u64) };
+    let mut h = (a ^ (b << 32) ^ c.rotate_left(17) ^ (d << 7) ^ port as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^= h >> 29;
+    h.wrapping_mul(0xbf58_476d_1ce4_e5b9)
+}
+
+#[inline(always)]
+fn key(ev: &Event) -> PktKey {
+    let src = endpoint_hash(&ev.saddr, ev.sport);
+    let dst = endpoint_hash(&ev.daddr, ev.dport);
+    // Direction matters: the response's packets are other packets.
+    let flow = src.rotate_left(1) ^ dst ^ ev.is_udp() as u64;
+    let end = if ev.is_udp() {
+        ev.seq ^ ev.len.rotate_left(16)
+    } else if ev.flags & F_END != 0 {
+        ev.seq
+    } else {
+        ev.seq.wrapping_add(ev.len)
+    };
+    PktKey { flow, end, _pad: 0 }
+}
+
+/// Notes `ev` at `stage` for its packet; at `recv_syscall` the packet is added up.
+#[inline(always)]
+pub fn update(ev: &Event, stage: Stage) {
+    let k = key(ev);
+    let st = match PKT_STATE.get_ptr_mut(&k) {
+        Some(p) => p,
+        None => {
+            let fresh = PktState { ts: [0; 12], flags: 0, _pad: 0 };
+            if PKT_STATE.insert(&k, &fresh, 0).is_err() {
+                return;
+            }
+            match PKT_STATE.get_ptr_mut(&k) {
+                Some(p) => p,
+                None => return,
+            }
+        }
+    };
+    let st = unsafe { &mut *st };
+    let i = stage as usize;
+    if i < 12 {
+        st.ts[i] = ev.ts_ns;
+    }
+    if ev.flags & F_LOOPBACK != 0 {
+        st.flags |= PATH_LOOPBACK;
+    }
+    if stage == Stage::RecvSyscall {
+        finish(st);
+        let _ = PKT_STATE.remove(&k);
+    }
+}
+
+#[inline(always)]
+fn add(slot: u32, v: u64) {
+    if let Some(h) = HIST.get_ptr_mut(slot) {
+        // Through a volatile read, so the compiler keeps the bounds check below in a form
+        // the verifier sees (it would otherwise fold it into `bucket`'s own clamp).
+        let b = bucket(v);
+        let b = unsafe { core::ptr::read_volatile(&b) };
+        if b < HIST_BUCKETS {
+            unsafe { (*h)[b] += 1 };
+        }
+    }
+}
+
+/// Stage deltas in the order the kernel passes the stages (generic XDP, seen after
+/// netif_receive, is taken in that order), as the full tracer computes them.
+#[inline(never)]
+fn finish(st: &PktState) {
+    let path = if st.flags & PATH_LOOPBACK != 0 { 0 } else { 1 };
+    let base = path * SLOTS_PER_PATH;
+    let xdp_after = st.ts[Stage::Xdp as usize] > st.ts[Stage::NetifReceive as usize] && st.ts[Stage::NetifReceive as usize] != 0;
+    let mut prev = 0u64;
+    let mut first = 0u64;
+    for k in 0..12usize {
+        let mut s = Stage::KERNEL_ORDER[k];
+        if xdp_after {
+            s = match s {
+                Stage::Xdp => Stage::NetifReceive,
+                Stage::NetifReceive => Stage::Xdp,
+                other => other,
+            };
+        }
+        let t = st.ts.get(s as usize).copied().unwrap_or(0);
+        if t == 0 || t < prev {
+            continue;
+        }
+        if prev != 0 {
+            add(base + s as u32, t - prev);
+        } else {
+            first = t;
+        }
+        prev = t;
+    }
+    let send = st.ts[Stage::SendSyscall as usize];
+    let recv = st.ts[Stage::RecvSyscall as usize];
+    let e2e = if send != 0 && recv >= send { recv - send } else { prev - first };
+    add(base + E2E_SLOT, e2e);
+}

@@ -201,6 +201,8 @@ struct Records {
     /// UDP: by (payload key, length, time). A datagram's record leaves when a trace
     /// uses it, so identical payloads pair one to one, in order.
     udp: BTreeMap<(u64, u64, u64), Rec>,
+    /// UDP keys in arrival order, to find the oldest in O(1) (may hold keys already used).
+    udp_order: VecDeque<(u64, u64, u64)>,
 }
 
 impl Records {
@@ -212,12 +214,18 @@ impl Records {
     fn insert(&mut self, udp: bool, r: Rec) -> bool {
         if udp {
             self.udp.insert((r.lo, r.hi, r.ts), r);
-            if self.udp.len() > MAX_EVENTS_PER_STAGE {
-                if let Some(k) = self.udp.iter().min_by_key(|(_, r)| r.ts).map(|(k, _)| *k) {
-                    self.udp.remove(&k);
-                }
-                return false;
+            self.udp_order.push_back((r.lo, r.hi, r.ts));
+            let mut evicted = false;
+            while self.udp.len() > MAX_EVENTS_PER_STAGE {
+                let Some(k) = self.udp_order.pop_front() else { break };
+                evicted |= self.udp.remove(&k).is_some();
             }
+            // Keys used by traces linger in the order list: drop them when it grows.
+            if self.udp_order.len() > 2 * self.udp.len() + 1024 {
+                let udp = &self.udp;
+                self.udp_order.retain(|k| udp.contains_key(k));
+            }
+            return !evicted;
         } else {
             let at = self.tcp.iter().rposition(|x| x.ts <= r.ts).map_or(0, |i| i + 1);
             self.tcp.insert(at, r);
@@ -239,10 +247,15 @@ impl Records {
                 unmatched += 1;
             }
         }
-        if self.udp.values().any(|r| r.ts < keep_from) {
-            let before = self.udp.len();
-            self.udp.retain(|_, r| r.ts >= keep_from);
-            unmatched += (before - self.udp.len()) as u64;
+        // Arrival order is nearly time order: drop from the front while old.
+        while let Some(k) = self.udp_order.front().copied() {
+            if k.2 >= keep_from {
+                break;
+            }
+            self.udp_order.pop_front();
+            if self.udp.remove(&k).is_some() {
+                unmatched += 1;
+            }
         }
         unmatched
     }
@@ -930,6 +943,19 @@ mod tests {
         let t = run(&mut c, &evs);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].time_of(Stage::CopyToUser), Some(200));
+    }
+
+    #[test]
+    fn a_flood_of_records_stays_bounded() {
+        let mut c = Correlator::new(all_global());
+        for i in 0..(MAX_EVENTS_PER_STAGE as u64 + 5_000) {
+            let mut e = ev(Stage::SockQueue, 1_000 + i, 0x1111, 64);
+            e.flags |= F_UDP;
+            c.push(&e);
+        }
+        let st = c.flows.values().next().unwrap();
+        assert_eq!(st.stages[Stage::SockQueue as usize].udp.len(), MAX_EVENTS_PER_STAGE);
+        assert_eq!(c.stats.records_evicted, 5_000);
     }
 
     #[test]

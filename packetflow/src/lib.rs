@@ -5,6 +5,7 @@
 //! per-packet traces, `stats` and `json` turn traces into tables and files, and the
 //! subcommands (`trace`, `demo`, `doctor`, `seed`) put it together.
 
+pub mod bench;
 pub mod btf;
 pub mod capture;
 pub mod charts;

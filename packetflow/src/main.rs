@@ -1,7 +1,7 @@
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use packetflow::{capture, correlate::PathKind, demo, doctor, error, loader::XdpChoice, report, seed, trace};
+use packetflow::{bench, capture, correlate::PathKind, demo, doctor, error, loader::XdpChoice, report, seed, trace};
 
 #[derive(Parser)]
 #[command(name = "packetflow", version, about = "Where a packet's time goes inside Linux: per-stage latency from send syscall to receive syscall, measured with eBPF.")]
@@ -182,6 +182,15 @@ enum Cmd {
         #[arg(long, value_name = "DIR")]
         svg: Option<PathBuf>,
     },
+    /// Measure tracing overhead with sockperf, iperf3 and tcpdump (run by `cargo xtask bench`).
+    Bench {
+        /// Where to write the markdown report.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        out: PathBuf,
+        /// One short round per measurement (to check the benchmark itself).
+        #[arg(long)]
+        quick: bool,
+    },
     /// The seed server: answers each message with "Hello from server!".
     Serve {
         #[arg(long, default_value_t = 8080)]
@@ -299,6 +308,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 stages,
             }))
         }
+        Cmd::Bench { out, quick } => runtime()?.block_on(bench::run(bench::BenchArgs { out, quick })),
         Cmd::Report { file, baseline, path, by, chrome_trace, html, svg } => report::run(report::ReportArgs {
             file,
             baseline,

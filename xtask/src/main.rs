@@ -6,6 +6,7 @@
 //! * `demo [ARGS]` — build, then `packetflow demo ARGS` (the README's main job).
 //! * `test [ARGS]` — build, then the whole test suite (the README's test command).
 //! * `fuzz [SECONDS]` — every cargo-fuzz target under fuzz/ (cargo-fuzz installed on demand).
+//! * `bench [--quick]` — `packetflow bench` on a release build; writes BENCHMARKS.md.
 
 use std::{
     path::{Path, PathBuf},
@@ -36,8 +37,9 @@ fn main() -> ExitCode {
         "demo" => demo(&rest),
         "test" => test(&rest),
         "fuzz" => fuzz(&rest),
+        "bench" => bench(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|demo [ARGS]|test [ARGS]|fuzz [SECONDS]>");
+            eprintln!("usage: cargo xtask <setup|demo [ARGS]|test [ARGS]|fuzz [SECONDS]|bench [--quick]>");
             return ExitCode::from(2);
         }
     };
@@ -155,8 +157,13 @@ fn bpf_linker() -> Result<()> {
 
 /// Debian packages for the tests, installed only when a command they provide is missing.
 fn packages() -> Result<()> {
+    install(PACKAGES)
+}
+
+/// Installs the packages of `(command, package)` pairs whose command is missing.
+fn install(wanted: &[(&str, &str)]) -> Result<()> {
     let have = |c: &str| Command::new("sh").args(["-c", &format!("command -v {c}")]).output().is_ok_and(|o| o.status.success());
-    let mut missing: Vec<&str> = PACKAGES.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
+    let mut missing: Vec<&str> = wanted.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
     missing.dedup();
     if missing.is_empty() {
         return Ok(());
@@ -221,6 +228,21 @@ fn test(args: &[String]) -> Result<ExitCode> {
     // One closing line for the whole suite (cargo prints one per test binary).
     println!("tests: {} passed, {} failed, {} skipped", totals[0], totals[1], totals[2]);
     Ok(if st.success() && totals[1] == 0 && totals[0] > 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Benchmarks (BENCHMARKS.md): release build, sockperf/iperf3/tcpdump from Debian.
+fn bench(args: &[String]) -> Result<ExitCode> {
+    setup()?;
+    need_root("bench")?;
+    install(&[("sockperf", "sockperf"), ("iperf3", "iperf3"), ("tcpdump", "tcpdump")])?;
+    run(cargo().args(["build", "--release", "-p", "packetflow"]))?;
+    let st = Command::new(root().join("target/release/packetflow"))
+        .arg("bench")
+        .arg("--out")
+        .arg(root().join("BENCHMARKS.md"))
+        .args(args)
+        .status()?;
+    Ok(ExitCode::from(st.code().unwrap_or(1) as u8))
 }
 
 /// Every cargo-fuzz target under fuzz/, each for SECONDS (default 60). Fails on a crash.

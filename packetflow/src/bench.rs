@@ -1,0 +1,467 @@
+//! `packetflow bench` (run by `cargo xtask bench`): what tracing costs, measured with
+//! tools nobody here wrote (sockperf, iperf3, tcpdump), side by side in one run, and
+//! written to BENCHMARKS.md.
+//!
+//! Every comparison interleaves its modes round by round (off, then the traced modes) and
+//! reports medians over the rounds, so a noisy machine shifts them all alike.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use packetflow_common::counters;
+
+use crate::{
+    filter::FilterSpec,
+    netns::{self, TestHosts},
+    run::{self, RunOptions, Running},
+    sys,
+};
+
+pub struct BenchArgs {
+    pub out: PathBuf,
+    /// Shorter runs, one round: for checking the bench itself.
+    pub quick: bool,
+}
+
+struct Cfg {
+    rounds: usize,
+    secs: u32,
+}
+
+/// A child killed on drop.
+struct Kid(Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cmd_in(ns: Option<&Path>, program: &str) -> Command {
+    match ns {
+        Some(p) => netns::netns_command(p, program),
+        None => Command::new(program),
+    }
+}
+
+fn show(c: &Command) -> String {
+    std::iter::once(c.get_program().to_string_lossy().into_owned())
+        .chain(c.get_args().map(|a| a.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The traced modes compared with "off".
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Mode {
+    Off,
+    Summary,
+    Full,
+    NoMatch,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Summary => "summary",
+            Mode::Full => "full",
+            Mode::NoMatch => "full, filter matches nothing",
+        }
+    }
+    fn filter(self, port: u16) -> FilterSpec {
+        match self {
+            Mode::Summary => FilterSpec { ports: vec![port], summary: true, no_records: true, ..Default::default() },
+            Mode::NoMatch => FilterSpec { ports: vec![port.wrapping_add(7)], ..Default::default() },
+            _ => FilterSpec { ports: vec![port], ..Default::default() },
+        }
+    }
+}
+
+/// sockperf's percentile lines: "---> percentile 50.000 =   24.957".
+fn sockperf_percentile(out: &str, p: &str) -> Option<f64> {
+    out.lines().find(|l| l.contains(&format!("percentile {p} ="))).and_then(|l| l.rsplit('=').next()?.trim().parse().ok())
+}
+
+struct Paths {
+    hosts: TestHosts,
+}
+
+/// Where a path's server runs and its client connects from.
+fn endpoints(path: &str, p: &Paths) -> (Option<PathBuf>, Option<PathBuf>, &'static str, Vec<(Option<PathBuf>, String)>) {
+    if path == "loopback" {
+        (None, None, "127.0.0.1", vec![(None, "lo".to_string())])
+    } else {
+        (
+            Some(p.hosts.path_b()),
+            Some(p.hosts.path_a()),
+            netns::ADDR_B,
+            vec![(Some(p.hosts.path_a()), p.hosts.veth_a.clone()), (Some(p.hosts.path_b()), p.hosts.veth_b.clone())],
+        )
+    }
+}
+
+fn sockperf_server(ns: Option<&Path>, addr: &str, port: u16, tcp: bool) -> Result<Kid> {
+    let mut c = cmd_in(ns, "sockperf");
+    c.args(["server", "-i", addr, "-p", &port.to_string()]);
+    if tcp {
+        c.arg("--tcp");
+    }
+    let k = Kid(c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("sockperf (Debian package sockperf)")?);
+    std::thread::sleep(Duration::from_millis(300));
+    Ok(k)
+}
+
+/// One sockperf ping-pong run: (p50, p99) one-way latency in µs.
+fn ping_pong(ns: Option<&Path>, addr: &str, port: u16, tcp: bool, secs: u32, log: &mut Vec<String>) -> Result<(f64, f64)> {
+    let mut c = cmd_in(ns, "sockperf");
+    c.args(["ping-pong", "-i", addr, "-p", &port.to_string(), "-m", "64", "-t", &secs.to_string()]);
+    if tcp {
+        c.arg("--tcp");
+    }
+    let line = show(&c);
+    if !log.contains(&line) {
+        log.push(line);
+    }
+    let o = c.output()?;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+    match (sockperf_percentile(&out, "50.000"), sockperf_percentile(&out, "99.000")) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => bail!("sockperf ping-pong gave no percentiles: {}", out.lines().last().unwrap_or_default()),
+    }
+}
+
+async fn start_tracer(interfaces: Vec<(Option<PathBuf>, String)>, mode: Mode, port: u16) -> Result<Running> {
+    Running::start(RunOptions { filter: mode.filter(port), interfaces, ..Default::default() }).await
+}
+
+/// sockperf ping-pong p50/p99 per path, protocol and mode.
+async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>) -> Result<()> {
+    md.push_str("\n## Request/response latency (sockperf ping-pong, 64 B, one-way µs)\n\n");
+    md.push_str("| path | proto | mode | p50 µs | p99 µs | p50 overhead | p99 overhead |\n|---|---|---|---|---|---|---|\n");
+    let modes = [Mode::Off, Mode::Summary, Mode::Full, Mode::NoMatch];
+    let mut port = 41000u16;
+    for path in ["loopback", "nic"] {
+        for tcp in [true, false] {
+            port += 10;
+            let (srv_ns, cli_ns, addr, ifaces) = endpoints(path, paths);
+            let _srv = sockperf_server(srv_ns.as_deref(), addr, port, tcp)?;
+            let mut res: BTreeMap<Mode, Vec<(f64, f64)>> = BTreeMap::new();
+            for round in 0..c.rounds {
+                eprintln!("latency: {path} {} round {}/{}", if tcp { "TCP" } else { "UDP" }, round + 1, c.rounds);
+                res.entry(Mode::Off).or_default().push(ping_pong(cli_ns.as_deref(), addr, port, tcp, c.secs, log)?);
+                // One tracer for the traced modes of a round; the filter switches the mode.
+                let mut running = start_tracer(ifaces.clone(), Mode::Full, port).await?;
+                for m in [Mode::Summary, Mode::Full, Mode::NoMatch] {
+                    running.tracer.set_filter(&m.filter(port).to_kernel(std::process::id())?)?;
+                    res.entry(m).or_default().push(ping_pong(cli_ns.as_deref(), addr, port, tcp, c.secs, log)?);
+                }
+                running.finish().await?;
+            }
+            let off = res.get(&Mode::Off).map(|v| (median(v.iter().map(|x| x.0).collect()), median(v.iter().map(|x| x.1).collect())));
+            for m in modes {
+                let v = &res[&m];
+                let (p50, p99) = (median(v.iter().map(|x| x.0).collect()), median(v.iter().map(|x| x.1).collect()));
+                let (o50, o99) = off.unwrap_or((p50, p99));
+                let _ = writeln!(
+                    md,
+                    "| {path} | {} | {} | {p50:.2} | {p99:.2} | {:+.1}% | {:+.1}% |",
+                    if tcp { "TCP" } else { "UDP" },
+                    m.name(),
+                    (p50 / o50 - 1.0) * 100.0,
+                    (p99 / o99 - 1.0) * 100.0
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// iperf3 over loopback: off vs full tracing, Gbit/s.
+async fn throughput(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()> {
+    md.push_str("\n## Bulk throughput (iperf3, TCP over loopback)\n\n| mode | Gbit/s | ratio to off |\n|---|---|---|\n");
+    let port = 42000u16;
+    let mut res: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
+    for round in 0..c.rounds {
+        eprintln!("throughput: round {}/{}", round + 1, c.rounds);
+        for m in [Mode::Off, Mode::Full] {
+            let running = if m == Mode::Off { None } else { Some(start_tracer(vec![(None, "lo".into())], m, port).await?) };
+            let _srv = Kid(Command::new("iperf3").args(["-s", "-1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("iperf3")?);
+            std::thread::sleep(Duration::from_millis(300));
+            let mut cl = Command::new("iperf3");
+            cl.args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", &c.secs.to_string(), "-J"]);
+            let line = show(&cl);
+            if !log.contains(&line) {
+                log.push(line);
+            }
+            let o = cl.output()?;
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).context("iperf3 -J output")?;
+            let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 bits_per_second")?;
+            res.entry(m).or_default().push(bps / 1e9);
+            if let Some(r) = running {
+                let f = r.finish().await?;
+                if m == Mode::Full && f.lost.values().sum::<u64>() + f.overflow_records > 0 {
+                    eprintln!("note: full tracing lost {} records during iperf3", f.lost.values().sum::<u64>() + f.overflow_records);
+                }
+            }
+        }
+    }
+    let off = median(res[&Mode::Off].clone());
+    for m in [Mode::Off, Mode::Full] {
+        let g = median(res[&m].clone());
+        let _ = writeln!(md, "| {} | {g:.2} | {:.3} |", m.name(), g / off);
+    }
+    Ok(())
+}
+
+/// Average ns per run of every attached program (kernel.bpf_stats), full tracing and
+/// with a filter that matches nothing, over a sockperf TCP ping-pong on loopback.
+async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()> {
+    let port = 43000u16;
+    let _srv = sockperf_server(None, "127.0.0.1", port, true)?;
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling kernel BPF statistics")?;
+    let snapshot = || -> BTreeMap<String, (u64, u64)> {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter_map(|p| {
+                let name = p.name_as_str()?.to_string();
+                name.starts_with("pf_").then(|| (name, (p.run_time().as_nanos() as u64, p.run_count())))
+            })
+            .fold(BTreeMap::new(), |mut m, (n, v)| {
+                let e: &mut (u64, u64) = m.entry(n).or_default();
+                e.0 += v.0;
+                e.1 += v.1;
+                m
+            })
+    };
+    let mut table: BTreeMap<String, [(u64, u64); 2]> = BTreeMap::new();
+    let mut ev_rate = [0f64; 2];
+    for (i, m) in [Mode::Full, Mode::NoMatch].into_iter().enumerate() {
+        eprintln!("hook cost: {}", m.name());
+        let running = start_tracer(vec![(None, "lo".into())], m, port).await?;
+        let before = snapshot();
+        let c0 = running.tracer.counters()?;
+        let t0 = Instant::now();
+        ping_pong(None, "127.0.0.1", port, true, c.secs, log)?;
+        let after = snapshot();
+        let c1 = running.tracer.counters()?;
+        let emitted: u64 = (0..12).map(|s| c1[(counters::EMITTED + s) as usize] - c0[(counters::EMITTED + s) as usize]).sum();
+        ev_rate[i] = emitted as f64 / t0.elapsed().as_secs_f64();
+        for (name, (t, n)) in after {
+            let (t0, n0) = before.get(&name).copied().unwrap_or((0, 0));
+            table.entry(name).or_default()[i] = (t - t0, n - n0);
+        }
+        running.finish().await?;
+    }
+    md.push_str("\n## Cost per hook (kernel.bpf_stats: run_time_ns / run_cnt, during sockperf TCP ping-pong on loopback)\n\n");
+    md.push_str("Programs run for every packet or call on the machine, traced or not; \"no match\" is the cost when\nthe filter rejects the packet.\n\n");
+    md.push_str("| program | runs (full) | avg ns (full) | runs (no match) | avg ns (no match) |\n|---|---|---|---|---|\n");
+    let (mut tt, mut tn) = ([0u64; 2], [0u64; 2]);
+    for (name, r) in &table {
+        if r[0].1 == 0 && r[1].1 == 0 {
+            continue;
+        }
+        let avg = |x: (u64, u64)| if x.1 == 0 { "-".to_string() } else { format!("{:.0}", x.0 as f64 / x.1 as f64) };
+        let _ = writeln!(md, "| {name} | {} | {} | {} | {} |", r[0].1, avg(r[0]), r[1].1, avg(r[1]));
+        for i in 0..2 {
+            tt[i] += r[i].0;
+            tn[i] += r[i].1;
+        }
+    }
+    let _ = writeln!(
+        md,
+        "| **all hooks** | {} | **{:.0}** | {} | **{:.0}** |",
+        tn[0],
+        tt[0] as f64 / tn[0].max(1) as f64,
+        tn[1],
+        tt[1] as f64 / tn[1].max(1) as f64
+    );
+    let _ = writeln!(md, "\nRecords written during the full run: {:.0}/s.", ev_rate[0]);
+    Ok(())
+}
+
+/// The highest record rate full tracing sustains without losing any: sockperf UDP
+/// throughput over loopback, raised step by step until something is lost.
+async fn event_rate(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()> {
+    let port = 44000u16;
+    let _srv = sockperf_server(None, "127.0.0.1", port, false)?;
+    md.push_str("\n## Highest lossless record rate (full tracing, sockperf UDP throughput on loopback)\n\n");
+    md.push_str("| offered msg/s | records/s | lost records |\n|---|---|---|\n");
+    let mut best = 0f64;
+    for mps in [20_000u32, 50_000, 100_000, 150_000, 200_000, 300_000, 400_000] {
+        eprintln!("event rate: {mps} msg/s");
+        let running = start_tracer(vec![(None, "lo".into())], Mode::Full, port).await?;
+        let c0 = running.tracer.counters()?;
+        let t0 = Instant::now();
+        let mut cl = Command::new("sockperf");
+        cl.args(["tp", "-i", "127.0.0.1", "-p", &port.to_string(), "-m", "64", &format!("--mps={mps}"), "-t", &c.secs.to_string()]);
+        let line = show(&cl);
+        if !log.contains(&line) {
+            log.push(line);
+        }
+        cl.stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+        let secs = t0.elapsed().as_secs_f64();
+        let c1 = running.tracer.counters()?;
+        let f = running.finish().await?;
+        let emitted: u64 = (0..12).map(|s| c1[(counters::EMITTED + s) as usize] - c0[(counters::EMITTED + s) as usize]).sum();
+        let lost = f.lost.values().sum::<u64>() + f.overflow_records;
+        let rate = emitted as f64 / secs;
+        let _ = writeln!(md, "| {mps} | {rate:.0} | {lost} |");
+        if lost > 0 {
+            break;
+        }
+        best = best.max(rate);
+    }
+    let _ = writeln!(md, "\nHighest lossless: **{best:.0} records/s**.");
+    Ok(())
+}
+
+/// Highest packet rate each capture tool records without a loss, same generator.
+async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>) -> Result<()> {
+    let port = 45000u16;
+    let h = &paths.hosts;
+    let _srv = sockperf_server(Some(&h.path_b()), netns::ADDR_B, port, false)?;
+    let me = std::env::current_exe()?;
+    md.push_str("\n## Capture: highest lossless packet rate (sockperf UDP 64 B over veth, capture at the receiving end)\n\n");
+    md.push_str("| offered msg/s | sent | packetflow captured | packetflow dropped | tcpdump captured | tcpdump dropped |\n|---|---|---|---|---|---|\n");
+    let mut best = [0u32; 2];
+    let mut alive = [true; 2];
+    let count = |s: &str, what: &str| -> u64 {
+        s.lines().find(|l| l.contains(what)).and_then(|l| l.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+    };
+    for mps in [25_000u32, 50_000, 100_000, 150_000, 200_000, 300_000, 400_000] {
+        if !alive.iter().any(|a| *a) {
+            break;
+        }
+        eprintln!("capture rate: {mps} msg/s");
+        let mut row = vec![mps.to_string()];
+        let mut cells = Vec::new();
+        for (i, tool) in ["packetflow", "tcpdump"].into_iter().enumerate() {
+            if !alive[i] {
+                cells.push(("-".to_string(), "-".to_string(), 0u64));
+                continue;
+            }
+            let mut cap = if tool == "packetflow" {
+                let mut x = Command::new(&me);
+                x.args(["capture", "-i", &format!("{}@{}", h.veth_b, h.ns_b), "-Q", "in", "-w", "/dev/null", "udp", "port", &port.to_string()]);
+                x
+            } else {
+                let mut x = netns::netns_command(&h.path_b(), "tcpdump");
+                x.args(["-i", &h.veth_b, "-Q", "in", "-n", "-w", "/dev/null", "udp", "port", &port.to_string()]);
+                x
+            };
+            let line = show(&cap);
+            if !log.contains(&line) {
+                log.push(line);
+            }
+            let mut kid = Kid(cap.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?);
+            std::thread::sleep(Duration::from_millis(if tool == "packetflow" { 2500 } else { 800 }));
+            let mut cl = netns::netns_command(&h.path_a(), "sockperf");
+            cl.args(["tp", "-i", netns::ADDR_B, "-p", &port.to_string(), "-m", "64", &format!("--mps={mps}"), "-t", &c.secs.to_string()]);
+            let line = show(&cl);
+            if !log.contains(&line) {
+                log.push(line);
+            }
+            let o = cl.output()?;
+            let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
+            // "Total of 200048 messages sent in 2.000 sec"
+            let sent: u64 = out
+                .lines()
+                .find(|l| l.contains("messages sent in"))
+                .and_then(|l| l.split("Total of").nth(1)?.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(500));
+            unsafe { libc::kill(kid.0.id() as i32, libc::SIGINT) };
+            let mut err = String::new();
+            if let Some(e) = kid.0.stderr.as_mut() {
+                let _ = std::io::Read::read_to_string(e, &mut err);
+            }
+            let _ = kid.0.wait();
+            let captured = count(&err, "packets captured");
+            let dropped = count(&err, if tool == "packetflow" { "dropped by packetflow" } else { "dropped by kernel" });
+            let lossless = dropped == 0 && captured >= sent && sent > 0;
+            if lossless {
+                best[i] = mps;
+            } else {
+                alive[i] = false;
+            }
+            if i == 0 {
+                row.push(sent.to_string());
+            }
+            cells.push((captured.to_string(), dropped.to_string(), sent));
+        }
+        for (c, d, _) in &cells {
+            row.push(c.clone());
+            row.push(d.clone());
+        }
+        let _ = writeln!(md, "| {} |", row.join(" | "));
+    }
+    let ratio = if best[1] > 0 { format!("{:.2}x", best[0] as f64 / best[1] as f64) } else { "n/a".into() };
+    let _ = writeln!(
+        md,
+        "\nHighest lossless rate: packetflow **{} msg/s**, tcpdump **{} msg/s** (ratio {ratio}; a rate is lossless when\nevery packet sockperf sent was captured and the tool reported no drop; the steps stop at the first loss).",
+        best[0], best[1]
+    );
+    Ok(())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub async fn run(a: BenchArgs) -> Result<()> {
+    run::preflight("bench")?;
+    for tool in ["sockperf", "iperf3", "tcpdump"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            crate::user_bail!("the benchmark needs {tool} (cargo xtask bench installs it)");
+        }
+    }
+    let c = if a.quick { Cfg { rounds: 1, secs: 1 } } else { Cfg { rounds: 3, secs: 3 } };
+    let paths = Paths { hosts: TestHosts::new("pfbench")? };
+    let start = Instant::now();
+    let mut md = String::new();
+    let date = Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let _ = writeln!(md, "# packetflow benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Run: {date}; kernel {}; CPU {} ({} cores); packetflow {} (release build); {} round(s) of {} s per measurement, medians.",
+        sys::kernel_release(),
+        cpu_model(),
+        sys::possible_cpus().len(),
+        env!("CARGO_PKG_VERSION"),
+        c.rounds,
+        c.secs
+    );
+    let mut log = Vec::new();
+    latency(&c, &paths, &mut md, &mut log).await?;
+    throughput(&c, &mut md, &mut log).await?;
+    hook_cost(&c, &mut md, &mut log).await?;
+    event_rate(&c, &mut md, &mut log).await?;
+    capture_rate(&c, &paths, &mut md, &mut log).await?;
+    let _ = writeln!(md, "\n## Commands\n\nProduced by `cargo xtask bench` ({:.0} s). The loads it ran:\n", start.elapsed().as_secs_f64());
+    for l in &log {
+        let _ = writeln!(md, "    {l}");
+    }
+    print!("{md}");
+    std::fs::write(&a.out, &md).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}

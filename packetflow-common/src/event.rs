@@ -129,22 +129,7 @@ pub struct RecvSlot {
 }
 assert_size!(RecvSlot, 80);
 
-/// Per-CPU note left by `sys_enter_{read,readv,recvfrom,recvmsg,recvmmsg}`: where the
-/// caller's buffer and source-address buffer are, so the UDP receive hook can read the
-/// datagram the application got (UDP copies small datagrams without a tracepoint).
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct RecvEnter {
-    pub tid: u32,
-    /// One of the `RECV_*` kinds: how `ptr` is to be read.
-    pub kind: u32,
-    /// read/recvfrom: the buffer; readv: the iovec array; recvmsg/recvmmsg: the msghdr.
-    pub ptr: u64,
-    /// recvfrom: the sockaddr buffer (0 when none).
-    pub addr: u64,
-}
-assert_size!(RecvEnter, 24);
-
+/// How a receive call hands over its buffer (from the syscall's registers).
 pub const RECV_BUF: u32 = 0;
 pub const RECV_IOV: u32 = 1;
 pub const RECV_MSG: u32 = 2;
@@ -166,7 +151,6 @@ pub fn payload_key(b: &[u8; 16], n: u32) -> u32 {
 
 #[cfg(feature = "user")]
 mod pod {
-    unsafe impl aya::Pod for super::RecvEnter {}
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::SendSlot {}
     unsafe impl aya::Pod for super::RecvSlot {}

@@ -13,7 +13,7 @@ pub mod stage;
 pub mod summary;
 
 pub use config::{Filter, Offsets, MAX_FILTER_HOSTS, MAX_FILTER_IFACES, MAX_FILTER_PORTS};
-pub use event::{payload_key, Event, Kind, RecvEnter, RecvSlot, SendSlot};
+pub use event::{payload_key, Event, Kind, RecvSlot, SendSlot};
 pub use stage::{Stage, NUM_STAGES};
 
 /// Number of ring-buffer shards the programs write to (`RB0`..`RB7`); a record goes to

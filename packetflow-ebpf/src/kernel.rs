@@ -40,6 +40,54 @@ pub fn read<T: Copy>(base: u64, off: u32) -> Result<T, ()> {
     Ok(unsafe { v.assume_init() })
 }
 
+/// Several fields of one struct read with one helper call: `N` bytes from the lowest of
+/// their offsets. A field outside the window (a kernel with another layout) is read alone.
+pub struct Window<const N: usize> {
+    base: u64,
+    lo: u32,
+    buf: [u8; N],
+}
+
+impl<const N: usize> Window<N> {
+    #[inline(always)]
+    pub fn read(base: u64, offs: &[u32]) -> Result<Self, ()> {
+        if base == 0 {
+            return Err(());
+        }
+        let mut lo = u32::MAX;
+        for &o in offs {
+            if o != Offsets::MISSING && o < lo {
+                lo = o;
+            }
+        }
+        let mut w = Window { base, lo, buf: [0; N] };
+        if lo == u32::MAX {
+            return Ok(w);
+        }
+        let r = unsafe { bpf_probe_read_kernel(w.buf.as_mut_ptr().cast(), N as u32, (base + lo as u64) as *const _) };
+        if r != 0 {
+            count(READ_FAILED);
+            return Err(());
+        }
+        Ok(w)
+    }
+
+    #[inline(always)]
+    pub fn get<T: Copy>(&self, off: u32) -> Result<T, ()> {
+        if off == Offsets::MISSING {
+            return Err(());
+        }
+        let size = core::mem::size_of::<T>();
+        let i = off.wrapping_sub(self.lo) as usize;
+        if off >= self.lo
+            && let Some(b) = self.buf.get(i..i + size)
+        {
+            return Ok(unsafe { core::ptr::read_unaligned(b.as_ptr().cast::<T>()) });
+        }
+        read(self.base, off)
+    }
+}
+
 /// Packet bytes of a kernel `sk_buff`, from its IP header on.
 pub struct SkbSource {
     l3: u64,
@@ -79,13 +127,25 @@ pub enum L3At {
 /// Parses the packet in kernel `sk_buff` `skb` into `ev`.
 #[inline(always)]
 pub fn parse_skb(skb: u64, at: L3At, ev: &mut Event) -> Result<(), Unparsed> {
-    let data: u64 = read(skb, off!(skb_data)).map_err(|_| Unparsed::Malformed)?;
-    let len: u32 = read(skb, off!(skb_len)).map_err(|_| Unparsed::Malformed)?;
+    let mut l3 = (0u64, 0u32);
+    skb_l3(skb, at, &mut l3)?;
+    let src = SkbSource { l3: l3.0, l3_len: l3.1 };
+    parse_l3(&src, ev)
+}
+
+/// Where the IP header of `skb` starts and how many bytes follow it. Its own function
+/// (a BPF-to-BPF call): the window it reads lives in its own stack frame.
+#[inline(never)]
+fn skb_l3(skb: u64, at: L3At, out: &mut (u64, u32)) -> Result<(), Unparsed> {
+    let w = Window::<96>::read(skb, &[off!(skb_len), off!(skb_data), off!(skb_head), off!(skb_network_header)])
+        .map_err(|_| Unparsed::Malformed)?;
+    let data: u64 = w.get(off!(skb_data)).map_err(|_| Unparsed::Malformed)?;
+    let len: u32 = w.get(off!(skb_len)).map_err(|_| Unparsed::Malformed)?;
     let l3 = match at {
         L3At::Data => data,
         L3At::NetworkHeader => {
-            let head: u64 = read(skb, off!(skb_head)).map_err(|_| Unparsed::Malformed)?;
-            let nh: u16 = read(skb, off!(skb_network_header)).map_err(|_| Unparsed::Malformed)?;
+            let head: u64 = w.get(off!(skb_head)).map_err(|_| Unparsed::Malformed)?;
+            let nh: u16 = w.get(off!(skb_network_header)).map_err(|_| Unparsed::Malformed)?;
             if nh == 0xffff {
                 return Err(Unparsed::Other);
             }
@@ -96,8 +156,8 @@ pub fn parse_skb(skb: u64, at: L3At, ev: &mut Event) -> Result<(), Unparsed> {
     if l3 >= end || end - l3 > u32::MAX as u64 {
         return Err(Unparsed::Malformed);
     }
-    let src = SkbSource { l3, l3_len: (end - l3) as u32 };
-    parse_l3(&src, ev)
+    *out = (l3, (end - l3) as u32);
+    Ok(())
 }
 
 /// Fills the device fields of `ev` (ifindex, netns inode, loopback flag) from `dev`.
@@ -124,31 +184,35 @@ pub fn sock_local_port(sk: u64) -> u16 {
     read::<u16>(sk, off!(sk_num)).unwrap_or(0)
 }
 
-/// Fills the flow of `ev` from socket `sk`, oriented as data the socket sends
-/// (`rx == false`: src is the local end) or receives (`rx == true`: src is the peer).
-/// IPv4-mapped IPv6 sockets are reported as IPv4, as their packets are.
+/// Fills the flow of `ev` from socket `sk` (of protocol `proto`), oriented as data the
+/// socket sends (`rx == false`: src is the local end) or receives (`rx == true`: src is
+/// the peer). IPv4-mapped IPv6 sockets are reported as IPv4, as their packets are.
 #[inline(always)]
-pub fn sock_flow(sk: u64, rx: bool, ev: &mut Event) -> Result<(), ()> {
-    let proto = sock_protocol(sk);
+pub fn sock_flow_of(sk: u64, proto: u8, rx: bool, ev: &mut Event) -> Result<(), ()> {
     match proto {
         IPPROTO_TCP => ev.flags |= (Kind::Data as u8) << KIND_SHIFT,
         IPPROTO_UDP => ev.flags |= F_UDP,
         _ => return Err(()),
     }
-    let family: u16 = read(sk, off!(sk_family))?;
-    let local_port: u16 = read(sk, off!(sk_num))?;
-    let peer_port: u16 = u16::from_be(read(sk, off!(sk_dport))?);
+    // sock_common's addresses, ports and family in one read.
+    let w = Window::<96>::read(
+        sk,
+        &[off!(sk_daddr), off!(sk_rcv_saddr), off!(sk_dport), off!(sk_num), off!(sk_family), off!(sk_v6_daddr), off!(sk_v6_rcv_saddr)],
+    )?;
+    let family: u16 = w.get(off!(sk_family))?;
+    let local_port: u16 = w.get(off!(sk_num))?;
+    let peer_port: u16 = u16::from_be(w.get(off!(sk_dport))?);
     // Read as if sending (saddr = local), then swap for the receive direction.
     match family {
         AF_INET => {
-            let l: [u8; 4] = read(sk, off!(sk_rcv_saddr))?;
-            let p: [u8; 4] = read(sk, off!(sk_daddr))?;
+            let l: [u8; 4] = w.get(off!(sk_rcv_saddr))?;
+            let p: [u8; 4] = w.get(off!(sk_daddr))?;
             ev.saddr[..4].copy_from_slice(&l);
             ev.daddr[..4].copy_from_slice(&p);
         }
         AF_INET6 => {
-            ev.saddr = read(sk, off!(sk_v6_rcv_saddr))?;
-            ev.daddr = read(sk, off!(sk_v6_daddr))?;
+            ev.saddr = w.get(off!(sk_v6_rcv_saddr))?;
+            ev.daddr = w.get(off!(sk_v6_daddr))?;
             if is_v4_mapped(&ev.daddr) && (is_v4_mapped(&ev.saddr) || is_zero(&ev.saddr)) {
                 unmap(&mut ev.saddr);
                 unmap(&mut ev.daddr);
@@ -227,3 +291,75 @@ pub fn user_peer(addr: u64, ev: &mut Event) {
     }
 }
 
+
+/// The receive syscall the current task is in: (`RECV_*` kind, buffer/iovec/msghdr user
+/// pointer, recvfrom's address buffer), from the task's saved syscall registers. `None`
+/// for other syscalls and architectures without a mapping here.
+#[inline(always)]
+pub fn recv_call() -> Option<(u32, u64, u64)> {
+    use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
+    use packetflow_common::event::{RECV_BUF, RECV_IOV, RECV_MSG};
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return None;
+    }
+    use arch::*;
+    let (nr, a1, a4) = syscall_regs(regs)?;
+    let kind = match nr {
+        READ | RECVFROM => RECV_BUF,
+        READV => RECV_IOV,
+        RECVMSG | RECVMMSG => RECV_MSG,
+        _ => return None,
+    };
+    Some((kind, a1, if nr == RECVFROM { a4 } else { 0 }))
+}
+
+/// Receive syscall numbers and where pt_regs keeps (syscall number, argument 1,
+/// argument 4) on x86_64: orig_ax, si, r8.
+#[cfg(bpf_target_arch = "x86_64")]
+mod arch {
+    pub const READ: u64 = 0;
+    pub const READV: u64 = 19;
+    pub const RECVFROM: u64 = 45;
+    pub const RECVMSG: u64 = 47;
+    pub const RECVMMSG: u64 = 299;
+
+    #[inline(always)]
+    pub fn syscall_regs(regs: u64) -> Option<(u64, u64, u64)> {
+        use aya_ebpf::{bindings::pt_regs, helpers::bpf_probe_read_kernel};
+        let r: pt_regs = unsafe { bpf_probe_read_kernel(regs as *const pt_regs) }.ok()?;
+        Some((r.orig_rax, r.rsi, r.r8))
+    }
+}
+
+/// The same for arm64, whose pt_regs is regs[0..31], sp, pc, pstate, orig_x0, syscallno.
+#[cfg(bpf_target_arch = "aarch64")]
+mod arch {
+    pub const READ: u64 = 63;
+    pub const READV: u64 = 65;
+    pub const RECVFROM: u64 = 207;
+    pub const RECVMSG: u64 = 212;
+    pub const RECVMMSG: u64 = 243;
+
+    #[inline(always)]
+    pub fn syscall_regs(regs: u64) -> Option<(u64, u64, u64)> {
+        use aya_ebpf::helpers::bpf_probe_read_kernel;
+        let r: [u64; 36] = unsafe { bpf_probe_read_kernel(regs as *const [u64; 36]) }.ok()?;
+        Some((r[35] & 0xffff_ffff, r[1], r[4]))
+    }
+}
+
+/// Other architectures: no mapping, so copy_to_user is not attributed there.
+#[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
+mod arch {
+    pub const READ: u64 = u64::MAX;
+    pub const READV: u64 = u64::MAX;
+    pub const RECVFROM: u64 = u64::MAX;
+    pub const RECVMSG: u64 = u64::MAX;
+    pub const RECVMMSG: u64 = u64::MAX;
+
+    #[inline(always)]
+    pub fn syscall_regs(_regs: u64) -> Option<(u64, u64, u64)> {
+        None
+    }
+}

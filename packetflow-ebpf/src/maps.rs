@@ -2,10 +2,10 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
 };
 use packetflow_common::{
-    counters::NUM_COUNTERS, Event, Filter, Offsets, RecvEnter, RecvSlot, SendSlot,
+    counters::NUM_COUNTERS, Event, Filter, Offsets, RecvSlot, SendSlot,
 };
 
 /// Kernel struct offsets, written by the loader before the programs are verified
@@ -30,9 +30,6 @@ pub static SEND_SLOT: PerCpuArray<SendSlot> = PerCpuArray::with_max_entries(1, 0
 #[map]
 pub static RECV_SLOT: PerCpuArray<RecvSlot> = PerCpuArray::with_max_entries(1, 0);
 
-/// Per thread (tid): a receive syscall blocks, and its thread may wake on another CPU.
-#[map]
-pub static RECV_ENTER: LruHashMap<u32, RecvEnter> = LruHashMap::with_max_entries(16384, 0);
 
 /// The UDP datagram cgroup_skb ingress just handed to a socket on this CPU, for the
 /// `sk_data_ready` that follows it in the same softirq.

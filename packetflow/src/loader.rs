@@ -393,13 +393,8 @@ impl Tracer {
         let udp_rcv = self.cgroup("pf_cg_ingress", CgroupSkbAttachType::Ingress);
         let ready = self.tp_btf("pf_sk_data_ready", "sk_data_ready");
         let tcp_copy = self.tp_btf("pf_copy_to_user", "skb_copy_datagram_iovec");
-        let udp_copy = self
-            .tracepoint("pf_sys_enter_recvfrom", "syscalls", &["sys_enter_recvfrom"])
-            .and_then(|()| self.tracepoint("pf_sys_enter_recvmsg", "syscalls", &["sys_enter_recvmsg", "sys_enter_recvmmsg"]))
-            .and_then(|()| self.tp_btf("pf_sock_recv", "sock_recv_length"));
-        let recv = self
-            .tracepoint("pf_sys_exit_recv", "syscalls", &["sys_exit_read", "sys_exit_readv"])
-            .and_then(|()| self.tracepoint("pf_sys_exit_recvmsg", "syscalls", &refs(&exit_recv[2..])));
+        let udp_copy = self.tp_btf("pf_sock_recv", "sock_recv_length");
+        let recv = self.tracepoint("pf_sys_exit_recv", "syscalls", &refs(&exit_recv));
 
         let both = |a: &Result<(), String>, b: &Result<(), String>| match (a, b) {
             (Ok(()), Ok(())) => Ok(()),

@@ -21,8 +21,8 @@ use super::{current, packet::SkbCtxSource as CtxSource};
 use crate::{
     emit::{count, emit, now},
     filter::{flow_matches, kind_wanted, process_wanted},
-    kernel::{parse_skb, read, sock_flow, sock_local_port, sock_protocol, user_ptr, L3At},
-    maps::{filter, off, RECV_ENTER, RECV_SLOT, SEND_SLOT, UDP_RX_SLOT},
+    kernel::{parse_skb, read, sock_flow_of, sock_local_port, sock_protocol, user_ptr, L3At},
+    maps::{filter, off, RECV_SLOT, SEND_SLOT, UDP_RX_SLOT},
     parse::{parse_l3, IPPROTO_TCP, IPPROTO_UDP},
 };
 
@@ -64,7 +64,7 @@ fn try_tcp_sendmsg(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let sk: u64 = ctx.arg(0);
     let msg: u64 = ctx.arg(1);
     let mut ev = Event::ZERO;
-    sock_flow(sk, false, &mut ev)?;
+    sock_flow_of(sk, IPPROTO_TCP, false, &mut ev)?;
     if !flow_matches(f, &ev) {
         return Ok(());
     }
@@ -128,7 +128,7 @@ fn try_sk_data_ready(ctx: &BtfTracePointContext) -> Result<(), ()> {
     match sock_protocol(sk) {
         IPPROTO_TCP => {
             let mut ev = Event::ZERO;
-            sock_flow(sk, true, &mut ev)?;
+            sock_flow_of(sk, IPPROTO_TCP, true, &mut ev)?;
             if !flow_matches(f, &ev) {
                 return Ok(());
             }
@@ -181,7 +181,7 @@ fn try_copy_to_user(ctx: &BtfTracePointContext) -> Result<(), ()> {
     }
     let mut ev = Event::ZERO;
     // A TCP copy starts at the socket's copied_seq.
-    sock_flow(sk, true, &mut ev)?;
+    sock_flow_of(sk, IPPROTO_TCP, true, &mut ev)?;
     if !flow_matches(f, &ev) {
         return Ok(());
     }
@@ -197,7 +197,8 @@ fn try_copy_to_user(ctx: &BtfTracePointContext) -> Result<(), ()> {
 /// sock:sock_recv_length(sk, ret, flags): sock_recvmsg handed `ret` bytes to the caller.
 /// UDP's `copy_to_user`: udp_recvmsg copies linear datagrams without the
 /// skb_copy_datagram_iovec tracepoint, so the datagram is identified from what the
-/// application received: its buffer (payload key) and source address.
+/// application received: its buffer (payload key) and source address, found through the
+/// syscall's registers (bpf_task_pt_regs), for read, readv, recvfrom, recvmsg, recvmmsg.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn pf_sock_recv(ctx: BtfTracePointContext) -> i32 {
     let _ = try_sock_recv(&ctx);
@@ -219,18 +220,18 @@ fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), ()> {
     if ret <= 0 || flags & MSG_PEEK != 0 || sock_protocol(sk) != IPPROTO_UDP {
         return Ok(());
     }
-    let Some(enter) = (unsafe { RECV_ENTER.get(&tid) }) else {
+    // Which receive call this is, and where its buffers are: the syscall's own registers.
+    let Some((kind, ptr, addr)) = crate::kernel::recv_call() else {
         count(RECV_SLOT_MISS);
         return Ok(());
     };
-    let enter = *enter;
     let mut ev = Event::ZERO;
-    sock_flow(sk, true, &mut ev)?;
+    sock_flow_of(sk, IPPROTO_UDP, true, &mut ev)?;
     // (user_msghdr: msg_name at 0, msg_iov at 16; iovec: iov_base at 0.)
-    let (buf, name) = match enter.kind {
-        RECV_MSG => (user_ptr(user_ptr(enter.ptr + 16)), user_ptr(enter.ptr)),
-        RECV_IOV => (user_ptr(enter.ptr), 0),
-        _ => (enter.ptr, enter.addr),
+    let (buf, name) = match kind {
+        RECV_MSG => (user_ptr(user_ptr(ptr + 16)), user_ptr(ptr)),
+        RECV_IOV => (user_ptr(ptr), 0),
+        _ => (ptr, addr),
     };
     let n = if ret < 16 { ret as u32 } else { 16 };
     let mut p = [0u8; 32];

@@ -10,11 +10,7 @@ use crate::{
     emit::{emit, now},
     filter::{flow_matches, process_wanted},
     kernel::user_peer,
-    maps::{filter, RECV_ENTER, RECV_SLOT, SEND_SLOT},
-};
-use packetflow_common::{
-    event::{RECV_BUF, RECV_MSG},
-    RecvEnter,
+    maps::{filter, RECV_SLOT, SEND_SLOT},
 };
 
 /// Offset of `ret` in the `sys_exit_*` tracepoint records (from tracefs at load time).
@@ -53,44 +49,7 @@ pub fn pf_sys_exit_send(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The socket receive calls' entry: where the caller's buffers are (see `RecvEnter`).
-/// Only recvfrom/recvmsg/recvmmsg (socket-only calls): tracking read() would cost every
-/// file read on the system; UDP received with read() has no `copy_to_user` stage.
-#[inline(always)]
-fn recv_enter(ctx: &TracePointContext, kind: u32, addr_arg: Option<usize>) -> u32 {
-    let Some(f) = filter() else { return 0 };
-    let (tgid, tid) = current();
-    if !process_wanted(f, tgid) {
-        return 0;
-    }
-    // sys_enter records: common header (8), syscall nr (8), then six 8-byte arguments.
-    let arg = |i: usize| -> u64 { unsafe { ctx.read_at::<u64>(16 + 8 * i) }.unwrap_or(0) };
-    let e = RecvEnter { tid, kind, ptr: arg(1), addr: addr_arg.map_or(0, arg) };
-    let _ = RECV_ENTER.insert(&tid, &e, 0);
-    0
-}
-
-/// `syscalls:sys_enter_recvfrom`: recvfrom(fd, buf, len, flags, addr, addrlen).
-#[tracepoint]
-pub fn pf_sys_enter_recvfrom(ctx: TracePointContext) -> u32 {
-    recv_enter(&ctx, RECV_BUF, Some(4))
-}
-
-/// `syscalls:sys_enter_{recvmsg,recvmmsg}`: the msghdr (an mmsghdr starts with one).
-#[tracepoint]
-pub fn pf_sys_enter_recvmsg(ctx: TracePointContext) -> u32 {
-    recv_enter(&ctx, RECV_MSG, None)
-}
-
-/// Attached to `syscalls:sys_exit_{recvfrom,recvmsg,recvmmsg}`: also forgets the entry.
-#[tracepoint]
-pub fn pf_sys_exit_recvmsg(ctx: TracePointContext) -> u32 {
-    let (_, tid) = current();
-    let _ = RECV_ENTER.remove(&tid);
-    recv_exit(&ctx, tid)
-}
-
-/// Attached to `syscalls:sys_exit_{read,readv}`.
+/// Attached to `syscalls:sys_exit_{read,readv,recvfrom,recvmsg,recvmmsg}`.
 #[tracepoint]
 pub fn pf_sys_exit_recv(ctx: TracePointContext) -> u32 {
     let (_, tid) = current();

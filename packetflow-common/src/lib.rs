@@ -12,9 +12,9 @@ pub mod event;
 pub mod stage;
 pub mod summary;
 
-pub use config::{Filter, Offsets, MAX_FILTER_HOSTS, MAX_FILTER_IFACES, MAX_FILTER_PORTS};
-pub use event::{payload_key, Event, Kind, RecvSlot, SendSlot};
-pub use stage::{Stage, NUM_STAGES};
+pub use config::{Filter, MAX_FILTER_HOSTS, MAX_FILTER_IFACES, MAX_FILTER_PORTS, Offsets};
+pub use event::{Event, Kind, RecvSlot, SendSlot, payload_key};
+pub use stage::{NUM_STAGES, Stage};
 
 /// Number of ring-buffer shards the programs write to (`RB0`..`RB7`); a record goes to
 /// shard `cpu % RING_SHARDS`, so at most `ncpus / RING_SHARDS` CPUs share one ring.

@@ -90,11 +90,7 @@ impl Stage {
     }
 
     pub const fn from_u8(v: u8) -> Option<Stage> {
-        if (v as usize) < Self::ALL.len() {
-            Some(Self::ALL[v as usize])
-        } else {
-            None
-        }
+        if (v as usize) < Self::ALL.len() { Some(Self::ALL[v as usize]) } else { None }
     }
 
     pub fn from_name(name: &str) -> Option<Stage> {

@@ -4,7 +4,7 @@
 //! split into 32 buckets, so a bucket is at most 1/32 (3.1%) of its value wide and its
 //! midpoint is within 1.6% of anything in it. 1184 buckets reach 2^41 ns (about 37 min).
 
-use crate::{assert_size, NUM_STAGES};
+use crate::{NUM_STAGES, assert_size};
 
 pub const LINEAR: u64 = 64;
 pub const SUB_BITS: u32 = 5;

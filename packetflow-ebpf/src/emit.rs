@@ -5,12 +5,12 @@ use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
 };
 use packetflow_common::{
+    Event, Stage,
     config::{MODE_RECORDS, MODE_SUMMARY},
     counters::{EMITTED, LOST},
-    Event, Stage,
 };
 
-use crate::maps::{filter, ring, COUNTERS, WAKEUP_BYTES};
+use crate::maps::{COUNTERS, WAKEUP_BYTES, filter, ring};
 
 #[inline(always)]
 pub fn count(idx: u32) {
@@ -40,11 +40,7 @@ pub fn emit(ev: &mut Event, stage: Stage) {
     ev.cpu = cpu as u16;
     let rb = ring(cpu);
     let wake = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
-    let flags = if rb.query(BPF_RB_AVAIL_DATA as u64) >= wake {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
+    let flags = if rb.query(BPF_RB_AVAIL_DATA as u64) >= wake { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
     match rb.output::<Event>(&*ev, flags as u64) {
         Ok(()) => count(EMITTED + stage as u32),
         Err(_) => count(LOST + stage as u32),

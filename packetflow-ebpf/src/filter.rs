@@ -1,9 +1,9 @@
 //! The in-kernel filter: evaluated before any ring-buffer write.
 
 use packetflow_common::{
+    Event, Filter, Kind, MAX_FILTER_HOSTS, MAX_FILTER_IFACES, MAX_FILTER_PORTS,
     config::{PROTO_TCP, PROTO_UDP},
     event::F_V6,
-    Event, Filter, Kind, MAX_FILTER_HOSTS, MAX_FILTER_IFACES, MAX_FILTER_PORTS,
 };
 
 /// Both arrays sit at 8-byte aligned offsets of their structs, so word loads are safe.
@@ -11,9 +11,7 @@ use packetflow_common::{
 fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
     let a = a.as_ptr().cast::<u32>();
     let b = b.as_ptr().cast::<u32>();
-    unsafe {
-        (*a ^ *b) | (*a.add(1) ^ *b.add(1)) | (*a.add(2) ^ *b.add(2)) | (*a.add(3) ^ *b.add(3)) == 0
-    }
+    unsafe { (*a ^ *b) | (*a.add(1) ^ *b.add(1)) | (*a.add(2) ^ *b.add(2)) | (*a.add(3) ^ *b.add(3)) == 0 }
 }
 
 /// Protocol, ports, hosts and sampling: the criteria every hook can check.

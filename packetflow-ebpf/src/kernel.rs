@@ -3,15 +3,15 @@
 
 use aya_ebpf::helpers::generated::{bpf_probe_read_kernel, bpf_probe_read_user};
 use packetflow_common::{
+    Event, Kind, Offsets,
     counters::READ_FAILED,
     event::{F_LOOPBACK, F_UDP, F_V6, KIND_SHIFT},
-    Event, Kind, Offsets,
 };
 
 use crate::{
     emit::count,
     maps::off,
-    parse::{parse_l3, Source, Unparsed, IPPROTO_TCP, IPPROTO_UDP},
+    parse::{IPPROTO_TCP, IPPROTO_UDP, Source, Unparsed, parse_l3},
 };
 
 const AF_INET: u16 = 2;
@@ -27,11 +27,7 @@ pub fn read<T: Copy>(base: u64, off: u32) -> Result<T, ()> {
     }
     let mut v = core::mem::MaybeUninit::<T>::uninit();
     let r = unsafe {
-        bpf_probe_read_kernel(
-            v.as_mut_ptr().cast(),
-            core::mem::size_of::<T>() as u32,
-            (base + off as u64) as *const _,
-        )
+        bpf_probe_read_kernel(v.as_mut_ptr().cast(), core::mem::size_of::<T>() as u32, (base + off as u64) as *const _)
     };
     if r != 0 {
         count(READ_FAILED);
@@ -101,11 +97,7 @@ impl Source for SkbSource {
             return Err(Unparsed::Malformed);
         }
         let r = unsafe {
-            bpf_probe_read_kernel(
-                buf.as_mut_ptr().cast(),
-                buf.len() as u32,
-                (self.l3 + off as u64) as *const _,
-            )
+            bpf_probe_read_kernel(buf.as_mut_ptr().cast(), buf.len() as u32, (self.l3 + off as u64) as *const _)
         };
         if r != 0 { Err(Unparsed::Malformed) } else { Ok(()) }
     }
@@ -197,7 +189,15 @@ pub fn sock_flow_of(sk: u64, proto: u8, rx: bool, ev: &mut Event) -> Result<(), 
     // sock_common's addresses, ports and family in one read.
     let w = Window::<96>::read(
         sk,
-        &[off!(sk_daddr), off!(sk_rcv_saddr), off!(sk_dport), off!(sk_num), off!(sk_family), off!(sk_v6_daddr), off!(sk_v6_rcv_saddr)],
+        &[
+            off!(sk_daddr),
+            off!(sk_rcv_saddr),
+            off!(sk_dport),
+            off!(sk_num),
+            off!(sk_family),
+            off!(sk_v6_daddr),
+            off!(sk_v6_rcv_saddr),
+        ],
     )?;
     let family: u16 = w.get(off!(sk_family))?;
     let local_port: u16 = w.get(off!(sk_num))?;
@@ -246,9 +246,7 @@ fn is_zero(a: &[u8; 16]) -> bool {
 
 #[inline(always)]
 fn is_v4_mapped(a: &[u8; 16]) -> bool {
-    a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0
-        && a[10] == 0xff
-        && a[11] == 0xff
+    a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0 && a[10] == 0xff && a[11] == 0xff
 }
 
 // User memory (the caller's buffers in receive syscalls).
@@ -290,7 +288,6 @@ pub fn user_peer(addr: u64, ev: &mut Event) {
         ev.flags &= !F_V6;
     }
 }
-
 
 /// The receive syscall the current task is in: (`RECV_*` kind, buffer/iovec/msghdr user
 /// pointer, recvfrom's address buffer), from the task's saved syscall registers. `None`

@@ -4,9 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray, RingBuf},
 };
-use packetflow_common::{
-    counters::NUM_COUNTERS, Event, Filter, Offsets, RecvSlot, SendSlot,
-};
+use packetflow_common::{Event, Filter, Offsets, RecvSlot, SendSlot, counters::NUM_COUNTERS};
 
 /// Kernel struct offsets, written by the loader before the programs are verified
 /// (a frozen global: the verifier sees the values, and code for absent fields is pruned).
@@ -29,7 +27,6 @@ pub static SEND_SLOT: PerCpuArray<SendSlot> = PerCpuArray::with_max_entries(1, 0
 
 #[map]
 pub static RECV_SLOT: PerCpuArray<RecvSlot> = PerCpuArray::with_max_entries(1, 0);
-
 
 /// The UDP datagram cgroup_skb ingress just handed to a socket on this CPU, for the
 /// `sk_data_ready` that follows it in the same softirq.

@@ -7,8 +7,9 @@
 //! so a truncated or malformed packet makes a read fail, never an out-of-bounds access.
 
 use packetflow_common::{
+    Event, Kind,
     event::{F_UDP, F_V6, KIND_SHIFT},
-    payload_key, Event, Kind,
+    payload_key,
 };
 
 pub const ETH_P_IP: u16 = 0x0800;
@@ -67,11 +68,7 @@ pub fn l2_skip(load: impl Fn(u32, &mut [u8]) -> bool) -> Result<(u32, u16), Unpa
         proto = be16(&b, 0);
         off += 4;
     }
-    if proto == ETH_P_IP || proto == ETH_P_IPV6 {
-        Ok((off, proto))
-    } else {
-        Err(Unparsed::Other)
-    }
+    if proto == ETH_P_IP || proto == ETH_P_IPV6 { Ok((off, proto)) } else { Err(Unparsed::Other) }
 }
 
 /// Fills flow, `seq`, `len` and the kind/protocol flags of `ev` from the packet in `src`.

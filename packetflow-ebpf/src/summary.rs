@@ -11,9 +11,9 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray},
 };
 use packetflow_common::{
-    event::{F_END, F_LOOPBACK},
-    summary::{bucket, PktKey, PktState, E2E_SLOT, HIST_BUCKETS, HIST_SLOTS, PATH_LOOPBACK, SLOTS_PER_PATH},
     Event, Stage,
+    event::{F_END, F_LOOPBACK},
+    summary::{E2E_SLOT, HIST_BUCKETS, HIST_SLOTS, PATH_LOOPBACK, PktKey, PktState, SLOTS_PER_PATH, bucket},
 };
 
 #[map]
@@ -99,7 +99,8 @@ fn add(slot: u32, v: u64) {
 fn finish(st: &PktState) {
     let path = if st.flags & PATH_LOOPBACK != 0 { 0 } else { 1 };
     let base = path * SLOTS_PER_PATH;
-    let xdp_after = st.ts[Stage::Xdp as usize] > st.ts[Stage::NetifReceive as usize] && st.ts[Stage::NetifReceive as usize] != 0;
+    let xdp_after =
+        st.ts[Stage::Xdp as usize] > st.ts[Stage::NetifReceive as usize] && st.ts[Stage::NetifReceive as usize] != 0;
     let mut prev = 0u64;
     let mut first = 0u64;
     for k in 0..12usize {

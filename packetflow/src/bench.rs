@@ -95,7 +95,9 @@ impl Mode {
 
 /// sockperf's percentile lines: "---> percentile 50.000 =   24.957".
 fn sockperf_percentile(out: &str, p: &str) -> Option<f64> {
-    out.lines().find(|l| l.contains(&format!("percentile {p} ="))).and_then(|l| l.rsplit('=').next()?.trim().parse().ok())
+    out.lines()
+        .find(|l| l.contains(&format!("percentile {p} =")))
+        .and_then(|l| l.rsplit('=').next()?.trim().parse().ok())
 }
 
 struct Paths {
@@ -103,7 +105,10 @@ struct Paths {
 }
 
 /// Where a path's server runs and its client connects from.
-fn endpoints(path: &str, p: &Paths) -> (Option<PathBuf>, Option<PathBuf>, &'static str, Vec<(Option<PathBuf>, String)>) {
+fn endpoints(
+    path: &str,
+    p: &Paths,
+) -> (Option<PathBuf>, Option<PathBuf>, &'static str, Vec<(Option<PathBuf>, String)>) {
     if path == "loopback" {
         (None, None, "127.0.0.1", vec![(None, "lo".to_string())])
     } else {
@@ -128,7 +133,14 @@ fn sockperf_server(ns: Option<&Path>, addr: &str, port: u16, tcp: bool) -> Resul
 }
 
 /// One sockperf ping-pong run: (p50, p99) one-way latency in µs.
-fn ping_pong(ns: Option<&Path>, addr: &str, port: u16, tcp: bool, secs: u32, log: &mut Vec<String>) -> Result<(f64, f64)> {
+fn ping_pong(
+    ns: Option<&Path>,
+    addr: &str,
+    port: u16,
+    tcp: bool,
+    secs: u32,
+    log: &mut Vec<String>,
+) -> Result<(f64, f64)> {
     let mut c = cmd_in(ns, "sockperf");
     c.args(["ping-pong", "-i", addr, "-p", &port.to_string(), "-m", "64", "-t", &secs.to_string()]);
     if tcp {
@@ -153,7 +165,9 @@ async fn start_tracer(interfaces: Vec<(Option<PathBuf>, String)>, mode: Mode, po
 /// sockperf ping-pong p50/p99 per path, protocol and mode.
 async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>) -> Result<()> {
     md.push_str("\n## Request/response latency (sockperf ping-pong, 64 B, one-way µs)\n\n");
-    md.push_str("| path | proto | mode | p50 µs | p99 µs | p50 overhead | p99 overhead |\n|---|---|---|---|---|---|---|\n");
+    md.push_str(
+        "| path | proto | mode | p50 µs | p99 µs | p50 overhead | p99 overhead |\n|---|---|---|---|---|---|---|\n",
+    );
     let modes = [Mode::Off, Mode::Summary, Mode::Full, Mode::NoMatch];
     let mut port = 41000u16;
     for path in ["loopback", "nic"] {
@@ -173,7 +187,9 @@ async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>)
                 }
                 running.finish().await?;
             }
-            let off = res.get(&Mode::Off).map(|v| (median(v.iter().map(|x| x.0).collect()), median(v.iter().map(|x| x.1).collect())));
+            let off = res
+                .get(&Mode::Off)
+                .map(|v| (median(v.iter().map(|x| x.0).collect()), median(v.iter().map(|x| x.1).collect())));
             for m in modes {
                 let v = &res[&m];
                 let (p50, p99) = (median(v.iter().map(|x| x.0).collect()), median(v.iter().map(|x| x.1).collect()));
@@ -194,14 +210,22 @@ async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>)
 
 /// iperf3 over loopback: off vs full tracing, Gbit/s.
 async fn throughput(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()> {
-    md.push_str("\n## Bulk throughput (iperf3, TCP over loopback)\n\n| mode | Gbit/s | ratio to off |\n|---|---|---|\n");
+    md.push_str(
+        "\n## Bulk throughput (iperf3, TCP over loopback)\n\n| mode | Gbit/s | ratio to off |\n|---|---|---|\n",
+    );
     let port = 42000u16;
     let mut res: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
     for round in 0..c.rounds {
         eprintln!("throughput: round {}/{}", round + 1, c.rounds);
         for m in [Mode::Off, Mode::Full] {
-            let running = if m == Mode::Off { None } else { Some(start_tracer(vec![(None, "lo".into())], m, port).await?) };
-            let _srv = Kid(Command::new("iperf3").args(["-s", "-1", "-p", &port.to_string()]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("iperf3")?);
+            let running =
+                if m == Mode::Off { None } else { Some(start_tracer(vec![(None, "lo".into())], m, port).await?) };
+            let _srv = Kid(Command::new("iperf3")
+                .args(["-s", "-1", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("iperf3")?);
             std::thread::sleep(Duration::from_millis(300));
             let mut cl = Command::new("iperf3");
             cl.args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", &c.secs.to_string(), "-J"]);
@@ -216,7 +240,10 @@ async fn throughput(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<(
             if let Some(r) = running {
                 let f = r.finish().await?;
                 if m == Mode::Full && f.lost.values().sum::<u64>() + f.overflow_records > 0 {
-                    eprintln!("note: full tracing lost {} records during iperf3", f.lost.values().sum::<u64>() + f.overflow_records);
+                    eprintln!(
+                        "note: full tracing lost {} records during iperf3",
+                        f.lost.values().sum::<u64>() + f.overflow_records
+                    );
                 }
             }
         }
@@ -260,7 +287,8 @@ async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()
         ping_pong(None, "127.0.0.1", port, true, c.secs, log)?;
         let after = snapshot();
         let c1 = running.tracer.counters()?;
-        let emitted: u64 = (0..12).map(|s| c1[(counters::EMITTED + s) as usize] - c0[(counters::EMITTED + s) as usize]).sum();
+        let emitted: u64 =
+            (0..12).map(|s| c1[(counters::EMITTED + s) as usize] - c0[(counters::EMITTED + s) as usize]).sum();
         ev_rate[i] = emitted as f64 / t0.elapsed().as_secs_f64();
         for (name, (t, n)) in after {
             let (t0, n0) = before.get(&name).copied().unwrap_or((0, 0));
@@ -268,15 +296,21 @@ async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()
         }
         running.finish().await?;
     }
-    md.push_str("\n## Cost per hook (kernel.bpf_stats: run_time_ns / run_cnt, during sockperf TCP ping-pong on loopback)\n\n");
+    md.push_str(
+        "\n## Cost per hook (kernel.bpf_stats: run_time_ns / run_cnt, during sockperf TCP ping-pong on loopback)\n\n",
+    );
     md.push_str("Programs run for every packet or call on the machine, traced or not; \"no match\" is the cost when\nthe filter rejects the packet.\n\n");
-    md.push_str("| program | runs (full) | avg ns (full) | runs (no match) | avg ns (no match) |\n|---|---|---|---|---|\n");
+    md.push_str(
+        "| program | runs (full) | avg ns (full) | runs (no match) | avg ns (no match) |\n|---|---|---|---|---|\n",
+    );
     let (mut tt, mut tn) = ([0u64; 2], [0u64; 2]);
     for (name, r) in &table {
         if r[0].1 == 0 && r[1].1 == 0 {
             continue;
         }
-        let avg = |x: (u64, u64)| if x.1 == 0 { "-".to_string() } else { format!("{:.0}", x.0 as f64 / x.1 as f64) };
+        let avg = |x: (u64, u64)| {
+            if x.1 == 0 { "-".to_string() } else { format!("{:.0}", x.0 as f64 / x.1 as f64) }
+        };
         let _ = writeln!(md, "| {name} | {} | {} | {} | {} |", r[0].1, avg(r[0]), r[1].1, avg(r[1]));
         for i in 0..2 {
             tt[i] += r[i].0;
@@ -309,7 +343,18 @@ async fn event_rate(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<(
         let c0 = running.tracer.counters()?;
         let t0 = Instant::now();
         let mut cl = Command::new("sockperf");
-        cl.args(["tp", "-i", "127.0.0.1", "-p", &port.to_string(), "-m", "64", &format!("--mps={mps}"), "-t", &c.secs.to_string()]);
+        cl.args([
+            "tp",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-m",
+            "64",
+            &format!("--mps={mps}"),
+            "-t",
+            &c.secs.to_string(),
+        ]);
         let line = show(&cl);
         if !log.contains(&line) {
             log.push(line);
@@ -318,7 +363,8 @@ async fn event_rate(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<(
         let secs = t0.elapsed().as_secs_f64();
         let c1 = running.tracer.counters()?;
         let f = running.finish().await?;
-        let emitted: u64 = (0..12).map(|s| c1[(counters::EMITTED + s) as usize] - c0[(counters::EMITTED + s) as usize]).sum();
+        let emitted: u64 =
+            (0..12).map(|s| c1[(counters::EMITTED + s) as usize] - c0[(counters::EMITTED + s) as usize]).sum();
         let lost = f.lost.values().sum::<u64>() + f.overflow_records;
         let rate = emitted as f64 / secs;
         let _ = writeln!(md, "| {mps} | {rate:.0} | {lost} |");
@@ -337,7 +383,9 @@ async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<Str
     let h = &paths.hosts;
     let _srv = sockperf_server(Some(&h.path_b()), netns::ADDR_B, port, false)?;
     let me = std::env::current_exe()?;
-    md.push_str("\n## Capture: highest lossless packet rate (sockperf UDP 64 B over veth, capture at the receiving end)\n\n");
+    md.push_str(
+        "\n## Capture: highest lossless packet rate (sockperf UDP 64 B over veth, capture at the receiving end)\n\n",
+    );
     md.push_str("| offered msg/s | sent | packetflow captured | packetflow dropped | tcpdump captured | tcpdump dropped |\n|---|---|---|---|---|---|\n");
     let mut best = [0u32; 2];
     let mut alive = [true; 2];
@@ -358,7 +406,18 @@ async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<Str
             }
             let mut cap = if tool == "packetflow" {
                 let mut x = Command::new(&me);
-                x.args(["capture", "-i", &format!("{}@{}", h.veth_b, h.ns_b), "-Q", "in", "-w", "/dev/null", "udp", "port", &port.to_string()]);
+                x.args([
+                    "capture",
+                    "-i",
+                    &format!("{}@{}", h.veth_b, h.ns_b),
+                    "-Q",
+                    "in",
+                    "-w",
+                    "/dev/null",
+                    "udp",
+                    "port",
+                    &port.to_string(),
+                ]);
                 x
             } else {
                 let mut x = netns::netns_command(&h.path_b(), "tcpdump");
@@ -372,7 +431,18 @@ async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<Str
             let mut kid = Kid(cap.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?);
             std::thread::sleep(Duration::from_millis(if tool == "packetflow" { 2500 } else { 800 }));
             let mut cl = netns::netns_command(&h.path_a(), "sockperf");
-            cl.args(["tp", "-i", netns::ADDR_B, "-p", &port.to_string(), "-m", "64", &format!("--mps={mps}"), "-t", &c.secs.to_string()]);
+            cl.args([
+                "tp",
+                "-i",
+                netns::ADDR_B,
+                "-p",
+                &port.to_string(),
+                "-m",
+                "64",
+                &format!("--mps={mps}"),
+                "-t",
+                &c.secs.to_string(),
+            ]);
             let line = show(&cl);
             if !log.contains(&line) {
                 log.push(line);
@@ -423,7 +493,12 @@ async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<Str
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|m| m.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -438,7 +513,12 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     let paths = Paths { hosts: TestHosts::new("pfbench")? };
     let start = Instant::now();
     let mut md = String::new();
-    let date = Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default();
+    let date = Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
     let _ = writeln!(md, "# packetflow benchmarks\n");
     let _ = writeln!(
         md,
@@ -456,7 +536,11 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     hook_cost(&c, &mut md, &mut log).await?;
     event_rate(&c, &mut md, &mut log).await?;
     capture_rate(&c, &paths, &mut md, &mut log).await?;
-    let _ = writeln!(md, "\n## Commands\n\nProduced by `cargo xtask bench` ({:.0} s). The loads it ran:\n", start.elapsed().as_secs_f64());
+    let _ = writeln!(
+        md,
+        "\n## Commands\n\nProduced by `cargo xtask bench` ({:.0} s). The loads it ran:\n",
+        start.elapsed().as_secs_f64()
+    );
     for l in &log {
         let _ = writeln!(md, "    {l}");
     }

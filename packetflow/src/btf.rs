@@ -52,16 +52,14 @@ impl Btf {
     pub const VMLINUX: &'static str = "/sys/kernel/btf/vmlinux";
 
     pub fn from_sys_fs() -> Result<Btf, BtfError> {
-        let data = std::fs::read(Self::VMLINUX)
-            .map_err(|source| BtfError::Read { path: Self::VMLINUX.into(), source })?;
+        let data =
+            std::fs::read(Self::VMLINUX).map_err(|source| BtfError::Read { path: Self::VMLINUX.into(), source })?;
         Btf::parse(&data).map_err(|why| BtfError::Invalid(Self::VMLINUX.into(), why))
     }
 
     pub fn parse(data: &[u8]) -> Result<Btf, &'static str> {
         let u32_at = |off: usize| -> Result<u32, &'static str> {
-            data.get(off..off + 4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .ok_or("truncated")
+            data.get(off..off + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).ok_or("truncated")
         };
         if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
             return Err("bad magic");
@@ -71,10 +69,8 @@ impl Btf {
         let type_len = u32_at(12)? as usize;
         let str_off = u32_at(16)? as usize;
         let str_len = u32_at(20)? as usize;
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or("string section out of bounds")?
-            .to_vec();
+        let strings =
+            data.get(hdr_len + str_off..hdr_len + str_off + str_len).ok_or("string section out of bounds")?.to_vec();
         let start = hdr_len + type_off;
         let end = start + type_len;
         if end > data.len() {
@@ -137,12 +133,10 @@ impl Btf {
     }
 
     fn struct_id(&self, name: &str) -> Option<u32> {
-        self.by_name
-            .get(name)?
-            .iter()
-            .copied()
-            .find(|&id| matches!(self.types[id as usize].kind, KIND_STRUCT | KIND_UNION)
-                && !self.types[id as usize].members.is_empty())
+        self.by_name.get(name)?.iter().copied().find(|&id| {
+            matches!(self.types[id as usize].kind, KIND_STRUCT | KIND_UNION)
+                && !self.types[id as usize].members.is_empty()
+        })
     }
 
     /// Bit offset of member `name` in type `id`, searching anonymous members too.

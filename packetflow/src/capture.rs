@@ -34,8 +34,7 @@ use crate::{
     expr,
     filter::FilterSpec,
     loader::{LoadOptions, Role, Tracer, XdpChoice},
-    pcapng,
-    run,
+    pcapng, run,
     session::{self, Sink},
     sys,
 };
@@ -125,7 +124,8 @@ fn stages_comment(t: &Trace) -> String {
         }
         prev = Some(s.t_ns);
     }
-    let missing: Vec<&str> = Stage::ALL.iter().filter(|x| !t.stages.iter().any(|s| s.stage == **x)).map(|s| s.name()).collect();
+    let missing: Vec<&str> =
+        Stage::ALL.iter().filter(|x| !t.stages.iter().any(|s| s.stage == **x)).map(|s| s.name()).collect();
     let mut c = format!("packetflow stages ({} µs in all): {}", crate::stats::us(t.total_ns()), parts.join(", "));
     if !missing.is_empty() {
         c.push_str(&format!("; not seen: {}", missing.join(", ")));
@@ -166,7 +166,9 @@ impl WriterState {
         if self.count.is_some_and(|c| self.written >= c) {
             return Ok(());
         }
-        let Some(iface) = self.ifaces.get_mut(&p.hdr.ifindex) else { return Ok(()) };
+        let Some(iface) = self.ifaces.get_mut(&p.hdr.ifindex) else {
+            return Ok(());
+        };
         iface.captured += 1;
         self.written += 1;
         match &mut self.out {
@@ -298,11 +300,13 @@ async fn read_rings(
 
 /// Resolves when any shard is readable (and clears its readiness).
 async fn futures_select(fds: &mut [AsyncFd<RingBuf<MapData>>]) {
-    let futs = fds.iter_mut().map(|f| Box::pin(async move {
-        if let Ok(mut g) = f.readable_mut().await {
-            g.clear_ready();
-        }
-    }));
+    let futs = fds.iter_mut().map(|f| {
+        Box::pin(async move {
+            if let Ok(mut g) = f.readable_mut().await {
+                g.clear_ready();
+            }
+        })
+    });
     let all: Vec<_> = futs.collect();
     if all.is_empty() {
         return std::future::pending().await;
@@ -331,7 +335,9 @@ fn netns_path(s: &str) -> PathBuf {
 pub async fn run(a: CaptureArgs) -> Result<()> {
     run::preflight("capture")?;
     if a.ifaces.is_empty() {
-        crate::user_bail!("capture needs an interface: -i IFACE (repeatable, IFACE@NETNS for another namespace, or -i any)");
+        crate::user_bail!(
+            "capture needs an interface: -i IFACE (repeatable, IFACE@NETNS for another namespace, or -i any)"
+        );
     }
     let expression = a.expression.join(" ");
     let mut compiled = expr::compile(&expression, a.snaplen).map_err(|e| user(e.to_string()))?;
@@ -377,10 +383,8 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         cfg.skip_out[k] = *i;
     }
 
-    let mut tracer = Tracer::load(&LoadOptions {
-        ring_bytes: if a.stages { 4 << 20 } else { 4096 },
-        capture_ring_bytes: 8 << 20,
-    })?;
+    let mut tracer =
+        Tracer::load(&LoadOptions { ring_bytes: if a.stages { 4 << 20 } else { 4096 }, capture_ring_bytes: 8 << 20 })?;
     let offset = sys::mono_to_wall_offset();
     let rings = tracer.take_capture_rings()?;
     let (tx, rx) = sync_channel::<Vec<Packet>>(1024);
@@ -414,9 +418,9 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
             crate::user_bail!("cannot capture packets going out on {name}: tcx egress would not attach ({e})");
         }
     }
-    let corr = tracing
-        .as_mut()
-        .map(|r| r.start_correlator(tracer.coverage(), Duration::from_secs(1), None, vec![Box::new(TraceTap(trace_tx))]));
+    let corr = tracing.as_mut().map(|r| {
+        r.start_correlator(tracer.coverage(), Duration::from_secs(1), None, vec![Box::new(TraceTap(trace_tx))])
+    });
 
     // The writer: interfaces first (pcapng), then packets as they come.
     let out: Out = match a.write.as_deref() {
@@ -425,7 +429,9 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
             let w: Box<dyn Write + Send> = if path == "-" {
                 Box::new(std::io::BufWriter::new(std::io::stdout()))
             } else {
-                Box::new(std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| user(format!("cannot write {path}: {e}")))?))
+                Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path).map_err(|e| user(format!("cannot write {path}: {e}")))?,
+                ))
             };
             let os = format!("Linux {}", sys::kernel_release());
             Out::Pcap(pcapng::Writer::new(w, &format!("packetflow {}", env!("CARGO_PKG_VERSION")), &os)?)
@@ -447,7 +453,10 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
             Out::Pcap(w) => w.interface(
                 name,
                 snaplen,
-                &format!("ifindex {ifindex}, netns inode {ns_ino}{}", if *is_lo { ", loopback (recorded at ingress)" } else { "" }),
+                &format!(
+                    "ifindex {ifindex}, netns inode {ns_ino}{}",
+                    if *is_lo { ", loopback (recorded at ingress)" } else { "" }
+                ),
             )?,
             Out::Text(_) => state.ifaces.len() as u32,
         };

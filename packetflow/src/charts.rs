@@ -210,15 +210,26 @@ pub fn percentiles(stats: &Stats) -> String {
         let ns = 10f64.powi(e);
         let xx = x(ns);
         let label = if ns >= 1000.0 { format!("{} µs", ns / 1000.0) } else { format!("{ns} ns") };
-        let _ = writeln!(s, "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{bottom}\" stroke=\"#ddd\"/><text x=\"{xx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{label}</text>", bottom + 16.0);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{bottom}\" stroke=\"#ddd\"/><text x=\"{xx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{label}</text>",
+            bottom + 16.0
+        );
     }
     let mut rows: Vec<(String, Option<Stage>)> = stages.iter().map(|s| (s.name().to_string(), Some(*s))).collect();
     rows.push(("end-to-end".into(), None));
     for (i, (name, st)) in rows.iter().enumerate() {
         let y0 = top + row * i as f64;
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{name}</text>", left - 8.0, y0 + row / 2.0 + 4.0);
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{name}</text>",
+            left - 8.0,
+            y0 + row / 2.0 + 4.0
+        );
         for (k, p) in paths.iter().enumerate() {
-            let Some(ps) = stats.paths.get(p) else { continue };
+            let Some(ps) = stats.paths.get(p) else {
+                continue;
+            };
             let h = match st {
                 Some(st) => match ps.stages.get(st) {
                     Some(h) if !h.is_empty() => h,
@@ -229,7 +240,8 @@ pub fn percentiles(stats: &Stats) -> String {
             if h.is_empty() {
                 continue;
             }
-            let (p50, p90, p99) = (h.value_at_quantile(0.5) as f64, h.value_at_quantile(0.9) as f64, h.value_at_quantile(0.99) as f64);
+            let (p50, p90, p99) =
+                (h.value_at_quantile(0.5) as f64, h.value_at_quantile(0.9) as f64, h.value_at_quantile(0.99) as f64);
             let y = y0 + 5.0 + 14.0 * k as f64;
             let _ = writeln!(
                 s,
@@ -255,7 +267,14 @@ pub fn percentiles(stats: &Stats) -> String {
 fn legend(s: &mut String, paths: &[PathKind], x0: f64, y: f64) {
     for (i, p) in paths.iter().enumerate() {
         let x = x0 + 130.0 * i as f64;
-        let _ = writeln!(s, "<rect x=\"{x}\" y=\"{:.1}\" width=\"12\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{y}\">{} path</text>", y - 9.0, color(*p), x + 16.0, p.name());
+        let _ = writeln!(
+            s,
+            "<rect x=\"{x}\" y=\"{:.1}\" width=\"12\" height=\"10\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{y}\">{} path</text>",
+            y - 9.0,
+            color(*p),
+            x + 16.0,
+            p.name()
+        );
     }
 }
 
@@ -272,7 +291,12 @@ pub fn waterfall(t: &Trace, title: &str) -> String {
     for k in 0..=4 {
         let ns = t0 + (total * k as f64 / 4.0) as u64;
         let xx = x(ns);
-        let _ = writeln!(s, "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{bottom}\" stroke=\"#ddd\"/><text x=\"{xx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{} µs</text>", bottom + 16.0, stats::us(ns - t0));
+        let _ = writeln!(
+            s,
+            "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{bottom}\" stroke=\"#ddd\"/><text x=\"{xx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{} µs</text>",
+            bottom + 16.0,
+            stats::us(ns - t0)
+        );
     }
     for (i, st) in t.stages.iter().enumerate() {
         let y = top + row * i as f64;
@@ -320,16 +344,30 @@ pub fn timeline(g: &Gathered) -> String {
     let hi = hi.log10().ceil().max(lo + 1.0);
     let x = |t: f64| left + t / max_t * (width - left - right);
     let y = |ns: f64| bottom - (ns.max(1.0).log10() - lo) / (hi - lo) * (bottom - top);
-    let mut s = svg_open(width as u32, height as u32, "End-to-end latency over the recording: p50 (solid) and p99 (dashed)");
+    let mut s =
+        svg_open(width as u32, height as u32, "End-to-end latency over the recording: p50 (solid) and p99 (dashed)");
     for e in (lo as i32)..=(hi as i32) {
         let ns = 10f64.powi(e);
         let label = if ns >= 1000.0 { format!("{} µs", ns / 1000.0) } else { format!("{ns} ns") };
-        let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#555\">{label}</text>", y(ns), width - right, y(ns), left - 6.0, y(ns) + 4.0);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{left}\" y1=\"{:.1}\" x2=\"{:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#555\">{label}</text>",
+            y(ns),
+            width - right,
+            y(ns),
+            left - 6.0,
+            y(ns) + 4.0
+        );
     }
     for k in 0..=4 {
         let t = max_t * k as f64 / 4.0;
         let label = if max_t < 2.0 { format!("{:.0} ms", t * 1e3) } else { format!("{t:.1} s") };
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{label}</text>", x(t), bottom + 16.0);
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{label}</text>",
+            x(t),
+            bottom + 16.0
+        );
     }
     for (p, v) in &pts {
         for (dash, idx) in [("", 1usize), (" stroke-dasharray=\"5,3\"", 2)] {
@@ -339,7 +377,12 @@ pub fn timeline(g: &Gathered) -> String {
                 let (cx, cy) = line[0].split_once(',').unwrap_or(("0", "0"));
                 let _ = writeln!(s, "<circle cx=\"{cx}\" cy=\"{cy}\" r=\"3\" fill=\"{}\"/>", color(*p));
             } else if !line.is_empty() {
-                let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{dash} points=\"{}\"/>", color(*p), line.join(" "));
+                let _ = writeln!(
+                    s,
+                    "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"2\"{dash} points=\"{}\"/>",
+                    color(*p),
+                    line.join(" ")
+                );
             }
         }
     }

@@ -49,7 +49,15 @@ fn us(ns: u64) -> f64 {
 impl ChromeTrace {
     pub fn new(mut out: Box<dyn Write + Send>) -> ChromeTrace {
         let errors = out.write_all(b"{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n").is_err() as u64;
-        ChromeTrace { out, first: true, tracks: HashMap::new(), next_tid: 1, processes: Vec::new(), next_arrow: 1, errors }
+        ChromeTrace {
+            out,
+            first: true,
+            tracks: HashMap::new(),
+            next_tid: 1,
+            processes: Vec::new(),
+            next_arrow: 1,
+            errors,
+        }
     }
 
     fn event(&mut self, v: serde_json::Value) {
@@ -67,7 +75,9 @@ impl ChromeTrace {
             self.processes.push(path);
             self.event(json!({"ph": "M", "pid": pid(path), "name": "process_name",
                 "args": {"name": format!("{} path", path.name())}}));
-            self.event(json!({"ph": "M", "pid": pid(path), "name": "process_sort_index", "args": {"sort_index": pid(path)}}));
+            self.event(
+                json!({"ph": "M", "pid": pid(path), "name": "process_sort_index", "args": {"sort_index": pid(path)}}),
+            );
         }
         let key = (path, *flow);
         if !self.tracks.contains_key(&key) {
@@ -101,7 +111,9 @@ impl ChromeTrace {
 
 impl Sink for ChromeTrace {
     fn trace(&mut self, t: &Trace) {
-        let (Some(first), Some(last)) = (t.stages.first(), t.stages.last()) else { return };
+        let (Some(first), Some(last)) = (t.stages.first(), t.stages.last()) else {
+            return;
+        };
         let tid = self.place(t.path, &t.flow, first.t_ns, last.t_ns);
         let p = pid(t.path);
         self.event(json!({
@@ -121,7 +133,9 @@ impl Sink for ChromeTrace {
         if let (Some(s), Some(r)) = (send, recv) {
             let id = self.next_arrow;
             self.next_arrow += 1;
-            self.event(json!({"ph": "s", "pid": p, "tid": tid, "cat": "flow", "name": "send→receive", "id": id, "ts": us(s)}));
+            self.event(
+                json!({"ph": "s", "pid": p, "tid": tid, "cat": "flow", "name": "send→receive", "id": id, "ts": us(s)}),
+            );
             self.event(json!({"ph": "f", "bp": "e", "pid": p, "tid": tid, "cat": "flow", "name": "send→receive", "id": id, "ts": us(r)}));
         }
     }

@@ -19,18 +19,25 @@
 //! when the watermark passes the anchor by the timeout: stages still missing are reported
 //! missing, never guessed.
 //!
-//! Memory is bounded: per flow and stage at most `MAX_EVENTS_PER_STAGE` records, at most
+//! Memory is bounded: per flow and stage at most `MAX_TCP_PER_STAGE` / `MAX_UDP_PER_STAGE`
+//! records, at most
 //! `max_flows` flows (least recently active evicted first), records older than the
 //! retention dropped. Every eviction is counted.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use packetflow_common::{
-    event::{F_END, F_LOOPBACK},
     Event, Kind, Stage,
+    event::{F_END, F_LOOPBACK},
 };
 
-const MAX_EVENTS_PER_STAGE: usize = 1 << 16;
+/// TCP records are compact (a VecDeque of 48-byte `Rec`s) and a bulk transfer keeps tens
+/// of thousands in flight per stage (tests/tests/bulk.rs).
+const MAX_TCP_PER_STAGE: usize = 1 << 16;
+/// UDP records sit in a BTreeMap (~130 bytes each with the order list); a flood fills
+/// every stage of a flow, so this cap is what bounds the daemon's memory
+/// (tests/tests/daemon.rs, flood test).
+const MAX_UDP_PER_STAGE: usize = 1 << 14;
 /// Records examined on each side of the best candidate.
 const SCAN: usize = 24;
 const NSTAGES: usize = Stage::ALL.len();
@@ -48,14 +55,7 @@ pub struct Flow {
 
 impl Flow {
     pub fn of(ev: &Event) -> Flow {
-        Flow {
-            v6: ev.is_v6(),
-            udp: ev.is_udp(),
-            src: ev.saddr,
-            dst: ev.daddr,
-            sport: ev.sport,
-            dport: ev.dport,
-        }
+        Flow { v6: ev.is_v6(), udp: ev.is_udp(), src: ev.saddr, dst: ev.daddr, sport: ev.sport, dport: ev.dport }
     }
 
     pub fn src_ip(&self) -> std::net::IpAddr {
@@ -68,11 +68,7 @@ impl Flow {
 }
 
 pub fn ip(v6: bool, a: &[u8; 16]) -> std::net::IpAddr {
-    if v6 {
-        std::net::IpAddr::from(*a)
-    } else {
-        std::net::IpAddr::from([a[0], a[1], a[2], a[3]])
-    }
+    if v6 { std::net::IpAddr::from(*a) } else { std::net::IpAddr::from([a[0], a[1], a[2], a[3]]) }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -216,8 +212,10 @@ impl Records {
             self.udp.insert((r.lo, r.hi, r.ts), r);
             self.udp_order.push_back((r.lo, r.hi, r.ts));
             let mut evicted = false;
-            while self.udp.len() > MAX_EVENTS_PER_STAGE {
-                let Some(k) = self.udp_order.pop_front() else { break };
+            while self.udp.len() > MAX_UDP_PER_STAGE {
+                let Some(k) = self.udp_order.pop_front() else {
+                    break;
+                };
                 evicted |= self.udp.remove(&k).is_some();
             }
             // Keys used by traces linger in the order list: drop them when it grows.
@@ -229,7 +227,7 @@ impl Records {
         } else {
             let at = self.tcp.iter().rposition(|x| x.ts <= r.ts).map_or(0, |i| i + 1);
             self.tcp.insert(at, r);
-            if self.tcp.len() > MAX_EVENTS_PER_STAGE {
+            if self.tcp.len() > MAX_TCP_PER_STAGE {
                 self.tcp.pop_front();
                 return false;
             }
@@ -415,7 +413,9 @@ impl Correlator {
 
     fn retry_orphans(&mut self) {
         for _ in 0..self.orphans.len() {
-            let Some(ev) = self.orphans.pop_front() else { break };
+            let Some(ev) = self.orphans.pop_front() else {
+                break;
+            };
             match (self.resolve(Flow::of(&ev)), Stage::from_u8(ev.stage)) {
                 (Some(flow), Some(stage)) => self.push_to(flow, stage, &ev),
                 _ if ev.ts_ns.saturating_add(self.retention_ns) < self.watermark => self.stats.records_unmatched += 1,
@@ -517,16 +517,7 @@ impl Correlator {
 }
 
 fn rec_base(ev: &Event) -> Rec {
-    Rec {
-        ts: ev.ts_ns,
-        lo: 0,
-        hi: 0,
-        end_only: false,
-        cpu: ev.cpu,
-        aux: ev.aux,
-        aux2: ev.aux2,
-        flags: ev.flags,
-    }
+    Rec { ts: ev.ts_ns, lo: 0, hi: 0, end_only: false, cpu: ev.cpu, aux: ev.aux, aux2: ev.aux2, flags: ev.flags }
 }
 
 /// SYN and FIN occupy one sequence number each.
@@ -827,7 +818,18 @@ mod tests {
         let mut evs = vec![ev(Stage::SendSyscall, 100, 0, 3000), ev(Stage::SockSend, 110, 0, 3000)];
         for (i, (s, l)) in [(0u32, 1500u32), (1500, 1500)].iter().enumerate() {
             let t = 1_000 + i as u64 * 1_000;
-            for (k, st) in [Stage::TcEgress, Stage::DevQueue, Stage::NicXmit, Stage::NetifReceive, Stage::Xdp, Stage::TcIngress, Stage::TransportRcv].iter().enumerate() {
+            for (k, st) in [
+                Stage::TcEgress,
+                Stage::DevQueue,
+                Stage::NicXmit,
+                Stage::NetifReceive,
+                Stage::Xdp,
+                Stage::TcIngress,
+                Stage::TransportRcv,
+            ]
+            .iter()
+            .enumerate()
+            {
                 evs.push(ev(*st, t + k as u64 * 10, *s, *l));
             }
         }
@@ -887,9 +889,10 @@ mod tests {
         let mut c = Correlator::new(all_global());
         let mut evs = Vec::new();
         for i in 0..3u64 {
-            for (k, s) in [Stage::SendSyscall, Stage::SockSend, Stage::DevQueue, Stage::NetifReceive, Stage::RecvSyscall]
-                .iter()
-                .enumerate()
+            for (k, s) in
+                [Stage::SendSyscall, Stage::SockSend, Stage::DevQueue, Stage::NetifReceive, Stage::RecvSyscall]
+                    .iter()
+                    .enumerate()
             {
                 let mut e = ev(*s, 1_000 * (i + 1) + k as u64 * 10, 0xabcd, 18);
                 e.flags |= F_UDP;
@@ -948,21 +951,20 @@ mod tests {
     #[test]
     fn a_flood_of_records_stays_bounded() {
         let mut c = Correlator::new(all_global());
-        for i in 0..(MAX_EVENTS_PER_STAGE as u64 + 5_000) {
+        for i in 0..(MAX_UDP_PER_STAGE as u64 + 5_000) {
             let mut e = ev(Stage::SockQueue, 1_000 + i, 0x1111, 64);
             e.flags |= F_UDP;
             c.push(&e);
         }
         let st = c.flows.values().next().unwrap();
-        assert_eq!(st.stages[Stage::SockQueue as usize].udp.len(), MAX_EVENTS_PER_STAGE);
+        assert_eq!(st.stages[Stage::SockQueue as usize].udp.len(), MAX_UDP_PER_STAGE);
         assert_eq!(c.stats.records_evicted, 5_000);
     }
 
     #[test]
     fn missing_stage_is_missing_not_guessed() {
         let mut c = Correlator::new(all_global());
-        let evs: Vec<Event> =
-            one_packet(1_000, 0, 10).into_iter().filter(|e| e.stage != Stage::Xdp as u8).collect();
+        let evs: Vec<Event> = one_packet(1_000, 0, 10).into_iter().filter(|e| e.stage != Stage::Xdp as u8).collect();
         let t = run(&mut c, &evs);
         assert_eq!(t.len(), 1);
         assert!(!t[0].complete);

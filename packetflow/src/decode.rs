@@ -25,12 +25,18 @@ fn tcp_flags(f: u8) -> String {
 
 /// "IP 198.18.0.1.40000 > 198.18.0.2.8080: Flags [P.], seq 1:19, ack 7, length 18".
 pub fn summary(d: &[u8], orig_len: u32) -> String {
-    let Some(ethertype) = be16(d, 12) else { return format!("truncated frame, length {orig_len}") };
+    let Some(ethertype) = be16(d, 12) else {
+        return format!("truncated frame, length {orig_len}");
+    };
     let (name, src, dst, proto, l4, end) = match ethertype {
         0x0800 => {
-            let Some(&vihl) = d.get(14) else { return format!("IP truncated, length {orig_len}") };
+            let Some(&vihl) = d.get(14) else {
+                return format!("IP truncated, length {orig_len}");
+            };
             let ihl = ((vihl & 0x0f) as usize) * 4;
-            let (Some(s), Some(t)) = (d.get(26..30), d.get(30..34)) else { return format!("IP truncated, length {orig_len}") };
+            let (Some(s), Some(t)) = (d.get(26..30), d.get(30..34)) else {
+                return format!("IP truncated, length {orig_len}");
+            };
             let tot = be16(d, 16).unwrap_or(0) as usize;
             let proto = d.get(23).copied().unwrap_or(0);
             let frag = be16(d, 20).unwrap_or(0) & 0x1fff;
@@ -42,7 +48,9 @@ pub fn summary(d: &[u8], orig_len: u32) -> String {
             ("IP", s, t, proto, 14 + ihl, 14 + tot.max(ihl))
         }
         0x86dd => {
-            let (Some(s), Some(t)) = (d.get(22..38), d.get(38..54)) else { return format!("IP6 truncated, length {orig_len}") };
+            let (Some(s), Some(t)) = (d.get(22..38), d.get(38..54)) else {
+                return format!("IP6 truncated, length {orig_len}");
+            };
             let plen = be16(d, 18).unwrap_or(0) as usize;
             let s = IpAddr::from(<[u8; 16]>::try_from(s).expect("16 bytes"));
             let t = IpAddr::from(<[u8; 16]>::try_from(t).expect("16 bytes"));
@@ -53,8 +61,12 @@ pub fn summary(d: &[u8], orig_len: u32) -> String {
             let spa = d.get(28..32).map(|a| IpAddr::from(<[u8; 4]>::try_from(a).expect("4")));
             let tpa = d.get(38..42).map(|a| IpAddr::from(<[u8; 4]>::try_from(a).expect("4")));
             return match (op, spa, tpa) {
-                (1, Some(s), Some(t)) => format!("ARP, Request who-has {t} tell {s}, length {}", orig_len.saturating_sub(14)),
-                (2, Some(s), _) => format!("ARP, Reply {s} is-at {}, length {}", mac(d.get(22..28)), orig_len.saturating_sub(14)),
+                (1, Some(s), Some(t)) => {
+                    format!("ARP, Request who-has {t} tell {s}, length {}", orig_len.saturating_sub(14))
+                }
+                (2, Some(s), _) => {
+                    format!("ARP, Reply {s} is-at {}, length {}", mac(d.get(22..28)), orig_len.saturating_sub(14))
+                }
                 _ => format!("ARP, length {}", orig_len.saturating_sub(14)),
             };
         }

@@ -85,7 +85,16 @@ fn run_client(ns: Option<&std::path::Path>, addr: &str, a: &DemoArgs) -> Result<
         Some(p) => netns::netns_command(p, me()?),
         None => Command::new(me()?),
     };
-    cmd.args(["client", addr, "--port", &a.port.to_string(), "--count", &a.count.to_string(), "--size", &a.size.to_string()]);
+    cmd.args([
+        "client",
+        addr,
+        "--port",
+        &a.port.to_string(),
+        "--count",
+        &a.count.to_string(),
+        "--size",
+        &a.size.to_string(),
+    ]);
     if a.udp {
         cmd.arg("--udp");
     }
@@ -100,7 +109,9 @@ fn run_client(ns: Option<&std::path::Path>, addr: &str, a: &DemoArgs) -> Result<
 }
 
 fn free_port(preferred: u16) -> u16 {
-    if std::net::TcpListener::bind(("127.0.0.1", preferred)).is_ok() && std::net::UdpSocket::bind(("127.0.0.1", preferred)).is_ok() {
+    if std::net::TcpListener::bind(("127.0.0.1", preferred)).is_ok()
+        && std::net::UdpSocket::bind(("127.0.0.1", preferred)).is_ok()
+    {
         return preferred;
     }
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(preferred)
@@ -118,7 +129,11 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
     }
     let want_lo = a.path != Which::Nic;
     let want_nic = a.path != Which::Loopback;
-    let hosts = if want_nic { Some(TestHosts::new("pfdemo").context("creating the test hosts for the NIC path")?) } else { None };
+    let hosts = if want_nic {
+        Some(TestHosts::new("pfdemo").context("creating the test hosts for the NIC path")?)
+    } else {
+        None
+    };
 
     let mut interfaces = Vec::new();
     if want_lo {
@@ -129,7 +144,11 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
         interfaces.push((Some(h.path_b()), h.veth_b.clone()));
     }
     let running = Running::start(RunOptions {
-        filter: FilterSpec { ports: vec![a.port], proto: Some(if a.udp { "udp" } else { "tcp" }.into()), ..Default::default() },
+        filter: FilterSpec {
+            ports: vec![a.port],
+            proto: Some(if a.udp { "udp" } else { "tcp" }.into()),
+            ..Default::default()
+        },
         interfaces,
         xdp: XdpChoice::Auto,
         json: a.json.clone(),
@@ -215,7 +234,9 @@ pub fn side_by_side(f: &Finished, a: &DemoArgs, hosts: Option<&TestHosts>) -> St
                 out.push_str(&route);
                 out.push('\n');
             }
-            None if (p == PathKind::Loopback && a.path != Which::Nic) || (p == PathKind::Nic && a.path != Which::Loopback) => {
+            None if (p == PathKind::Loopback && a.path != Which::Nic)
+                || (p == PathKind::Nic && a.path != Which::Loopback) =>
+            {
                 out.push_str(&format!("{}: no traces\n", p.name()));
             }
             None => {}
@@ -224,7 +245,13 @@ pub fn side_by_side(f: &Finished, a: &DemoArgs, hosts: Option<&TestHosts>) -> St
     let xdp: Vec<String> = f
         .interfaces
         .iter()
-        .map(|i| format!("{}: xdp {}", i.ifname, i.xdp.as_ref().map(|m| m.to_string()).unwrap_or_else(|e| format!("unavailable ({e})"))))
+        .map(|i| {
+            format!(
+                "{}: xdp {}",
+                i.ifname,
+                i.xdp.as_ref().map(|m| m.to_string()).unwrap_or_else(|e| format!("unavailable ({e})"))
+            )
+        })
         .collect();
     if !xdp.is_empty() {
         out.push_str(&format!("hooks: {}\n", xdp.join(", ")));

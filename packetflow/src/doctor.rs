@@ -63,13 +63,20 @@ struct Row {
     detail: String,
 }
 
-fn verdict<E: std::error::Error + 'static>(r: Result<(), E>, why_refused: impl Fn(i32) -> Option<&'static str>) -> (bool, String) {
+fn verdict<E: std::error::Error + 'static>(
+    r: Result<(), E>,
+    why_refused: impl Fn(i32) -> Option<&'static str>,
+) -> (bool, String) {
     match r {
         Ok(()) => (true, "works".into()),
         Err(e) => {
             let (word, extra) = match errno_of(&e) {
                 Some((n, name)) => (
-                    if n == libc::EPERM || n == libc::EACCES { format!("refused: {name}") } else { format!("unavailable: {name}") },
+                    if n == libc::EPERM || n == libc::EACCES {
+                        format!("refused: {name}")
+                    } else {
+                        format!("unavailable: {name}")
+                    },
                     why_refused(n).map(|s| format!(" — {s}")).unwrap_or_default(),
                 ),
                 None => (format!("unavailable: {e}"), String::new()),
@@ -89,9 +96,8 @@ where
 
 pub async fn run() -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
-    let push = |rows: &mut Vec<Row>, what: &str, ok: bool, detail: String| {
-        rows.push(Row { what: what.into(), ok, detail })
-    };
+    let push =
+        |rows: &mut Vec<Row>, what: &str, ok: bool, detail: String| rows.push(Row { what: what.into(), ok, detail });
     push(&mut rows, "kernel", true, sys::kernel_release());
     let btf_ok = Path::new(Btf::VMLINUX).exists() && Btf::from_sys_fs().is_ok();
     push(
@@ -101,7 +107,12 @@ pub async fn run() -> Result<()> {
         if btf_ok { format!("{} present", Btf::VMLINUX) } else { format!("{} missing or unreadable", Btf::VMLINUX) },
     );
     let lockdown = sys::lockdown();
-    push(&mut rows, "lockdown", true, lockdown.clone().unwrap_or_else(|| "not reported (no securityfs lockdown file)".into()));
+    push(
+        &mut rows,
+        "lockdown",
+        true,
+        lockdown.clone().unwrap_or_else(|| "not reported (no securityfs lockdown file)".into()),
+    );
     let caps: Vec<String> = [sys::CAP_BPF, sys::CAP_PERFMON, sys::CAP_NET_ADMIN, sys::CAP_SYS_ADMIN]
         .iter()
         .map(|&c| format!("{} {}", sys::cap_name(c), if sys::has_cap(c) { "yes" } else { "NO" }))
@@ -140,10 +151,7 @@ pub async fn run() -> Result<()> {
     print!("{}", render(&["check".into(), "".into(), "result".into()], &table));
     if !stage_rows.is_empty() {
         println!();
-        print!(
-            "{}",
-            render(&["stage".into(), "hook on this kernel".into(), "status".into()], &stage_rows)
-        );
+        print!("{}", render(&["stage".into(), "hook on this kernel".into(), "status".into()], &stage_rows));
     }
     println!();
 
@@ -151,7 +159,10 @@ pub async fn run() -> Result<()> {
         sys::require_caps("doctor", sys::TRACE_CAPS)?;
     }
     if !btf_ok {
-        crate::user_bail!("this kernel has no readable BTF at {}; packetflow cannot find kernel struct layouts", Btf::VMLINUX);
+        crate::user_bail!(
+            "this kernel has no readable BTF at {}; packetflow cannot find kernel struct layouts",
+            Btf::VMLINUX
+        );
     }
     let works = |name: &str| probes.iter().any(|(w, ok, _)| *w == name && *ok);
     let kernel_fn_hooks = works("kprobe") || works("fentry");
@@ -163,7 +174,12 @@ pub async fn run() -> Result<()> {
     if !(works("tp_btf") || works("raw_tp")) || !works("ring buffer") {
         crate::user_bail!(
             "tracing cannot work here: {}",
-            probes.iter().filter(|(w, ok, _)| !ok && matches!(*w, "tp_btf" | "raw_tp" | "ring buffer")).map(|(w, _, d)| format!("{w} {d}")).collect::<Vec<_>>().join("; ")
+            probes
+                .iter()
+                .filter(|(w, ok, _)| !ok && matches!(*w, "tp_btf" | "raw_tp" | "ring buffer"))
+                .map(|(w, _, d)| format!("{w} {d}"))
+                .collect::<Vec<_>>()
+                .join("; ")
         );
     }
     println!("tracing can work on this machine.");
@@ -216,7 +232,11 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
                         unsafe { libc::getppid() };
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
-                    if seen { (true, "works (a record written in the kernel was read back)".into()) } else { (false, "no record arrived".into()) }
+                    if seen {
+                        (true, "works (a record written in the kernel was read back)".into())
+                    } else {
+                        (false, "no record arrived".into())
+                    }
                 }
                 Some(Err(e)) => (false, e.to_string()),
                 None => (false, "PROBE_RB map missing".into()),

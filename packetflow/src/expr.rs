@@ -15,8 +15,8 @@
 use std::net::IpAddr;
 
 use packetflow_common::capture::{
-    CAPTURE_MAX, CaptureConfig, DIR_BOTH, DIR_DST, DIR_EITHER, DIR_SRC, MAX_PRIMS, P_HOST, P_ICMP, P_ICMP6, P_IP, P_IP6,
-    P_NET, P_PORT, P_TCP, P_UDP, Prim,
+    CAPTURE_MAX, CaptureConfig, DIR_BOTH, DIR_DST, DIR_EITHER, DIR_SRC, MAX_PRIMS, P_HOST, P_ICMP, P_ICMP6, P_IP,
+    P_IP6, P_NET, P_PORT, P_TCP, P_UDP, Prim,
 };
 
 #[derive(Clone, Debug, PartialEq)]
@@ -38,7 +38,8 @@ impl std::fmt::Display for ExprError {
 
 impl std::error::Error for ExprError {}
 
-const SUPPORTED: &str = "host, net, port, portrange, src, dst, tcp, udp, icmp, icmp6, ip, ip6, and, or, not, parentheses";
+const SUPPORTED: &str =
+    "host, net, port, portrange, src, dst, tcp, udp, icmp, icmp6, ip, ip6, and, or, not, parentheses";
 
 #[derive(Clone, Debug)]
 struct Tok {
@@ -132,13 +133,19 @@ impl Parser<'_> {
             }
             self.pos += 1;
             let right = self.unary()?;
-            left = if is_and { Expr::And(Box::new(left), Box::new(right)) } else { Expr::Or(Box::new(left), Box::new(right)) };
+            left = if is_and {
+                Expr::And(Box::new(left), Box::new(right))
+            } else {
+                Expr::Or(Box::new(left), Box::new(right))
+            };
         }
         Ok(left)
     }
 
     fn unary(&mut self) -> Result<Expr, ExprError> {
-        let Some(t) = self.peek().cloned() else { return Err(self.err(None, "an expression is missing")) };
+        let Some(t) = self.peek().cloned() else {
+            return Err(self.err(None, "an expression is missing"));
+        };
         match t.text.as_str() {
             "not" | "!" => {
                 self.pos += 1;
@@ -166,7 +173,9 @@ impl Parser<'_> {
             match self.last {
                 Some(q) if q.ty.is_some() => q,
                 _ if first.text.parse::<IpAddr>().is_ok() => Quals { proto: None, dir: DIR_EITHER, ty: Some("host") },
-                _ => return Err(self.err(Some(&first), "a bare value needs a qualifier (host, net, port) before it:")),
+                _ => {
+                    return Err(self.err(Some(&first), "a bare value needs a qualifier (host, net, port) before it:"));
+                }
             }
         } else {
             Quals { proto: None, dir: DIR_EITHER, ty: None }
@@ -177,9 +186,9 @@ impl Parser<'_> {
                 && matches!(t.text.as_str(), "tcp" | "udp" | "icmp" | "icmp6" | "ip" | "ip6")
             {
                 let t = self.next().expect("peeked");
-                let next_is_qual = self.peek().is_some_and(|n| {
-                    matches!(n.text.as_str(), "src" | "dst" | "host" | "net" | "port" | "portrange")
-                });
+                let next_is_qual = self
+                    .peek()
+                    .is_some_and(|n| matches!(n.text.as_str(), "src" | "dst" | "host" | "net" | "port" | "portrange"));
                 if !next_is_qual {
                     let kind = match t.text.as_str() {
                         "tcp" => P_TCP,
@@ -197,7 +206,9 @@ impl Parser<'_> {
                     "udp" => 17,
                     "ip" => 4,
                     "ip6" => 41,
-                    _ => return Err(self.err(Some(&t), "this protocol cannot qualify a host, net or port:")),
+                    _ => {
+                        return Err(self.err(Some(&t), "this protocol cannot qualify a host, net or port:"));
+                    }
                 });
             }
             if let Some(t) = self.peek()
@@ -215,7 +226,9 @@ impl Parser<'_> {
                     self.pos += 2;
                 }
             }
-            let Some(t) = self.next() else { return Err(self.err(None, "host, net, port or portrange is missing")) };
+            let Some(t) = self.next() else {
+                return Err(self.err(None, "host, net, port or portrange is missing"));
+            };
             q.ty = Some(match t.text.as_str() {
                 "host" => "host",
                 "net" => "net",
@@ -225,11 +238,15 @@ impl Parser<'_> {
                     self.pos -= 1;
                     "host"
                 }
-                _ if is_op(&t.text) => return Err(self.err(Some(&t), "expected host, net, port or portrange, found")),
+                _ if is_op(&t.text) => {
+                    return Err(self.err(Some(&t), "expected host, net, port or portrange, found"));
+                }
                 _ => return Err(self.err(Some(&t), "unknown word")),
             });
         }
-        let Some(v) = self.next() else { return Err(self.err(None, "a value is missing")) };
+        let Some(v) = self.next() else {
+            return Err(self.err(None, "a value is missing"));
+        };
         if is_op(&v.text) {
             return Err(self.err(Some(&v), "expected a value, found"));
         }
@@ -247,7 +264,8 @@ impl Parser<'_> {
                     let a: IpAddr = v.text.parse().map_err(|_| self.err(Some(v), "not an IP address:"))?;
                     (a, if a.is_ipv4() { 32 } else { 128 })
                 } else {
-                    parse_net(&v.text).ok_or_else(|| self.err(Some(v), "not a network (e.g. 198.18.0.0/15, 198.18, fd00::/8):"))?
+                    parse_net(&v.text)
+                        .ok_or_else(|| self.err(Some(v), "not a network (e.g. 198.18.0.0/15, 198.18, fd00::/8):"))?
                 };
                 p.kind = if ty == "host" { P_HOST } else { P_NET };
                 p.prefix = prefix;
@@ -265,7 +283,9 @@ impl Parser<'_> {
                     None => {}
                     Some(4) if p.family == 4 => p.l4 = 1,
                     Some(41) if p.family == 6 => p.l4 = 1,
-                    Some(_) => return Err(self.err(Some(v), "this protocol does not fit the address")),
+                    Some(_) => {
+                        return Err(self.err(Some(v), "this protocol does not fit the address"));
+                    }
                 }
             }
             _ => {

@@ -79,11 +79,7 @@ impl TraceJson {
             rx_pid: t.rx_pid,
             rx_comm: t.rx_comm.clone(),
             complete: t.complete,
-            missing: available
-                .iter()
-                .filter(|s| !t.stages.iter().any(|x| x.stage == **s))
-                .map(|s| s.name())
-                .collect(),
+            missing: available.iter().filter(|s| !t.stages.iter().any(|x| x.stage == **s)).map(|s| s.name()).collect(),
             stages: t.stages.iter().map(|s| StageJson { stage: s.stage.name(), t_ns: s.t_ns, cpu: s.cpu }).collect(),
             total_ns: t.total_ns(),
         }
@@ -153,7 +149,12 @@ pub fn header(tracer: &Tracer, filters: serde_json::Value) -> serde_json::Value 
 }
 
 /// The summary line: per path and stage percentiles, and every loss counter.
-pub fn summary(stats: &Stats, lost: &BTreeMap<Stage, u64>, counters: serde_json::Value, corr: &CorrStats) -> serde_json::Value {
+pub fn summary(
+    stats: &Stats,
+    lost: &BTreeMap<Stage, u64>,
+    counters: serde_json::Value,
+    corr: &CorrStats,
+) -> serde_json::Value {
     let mut paths = serde_json::Map::new();
     for (p, ps) in &stats.paths {
         let mut stages = serde_json::Map::new();

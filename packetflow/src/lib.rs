@@ -3,14 +3,16 @@
 //! See ARCHITECTURE.md for the map of the code; in short: `loader` loads and attaches the
 //! eBPF programs, `session` reads their ring buffers, `correlate` joins the records into
 //! per-packet traces, `stats` and `json` turn traces into tables and files, and the
-//! subcommands (`trace`, `demo`, `doctor`, `seed`) put it together.
+//! subcommands (`trace`, `capture`, `daemon`, `report`, `demo`, `doctor`, `seed`) put it together.
 
 pub mod bench;
 pub mod btf;
 pub mod capture;
 pub mod charts;
 pub mod chrome;
+pub mod config;
 pub mod correlate;
+pub mod daemon;
 pub mod decode;
 pub mod demo;
 pub mod doctor;
@@ -19,6 +21,7 @@ pub mod expr;
 pub mod filter;
 pub mod json;
 pub mod loader;
+pub mod metrics;
 pub mod names;
 pub mod netns;
 pub mod pcapng;
@@ -30,3 +33,5 @@ pub mod session;
 pub mod stats;
 pub mod sys;
 pub mod trace;
+pub mod trace_files;
+pub mod xdp_owner;

@@ -28,12 +28,13 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, ProgramError,
-        SchedClassifier, TcAttachType, TracePoint, Xdp, XdpMode,
-        tc::TcAttachOptions,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, ProgramError, SchedClassifier,
+        TcAttachType, TracePoint, Xdp, XdpMode, tc::TcAttachOptions,
     },
 };
-use packetflow_common::{Filter, Offsets, RING_SHARDS, Stage, capture::CaptureConfig, counters::NUM_COUNTERS, summary::HIST_BUCKETS};
+use packetflow_common::{
+    Filter, Offsets, RING_SHARDS, Stage, capture::CaptureConfig, counters::NUM_COUNTERS, summary::HIST_BUCKETS,
+};
 
 use crate::{btf::Btf, error::user, sys};
 
@@ -115,6 +116,12 @@ pub struct Tracer {
     pub interfaces: Vec<Attached>,
     /// Shards some CPU writes to.
     pub used_shards: Vec<usize>,
+    /// Attachments made (each a bpf_link the kernel drops when this process exits).
+    pub links: usize,
+    /// Tracepoint (perf event) links, held here so `detach_all` can close them in
+    /// parallel: each close waits for an RCU grace period (~75 ms here), and 15 of them
+    /// in a row made SIGTERM take over a second.
+    tp_links: Vec<aya::programs::trace_point::TracePointLink>,
     btf: aya::Btf,
 }
 
@@ -155,9 +162,9 @@ fn sys_exit_ret_offset() -> u32 {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|f| {
-            f.lines().find(|l| l.contains(" ret;")).and_then(|l| {
-                l.split(';').find_map(|p| p.trim().strip_prefix("offset:")).and_then(|v| v.parse().ok())
-            })
+            f.lines()
+                .find(|l| l.contains(" ret;"))
+                .and_then(|l| l.split(';').find_map(|p| p.trim().strip_prefix("offset:")).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(16)
 }
@@ -191,7 +198,8 @@ impl Tracer {
             .override_global("OFFSETS", &offsets, true)
             .override_global("WAKEUP_BYTES", &wake, true)
             .override_global("SYS_EXIT_RET_OFF", &ret_off, true);
-        let cap_bytes = if opts.capture_ring_bytes == 0 { 4096 } else { opts.capture_ring_bytes.max(1 << 20).next_power_of_two() };
+        let cap_bytes =
+            if opts.capture_ring_bytes == 0 { 4096 } else { opts.capture_ring_bytes.max(1 << 20).next_power_of_two() };
         for s in 0..RING_SHARDS {
             loader.map_max_entries(ring_name(s), if used.contains(&s) { ring_bytes } else { 4096 });
             loader.map_max_entries(cap_ring_name(s), if used.contains(&s) { cap_bytes } else { 4096 });
@@ -207,7 +215,8 @@ impl Tracer {
             }
         })?;
         let logger = aya_log::EbpfLogger::init(&mut ebpf).ok();
-        let counters = PerCpuArray::try_from(ebpf.take_map("COUNTERS").ok_or_else(|| anyhow!("COUNTERS map missing"))?)?;
+        let counters =
+            PerCpuArray::try_from(ebpf.take_map("COUNTERS").ok_or_else(|| anyhow!("COUNTERS map missing"))?)?;
         let filter = Array::try_from(ebpf.take_map("FILTER").ok_or_else(|| anyhow!("FILTER map missing"))?)?;
         let capture = Array::try_from(ebpf.take_map("CAP_CONFIG").ok_or_else(|| anyhow!("CAP_CONFIG map missing"))?)?;
         let hist = PerCpuArray::try_from(ebpf.take_map("HIST").ok_or_else(|| anyhow!("HIST map missing"))?)?;
@@ -222,6 +231,8 @@ impl Tracer {
             stages: BTreeMap::new(),
             interfaces: Vec::new(),
             used_shards: used,
+            links: 0,
+            tp_links: Vec::new(),
             btf: aya_btf,
         };
         Ok(t)
@@ -251,7 +262,8 @@ impl Tracer {
     pub fn take_capture_rings(&mut self) -> Result<Vec<(usize, RingBuf<MapData>)>> {
         let mut out = Vec::new();
         for s in self.used_shards.clone() {
-            let map = self.ebpf_mut().take_map(cap_ring_name(s)).ok_or_else(|| anyhow!("{} missing", cap_ring_name(s)))?;
+            let map =
+                self.ebpf_mut().take_map(cap_ring_name(s)).ok_or_else(|| anyhow!("{} missing", cap_ring_name(s)))?;
             out.push((s, RingBuf::try_from(map)?));
         }
         Ok(out)
@@ -261,10 +273,13 @@ impl Tracer {
     pub fn kernel_stats(&self) -> crate::stats::Stats {
         use packetflow_common::summary::{E2E_SLOT, SLOTS_PER_PATH, bucket_range};
         let mut stats = crate::stats::Stats::default();
-        for (p, path) in [crate::correlate::PathKind::Loopback, crate::correlate::PathKind::Nic].into_iter().enumerate() {
+        for (p, path) in [crate::correlate::PathKind::Loopback, crate::correlate::PathKind::Nic].into_iter().enumerate()
+        {
             let mut ps = crate::stats::PathStats::default();
             for slot in 0..SLOTS_PER_PATH {
-                let Ok(per_cpu) = self.hist.get(&(p as u32 * SLOTS_PER_PATH + slot), 0) else { continue };
+                let Ok(per_cpu) = self.hist.get(&(p as u32 * SLOTS_PER_PATH + slot), 0) else {
+                    continue;
+                };
                 let mut h = crate::stats::hist();
                 for buckets in per_cpu.iter() {
                     for (i, &n) in buckets.iter().enumerate() {
@@ -296,8 +311,12 @@ impl Tracer {
 
     /// Capture losses per ifindex (records that did not fit the ring).
     pub fn capture_losses(&self) -> std::collections::HashMap<u32, u64> {
-        let Some(m) = self.ebpf.as_ref().and_then(|e| e.map("CAP_IF_LOST")) else { return Default::default() };
-        let Ok(h) = aya::maps::HashMap::<_, u32, u64>::try_from(m) else { return Default::default() };
+        let Some(m) = self.ebpf.as_ref().and_then(|e| e.map("CAP_IF_LOST")) else {
+            return Default::default();
+        };
+        let Ok(h) = aya::maps::HashMap::<_, u32, u64>::try_from(m) else {
+            return Default::default();
+        };
         h.iter().filter_map(Result::ok).collect()
     }
 
@@ -331,10 +350,20 @@ impl Tracer {
             .try_into()
             .map_err(|e: ProgramError| e.to_string())?;
         p.load().map_err(|e| describe(&e))?;
+        let mut links = Vec::new();
+        let mut r = Ok(());
         for n in names {
-            p.attach(category, n).map_err(|e| format!("{category}:{n}: {}", describe(&e)))?;
+            match p.attach(category, n).and_then(|id| p.take_link(id)) {
+                Ok(l) => links.push(l),
+                Err(e) => {
+                    r = Err(format!("{category}:{n}: {}", describe(&e)));
+                    break;
+                }
+            }
         }
-        Ok(())
+        self.links += links.len();
+        self.tp_links.extend(links);
+        r
     }
 
     fn tp_btf(&mut self, prog: &str, tp: &str) -> Result<(), String> {
@@ -353,6 +382,7 @@ impl Tracer {
             eprintln!("loaded {prog} in {:?}", t0.elapsed());
         }
         p.attach().map_err(|e| describe(&e))?;
+        self.links += 1;
         Ok(())
     }
 
@@ -368,6 +398,7 @@ impl Tracer {
         p.load().map_err(|e| describe(&e))?;
         // With bpf_link every attachment coexists; link_create takes no mode flags.
         p.attach(&fd, kind, CgroupAttachMode::Single).map_err(|e| describe(&e))?;
+        self.links += 1;
         Ok(())
     }
 
@@ -409,12 +440,12 @@ impl Tracer {
         let mut put = |s: Stage, hook: String, state: Result<(), String>| {
             self.stages.insert(s, StageHook { hook, state });
         };
+        put(Stage::SendSyscall, format!("tracepoint syscalls:sys_enter_{{{}}}", SEND_SYSCALLS.join(",")), send_ok);
         put(
-            Stage::SendSyscall,
-            format!("tracepoint syscalls:sys_enter_{{{}}}", SEND_SYSCALLS.join(",")),
-            send_ok,
+            Stage::SockSend,
+            "tp_btf tcp_sendmsg_locked (TCP), cgroup_skb/egress (UDP)".into(),
+            both(&tcp_send, &udp_send),
         );
-        put(Stage::SockSend, "tp_btf tcp_sendmsg_locked (TCP), cgroup_skb/egress (UDP)".into(), both(&tcp_send, &udp_send));
         put(Stage::DevQueue, "tp_btf net_dev_queue".into(), dev_queue);
         put(Stage::NicXmit, "tp_btf net_dev_start_xmit".into(), xmit);
         put(Stage::NetifReceive, "tp_btf netif_receive_skb".into(), rcv);
@@ -425,11 +456,7 @@ impl Tracer {
             "tp_btf skb_copy_datagram_iovec (TCP), tp_btf sock_recv_length (UDP)".into(),
             both(&tcp_copy, &udp_copy),
         );
-        put(
-            Stage::RecvSyscall,
-            format!("tracepoint syscalls:sys_exit_{{{}}}", RECV_SYSCALLS.join(",")),
-            recv,
-        );
+        put(Stage::RecvSyscall, format!("tracepoint syscalls:sys_exit_{{{}}}", RECV_SYSCALLS.join(",")), recv);
         for s in [Stage::Xdp, Stage::TcEgress, Stage::TcIngress] {
             put(s, "per interface (none attached)".into(), Err("no interface attached".into()));
         }
@@ -448,7 +475,13 @@ impl Tracer {
     }
 
     /// As `attach_interface`, with `role`'s programs.
-    pub fn attach_interface_as(&mut self, role: Role, netns: Option<&Path>, ifname: &str, xdp: XdpChoice) -> Result<&Attached> {
+    pub fn attach_interface_as(
+        &mut self,
+        role: Role,
+        netns: Option<&Path>,
+        ifname: &str,
+        xdp: XdpChoice,
+    ) -> Result<&Attached> {
         let [xdp_name, ti_name, te_name] = role.programs();
         for name in role.programs() {
             let prog = self.ebpf_mut().program_mut(name).ok_or_else(|| anyhow!("{name} missing"))?;
@@ -472,7 +505,9 @@ impl Tracer {
             }
             acc
         });
-        let (Some(x), Some(ti), Some(te)) = (x, ti, te) else { return Err(anyhow!("interface programs missing")) };
+        let (Some(x), Some(ti), Some(te)) = (x, ti, te) else {
+            return Err(anyhow!("interface programs missing"));
+        };
         let x: &mut Xdp = x.try_into()?;
         let ti: &mut SchedClassifier = ti.try_into()?;
         let te: &mut SchedClassifier = te.try_into()?;
@@ -480,7 +515,8 @@ impl Tracer {
         let ns_owned = netns.map(Path::to_path_buf);
         let attached = sys::in_netns(netns, move || {
             let Some(ifindex) = sys::ifindex(&name) else {
-                let where_ = ns_owned.as_ref().map(|p| format!(" in network namespace {}", p.display())).unwrap_or_default();
+                let where_ =
+                    ns_owned.as_ref().map(|p| format!(" in network namespace {}", p.display())).unwrap_or_default();
                 crate::user_bail!("unknown interface '{name}'{where_}");
             };
             let xdp_state = attach_xdp(x, ifindex, xdp);
@@ -491,30 +527,31 @@ impl Tracer {
             };
             let tc_ingress = tcx(ti, TcAttachType::Ingress);
             let tc_egress = tcx(te, TcAttachType::Egress);
-            Ok(Attached {
-                netns: ns_owned,
-                netns_inode,
-                ifname: name,
-                ifindex,
-                xdp: xdp_state,
-                tc_ingress,
-                tc_egress,
-            })
+            Ok(Attached { netns: ns_owned, netns_inode, ifname: name, ifindex, xdp: xdp_state, tc_ingress, tc_egress })
         })?;
+        self.links += [attached.xdp.is_ok(), attached.tc_ingress.is_ok(), attached.tc_egress.is_ok()]
+            .iter()
+            .filter(|ok| **ok)
+            .count();
         self.interfaces.push(attached);
         self.refresh_interface_stages();
         Ok(self.interfaces.last().expect("just pushed"))
     }
 
     fn refresh_interface_stages(&mut self) {
-        let list = |f: &dyn Fn(&Attached) -> Option<String>| -> Vec<String> { self.interfaces.iter().filter_map(f).collect() };
+        let list =
+            |f: &dyn Fn(&Attached) -> Option<String>| -> Vec<String> { self.interfaces.iter().filter_map(f).collect() };
         let xdp = list(&|a| a.xdp.as_ref().ok().map(|m| format!("{} ({m})", a.ifname)));
         let ti = list(&|a| a.tc_ingress.is_ok().then(|| a.ifname.clone()));
         let te = list(&|a| a.tc_egress.is_ok().then(|| a.ifname.clone()));
         let errs = |f: &dyn Fn(&Attached) -> Option<String>| list(f).join("; ");
         let mk = |kind: &str, ok: Vec<String>, err: String| StageHook {
             hook: if ok.is_empty() { format!("{kind} (not attached)") } else { format!("{kind} on {}", ok.join(", ")) },
-            state: if ok.is_empty() { Err(if err.is_empty() { "no interface attached".into() } else { err }) } else { Ok(()) },
+            state: if ok.is_empty() {
+                Err(if err.is_empty() { "no interface attached".into() } else { err })
+            } else {
+                Ok(())
+            },
         };
         let s = mk("XDP", xdp, errs(&|a| a.xdp.as_ref().err().map(|e| format!("{}: {e}", a.ifname))));
         self.stages.insert(Stage::Xdp, s);
@@ -549,6 +586,12 @@ impl Tracer {
 
     /// Detaches and unloads every program. The rings, counters and filter stay readable.
     pub fn detach_all(&mut self) {
+        let links = std::mem::take(&mut self.tp_links);
+        std::thread::scope(|s| {
+            for l in links {
+                s.spawn(move || drop(l));
+            }
+        });
         self.ebpf = None;
     }
 
@@ -558,14 +601,17 @@ impl Tracer {
 }
 
 fn attach_xdp(x: &mut Xdp, ifindex: u32, choice: XdpChoice) -> Result<&'static str, String> {
-    let try_mode = |x: &mut Xdp, mode: XdpMode| x.attach_to_if_index(ifindex, mode).map(|_| ()).map_err(|e| describe(&e));
+    let try_mode =
+        |x: &mut Xdp, mode: XdpMode| x.attach_to_if_index(ifindex, mode).map(|_| ()).map_err(|e| describe(&e));
     match choice {
         XdpChoice::Off => Err("disabled".into()),
         XdpChoice::Native => try_mode(x, XdpMode::Driver).map(|()| "native"),
         XdpChoice::Generic => try_mode(x, XdpMode::Skb).map(|()| "generic"),
         XdpChoice::Auto => match try_mode(x, XdpMode::Driver) {
             Ok(()) => Ok("native"),
-            Err(native) => try_mode(x, XdpMode::Skb).map(|()| "generic").map_err(|g| format!("native: {native}; generic: {g}")),
+            Err(native) => {
+                try_mode(x, XdpMode::Skb).map(|()| "generic").map_err(|g| format!("native: {native}; generic: {g}"))
+            }
         },
     }
 }

@@ -1,10 +1,16 @@
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use packetflow::{bench, capture, correlate::PathKind, demo, doctor, error, loader::XdpChoice, report, seed, trace};
+use packetflow::{
+    bench, capture, correlate::PathKind, daemon, demo, doctor, error, loader::XdpChoice, report, seed, trace,
+};
 
 #[derive(Parser)]
-#[command(name = "packetflow", version, about = "Where a packet's time goes inside Linux: per-stage latency from send syscall to receive syscall, measured with eBPF.")]
+#[command(
+    name = "packetflow",
+    version,
+    about = "Where a packet's time goes inside Linux: per-stage latency from send syscall to receive syscall, measured with eBPF."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -54,6 +60,12 @@ enum ByArg {
     Stage,
     Flow,
     Pid,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Summary,
+    Full,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -140,6 +152,57 @@ enum Cmd {
         /// Filter, in pcap-filter syntax (host, net, port, portrange, src, dst, tcp, udp, icmp, icmp6, ip, ip6, and/or/not).
         #[arg(value_name = "EXPRESSION", trailing_var_arg = true)]
         expression: Vec<String>,
+    },
+    /// Run as a service: always-on tracing, Prometheus /metrics, rotated trace files,
+    /// SIGHUP reload, `packetflow status` over a Unix socket.
+    Daemon {
+        /// TOML config file (default: /etc/packetflow/packetflow.toml when it exists).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Prometheus endpoint address (default 127.0.0.1:9464).
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Allow a non-loopback --metrics-addr (the endpoint has no authentication).
+        #[arg(long)]
+        metrics_public: bool,
+        /// Write NDJSON traces here, rotated (implies full mode unless mode is set).
+        #[arg(long, value_name = "DIR")]
+        trace_dir: Option<PathBuf>,
+        /// Only write traces at least this slow end to end.
+        #[arg(long, value_name = "N")]
+        slow_us: Option<u64>,
+        /// summary (in-kernel histograms) or full (per-packet traces).
+        #[arg(long, value_enum)]
+        mode: Option<ModeArg>,
+        /// Control socket for `packetflow status` (default /run/packetflow/packetflow.sock).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Interfaces for XDP and tcx (repeatable; IFACE@NETNS; `any`). Default: lo.
+        #[arg(short = 'i', long = "interface", value_name = "IFACE")]
+        ifaces: Vec<String>,
+        #[arg(long, value_enum)]
+        xdp_mode: Option<XdpArg>,
+        #[arg(long = "port", value_name = "P")]
+        ports: Vec<u16>,
+        #[arg(long = "host", value_name = "ADDR")]
+        hosts: Vec<IpAddr>,
+        #[arg(long)]
+        pid: Option<u32>,
+        #[arg(long, value_enum)]
+        proto: Option<ProtoArg>,
+        #[arg(long, value_name = "N")]
+        sample: Option<u32>,
+        /// After attaching, become this user (no capabilities kept).
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+        /// Replace another program's XDP attachment instead of refusing to start.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Ask the running daemon for its per-stage table, hooks and loss counters.
+    Status {
+        #[arg(long, value_name = "PATH", default_value = "/run/packetflow/packetflow.sock")]
+        socket: PathBuf,
     },
     /// Run the seed exchange over loopback and a veth NIC path, traced, side by side.
     Demo {
@@ -308,6 +371,54 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 stages,
             }))
         }
+        Cmd::Daemon {
+            config,
+            metrics_addr,
+            metrics_public,
+            trace_dir,
+            slow_us,
+            mode,
+            socket,
+            ifaces,
+            xdp_mode,
+            ports,
+            hosts,
+            pid,
+            proto,
+            sample,
+            user,
+            force,
+        } => {
+            use packetflow::config::{self, Overrides};
+            let overrides = Overrides {
+                metrics_addr,
+                metrics_public,
+                control_socket: socket,
+                interfaces: ifaces,
+                xdp_mode: xdp_mode.map(|x| match x {
+                    XdpArg::Auto => config::XdpMode::Auto,
+                    XdpArg::Native => config::XdpMode::Native,
+                    XdpArg::Generic => config::XdpMode::Generic,
+                    XdpArg::Off => config::XdpMode::Off,
+                }),
+                mode: mode.map(|m| match m {
+                    ModeArg::Summary => config::Mode::Summary,
+                    ModeArg::Full => config::Mode::Full,
+                }),
+                ports,
+                hosts,
+                proto: proto.map(|p| match p {
+                    ProtoArg::Tcp => config::Proto::Tcp,
+                    ProtoArg::Udp => config::Proto::Udp,
+                }),
+                pid,
+                sample,
+                trace_dir,
+                slow_us,
+            };
+            runtime()?.block_on(daemon::run(daemon::DaemonArgs { config, overrides, user, force }))
+        }
+        Cmd::Status { socket } => daemon::status(&socket),
         Cmd::Bench { out, quick } => runtime()?.block_on(bench::run(bench::BenchArgs { out, quick })),
         Cmd::Report { file, baseline, path, by, chrome_trace, html, svg } => report::run(report::ReportArgs {
             file,
@@ -325,28 +436,25 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             html,
             svg,
         }),
-        Cmd::Demo { path, count, size, udp, ipv6, json, chrome_trace, port } => runtime()?.block_on(demo::run(demo::DemoArgs {
-            path: match path {
-                PathArg::Loopback => demo::Which::Loopback,
-                PathArg::Nic => demo::Which::Nic,
-                PathArg::Both => demo::Which::Both,
-            },
-            count,
-            size,
-            udp,
-            ipv6,
-            json,
-            chrome_trace,
-            port,
-        })),
-        Cmd::Serve { port, bind, udp, verbose, once, count } => seed::serve(&seed::ServeOpts {
-            port,
-            bind: seed::parse_addr(&bind)?,
-            udp,
-            verbose,
-            once,
-            count,
-        }),
+        Cmd::Demo { path, count, size, udp, ipv6, json, chrome_trace, port } => {
+            runtime()?.block_on(demo::run(demo::DemoArgs {
+                path: match path {
+                    PathArg::Loopback => demo::Which::Loopback,
+                    PathArg::Nic => demo::Which::Nic,
+                    PathArg::Both => demo::Which::Both,
+                },
+                count,
+                size,
+                udp,
+                ipv6,
+                json,
+                chrome_trace,
+                port,
+            }))
+        }
+        Cmd::Serve { port, bind, udp, verbose, once, count } => {
+            seed::serve(&seed::ServeOpts { port, bind: seed::parse_addr(&bind)?, udp, verbose, once, count })
+        }
         Cmd::Client { addr, port, udp, count, size, interval, verbose } => seed::client(&seed::ClientOpts {
             addr: seed::parse_addr(&addr)?,
             port,

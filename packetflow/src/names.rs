@@ -16,7 +16,8 @@ pub struct Names {
 
 impl Names {
     pub fn new(attached: &[Attached]) -> Names {
-        let mut n = Names { own_netns: sys::netns_inode(Path::new("/proc/self/ns/net")).unwrap_or(0), ..Default::default() };
+        let mut n =
+            Names { own_netns: sys::netns_inode(Path::new("/proc/self/ns/net")).unwrap_or(0), ..Default::default() };
         for a in attached {
             n.ifnames.insert((a.netns_inode, a.ifindex), a.ifname.clone());
             if let Some(p) = &a.netns {

@@ -89,7 +89,15 @@ impl<W: Write> Writer<W> {
     }
 
     /// One packet: `ts_ns` wall clock in ns, `orig_len` its length before truncation.
-    pub fn packet(&mut self, iface: u32, ts_ns: u64, data: &[u8], orig_len: u32, flags: u32, comment: &str) -> io::Result<()> {
+    pub fn packet(
+        &mut self,
+        iface: u32,
+        ts_ns: u64,
+        data: &[u8],
+        orig_len: u32,
+        flags: u32,
+        comment: &str,
+    ) -> io::Result<()> {
         let mut body = Vec::with_capacity(32 + data.len() + comment.len());
         body.extend(iface.to_le_bytes());
         body.extend(ts_words(ts_ns));
@@ -114,7 +122,10 @@ impl<W: Write> Writer<W> {
         body.extend(iface.to_le_bytes());
         body.extend(ts_words(end_ns));
         let mut o = Opts::default();
-        o.add(2, &ts_words(start_ns)).add(3, &ts_words(end_ns)).add(4, &received.to_le_bytes()).add(5, &dropped.to_le_bytes());
+        o.add(2, &ts_words(start_ns))
+            .add(3, &ts_words(end_ns))
+            .add(4, &received.to_le_bytes())
+            .add(5, &dropped.to_le_bytes());
         body.extend(o.finish());
         block(&mut self.w, ISB, &body)
     }

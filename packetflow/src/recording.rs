@@ -170,8 +170,9 @@ impl<R: BufRead> Reader<R> {
         if n == 0 {
             return Err(user(format!("{name} is empty: not a packetflow recording")));
         }
-        let header: serde_json::Value = serde_json::from_slice(&buf)
-            .map_err(|_| user(format!("{name}, line 1: not a packetflow recording (the first line is not a JSON header)")))?;
+        let header: serde_json::Value = serde_json::from_slice(&buf).map_err(|_| {
+            user(format!("{name}, line 1: not a packetflow recording (the first line is not a JSON header)"))
+        })?;
         if header.get("type").and_then(|t| t.as_str()) != Some("header") {
             return Err(user(format!("{name}, line 1: not a packetflow recording (no header line)")));
         }
@@ -183,7 +184,14 @@ impl<R: BufRead> Reader<R> {
             )));
         }
         let bytes = n as u64;
-        Ok(Reader { r, name: name.to_string(), buf, header, notes: ReadNotes { lines: 1, ..Default::default() }, bytes })
+        Ok(Reader {
+            r,
+            name: name.to_string(),
+            buf,
+            header,
+            notes: ReadNotes { lines: 1, ..Default::default() },
+            bytes,
+        })
     }
 
     /// The next trace or summary; `None` at the end. Damaged lines are skipped (and noted).
@@ -208,7 +216,10 @@ impl<R: BufRead> Reader<R> {
                 Err(_) if !complete_line => {
                     self.notes.truncated_last = true;
                     self.notes.skipped += 1;
-                    self.notes.warn(format!("{}, line {no}: truncated last line (the recording was cut short), skipped", self.name));
+                    self.notes.warn(format!(
+                        "{}, line {no}: truncated last line (the recording was cut short), skipped",
+                        self.name
+                    ));
                     continue;
                 }
                 Err(e) => {
@@ -218,17 +229,20 @@ impl<R: BufRead> Reader<R> {
                 }
             };
             match v.get("type").and_then(|t| t.as_str()) {
-                Some("trace") => match serde_json::from_value::<TraceRec>(v).map_err(|e| e.to_string()).and_then(|t| t.to_trace()) {
-                    Ok(t) => return Ok(Some(Line::Trace(Box::new(t)))),
-                    Err(e) => {
-                        self.notes.skipped += 1;
-                        self.notes.warn(format!("{}, line {no}: not a valid trace ({e}), skipped", self.name));
+                Some("trace") => {
+                    match serde_json::from_value::<TraceRec>(v).map_err(|e| e.to_string()).and_then(|t| t.to_trace()) {
+                        Ok(t) => return Ok(Some(Line::Trace(Box::new(t)))),
+                        Err(e) => {
+                            self.notes.skipped += 1;
+                            self.notes.warn(format!("{}, line {no}: not a valid trace ({e}), skipped", self.name));
+                        }
                     }
-                },
+                }
                 Some("summary") => return Ok(Some(Line::Summary(v))),
                 Some("header") => {
                     self.notes.skipped += 1;
-                    self.notes.warn(format!("{}, line {no}: a second header (two recordings joined?), skipped", self.name));
+                    self.notes
+                        .warn(format!("{}, line {no}: a second header (two recordings joined?), skipped", self.name));
                 }
                 _ => {
                     self.notes.unknown_type += 1;
@@ -285,13 +299,20 @@ mod tests {
     #[test]
     fn skips_and_counts_damage_with_line_numbers() {
         let cut = &TRACE[..40];
-        let input = format!("{HEADER}\n{TRACE}\nnot json\n{}\n{TRACE}\n{cut}", TRACE.replace("\"len\":10", "\"len\":10,\"future_field\":[1,2]"));
+        let input = format!(
+            "{HEADER}\n{TRACE}\nnot json\n{}\n{TRACE}\n{cut}",
+            TRACE.replace("\"len\":10", "\"len\":10,\"future_field\":[1,2]")
+        );
         let (n, notes) = read_all(&input).unwrap();
         assert_eq!(n, 3, "the unknown field is ignored, not fatal");
         assert_eq!(notes.skipped, 2);
         assert!(notes.truncated_last);
         assert!(notes.warnings[0].contains("line 3"), "{:?}", notes.warnings);
-        assert!(notes.warnings[1].contains("line 6") && notes.warnings[1].contains("truncated"), "{:?}", notes.warnings);
+        assert!(
+            notes.warnings[1].contains("line 6") && notes.warnings[1].contains("truncated"),
+            "{:?}",
+            notes.warnings
+        );
     }
 
     #[test]

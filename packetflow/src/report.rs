@@ -66,8 +66,10 @@ impl Groups {
                 _ => "(no sender process)".into(),
             },
         };
-        let key = if self.map.len() >= MAX_GROUPS && !self.map.contains_key(&key) { "(other)".to_string() } else { key };
-        let h = self.map.entry(key).or_insert_with(|| Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("bounds"));
+        let key =
+            if self.map.len() >= MAX_GROUPS && !self.map.contains_key(&key) { "(other)".to_string() } else { key };
+        let h =
+            self.map.entry(key).or_insert_with(|| Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("bounds"));
         h.saturating_record(charts::end_to_end(t).max(1));
     }
 
@@ -87,7 +89,11 @@ impl Groups {
             .collect();
         rows.sort_by(|a, b| b.0.cmp(&a.0).then(a.1[0].cmp(&b.1[0])));
         let rows: Vec<Vec<String>> = rows.into_iter().map(|(_, r)| r).collect();
-        format!("end-to-end latency by {}\n{}", if self.by == By::Flow { "flow" } else { "sender" }, stats::render(&header, &rows))
+        format!(
+            "end-to-end latency by {}\n{}",
+            if self.by == By::Flow { "flow" } else { "sender" },
+            stats::render(&header, &rows)
+        )
     }
 }
 
@@ -121,7 +127,12 @@ impl<R: Read> Read for Progress<R> {
             self.last = Instant::now();
             let mb = self.read as f64 / 1e6;
             match self.total {
-                Some(t) if t > 0 => eprint!("\rreading {}: {:.0}% ({mb:.0} of {:.0} MB)", self.name, self.read as f64 * 100.0 / t as f64, t as f64 / 1e6),
+                Some(t) if t > 0 => eprint!(
+                    "\rreading {}: {:.0}% ({mb:.0} of {:.0} MB)",
+                    self.name,
+                    self.read as f64 * 100.0 / t as f64,
+                    t as f64 / 1e6
+                ),
                 _ => eprint!("\rreading {}: {mb:.0} MB", self.name),
             }
         }
@@ -239,17 +250,22 @@ pub fn compare(base: &Stats, new: &Stats) -> String {
             continue;
         };
         out.push_str(&format!("{} path: baseline {} traces, this {} traces\n", p.name(), bp.traces, np.traces));
-        let header: Vec<String> = ["stage", "base p50 µs", "p50 µs", "change", "", "base p99 µs", "p99 µs", "change", ""]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let header: Vec<String> =
+            ["stage", "base p50 µs", "p50 µs", "change", "", "base p99 µs", "p99 µs", "change", ""]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         let mut rows = Vec::new();
         let mut row = |name: &str, b: &Histogram<u64>, n: &Histogram<u64>| {
             if b.is_empty() || n.is_empty() {
                 return;
             }
-            let (b50, n50, b99, n99) =
-                (b.value_at_quantile(0.5), n.value_at_quantile(0.5), b.value_at_quantile(0.99), n.value_at_quantile(0.99));
+            let (b50, n50, b99, n99) = (
+                b.value_at_quantile(0.5),
+                n.value_at_quantile(0.5),
+                b.value_at_quantile(0.99),
+                n.value_at_quantile(0.99),
+            );
             rows.push(vec![
                 name.to_string(),
                 us(b50),
@@ -326,4 +342,3 @@ pub fn run(a: ReportArgs) -> Result<()> {
     }
     Ok(())
 }
-

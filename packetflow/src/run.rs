@@ -38,7 +38,11 @@ pub struct RunOptions {
     pub count: Option<u64>,
     pub poll: Duration,
     pub ring_bytes: u32,
+    /// More sinks, made once the programs are attached (the daemon's trace files).
+    pub more_sinks: Option<MoreSinks>,
 }
+
+pub type MoreSinks = Box<dyn FnOnce(&Tracer, &FilterSpec) -> Vec<Box<dyn Sink>> + Send>;
 
 impl Default for RunOptions {
     fn default() -> Self {
@@ -53,6 +57,7 @@ impl Default for RunOptions {
             count: None,
             poll: Duration::from_millis(10),
             ring_bytes: LoadOptions::default().ring_bytes,
+            more_sinks: None,
         }
     }
 }
@@ -153,6 +158,9 @@ impl Running {
         if let Some(path) = &o.chrome_trace {
             let f = std::fs::File::create(path).map_err(|e| crate::error::user(format!("cannot write {path}: {e}")))?;
             sinks.push(Box::new(crate::chrome::ChromeTrace::new(Box::new(std::io::BufWriter::new(f)))));
+        }
+        if let Some(more) = o.more_sinks {
+            sinks.extend(more(&tracer, &filter));
         }
         let corr = readers.start_correlator(tracer.coverage(), o.timeout, o.count, sinks);
         let shared = readers.shared.clone();

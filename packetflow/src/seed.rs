@@ -142,7 +142,9 @@ pub struct ClientOpts {
 
 fn connect_error(e: io::Error, addr: SocketAddr) -> anyhow::Error {
     match e.kind() {
-        io::ErrorKind::ConnectionRefused => user(format!("cannot connect to {addr}: connection refused (is the server running?)")),
+        io::ErrorKind::ConnectionRefused => {
+            user(format!("cannot connect to {addr}: connection refused (is the server running?)"))
+        }
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => user(format!("cannot connect to {addr}: no answer")),
         _ => user(format!("cannot connect to {addr}: {e}")),
     }
@@ -170,7 +172,9 @@ pub fn client(o: &ClientOpts) -> Result<Vec<Duration>> {
             let t0 = Instant::now();
             sock.send(&request).map_err(|e| connect_error(e, addr))?;
             let n = sock.recv(&mut answer).map_err(|e| match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => user(format!("no response from {addr} within 2 s")),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    user(format!("no response from {addr} within 2 s"))
+                }
                 _ => connect_error(e, addr),
             })?;
             rtts.push(t0.elapsed());
@@ -249,7 +253,14 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         drop(l);
         let srv = std::thread::spawn(move || {
-            serve(&ServeOpts { port, bind: IpAddr::from([127, 0, 0, 1]), udp: false, verbose: false, once: true, count: 0 })
+            serve(&ServeOpts {
+                port,
+                bind: IpAddr::from([127, 0, 0, 1]),
+                udp: false,
+                verbose: false,
+                once: true,
+                count: 0,
+            })
         });
         let mut rtts = Vec::new();
         for _ in 0..50 {

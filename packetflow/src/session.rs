@@ -31,6 +31,10 @@ use crate::{
     sys,
 };
 
+/// Records waiting for the correlator, at most (64 B each: 16 MiB). Past this, readers
+/// drop whole batches (counted in `overflow_records`) instead of queueing without bound.
+const MAX_QUEUED_RECORDS: u64 = 256 * 1024;
+
 /// Readers deliver everything older than their drain start minus this margin.
 const WATERMARK_MARGIN_NS: u64 = 2_000_000;
 
@@ -62,6 +66,11 @@ pub struct Shared {
     pub count_reached: AtomicBool,
     pub count_notify: tokio::sync::Notify,
     pub flows: AtomicU64,
+    /// Per shard: the most bytes one drain found waiting since this was last taken (the
+    /// ring's fill level when the reader woke).
+    pub ring_backlog_bytes: [AtomicU64; RING_SHARDS],
+    /// Records handed to the correlator and not yet processed.
+    pub queued_records: AtomicU64,
 }
 
 pub struct Readers {
@@ -113,10 +122,21 @@ async fn read_shard(
             }
         }
         let n = events.len() as u64;
+        // Each record takes its size plus an 8-byte header in the ring.
+        shared.ring_backlog_bytes[shard].fetch_max(n * (std::mem::size_of::<Event>() as u64 + 8), Ordering::Relaxed);
+        let mut events = events;
+        if shared.queued_records.load(Ordering::Relaxed) + n > MAX_QUEUED_RECORDS {
+            // Over the bound: drop the records, still pass the watermark (and final marker).
+            shared.overflow_records.fetch_add(n, Ordering::Relaxed);
+            events = Vec::new();
+        }
+        shared.queued_records.fetch_add(events.len() as u64, Ordering::Relaxed);
         match tx.try_send(Batch { shard, events, watermark, last }) {
             Ok(()) => {}
             Err(TrySendError::Full(b)) => {
-                shared.overflow_records.fetch_add(n, Ordering::Relaxed);
+                let k = b.events.len() as u64;
+                shared.queued_records.fetch_sub(k, Ordering::Relaxed);
+                shared.overflow_records.fetch_add(k, Ordering::Relaxed);
                 if b.last {
                     // The final marker must get through: wait for room.
                     let tx = tx.clone();
@@ -186,6 +206,7 @@ impl Readers {
                 loop {
                     match rx.recv_timeout(Duration::from_millis(50)) {
                         Ok(b) => {
+                            shared.queued_records.fetch_sub(b.events.len() as u64, Ordering::Relaxed);
                             for e in &b.events {
                                 if let Some(d) = dump.as_mut() {
                                     use std::io::Write;

@@ -62,11 +62,16 @@ impl Stats {
         if let Some(first) = t.stages.first() {
             p.stages.entry(first.stage).or_insert_with(hist);
         }
-        let e2e = match (t.time_of(Stage::SendSyscall), t.time_of(Stage::RecvSyscall)) {
-            (Some(a), Some(b)) => b - a,
-            _ => t.total_ns(),
-        };
-        p.e2e.saturating_record(e2e.max(1));
+        p.e2e.saturating_record(end_to_end_ns(t).max(1));
+    }
+}
+
+/// A trace's end-to-end time: `send_syscall` → `recv_syscall`, or first → last stage when
+/// one of them is missing.
+pub fn end_to_end_ns(t: &Trace) -> u64 {
+    match (t.time_of(Stage::SendSyscall), t.time_of(Stage::RecvSyscall)) {
+        (Some(a), Some(b)) => b - a,
+        _ => t.total_ns(),
     }
 }
 
@@ -151,7 +156,9 @@ pub fn side_by_side(stats: &Stats) -> String {
         header.push(format!("{} p99 µs", p.name()));
     }
     let cell = |p: PathKind, s: Option<Stage>, pct: f64| -> String {
-        let Some(ps) = stats.paths.get(&p) else { return "-".into() };
+        let Some(ps) = stats.paths.get(&p) else {
+            return "-".into();
+        };
         let h = match s {
             Some(s) => match ps.stages.get(&s) {
                 Some(h) => h,

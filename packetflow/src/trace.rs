@@ -1,12 +1,6 @@
 //! `packetflow trace`: live per-stage latency of the packets that match a filter.
 
-use std::{
-    io::IsTerminal,
-    net::IpAddr,
-    path::PathBuf,
-    sync::atomic::Ordering,
-    time::Duration,
-};
+use std::{io::IsTerminal, net::IpAddr, path::PathBuf, sync::atomic::Ordering, time::Duration};
 
 use anyhow::Result;
 
@@ -44,12 +38,7 @@ pub fn tables(stats: &Stats, lost: &std::collections::BTreeMap<packetflow_common
     }
     let mut out = String::new();
     for (p, ps) in &stats.paths {
-        out.push_str(&format!(
-            "{} path: {} traces ({} complete)\n",
-            p.name(),
-            ps.traces,
-            ps.complete
-        ));
+        out.push_str(&format!("{} path: {} traces ({} complete)\n", p.name(), ps.traces, ps.complete));
         out.push_str(&stats::path_table(ps, lost));
         out.push('\n');
     }
@@ -61,35 +50,7 @@ pub fn tables(stats: &Stats, lost: &std::collections::BTreeMap<packetflow_common
 
 pub async fn run(a: TraceArgs) -> Result<()> {
     run::preflight("trace")?;
-    // Interfaces: the ones named (IFACE, or IFACE@NETNS for another namespace), `any` for
-    // all in the namespace, or loopback by default.
-    let mut interfaces: Vec<(Option<PathBuf>, String)> = Vec::new();
-    let mut ifindexes = Vec::new();
-    let specs: Vec<String> = if a.ifaces.is_empty() { vec!["lo".into()] } else { a.ifaces.clone() };
-    for spec in &specs {
-        let (name, ns) = match spec.split_once('@') {
-            Some((n, ns)) => (n.to_string(), Some(netns_path(ns))),
-            None => (spec.clone(), a.netns.clone()),
-        };
-        if let Some(p) = &ns
-            && !p.exists()
-        {
-            crate::user_bail!("network namespace {} does not exist", p.display());
-        }
-        if name == "any" {
-            let all = sys::in_netns(ns.as_deref(), || Ok(sys::interfaces()))?;
-            interfaces.extend(all.into_iter().map(|(_, n, _)| (ns.clone(), n)));
-            continue;
-        }
-        let Some(idx) = sys::in_netns(ns.as_deref(), || Ok(sys::ifindex(&name)))? else {
-            let where_ = ns.as_ref().map(|p| format!(" in network namespace {}", p.display())).unwrap_or_default();
-            crate::user_bail!("unknown interface '{name}'{where_}");
-        };
-        if !a.ifaces.is_empty() {
-            ifindexes.push(idx);
-        }
-        interfaces.push((ns, name));
-    }
+    let (interfaces, ifindexes) = resolve_interfaces(&a.ifaces, a.netns.as_deref())?;
     let filter = FilterSpec {
         ports: a.ports.clone(),
         hosts: a.hosts.clone(),
@@ -102,7 +63,9 @@ pub async fn run(a: TraceArgs) -> Result<()> {
         sample: a.sample,
     };
     if a.summary && (a.json.is_some() || a.chrome_trace.is_some() || a.count.is_some()) {
-        crate::user_bail!("--summary keeps no per-packet records: --json, --chrome-trace and --count need full tracing");
+        crate::user_bail!(
+            "--summary keeps no per-packet records: --json, --chrome-trace and --count need full tracing"
+        );
     }
     let json_to_stdout = a.json.as_deref() == Some("-");
     let running = Running::start(RunOptions {
@@ -174,8 +137,47 @@ pub async fn run(a: TraceArgs) -> Result<()> {
     Ok(())
 }
 
+/// Interfaces to attach to: the ones named (IFACE, or IFACE@NETNS for another
+/// namespace), `any` for all in the namespace, or loopback when none is named. Also the
+/// indexes the device stages are limited to (only when interfaces were named; `any` adds
+/// none). Unknown interfaces and namespaces are user errors.
+#[allow(clippy::type_complexity)]
+pub fn resolve_interfaces(
+    named: &[String],
+    netns: Option<&std::path::Path>,
+) -> Result<(Vec<(Option<PathBuf>, String)>, Vec<u32>)> {
+    let mut interfaces: Vec<(Option<PathBuf>, String)> = Vec::new();
+    let mut ifindexes = Vec::new();
+    let specs: Vec<String> = if named.is_empty() { vec!["lo".into()] } else { named.to_vec() };
+    for spec in &specs {
+        let (name, ns) = match spec.split_once('@') {
+            Some((n, ns)) => (n.to_string(), Some(netns_path(ns))),
+            None => (spec.clone(), netns.map(PathBuf::from)),
+        };
+        if let Some(p) = &ns
+            && !p.exists()
+        {
+            crate::user_bail!("network namespace {} does not exist", p.display());
+        }
+        if name == "any" {
+            let all = sys::in_netns(ns.as_deref(), || Ok(sys::interfaces()))?;
+            interfaces.extend(all.into_iter().map(|(_, n, _)| (ns.clone(), n)));
+            continue;
+        }
+        let Some(idx) = sys::in_netns(ns.as_deref(), || Ok(sys::ifindex(&name)))? else {
+            let where_ = ns.as_ref().map(|p| format!(" in network namespace {}", p.display())).unwrap_or_default();
+            crate::user_bail!("unknown interface '{name}'{where_}");
+        };
+        if !named.is_empty() {
+            ifindexes.push(idx);
+        }
+        interfaces.push((ns, name));
+    }
+    Ok((interfaces, ifindexes))
+}
+
 /// A namespace given by name (in /run/netns) or by path.
-fn netns_path(s: &str) -> PathBuf {
+pub fn netns_path(s: &str) -> PathBuf {
     if s.contains('/') { PathBuf::from(s) } else { PathBuf::from("/run/netns").join(s) }
 }
 

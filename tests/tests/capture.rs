@@ -13,8 +13,22 @@ use packetflow_tests::*;
 
 /// tshark's per-packet fields we compare.
 const FIELDS: &[&str] = &[
-    "eth.type", "ip.src", "ip.dst", "ipv6.src", "ipv6.dst", "tcp.srcport", "tcp.dstport", "tcp.seq_raw", "udp.srcport",
-    "udp.dstport", "icmp.type", "icmpv6.type", "frame.len", "frame.cap_len", "data.data", "tcp.payload",
+    "eth.type",
+    "ip.src",
+    "ip.dst",
+    "ipv6.src",
+    "ipv6.dst",
+    "tcp.srcport",
+    "tcp.dstport",
+    "tcp.seq_raw",
+    "udp.srcport",
+    "udp.dstport",
+    "icmp.type",
+    "icmpv6.type",
+    "frame.len",
+    "frame.cap_len",
+    "data.data",
+    "tcp.payload",
 ];
 
 /// The packet list of a capture file, one line of fields per packet (tshark -T fields).
@@ -34,7 +48,13 @@ fn fields(file: &Path, filter: Option<&str>) -> Vec<String> {
 
 /// tshark's complaints about a file (its warning about running as root is not about the file).
 fn tshark_complaints(file: &Path) -> String {
-    let o = Command::new("tshark").arg("-r").arg(file).stdout(Stdio::null()).stderr(Stdio::piped()).output().expect("tshark");
+    let o = Command::new("tshark")
+        .arg("-r")
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("tshark");
     assert!(o.status.success());
     String::from_utf8_lossy(&o.stderr).lines().filter(|l| !l.contains("Running as user")).collect::<Vec<_>>().join("\n")
 }
@@ -47,7 +67,13 @@ struct Pf {
 
 fn start_pf(args: &[&str]) -> Pf {
     use std::io::{BufRead, BufReader};
-    let mut c = Command::new(bin()).arg("capture").args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("capture");
+    let mut c = Command::new(bin())
+        .arg("capture")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("capture");
     let err = c.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -102,7 +128,8 @@ fn stop_tcpdump(mut p: Proc) {
 /// Mixed traffic between the test hosts: TCP and UDP seed exchanges over IPv4 and IPv6,
 /// pings both ways. Bounded: a few dozen packets.
 fn mixed_traffic(h: &TestHosts, port: u16) {
-    for (addr, udp) in [(netns::ADDR_B, false), (netns::ADDR_B, true), (netns::ADDR6_B, false), (netns::ADDR6_B, true)] {
+    for (addr, udp) in [(netns::ADDR_B, false), (netns::ADDR_B, true), (netns::ADDR6_B, false), (netns::ADDR6_B, true)]
+    {
         let bind = if addr.contains(':') { "::" } else { "0.0.0.0" };
         let _srv = serve(Some(&h.path_b()), bind, port, udp);
         client(Some(&h.path_a()), addr, port, 3, 100, udp);
@@ -200,7 +227,8 @@ fn each_filter_primitive_selects_what_tcpdump_selects() {
         let text = expr.join(" ");
         let pf = tmp("flt-pf.pcapng");
         let (tin, tout) = (tmp("flt-in.pcap"), tmp("flt-out.pcap"));
-        let mut args = vec!["-i".to_string(), format!("{}@{}", h.veth_b, h.ns_b), "-w".into(), pf.to_str().unwrap().into()];
+        let mut args =
+            vec!["-i".to_string(), format!("{}@{}", h.veth_b, h.ns_b), "-w".into(), pf.to_str().unwrap().into()];
         args.extend(expr.iter().map(|s| s.to_string()));
         let cap = start_pf(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let d_in = start_tcpdump(Some(&h.path_b()), &h.veth_b, "in", &tin);
@@ -250,10 +278,10 @@ fn malformed_frames_are_captured_as_they_are_and_passed_on() {
         f
     };
     let frames = vec![
-        frame(0x0800, &[0x45, 0, 0, 60, 0, 0]),                      // IPv4 header cut short
+        frame(0x0800, &[0x45, 0, 0, 60, 0, 0]), // IPv4 header cut short
         frame(0x0800, &[0x43, 0, 0, 20, 0, 0, 0, 0, 64, 6, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2]), // IHL 3
-        frame(0x86dd, &[0x60, 0, 0, 0, 0, 8, 17]),                    // IPv6 header cut short
-        frame(0x88b5, b"local experimental ethertype"),              // not IP at all
+        frame(0x86dd, &[0x60, 0, 0, 0, 0, 8, 17]), // IPv6 header cut short
+        frame(0x88b5, b"local experimental ethertype"), // not IP at all
         frame(0x0800, &[0x45, 0, 0, 40, 0, 0, 0x20, 0, 64, 6, 0, 0, 198, 18, 0, 1, 198, 18, 0, 2, 0x9c]), // TCP cut
     ];
     let sent = frames.clone();
@@ -268,7 +296,14 @@ fn malformed_frames_are_captured_as_they_are_and_passed_on() {
             sll.sll_ifindex = ifindex as i32;
             sll.sll_halen = 6;
             let r = unsafe {
-                libc::sendto(fd, f.as_ptr().cast(), f.len(), 0, (&sll as *const libc::sockaddr_ll).cast(), std::mem::size_of::<libc::sockaddr_ll>() as u32)
+                libc::sendto(
+                    fd,
+                    f.as_ptr().cast(),
+                    f.len(),
+                    0,
+                    (&sll as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
             };
             assert_eq!(r, f.len() as isize, "sending a crafted frame");
         }

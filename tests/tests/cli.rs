@@ -103,10 +103,14 @@ fn doctor_tells_the_truth_about_this_kernel() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
     let row = |name: &str| -> String {
-        out.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("no {name} row in {out}")).to_string()
+        out.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} row in {out}"))
+            .to_string()
     };
     assert!(row("BTF").contains(" ok "), "{out}");
-    for works in ["tracepoint", "raw_tp", "tp_btf", "ring buffer", "XDP generic (lo)", "XDP native (veth)", "tcx (lo)"] {
+    for works in ["tracepoint", "raw_tp", "tp_btf", "ring buffer", "XDP generic (lo)", "XDP native (veth)", "tcx (lo)"]
+    {
         assert!(row(works).contains(" ok "), "{works}: {out}");
     }
     // Decided by trying: on this machine fentry is refused by lockdown and kprobes do
@@ -120,6 +124,10 @@ fn doctor_tells_the_truth_about_this_kernel() {
         assert!(row("kprobe").contains("unavailable"), "{out}");
     }
     for stage in packetflow_common::Stage::ALL {
-        assert!(out.lines().any(|l| l.starts_with(stage.name()) && l.contains("available")), "{} in {out}", stage.name());
+        assert!(
+            out.lines().any(|l| l.starts_with(stage.name()) && l.contains("available")),
+            "{} in {out}",
+            stage.name()
+        );
     }
 }

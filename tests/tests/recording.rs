@@ -21,7 +21,10 @@ fn demo_recording(extra: &[&str]) -> (String, std::path::PathBuf, u16) {
 }
 
 fn validator() -> jsonschema::Validator {
-    let schema: Value = serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../schema/trace.schema.json")).unwrap()).unwrap();
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../schema/trace.schema.json")).unwrap(),
+    )
+    .unwrap();
     jsonschema::options().should_validate_formats(true).build(&schema).expect("schema compiles")
 }
 
@@ -119,7 +122,8 @@ fn perfetto_export_has_processes_tracks_slices_and_arrows() {
     for e in ev {
         assert!(e["ph"].is_string() && e["pid"].is_u64() && e["name"].is_string(), "{e}");
     }
-    let procs: Vec<&str> = by("M").filter(|e| e["name"] == "process_name").map(|e| e["args"]["name"].as_str().unwrap()).collect();
+    let procs: Vec<&str> =
+        by("M").filter(|e| e["name"] == "process_name").map(|e| e["args"]["name"].as_str().unwrap()).collect();
     assert!(procs.contains(&"loopback path") && procs.contains(&"nic path"), "{procs:?}");
     let threads = by("M").filter(|e| e["name"] == "thread_name").count();
     assert!(threads >= 4, "a track per flow (2 flows per path): {threads}");
@@ -132,7 +136,10 @@ fn perfetto_export_has_processes_tracks_slices_and_arrows() {
         let st = t["stages"].as_array().unwrap();
         for w in st.windows(2) {
             let d = w[1]["t_ns"].as_u64().unwrap() - w[0]["t_ns"].as_u64().unwrap();
-            want.insert((w[0]["t_ns"].as_u64().unwrap(), w[1]["stage"].as_str().unwrap().to_string()), d as f64 / 1000.0);
+            want.insert(
+                (w[0]["t_ns"].as_u64().unwrap(), w[1]["stage"].as_str().unwrap().to_string()),
+                d as f64 / 1000.0,
+            );
         }
     }
     let stages: Vec<&Value> = by("X").filter(|e| e["cat"] == "stage").collect();
@@ -169,7 +176,11 @@ fn damaged_recordings_get_a_sentence_with_the_line_number() {
     no_panic(&o);
     assert!(o.status.success());
     let n = cut.lines().count();
-    assert!(String::from_utf8_lossy(&o.stderr).contains(&format!("line {n}: truncated last line")), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&format!("line {n}: truncated last line")),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     // A corrupt line in the middle: skipped and named.
     let mut corrupt: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
     corrupt[10] = "{\"type\":\"trace\", this is not json".into();
@@ -202,12 +213,29 @@ fn html_report_renders_in_chromium() {
     let (_, json, _) = demo_recording(&[]);
     let html = tmp("report.html");
     let svg = tmp("svg");
-    let o = packetflow(&["report", json.to_str().unwrap(), "--html", html.to_str().unwrap(), "--svg", svg.to_str().unwrap()]);
+    let o = packetflow(&[
+        "report",
+        json.to_str().unwrap(),
+        "--html",
+        html.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let page = std::fs::read_to_string(&html).unwrap();
-    assert!(!page.contains("http://") || page.matches("http://").all(|_| page.contains("xmlns=\"http://www.w3.org/2000/svg\"")));
+    assert!(
+        !page.contains("http://")
+            || page.matches("http://").all(|_| page.contains("xmlns=\"http://www.w3.org/2000/svg\""))
+    );
     assert!(!page.contains("<script") && !page.contains("src=\"http"), "self-contained");
-    for name in ["percentiles", "timeline", "waterfall-loopback-median", "waterfall-loopback-p99", "waterfall-nic-median", "waterfall-nic-p99"] {
+    for name in [
+        "percentiles",
+        "timeline",
+        "waterfall-loopback-median",
+        "waterfall-loopback-p99",
+        "waterfall-nic-median",
+        "waterfall-nic-p99",
+    ] {
         let f = svg.join(format!("{name}.svg"));
         let s = std::fs::read_to_string(&f).unwrap_or_else(|_| panic!("{} missing", f.display()));
         assert!(s.starts_with("<svg") && s.trim_end().ends_with("</svg>"));
@@ -261,7 +289,11 @@ fn report_streams_big_recordings_in_bounded_memory() {
             }
         }
     }
-    let child = Command::new(bin()).args(["report", big.to_str().unwrap()]).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let child = Command::new(bin())
+        .args(["report", big.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
@@ -305,7 +337,9 @@ fn baseline_comparison_marks_only_the_stage_that_changed() {
         let name = line.split_whitespace().next().unwrap();
         match name {
             "copy_to_user" | "end-to-end" => assert!(line.contains("slower"), "{line}"),
-            _ if line.contains('%') => assert!(!line.contains("slower") && !line.contains("faster"), "noise marked as change: {line}"),
+            _ if line.contains('%') => {
+                assert!(!line.contains("slower") && !line.contains("faster"), "noise marked as change: {line}")
+            }
             _ => {}
         }
     }

@@ -36,7 +36,9 @@ fn summary_mode_agrees_with_full_traces_of_the_same_packets() {
         assert_eq!(kernel.traces, 4000, "every packet reached recv_syscall in the kernel's view");
         let mut rows = BTreeMap::new();
         for s in Stage::KERNEL_ORDER {
-            let (Some(a), Some(b)) = (full.stages.get(&s), kernel.stages.get(&s)) else { continue };
+            let (Some(a), Some(b)) = (full.stages.get(&s), kernel.stages.get(&s)) else {
+                continue;
+            };
             if a.len() < 1000 {
                 continue;
             }

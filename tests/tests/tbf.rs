@@ -15,7 +15,13 @@ const WIRE: f64 = (14 + 20 + 8 + PAYLOAD) as f64; // what tbf charges: the L2 fr
 const PACKETS: usize = 40;
 
 fn t(tr: &Value, stage: &str) -> u64 {
-    tr["stages"].as_array().unwrap().iter().find(|s| s["stage"] == stage).and_then(|s| s["t_ns"].as_u64()).unwrap_or_else(|| panic!("{stage} missing in {tr}"))
+    tr["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .and_then(|s| s["t_ns"].as_u64())
+        .unwrap_or_else(|| panic!("{stage} missing in {tr}"))
 }
 
 /// Sends a burst through the NIC path, traced; returns the burst's traces by send order.
@@ -89,7 +95,10 @@ fn tbf_queueing_delay_shows_in_nic_xmit_only() {
     let base = burst(&h, unique_port(), "tbf-base.json");
 
     let st = std::process::Command::new("tc")
-        .args(["-n", &h.ns_a, "qdisc", "add", "dev", &h.veth_a, "root", "tbf", "rate", "8mbit", "burst", "2000", "limit", "1000000"])
+        .args([
+            "-n", &h.ns_a, "qdisc", "add", "dev", &h.veth_a, "root", "tbf", "rate", "8mbit", "burst", "2000", "limit",
+            "1000000",
+        ])
         .status()
         .expect("tc (iproute2)");
     assert!(st.success(), "adding tbf");

@@ -24,6 +24,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("chromium", "chromium"),
     ("tcpdump", "tcpdump"),
     ("tshark", "tshark"),
+    ("systemd-analyze", "systemd"),
 ];
 
 fn main() -> ExitCode {
@@ -98,7 +99,15 @@ fn setup() -> Result<ExitCode> {
 fn nightly() -> Result<()> {
     let list = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !list.lines().any(|l| l.starts_with("nightly")) {
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
     }
     let comps = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
     if !comps.lines().any(|l| l.starts_with("rust-src")) {
@@ -141,7 +150,9 @@ fn bpf_linker() -> Result<()> {
         let ldd = output(Command::new("ldd").arg(&path)).unwrap_or_default();
         let linked: Vec<&str> = ldd.lines().filter(|l| l.contains("libLLVM")).collect();
         let same_major = linked.is_empty()
-            || linked.iter().any(|l| l.contains(&format!("libLLVM.so.{major}")) || l.contains(&format!("libLLVM-{major}")));
+            || linked
+                .iter()
+                .any(|l| l.contains(&format!("libLLVM.so.{major}")) || l.contains(&format!("libLLVM-{major}")));
         if works && same_major {
             return Ok(());
         }
@@ -162,7 +173,9 @@ fn packages() -> Result<()> {
 
 /// Installs the packages of `(command, package)` pairs whose command is missing.
 fn install(wanted: &[(&str, &str)]) -> Result<()> {
-    let have = |c: &str| Command::new("sh").args(["-c", &format!("command -v {c}")]).output().is_ok_and(|o| o.status.success());
+    let have = |c: &str| {
+        Command::new("sh").args(["-c", &format!("command -v {c}")]).output().is_ok_and(|o| o.status.success())
+    };
     let mut missing: Vec<&str> = wanted.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
     missing.dedup();
     if missing.is_empty() {
@@ -186,7 +199,9 @@ fn cargo() -> Command {
 
 fn need_root(what: &str) -> Result<()> {
     if !is_root() {
-        bail!("`cargo xtask {what}` loads eBPF programs into the kernel: run it as root (e.g. sudo -E cargo xtask {what})");
+        bail!(
+            "`cargo xtask {what}` loads eBPF programs into the kernel: run it as root (e.g. sudo -E cargo xtask {what})"
+        );
     }
     Ok(())
 }
@@ -269,6 +284,7 @@ fn fuzz(args: &[String]) -> Result<ExitCode> {
 
 /// The number in front of `word` in "ok. 5 passed; 0 failed; 1 ignored; ...".
 fn count_before(s: &str, word: &str) -> u64 {
-    let words: Vec<&str> = s.split(|c: char| c == ';' || c == '.' || c.is_whitespace()).filter(|w| !w.is_empty()).collect();
+    let words: Vec<&str> =
+        s.split(|c: char| c == ';' || c == '.' || c.is_whitespace()).filter(|w| !w.is_empty()).collect();
     words.windows(2).find(|w| w[1] == word).and_then(|w| w[0].parse().ok()).unwrap_or(0)
 }

@@ -11,7 +11,7 @@
 //! and SCTP on first IPv4 fragments, ARP/RARP addresses for IPv4 `host`/`net`.
 
 use aya_ebpf::{
-    bindings::{xdp_action::XDP_PASS, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_UNSPEC, xdp_action::XDP_PASS},
     helpers::{
         bpf_get_smp_processor_id,
         generated::{bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
@@ -21,17 +21,17 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use packetflow_common::{
+    Stage,
     capture::{
-        CapHdr, CaptureConfig, Prim, CAPTURE_MAX, CAP_BUF, DIR_BOTH, DIR_DST, DIR_IN, DIR_OUT, DIR_SRC, HOOK_TC_EGRESS,
-        HOOK_XDP, MAX_PRIMS, TABLE_SIZE, P_HOST, P_ICMP, P_ICMP6, P_IP, P_IP6, P_NET, P_PORT, P_TCP, P_UDP,
+        CAP_BUF, CAPTURE_MAX, CapHdr, CaptureConfig, DIR_BOTH, DIR_DST, DIR_IN, DIR_OUT, DIR_SRC, HOOK_TC_EGRESS,
+        HOOK_XDP, MAX_PRIMS, P_HOST, P_ICMP, P_ICMP6, P_IP, P_IP6, P_NET, P_PORT, P_TCP, P_UDP, Prim, TABLE_SIZE,
     },
     counters::{CAP_LOST_TC, CAP_LOST_XDP, CAP_MATCHED_TC, CAP_MATCHED_XDP, CAP_SEEN_TC, CAP_SEEN_XDP},
-    Stage,
 };
 
 use crate::{
     emit::{count, now},
-    maps::{cap_ring, WAKEUP_BYTES},
+    maps::{WAKEUP_BYTES, cap_ring},
 };
 
 #[map]
@@ -163,11 +163,8 @@ fn matches(p: &Prim, k: &Pkt) -> bool {
         P_ICMP => ip && k.l4 == 1,
         P_ICMP6 => ip6 && k.l4 == 58,
         P_HOST | P_NET => {
-            let family_ok = if p.family == 4 {
-                ip || (p.l4 == 0 && (k.eth == ETH_ARP || k.eth == ETH_RARP))
-            } else {
-                ip6
-            };
+            let family_ok =
+                if p.family == 4 { ip || (p.l4 == 0 && (k.eth == ETH_ARP || k.eth == ETH_RARP)) } else { ip6 };
             family_ok && by_dir(p.dir, prefix_eq(&k.src, &p.addr, p.prefix), prefix_eq(&k.dst, &p.addr, p.prefix))
         }
         P_PORT => {
@@ -203,7 +200,9 @@ fn selected(cfg: &CaptureConfig, k: &Pkt) -> bool {
 #[inline(always)]
 fn record(len: u32, ifindex: u32, dir: u8, hook: u8, snaplen: u32, load: impl Fn(&mut [u8]) -> bool) -> bool {
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    let Some(buf) = CAP_SCRATCH.get_ptr_mut(cpu) else { return false };
+    let Some(buf) = CAP_SCRATCH.get_ptr_mut(cpu) else {
+        return false;
+    };
     let buf = unsafe { &mut *buf };
     let mut caplen = if len < snaplen { len } else { snaplen };
     if caplen as usize > CAPTURE_MAX {
@@ -215,7 +214,9 @@ fn record(len: u32, ifindex: u32, dir: u8, hook: u8, snaplen: u32, load: impl Fn
     }
     let hdr = CapHdr { ts_ns: now(), len, caplen: n as u32, ifindex, dir, hook, cpu: cpu as u16, _pad: [0; 8] };
     let (h, data) = buf.split_at_mut(32);
-    let Some(data) = data.get_mut(..n) else { return false };
+    let Some(data) = data.get_mut(..n) else {
+        return false;
+    };
     if !load(data) {
         return false;
     }
@@ -227,7 +228,9 @@ fn record(len: u32, ifindex: u32, dir: u8, hook: u8, snaplen: u32, load: impl Fn
     } else {
         aya_ebpf::bindings::BPF_RB_NO_WAKEUP
     };
-    let Some(out) = buf.get(..32 + n) else { return false };
+    let Some(out) = buf.get(..32 + n) else {
+        return false;
+    };
     rb.output::<[u8]>(out, flags as u64).is_ok()
 }
 
@@ -282,7 +285,9 @@ fn capture_tc_egress(ctx: &TcContext) {
     }
     count(CAP_SEEN_TC);
     let skb = ctx.skb.skb.cast::<core::ffi::c_void>();
-    let load = |off: u32, buf: &mut [u8]| unsafe { bpf_skb_load_bytes(skb, off, buf.as_mut_ptr().cast(), buf.len() as u32) == 0 };
+    let load = |off: u32, buf: &mut [u8]| unsafe {
+        bpf_skb_load_bytes(skb, off, buf.as_mut_ptr().cast(), buf.len() as u32) == 0
+    };
     if !selected(cfg, &summarize(load)) {
         return;
     }

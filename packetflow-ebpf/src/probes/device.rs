@@ -3,14 +3,14 @@
 
 use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use packetflow_common::{
-    counters::{CONTROL_SKIPPED, UNPARSED_SKB},
     Event, Stage,
+    counters::{CONTROL_SKIPPED, UNPARSED_SKB},
 };
 
 use crate::{
     emit::{count, emit, now},
     filter::{flow_matches, iface_matches, kind_wanted},
-    kernel::{device_info, parse_skb, read, L3At},
+    kernel::{L3At, device_info, parse_skb, read},
     maps::{filter, off},
     parse::Unparsed,
 };

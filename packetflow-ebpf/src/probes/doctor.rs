@@ -2,12 +2,12 @@
 //! program types this kernel accepts. They do nothing but pass.
 
 use aya_ebpf::{
-    bindings::{xdp_action::XDP_PASS, TC_ACT_UNSPEC},
+    bindings::{TC_ACT_UNSPEC, xdp_action::XDP_PASS},
     macros::{btf_tracepoint, classifier, fentry, kprobe, map, raw_tracepoint, tracepoint, xdp},
     maps::RingBuf,
     programs::{
-        BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, TcContext,
-        TracePointContext, XdpContext,
+        BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, TcContext, TracePointContext,
+        XdpContext,
     },
 };
 use aya_log_ebpf::info;

@@ -3,22 +3,22 @@
 //! TC_ACT_UNSPEC (tcx's "next"), so programs attached after ours still run.
 
 use aya_ebpf::{
-    bindings::{xdp_action::XDP_PASS, TC_ACT_UNSPEC},
     bindings::bpf_hdr_start_off::{BPF_HDR_START_MAC, BPF_HDR_START_NET},
+    bindings::{TC_ACT_UNSPEC, xdp_action::XDP_PASS},
     helpers::generated::{bpf_skb_load_bytes_relative, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use packetflow_common::{
-    counters::{CONTROL_SKIPPED, PARSED_TC, PARSED_XDP, UNPARSED_TC, UNPARSED_XDP},
     Event, Stage,
+    counters::{CONTROL_SKIPPED, PARSED_TC, PARSED_XDP, UNPARSED_TC, UNPARSED_XDP},
 };
 
 use crate::{
     emit::{count, emit, now},
     filter::{flow_matches, iface_matches, kind_wanted},
     maps::filter,
-    parse::{l2_skip, parse_l3, Source, Unparsed, ETH_P_IP, ETH_P_IPV6},
+    parse::{ETH_P_IP, ETH_P_IPV6, Source, Unparsed, l2_skip, parse_l3},
 };
 
 struct XdpSource<'a> {

@@ -12,18 +12,19 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SkBuffContext},
 };
 use packetflow_common::{
+    Event, Offsets, Stage,
     counters::{RECV_SLOT_MISS, SEND_SLOT_MISS, UNPARSED_SKB},
     event::{F_END, RECV_IOV, RECV_MSG},
-    payload_key, Event, Offsets, Stage,
+    payload_key,
 };
 
 use super::{current, packet::SkbCtxSource as CtxSource};
 use crate::{
     emit::{count, emit, now},
     filter::{flow_matches, kind_wanted, process_wanted},
-    kernel::{parse_skb, read, sock_flow_of, sock_local_port, sock_protocol, user_ptr, L3At},
-    maps::{filter, off, RECV_SLOT, SEND_SLOT, UDP_RX_SLOT},
-    parse::{parse_l3, IPPROTO_TCP, IPPROTO_UDP},
+    kernel::{L3At, parse_skb, read, sock_flow_of, sock_local_port, sock_protocol, user_ptr},
+    maps::{RECV_SLOT, SEND_SLOT, UDP_RX_SLOT, filter, off},
+    parse::{IPPROTO_TCP, IPPROTO_UDP, parse_l3},
 };
 
 /// The `send_syscall` record for data a transport hook just took, from the note the
@@ -31,7 +32,9 @@ use crate::{
 /// covers the whole call); UDP one per datagram.
 #[inline(always)]
 fn send_syscall(ev: &mut Event, tid: u32, once: bool) {
-    let Some(slot) = SEND_SLOT.get_ptr_mut(0) else { return };
+    let Some(slot) = SEND_SLOT.get_ptr_mut(0) else {
+        return;
+    };
     let slot = unsafe { &mut *slot };
     if slot.tid != tid {
         count(SEND_SLOT_MISS);

@@ -10,7 +10,7 @@ use crate::{
     emit::{emit, now},
     filter::{flow_matches, process_wanted},
     kernel::user_peer,
-    maps::{filter, RECV_SLOT, SEND_SLOT},
+    maps::{RECV_SLOT, SEND_SLOT, filter},
 };
 
 /// Offset of `ret` in the `sys_exit_*` tracepoint records (from tracefs at load time).
@@ -59,7 +59,9 @@ pub fn pf_sys_exit_recv(ctx: TracePointContext) -> u32 {
 /// `recv_syscall` (and UDP's `copy_to_user`) from the note the copy left on this CPU.
 #[inline(always)]
 fn recv_exit(ctx: &TracePointContext, tid: u32) -> u32 {
-    let Some(slot) = RECV_SLOT.get_ptr_mut(0) else { return 0 };
+    let Some(slot) = RECV_SLOT.get_ptr_mut(0) else {
+        return 0;
+    };
     let slot = unsafe { &mut *slot };
     if slot.tid != tid || tid == 0 {
         return 0;

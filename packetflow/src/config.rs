@@ -1,0 +1,377 @@
+//! The daemon's configuration: a TOML file (every key optional, defaults below and in
+//! dist/packetflow.toml), then command-line flags on top.
+//!
+//! Errors name the file, the line and the key: `packetflow.toml:3: sample: must be at
+//! least 1`. Unknown keys are errors (a typo must not silently fall back to a default).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use crate::{error::user, filter::FilterSpec, loader::XdpChoice};
+
+/// Where the daemon looks for its file when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/packetflow/packetflow.toml";
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// In-kernel histograms, no per-packet records (the cheapest; no trace files).
+    Summary,
+    /// Per-packet records joined into traces in userspace (needed for trace files).
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    Auto,
+    Native,
+    Generic,
+    Off,
+}
+
+impl From<XdpMode> for XdpChoice {
+    fn from(m: XdpMode) -> XdpChoice {
+        match m {
+            XdpMode::Auto => XdpChoice::Auto,
+            XdpMode::Native => XdpChoice::Native,
+            XdpMode::Generic => XdpChoice::Generic,
+            XdpMode::Off => XdpChoice::Off,
+        }
+    }
+}
+
+/// Every option of the daemon. Field docs give the default.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Prometheus endpoint (`/metrics`). Default 127.0.0.1:9464.
+    pub metrics_addr: SocketAddr,
+    /// Must be true to bind `metrics_addr` to a non-loopback address (the endpoint has no
+    /// authentication). Default false.
+    pub metrics_public: bool,
+    /// Unix socket `packetflow status` talks to (mode 0600). Default
+    /// /run/packetflow/packetflow.sock.
+    pub control_socket: PathBuf,
+    /// Interfaces that get XDP and tcx (IFACE, IFACE@NETNS, or "any"). Default ["lo"].
+    pub interfaces: Vec<String>,
+    /// XDP attach mode: auto, native, generic or off. Default auto.
+    pub xdp_mode: XdpMode,
+    /// summary or full. Default: summary, or full when `trace_dir` is set.
+    pub mode: Option<Mode>,
+    /// Only flows with one of these ports on either end. Default: all.
+    pub ports: Vec<u16>,
+    /// Only flows with one of these addresses on either end. Default: all.
+    pub hosts: Vec<IpAddr>,
+    /// tcp or udp. Default: both.
+    pub proto: Option<Proto>,
+    /// Only this process, at the process-context stages. Default: all.
+    pub pid: Option<u32>,
+    /// Trace 1 flow in N. Default 1 (every flow).
+    pub sample: u32,
+    /// Give up on a packet's missing stages after this many ms (full mode). Default 1000.
+    pub timeout_ms: u64,
+    /// Write NDJSON traces (the `trace --json` format) into this directory (full mode).
+    /// Default: none.
+    pub trace_dir: Option<PathBuf>,
+    /// Only write traces whose end-to-end time is at least this many µs. Default 0 (all).
+    pub slow_us: u64,
+    /// Start a new trace file when the current one reaches this many MiB. Default 64.
+    pub rotate_mb: u64,
+    /// ... or is this many seconds old. Default 3600.
+    pub rotate_secs: u64,
+    /// Delete the oldest trace files when the directory holds more than this many MiB.
+    /// Default 1024.
+    pub max_total_mb: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            metrics_public: false,
+            control_socket: PathBuf::from("/run/packetflow/packetflow.sock"),
+            interfaces: vec!["lo".into()],
+            xdp_mode: XdpMode::Auto,
+            mode: None,
+            ports: Vec::new(),
+            hosts: Vec::new(),
+            proto: None,
+            pid: None,
+            sample: 1,
+            timeout_ms: 1000,
+            trace_dir: None,
+            slow_us: 0,
+            rotate_mb: 64,
+            rotate_secs: 3600,
+            max_total_mb: 1024,
+        }
+    }
+}
+
+/// Command-line flags that override the file (`None`/empty: keep the file's value).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub metrics_addr: Option<SocketAddr>,
+    pub metrics_public: bool,
+    pub control_socket: Option<PathBuf>,
+    pub interfaces: Vec<String>,
+    pub xdp_mode: Option<XdpMode>,
+    pub mode: Option<Mode>,
+    pub ports: Vec<u16>,
+    pub hosts: Vec<IpAddr>,
+    pub proto: Option<Proto>,
+    pub pid: Option<u32>,
+    pub sample: Option<u32>,
+    pub trace_dir: Option<PathBuf>,
+    pub slow_us: Option<u64>,
+}
+
+impl Config {
+    /// Reads `path` (`None`: the default path when it exists, else the defaults) and
+    /// applies `o`. Every error is one sentence with file:line and key.
+    pub fn load(path: Option<&Path>, o: &Overrides) -> Result<Config> {
+        let mut c = match path {
+            Some(p) => Self::from_file(p)?,
+            None if Path::new(DEFAULT_PATH).exists() => Self::from_file(Path::new(DEFAULT_PATH))?,
+            None => Config::default(),
+        };
+        c.apply(o);
+        c.check(path.map(|p| p.display().to_string()).as_deref(), "")?;
+        Ok(c)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| user(format!("cannot read config file {}: {e}", path.display())))?;
+        let name = path.display().to_string();
+        let c = Self::parse(&text, &name)?;
+        c.check(Some(&name), &text)?;
+        Ok(c)
+    }
+
+    /// Parses TOML text; `name` is used in error messages.
+    pub fn parse(text: &str, name: &str) -> Result<Config> {
+        toml::from_str::<Config>(text).map_err(|e| {
+            let msg = e.message().trim().to_string();
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    let key = key_on_line(text, line);
+                    // serde names unknown keys itself; bad values need the key added.
+                    let key = key.filter(|k| !msg.contains(k.as_str()));
+                    match key {
+                        Some(k) => user(format!("{name}:{line}: {k}: {msg}")),
+                        None => user(format!("{name}:{line}: {msg}")),
+                    }
+                }
+                None => user(format!("{name}: {msg}")),
+            }
+        })
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(a) = o.metrics_addr {
+            self.metrics_addr = a;
+        }
+        self.metrics_public |= o.metrics_public;
+        if let Some(p) = &o.control_socket {
+            self.control_socket = p.clone();
+        }
+        if !o.interfaces.is_empty() {
+            self.interfaces = o.interfaces.clone();
+        }
+        if let Some(m) = o.xdp_mode {
+            self.xdp_mode = m;
+        }
+        if o.mode.is_some() {
+            self.mode = o.mode;
+        }
+        if !o.ports.is_empty() {
+            self.ports = o.ports.clone();
+        }
+        if !o.hosts.is_empty() {
+            self.hosts = o.hosts.clone();
+        }
+        if o.proto.is_some() {
+            self.proto = o.proto;
+        }
+        if o.pid.is_some() {
+            self.pid = o.pid;
+        }
+        if let Some(s) = o.sample {
+            self.sample = s;
+        }
+        if o.trace_dir.is_some() {
+            self.trace_dir = o.trace_dir.clone();
+        }
+        if let Some(s) = o.slow_us {
+            self.slow_us = s;
+        }
+    }
+
+    /// Values serde cannot check. `text` (the file, when there is one) locates the key.
+    fn check(&self, name: Option<&str>, text: &str) -> Result<()> {
+        let bad = |key: &str, why: &str| {
+            let at = match (name, line_of_key(text, key)) {
+                (Some(n), Some(l)) => format!("{n}:{l}: "),
+                (Some(n), None) if !text.is_empty() => format!("{n}: "),
+                _ => String::new(),
+            };
+            Err(user(format!("{at}{key}: {why}")))
+        };
+        if self.sample == 0 {
+            return bad("sample", "must be at least 1 (1 = every flow)");
+        }
+        if self.rotate_mb == 0 {
+            return bad("rotate_mb", "must be at least 1");
+        }
+        if self.rotate_secs == 0 {
+            return bad("rotate_secs", "must be at least 1");
+        }
+        if self.max_total_mb < self.rotate_mb {
+            return bad("max_total_mb", "must be at least rotate_mb (one full file must fit)");
+        }
+        if self.interfaces.is_empty() {
+            return bad("interfaces", "needs at least one interface (\"lo\" is the default)");
+        }
+        if self.mode == Some(Mode::Summary) && self.trace_dir.is_some() {
+            return bad("trace_dir", "needs mode = \"full\": summary mode keeps no per-packet records");
+        }
+        if self.control_socket.as_os_str().is_empty() {
+            return bad("control_socket", "must be a path");
+        }
+        let filter = self.filter();
+        filter.to_kernel(0).map_err(|e| {
+            let key = if e.to_string().contains("port") { "ports" } else { "hosts" };
+            match bad(key, &e.to_string()) {
+                Err(e) => e,
+                Ok(()) => unreachable!(),
+            }
+        })?;
+        Ok(())
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode.unwrap_or(if self.trace_dir.is_some() { Mode::Full } else { Mode::Summary })
+    }
+
+    /// The trace filter these settings describe (interfaces are resolved by the daemon).
+    pub fn filter(&self) -> FilterSpec {
+        let summary = self.mode() == Mode::Summary;
+        FilterSpec {
+            ports: self.ports.clone(),
+            hosts: self.hosts.clone(),
+            pid: self.pid,
+            proto: self.proto.map(|p| match p {
+                Proto::Tcp => "tcp".into(),
+                Proto::Udp => "udp".into(),
+            }),
+            ifindexes: Vec::new(),
+            control: false,
+            summary,
+            no_records: summary,
+            sample: self.sample,
+        }
+    }
+
+    /// The keys whose change needs a restart, when `new` differs from `self` in them.
+    pub fn restart_keys(&self, new: &Config) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.metrics_addr != new.metrics_addr || self.metrics_public != new.metrics_public {
+            v.push("metrics_addr");
+        }
+        if self.control_socket != new.control_socket {
+            v.push("control_socket");
+        }
+        if self.interfaces != new.interfaces || self.xdp_mode != new.xdp_mode {
+            v.push("interfaces");
+        }
+        if self.mode() != new.mode() {
+            v.push("mode");
+        }
+        if self.trace_dir != new.trace_dir {
+            v.push("trace_dir");
+        }
+        if self.timeout_ms != new.timeout_ms {
+            v.push("timeout_ms");
+        }
+        v
+    }
+}
+
+/// The key assigned on line `line` (1-based), if that line is `key = ...`.
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let l = text.lines().nth(line.checked_sub(1)?)?;
+    let (k, _) = l.split_once('=')?;
+    let k = k.trim().trim_matches('"');
+    (!k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')).then(|| k.to_string())
+}
+
+/// The line (1-based) on which `key` is assigned.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    text.lines().position(|l| l.split_once('=').is_some_and(|(k, _)| k.trim().trim_matches('"') == key)).map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "f.toml").and_then(|c| c.check(Some("f.toml"), text).map(|_| c)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_and_values() {
+        let c = Config::parse("", "f").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.mode(), Mode::Summary);
+        let c = Config::parse("ports = [80, 443]\ntrace_dir = \"/tmp/x\"\nproto = \"udp\"\n", "f").unwrap();
+        assert_eq!(c.ports, vec![80, 443]);
+        assert_eq!(c.mode(), Mode::Full);
+        assert_eq!(c.filter().proto.as_deref(), Some("udp"));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        assert!(err("ports = [80\nsample = 2\n").starts_with("f.toml:"), "{}", err("ports = [80\n"));
+        let e = err("sample = 2\nbogus_key = 1\n");
+        assert!(e.starts_with("f.toml:2:") && e.contains("bogus_key"), "{e}");
+        let e = err("\nmetrics_addr = \"nowhere\"\n");
+        assert!(e.starts_with("f.toml:2: metrics_addr:"), "{e}");
+        let e = err("ports = [1]\nsample = 0\n");
+        assert_eq!(e, "f.toml:2: sample: must be at least 1 (1 = every flow)");
+        let e = err("mode = \"summary\"\n\ntrace_dir = \"/x\"\n");
+        assert!(e.starts_with("f.toml:3: trace_dir:"), "{e}");
+        let e = err("ports = [70000]\n");
+        assert!(e.starts_with("f.toml:1:") && e.contains("ports"), "{e}");
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let mut c = Config::parse("ports = [1]\nsample = 3\n", "f").unwrap();
+        c.apply(&Overrides { ports: vec![2], slow_us: Some(5), ..Default::default() });
+        assert_eq!((c.ports.clone(), c.sample, c.slow_us), (vec![2], 3, 5));
+    }
+
+    #[test]
+    fn restart_keys_are_named() {
+        let a = Config::default();
+        let b = Config { ports: vec![9], ..Config::default() };
+        assert!(a.restart_keys(&b).is_empty());
+        let b = Config { interfaces: vec!["eth0".into()], ..Config::default() };
+        assert_eq!(a.restart_keys(&b), vec!["interfaces"]);
+    }
+}

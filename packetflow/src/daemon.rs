@@ -1,0 +1,429 @@
+//! `packetflow daemon`: the long-running service. One tracing run (`run::Running`) that
+//! never ends on its own, plus:
+//!
+//! - a snapshot of the pipeline, refreshed every second, behind `/metrics`
+//!   (`metrics.rs`) and the control socket (`packetflow status`);
+//! - NDJSON trace files with rotation and a disk cap (`trace_files.rs`), full mode only;
+//! - SIGHUP: reload the config; filters, sampling, `slow_us` and rotation apply at once
+//!   (the filter is a map write: nothing is detached); a bad file is rejected and the old
+//!   settings stay; settings that need a restart are named and kept;
+//! - SIGTERM/SIGINT: detach, drain, flush, exit 0 (bounded to 2 s);
+//! - `--user`: after everything is attached, become that user with no capabilities.
+//!
+//! Every attachment is a bpf_link and nothing is pinned, so even SIGKILL leaves nothing
+//! attached: the kernel drops the links with the process's fds.
+
+use std::{
+    io::{Read, Write},
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, UnixListener},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    config::{Config, Mode, Overrides},
+    error::user,
+    json,
+    metrics::{self, Snapshot},
+    names::Names,
+    run::{self, RunOptions, Running},
+    sys,
+    trace::{self, resolve_interfaces},
+    trace_files::{self, TraceFiles},
+    user_bail, xdp_owner,
+};
+
+pub struct DaemonArgs {
+    pub config: Option<PathBuf>,
+    pub overrides: Overrides,
+    /// Drop to this user once everything is attached.
+    pub user: Option<String>,
+    /// Replace another program's XDP attachment.
+    pub force: bool,
+}
+
+/// How long SIGTERM may take before the daemon exits anyway (the kernel detaches the
+/// links when the process is gone).
+const STOP_BUDGET: Duration = Duration::from_millis(1800);
+
+/// The trace files' live settings and counters, once the writer exists (full mode).
+type Files = Mutex<Option<(Arc<Mutex<trace_files::Settings>>, Arc<trace_files::Counters>)>>;
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("packetflow: {}", msg.as_ref());
+}
+
+pub async fn run(a: DaemonArgs) -> Result<()> {
+    let mut cfg = Config::load(a.config.as_deref(), &a.overrides)?;
+    run::preflight("daemon")?;
+    let drop_to = a.user.as_deref().map(sys::lookup_user).transpose()?;
+
+    // Everything that can fail on bad input fails before a program is loaded.
+    if !cfg.metrics_addr.ip().is_loopback() {
+        if !cfg.metrics_public {
+            user_bail!(
+                "metrics_addr {} is not a loopback address and /metrics has no authentication; set metrics_public = true (or pass --metrics-public) to expose it",
+                cfg.metrics_addr
+            );
+        }
+        log(format!("warning: serving /metrics without authentication on {}", cfg.metrics_addr));
+    }
+    let metrics_listener = TcpListener::bind(cfg.metrics_addr)
+        .await
+        .map_err(|e| user(format!("cannot serve metrics on {}: {e}", cfg.metrics_addr)))?;
+    let control = bind_control(&cfg.control_socket)?;
+    let (interfaces, _) = resolve_interfaces(&cfg.interfaces, None)?;
+    if cfg.xdp_mode != crate::config::XdpMode::Off {
+        for (ns, name) in &interfaces {
+            check_xdp(ns.as_deref(), name, a.force)?;
+        }
+    }
+    if let Some(dir) = &cfg.trace_dir {
+        std::fs::create_dir_all(dir).map_err(|e| user(format!("cannot create trace_dir {}: {e}", dir.display())))?;
+        if let Some((uid, gid)) = drop_to {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))
+                .map_err(|e| user(format!("cannot hand {} to the --user account: {e}", dir.display())))?;
+        }
+    }
+
+    let files: Arc<Files> = Default::default();
+    let more_sinks: Option<run::MoreSinks> = match (&cfg.trace_dir, cfg.mode()) {
+        (Some(dir), Mode::Full) => {
+            let (dir, files, c) = (dir.clone(), files.clone(), cfg.clone());
+            Some(Box::new(move |tracer, filter| {
+                let available = tracer.stages.iter().filter(|(_, h)| h.state.is_ok()).map(|(s, _)| *s).collect();
+                let header = json::header(tracer, serde_json::to_value(filter).unwrap_or_default());
+                let tf = TraceFiles::new(dir, file_settings(&c, header), Names::new(&tracer.interfaces), available);
+                *files.lock().expect("files lock") = Some((tf.settings.clone(), tf.counters.clone()));
+                vec![Box::new(tf) as Box<dyn crate::session::Sink>]
+            }))
+        }
+        _ => None,
+    };
+    let ring_bytes = RunOptions::default().ring_bytes;
+    let mut running = Running::start(RunOptions {
+        filter: cfg.filter(),
+        interfaces,
+        xdp: cfg.xdp_mode.into(),
+        timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
+        more_sinks,
+        ring_bytes,
+        ..Default::default()
+    })
+    .await?;
+    for (s, h) in &running.tracer.stages {
+        if let Err(e) = &h.state {
+            log(format!("stage {} unavailable: {e}", s.name()));
+        }
+    }
+    if let Some((uid, gid)) = drop_to {
+        sys::drop_privileges(uid, gid)?;
+        log(format!("running as {} (uid {uid}, gid {gid}) with no capabilities", a.user.as_deref().unwrap_or("?")));
+    }
+
+    let started = Instant::now();
+    let snap: Arc<Mutex<Option<Snapshot>>> = Arc::default();
+    let status: Arc<Mutex<String>> = Arc::default();
+    let mut reloads = (0u64, 0u64);
+    let refresh = |running: &Running, cfg: &Config, reloads: (u64, u64)| {
+        let s = snapshot(running, &files, reloads, ring_bytes);
+        *status.lock().expect("status lock") = render_status(&s, cfg, started);
+        *snap.lock().expect("snapshot lock") = Some(s);
+    };
+    refresh(&running, &cfg, reloads);
+    let registry = Arc::new(metrics::registry(snap.clone()));
+    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, registry));
+    let control_task = tokio::spawn(serve_control(control, status.clone()));
+    log(format!(
+        "ready: {} programs attached, mode {}, {}; metrics on http://{}/metrics; control socket {}",
+        running.tracer.links,
+        mode_name(cfg.mode()),
+        describe_filter(&cfg),
+        cfg.metrics_addr,
+        cfg.control_socket.display()
+    ));
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let why = loop {
+        tokio::select! {
+            r = run::stop_signal() => break r?,
+            _ = hup.recv() => {
+                match reload(&a, &cfg, &mut running, &files) {
+                    Ok(new) => {
+                        cfg = new;
+                        reloads.0 += 1;
+                        log(format!("configuration reloaded: {}", describe_filter(&cfg)));
+                    }
+                    Err(e) => {
+                        reloads.1 += 1;
+                        log(format!("configuration rejected, the previous one stays in force: {}", crate::error::report(&e).1));
+                    }
+                }
+                refresh(&running, &cfg, reloads);
+            }
+            _ = tick.tick() => refresh(&running, &cfg, reloads),
+        }
+    };
+    log(format!("{why}: detaching"));
+    metrics_task.abort();
+    control_task.abort();
+    match tokio::time::timeout(STOP_BUDGET, running.finish()).await {
+        Ok(Ok(f)) => log(format!("stopped; {}", run::loss_line(&f))),
+        Ok(Err(e)) => log(format!("stopping: {e:#}")),
+        Err(_) => log("stopping took too long; exiting (the kernel detaches what is left)"),
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    Ok(())
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Summary => "summary (in-kernel histograms)",
+        Mode::Full => "full (per-packet traces)",
+    }
+}
+
+fn describe_filter(c: &Config) -> String {
+    let mut parts = Vec::new();
+    if !c.ports.is_empty() {
+        parts.push(format!("port {}", c.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")));
+    }
+    if !c.hosts.is_empty() {
+        parts.push(format!("host {}", c.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(",")));
+    }
+    if let Some(p) = c.pid {
+        parts.push(format!("pid {p}"));
+    }
+    if let Some(p) = c.proto {
+        parts.push(format!("{p:?}").to_lowercase());
+    }
+    if c.sample > 1 {
+        parts.push(format!("1 flow in {}", c.sample));
+    }
+    if c.slow_us > 0 {
+        parts.push(format!("trace files keep packets >= {} µs", c.slow_us));
+    }
+    if parts.is_empty() { "all TCP and UDP".into() } else { parts.join(", ") }
+}
+
+fn file_settings(c: &Config, header: serde_json::Value) -> trace_files::Settings {
+    trace_files::Settings {
+        slow_ns: c.slow_us.saturating_mul(1000),
+        rotate_bytes: c.rotate_mb << 20,
+        rotate_age: Duration::from_secs(c.rotate_secs),
+        max_total_bytes: c.max_total_mb << 20,
+        header,
+    }
+}
+
+/// Reads the config again and applies what can change while running. Returns the
+/// settings now in force (restart-only keys keep their old values).
+fn reload(a: &DaemonArgs, old: &Config, running: &mut Running, files: &Files) -> Result<Config> {
+    let mut new = Config::load(a.config.as_deref(), &a.overrides)?;
+    let keep = old.restart_keys(&new);
+    if !keep.is_empty() {
+        log(format!("{} changed: that needs a restart; keeping the running values", keep.join(", ")));
+        new.metrics_addr = old.metrics_addr;
+        new.metrics_public = old.metrics_public;
+        new.control_socket = old.control_socket.clone();
+        new.interfaces = old.interfaces.clone();
+        new.xdp_mode = old.xdp_mode;
+        new.mode = Some(old.mode());
+        new.trace_dir = old.trace_dir.clone();
+        new.timeout_ms = old.timeout_ms;
+    }
+    let filter = new.filter();
+    let kf = filter.to_kernel(std::process::id())?;
+    running.tracer.set_filter(&kf).context("writing the new filter")?;
+    if let Some((settings, _)) = files.lock().expect("files lock").as_ref() {
+        let mut s = settings.lock().expect("settings lock");
+        let mut header = s.header.clone();
+        header["filters"] = serde_json::to_value(&filter).unwrap_or_default();
+        *s = file_settings(&new, header);
+    }
+    Ok(new)
+}
+
+fn snapshot(running: &Running, files: &Files, reloads: (u64, u64), ring_bytes: u32) -> Snapshot {
+    let sh = &running.shared;
+    let ring_fill = running
+        .tracer
+        .used_shards
+        .iter()
+        .map(|&s| (s, sh.ring_backlog_bytes[s].swap(0, Ordering::Relaxed) as f64 / ring_bytes as f64))
+        .collect();
+    let fc = files.lock().expect("files lock").as_ref().map(|(_, c)| c.clone());
+    let f = |get: fn(&trace_files::Counters) -> u64| fc.as_deref().map(get).unwrap_or(0);
+    Snapshot {
+        taken: Instant::now(),
+        stats: running.stats(),
+        counters: running.tracer.counters().unwrap_or_default(),
+        corr: *sh.corr.lock().expect("corr lock"),
+        reader_overflow: sh.overflow_records.load(Ordering::Relaxed),
+        ring_fill,
+        stages: running.tracer.stages.clone(),
+        interfaces: running.tracer.interfaces.clone(),
+        links: running.tracer.links,
+        trace_lines_written: f(|c| c.lines_written.load(Ordering::Relaxed)),
+        trace_lines_dropped: f(|c| c.lines_dropped.load(Ordering::Relaxed)),
+        trace_files_deleted: f(|c| c.files_deleted.load(Ordering::Relaxed)),
+        trace_write_errors: f(|c| c.write_errors.load(Ordering::Relaxed)),
+        reloads_applied: reloads.0,
+        reloads_rejected: reloads.1,
+    }
+}
+
+/// What `packetflow status` prints.
+fn render_status(s: &Snapshot, c: &Config, started: Instant) -> String {
+    let mut out = String::new();
+    let up = started.elapsed().as_secs();
+    out.push_str(&format!(
+        "packetflow daemon {}, pid {}, up {}h{:02}m{:02}s; mode {}; {}\n",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        up / 3600,
+        up / 60 % 60,
+        up % 60,
+        mode_name(c.mode()),
+        describe_filter(c)
+    ));
+    out.push_str(&format!("metrics: http://{}/metrics\n", c.metrics_addr));
+    if let Some(dir) = &c.trace_dir {
+        let files = trace_files::list(dir);
+        let bytes: u64 = files.iter().map(|(_, n)| n).sum();
+        out.push_str(&format!(
+            "trace files: {} ({} files, {:.1} MiB of {} MiB; {} lines written, {} dropped, {} files deleted, {} write errors)\n",
+            dir.display(),
+            files.len(),
+            bytes as f64 / (1 << 20) as f64,
+            c.max_total_mb,
+            s.trace_lines_written,
+            s.trace_lines_dropped,
+            s.trace_files_deleted,
+            s.trace_write_errors
+        ));
+    }
+    out.push('\n');
+    let lost = run::lost_per_stage(&s.counters);
+    out.push_str(&trace::tables(&s.stats, &lost));
+    out.push_str(&format!("\nhooks ({} attachments):\n", s.links));
+    for (stage, h) in &s.stages {
+        let state = match &h.state {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("unavailable: {e}"),
+        };
+        out.push_str(&format!("  {:<14} {}: {state}\n", stage.name(), h.hook));
+    }
+    let lost_total: u64 = lost.values().sum();
+    out.push_str(&format!(
+        "\nlosses: {lost_total} events lost in the kernel{}; {} records dropped by a slow reader; {} flows and {} records evicted from the correlator\n",
+        if lost_total > 0 {
+            format!(
+                " ({})",
+                lost.iter().filter(|(_, n)| **n > 0).map(|(s, n)| format!("{} {n}", s.name())).collect::<Vec<_>>().join(", ")
+            )
+        } else {
+            String::new()
+        },
+        s.reader_overflow,
+        s.corr.flows_evicted,
+        s.corr.records_evicted
+    ));
+    out.push_str(&format!("config reloads: {} applied, {} rejected\n", s.reloads_applied, s.reloads_rejected));
+    out
+}
+
+/// Refuses to replace another program's XDP attachment on `ifname` unless `force`.
+fn check_xdp(ns: Option<&Path>, ifname: &str, force: bool) -> Result<()> {
+    let name = ifname.to_string();
+    sys::in_netns(ns, move || {
+        let Some(ifindex) = sys::ifindex(&name) else {
+            return Ok(());
+        };
+        let Some(h) =
+            xdp_owner::holder(ifindex).with_context(|| format!("asking the kernel about {name}'s XDP program"))?
+        else {
+            return Ok(());
+        };
+        if !force {
+            user_bail!(
+                "interface {name} already has an {}; packetflow will not replace it: pass --force to detach it, or set xdp_mode = \"off\"",
+                h.describe()
+            );
+        }
+        xdp_owner::remove(ifindex, &h).with_context(|| format!("detaching the {} from {name}", h.describe()))?;
+        log(format!("--force: detached the {} from {name}", h.describe()));
+        Ok(())
+    })
+}
+
+/// Binds the control socket (mode 0600 in a 0700 directory). A live daemon on the same
+/// path is a user error; a stale socket file is replaced.
+fn bind_control(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(|e| user(format!("cannot create {}: {e}", dir.display())))?;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            user_bail!("another packetflow daemon is running (it answers on {})", path.display());
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    // Created 0600 from the start: no window where others could connect.
+    let old = unsafe { libc::umask(0o177) };
+    let l = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    l.map_err(|e| user(format!("cannot create control socket {}: {e}", path.display())))
+}
+
+async fn serve_control(l: UnixListener, status: Arc<Mutex<String>>) {
+    loop {
+        let Ok((conn, _)) = l.accept().await else {
+            continue;
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = conn.into_split();
+            let mut line = String::new();
+            let read = tokio::time::timeout(Duration::from_secs(5), BufReader::new(r).read_line(&mut line)).await;
+            let reply = match (read, line.trim()) {
+                (Ok(Ok(_)), "status") => status.lock().expect("status lock").clone(),
+                (Ok(Ok(_)), cmd) => format!("unknown command '{cmd}' (try: status)\n"),
+                _ => return,
+            };
+            let _ = w.write_all(reply.as_bytes()).await;
+            let _ = w.shutdown().await;
+        });
+    }
+}
+
+/// `packetflow status`: asks the daemon on `socket` and prints its answer.
+pub fn status(socket: &Path) -> Result<()> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => " (is the daemon running?)",
+            std::io::ErrorKind::PermissionDenied => " (the control socket is root-only)",
+            _ => "",
+        };
+        user(format!("cannot reach the packetflow daemon at {}: {e}{hint}", socket.display()))
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"status\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).context("reading the daemon's answer")?;
+    print!("{out}");
+    Ok(())
+}

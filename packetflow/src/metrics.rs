@@ -1,0 +1,364 @@
+//! The daemon's Prometheus endpoint: a snapshot of the pipeline (refreshed every second by
+//! the daemon's main loop), encoded by prometheus-client at each scrape, served over a
+//! minimal HTTP/1.1 responder on `GET /metrics`.
+//!
+//! Latency histograms are exported with buckets 1 µs × 1.1^k up to past 1 s (146 bounds),
+//! so `histogram_quantile` reads any percentile from 1 µs to 1 s within 10%.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use packetflow_common::{Stage, counters};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, NoLabelSet},
+    metrics::MetricType,
+    registry::{Registry, Unit},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use crate::{
+    correlate::CorrStats,
+    loader::{Attached, StageHook},
+    stats::Stats,
+};
+
+/// Everything the metrics endpoint and `packetflow status` show, as of `taken`.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub taken: Instant,
+    pub stats: Stats,
+    pub counters: Vec<u64>,
+    pub corr: CorrStats,
+    pub reader_overflow: u64,
+    /// Per ring shard: the largest backlog a reader found, as a fraction of the ring.
+    pub ring_fill: BTreeMap<usize, f64>,
+    pub stages: BTreeMap<Stage, StageHook>,
+    pub interfaces: Vec<Attached>,
+    pub links: usize,
+    pub trace_lines_written: u64,
+    pub trace_lines_dropped: u64,
+    pub trace_files_deleted: u64,
+    pub trace_write_errors: u64,
+    pub reloads_applied: u64,
+    pub reloads_rejected: u64,
+}
+
+/// Upper bounds of the latency buckets, in seconds: 1 µs × 1.1^k, k = 0..=145 (≈ 1.0 s
+/// at k = 145), rounded to 4 significant digits so the `le` labels stay short.
+pub fn bucket_bounds() -> Vec<f64> {
+    (0..=145)
+        .map(|k| {
+            let x = 1e-6 * 1.1f64.powi(k);
+            let scale = 10f64.powi(3 - x.log10().floor() as i32);
+            (x * scale).round() / scale
+        })
+        .collect()
+}
+
+/// (sum in s, count, per-bucket counts) of an ns histogram, for the bounds above.
+fn buckets(h: &Histogram<u64>, bounds: &[f64]) -> (f64, u64, Vec<(f64, u64)>) {
+    let mut out: Vec<(f64, u64)> = bounds.iter().map(|b| (*b, 0)).collect();
+    out.push((f64::INFINITY, 0));
+    let mut sum = 0.0;
+    for v in h.iter_recorded() {
+        let secs = h.highest_equivalent(v.value_iterated_to()) as f64 * 1e-9;
+        let n = v.count_at_value();
+        sum += secs * n as f64;
+        let i = bounds.partition_point(|b| *b < secs);
+        out[i].1 += n;
+    }
+    (sum, h.len(), out)
+}
+
+#[derive(Debug)]
+struct Exporter {
+    snap: Arc<Mutex<Option<Snapshot>>>,
+    bounds: Vec<f64>,
+}
+
+// A snapshot holds histograms, which are not Debug; the collector needs Debug.
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Snapshot")
+    }
+}
+
+fn metric<'a>(
+    enc: &'a mut DescriptorEncoder,
+    name: &'a str,
+    help: &str,
+    unit: Option<&'a Unit>,
+    ty: MetricType,
+) -> Result<prometheus_client::encoding::MetricEncoder<'a>, std::fmt::Error> {
+    enc.encode_descriptor(name, help, unit, ty)
+}
+
+impl Collector for Exporter {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let guard = self.snap.lock().expect("snapshot lock");
+        let Some(s) = guard.as_ref() else {
+            return Ok(());
+        };
+        let secs = Unit::Seconds;
+
+        let mut m = metric(
+            &mut enc,
+            "packetflow_stage_latency",
+            "Time from the previous stage of the same packet to this stage",
+            Some(&secs),
+            MetricType::Histogram,
+        )?;
+        for (path, ps) in &s.stats.paths {
+            for (stage, h) in &ps.stages {
+                if h.is_empty() {
+                    continue;
+                }
+                let labels = [("path", path.name()), ("stage", stage.name())];
+                let (sum, count, b) = buckets(h, &self.bounds);
+                m.encode_family(&labels)?.encode_histogram::<NoLabelSet>(sum, count, &b, None)?;
+            }
+        }
+        let mut m = metric(
+            &mut enc,
+            "packetflow_end_to_end_latency",
+            "Time from send_syscall to recv_syscall of each packet",
+            Some(&secs),
+            MetricType::Histogram,
+        )?;
+        for (path, ps) in &s.stats.paths {
+            if ps.e2e.is_empty() {
+                continue;
+            }
+            let (sum, count, b) = buckets(&ps.e2e, &self.bounds);
+            m.encode_family(&[("path", path.name())])?.encode_histogram::<NoLabelSet>(sum, count, &b, None)?;
+        }
+
+        let mut m =
+            metric(&mut enc, "packetflow_packets_traced", "Data packets traced, per path", None, MetricType::Counter)?;
+        for (path, ps) in &s.stats.paths {
+            m.encode_family(&[("path", path.name())])?.encode_counter::<NoLabelSet, _, f64>(&ps.traces, None)?;
+        }
+        let mut m = metric(
+            &mut enc,
+            "packetflow_packets_complete",
+            "Data packets traced through every observable stage, per path",
+            None,
+            MetricType::Counter,
+        )?;
+        for (path, ps) in &s.stats.paths {
+            m.encode_family(&[("path", path.name())])?.encode_counter::<NoLabelSet, _, f64>(&ps.complete, None)?;
+        }
+
+        let mut m = metric(
+            &mut enc,
+            "packetflow_events_lost",
+            "Events a hook could not write because its ring buffer was full",
+            None,
+            MetricType::Counter,
+        )?;
+        for stage in Stage::ALL {
+            let n = s.counters.get((counters::LOST + stage as u32) as usize).copied().unwrap_or(0);
+            let hook = s.stages.get(&stage).map(|h| h.hook.as_str()).unwrap_or("");
+            m.encode_family(&[("stage", stage.name()), ("hook", hook)])?
+                .encode_counter::<NoLabelSet, _, f64>(&n, None)?;
+        }
+        let mut m = metric(
+            &mut enc,
+            "packetflow_events_emitted",
+            "Events written to the ring buffers, per stage",
+            None,
+            MetricType::Counter,
+        )?;
+        for stage in Stage::ALL {
+            let n = s.counters.get((counters::EMITTED + stage as u32) as usize).copied().unwrap_or(0);
+            m.encode_family(&[("stage", stage.name())])?.encode_counter::<NoLabelSet, _, f64>(&n, None)?;
+        }
+        counter(
+            &mut enc,
+            "packetflow_records_dropped",
+            "Records dropped because the correlator was behind",
+            s.reader_overflow,
+        )?;
+        let mut m = metric(
+            &mut enc,
+            "packetflow_correlation_evictions",
+            "Flows and records the correlator evicted before they completed (memory bound)",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_family(&[("what", "flows")])?.encode_counter::<NoLabelSet, _, f64>(&s.corr.flows_evicted, None)?;
+        m.encode_family(&[("what", "records")])?.encode_counter::<NoLabelSet, _, f64>(&s.corr.records_evicted, None)?;
+        counter(&mut enc, "packetflow_traces_incomplete", "Traces finished with stages missing", s.corr.incomplete)?;
+
+        let mut m = metric(
+            &mut enc,
+            "packetflow_ring_fill_ratio",
+            "Largest backlog a reader found in each ring-buffer shard since the last refresh, as a fraction of its size",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (shard, f) in &s.ring_fill {
+            m.encode_family(&[("shard", shard.to_string())])?.encode_gauge(f)?;
+        }
+        gauge(&mut enc, "packetflow_programs_attached", "Attachments (bpf_links) held by the daemon", s.links as i64)?;
+        let mut m = metric(
+            &mut enc,
+            "packetflow_stage_available",
+            "1 when the stage's hook is attached on this kernel, else 0",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (stage, h) in &s.stages {
+            m.encode_family(&[("stage", stage.name()), ("hook", h.hook.as_str())])?
+                .encode_gauge(&(h.state.is_ok() as i64))?;
+        }
+
+        counter(
+            &mut enc,
+            "packetflow_trace_lines_written",
+            "Trace lines written to the trace files",
+            s.trace_lines_written,
+        )?;
+        counter(
+            &mut enc,
+            "packetflow_trace_lines_dropped",
+            "Trace lines dropped because the file writer was behind",
+            s.trace_lines_dropped,
+        )?;
+        counter(
+            &mut enc,
+            "packetflow_trace_files_deleted",
+            "Old trace files deleted to respect max_total_mb",
+            s.trace_files_deleted,
+        )?;
+        counter(&mut enc, "packetflow_trace_write_errors", "Failed trace file writes", s.trace_write_errors)?;
+        let mut m =
+            metric(&mut enc, "packetflow_config_reloads", "SIGHUP reloads, by result", None, MetricType::Counter)?;
+        m.encode_family(&[("result", "applied")])?.encode_counter::<NoLabelSet, _, f64>(&s.reloads_applied, None)?;
+        m.encode_family(&[("result", "rejected")])?.encode_counter::<NoLabelSet, _, f64>(&s.reloads_rejected, None)?;
+        let age = s.taken.elapsed().as_secs_f64();
+        let mut m = metric(
+            &mut enc,
+            "packetflow_snapshot_age",
+            "Age of the numbers in this scrape",
+            Some(&secs),
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&age)?;
+        Ok(())
+    }
+}
+
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    m.encode_counter::<NoLabelSet, _, f64>(&v, None)
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    m.encode_gauge(&v)
+}
+
+/// The registry behind `/metrics`, reading `snap`.
+pub fn registry(snap: Arc<Mutex<Option<Snapshot>>>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(Exporter { snap, bounds: bucket_bounds() }));
+    r
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            let mut n = 0;
+            // The request head, within 5 s and 8 KiB.
+            let head = tokio::time::timeout(Duration::from_secs(5), async {
+                while n < buf.len() {
+                    let k = conn.read(&mut buf[n..]).await.ok()?;
+                    if k == 0 {
+                        return None;
+                    }
+                    n += k;
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        return Some(());
+                    }
+                }
+                None
+            })
+            .await;
+            if !matches!(head, Ok(Some(()))) {
+                return;
+            }
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let mut parts = req.split_whitespace();
+            let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let path = target.split('?').next().unwrap_or("");
+            let (status, ctype, body) = match (method, path) {
+                ("GET" | "HEAD", "/metrics") => {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::prometheus_text::encode(&mut body, &registry) {
+                        Ok(()) => ("200 OK", prometheus_client::encoding::prometheus_text::CONTENT_TYPE, body),
+                        Err(_) => ("500 Internal Server Error", "text/plain", "encoding failed\n".into()),
+                    }
+                }
+                ("GET" | "HEAD", "/") => (
+                    "200 OK",
+                    "text/html; charset=utf-8",
+                    "<html><body><h1>packetflow</h1><p><a href=\"/metrics\">/metrics</a></p></body></html>\n".into(),
+                ),
+                ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found: try /metrics\n".into()),
+                _ => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
+            };
+            let body = if method == "HEAD" { String::new() } else { body };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_resolve_percentiles_within_ten_percent() {
+        let b = bucket_bounds();
+        assert!(b[0] <= 1e-6 && *b.last().unwrap() >= 1.0);
+        for w in b.windows(2) {
+            assert!(w[1] / w[0] <= 1.1015, "{} / {}", w[1], w[0]);
+        }
+        let mut h = crate::stats::hist();
+        for v in 1..=1000u64 {
+            h.record(v * 1000).unwrap(); // 1 µs .. 1 ms
+        }
+        let (sum, count, out) = buckets(&h, &b);
+        assert_eq!(count, 1000);
+        assert_eq!(out.iter().map(|(_, n)| n).sum::<u64>(), 1000);
+        assert!((sum - 0.5005).abs() < 0.001, "{sum}");
+        // The bucket holding the p99 (990 µs) is within 10% of it.
+        let mut cum = 0;
+        let p99 = out.iter().find(|(_, n)| {
+            cum += n;
+            cum >= 990
+        });
+        let le = p99.unwrap().0;
+        assert!(le >= 990e-6 && le <= 990e-6 * 1.1, "{le}");
+    }
+}

@@ -163,6 +163,9 @@ pub struct CorrStats {
     pub records_unmatched: u64,
     pub bad_records: u64,
     pub extra_hops: u64,
+    /// TCP packets seen at tc_egress whose dev_queue record never came: traced from
+    /// tc_egress, with dev_queue (and usually nic_xmit) reported missing.
+    pub egress_unanchored: u64,
 }
 
 /// Which device stages are observable where: (netns inode, ifindex) pairs with XDP and
@@ -276,10 +279,37 @@ struct FlowState {
     max_end: Option<(u64, u32, u64)>,
     /// TCP: every byte below this belongs to a finished trace.
     anchored_until: u64,
+    /// TCP: byte ranges of finished data traces (merged; the newest few thousand).
+    anchored: BTreeMap<u64, u64>,
+    /// tc_egress records up to this time were checked for a missing dev_queue anchor.
+    egress_checked_ts: u64,
     last_ts: u64,
 }
 
 impl FlowState {
+    /// Notes `[lo, hi)` as belonging to a finished trace.
+    fn mark_anchored(&mut self, lo: u64, hi: u64) {
+        let (mut lo, mut hi) = (lo, hi);
+        // Merge with every interval that touches [lo, hi).
+        let touching: Vec<(u64, u64)> =
+            self.anchored.range(..=hi).rev().take_while(|(_, e)| **e >= lo).map(|(s, e)| (*s, *e)).collect();
+        for (s, e) in touching {
+            self.anchored.remove(&s);
+            lo = lo.min(s);
+            hi = hi.max(e);
+        }
+        self.anchored.insert(lo, hi);
+        while self.anchored.len() > 4096 {
+            self.anchored.pop_first();
+        }
+    }
+
+    /// Does a finished trace or a pending anchor hold any byte of `[lo, hi)`?
+    fn anchored_any(&self, lo: u64, hi: u64) -> bool {
+        self.anchored.range(..hi).next_back().is_some_and(|(_, e)| *e > lo)
+            || self.pending.iter().any(|a| a.rec.lo < hi && lo < a.rec.hi)
+    }
+
     fn unwrap_seq(&mut self, seq: u32) -> u64 {
         match self.seq_ref {
             None => {
@@ -448,6 +478,8 @@ impl Correlator {
             // On a host that only receives, unmatched netif_receive records are anchors.
             if !st.has_egress {
                 promote_ingress_anchors(st, wm, timeout);
+            } else if !flow.udp {
+                stats.egress_unanchored += promote_egress_orphans(st, wm, timeout);
             }
             while let Some(anchor) = st.pending.front() {
                 let trace = build(flow, st, anchor, coverage);
@@ -459,7 +491,9 @@ impl Correlator {
                 let anchor = st.pending.pop_front().expect("front exists");
                 mark_used(flow, st, &anchor, &trace);
                 let mut trace = trace;
-                if !flow.udp && anchor.kind == TraceKind::Data {
+                // (A tc_egress anchor is promoted late, and only for bytes no trace holds:
+                // it is never a retransmission.)
+                if !flow.udp && anchor.kind == TraceKind::Data && anchor.stage != Stage::TcEgress {
                     // In time order now: bytes anchored before are sent again, or the
                     // same packet queued on a second device (a bridge, a tunnel).
                     if let Some((end, ifindex, ts)) = st.max_end
@@ -477,6 +511,9 @@ impl Correlator {
                 }
                 if !flow.udp {
                     st.anchored_until = st.anchored_until.max(anchor.rec.hi);
+                    if anchor.rec.hi > anchor.rec.lo {
+                        st.mark_anchored(anchor.rec.lo, anchor.rec.hi);
+                    }
                 }
                 trace.comm = trace.pid.and_then(|p| comms.get(&p).cloned().flatten());
                 trace.rx_comm = trace.rx_pid.and_then(|p| comms.get(&p).cloned().flatten());
@@ -543,6 +580,33 @@ fn promote_ingress_anchors(st: &mut FlowState, wm: u64, timeout: u64) {
     for rec in new {
         st.pending.push_back(Anchor { stage: Stage::NetifReceive, rec, kind: TraceKind::Data });
     }
+}
+
+/// TCP data seen at tc_egress that no dev_queue record anchored (the net_dev_queue
+/// program did not record it: seen rarely here under load, with no recursion miss
+/// counted): it becomes its own anchor once it has settled, so its bytes are traced and
+/// the missing stages are reported, never lost. Returns how many were promoted.
+fn promote_egress_orphans(st: &mut FlowState, wm: u64, timeout: u64) -> u64 {
+    let settle = timeout / 4;
+    let checked = st.egress_checked_ts;
+    let orphans: Vec<Rec> = st.stages[Stage::TcEgress as usize]
+        .tcp
+        .iter()
+        .filter(|r| r.ts > checked && r.ts.saturating_add(settle) < wm && !r.end_only && r.hi > r.lo)
+        .copied()
+        .collect();
+    let Some(newest) = orphans.iter().map(|r| r.ts).max() else { return 0 };
+    st.egress_checked_ts = newest;
+    let mut n = 0;
+    for rec in orphans {
+        if st.anchored_any(rec.lo, rec.hi) {
+            continue;
+        }
+        let at = st.pending.iter().rposition(|a| a.rec.ts <= rec.ts).map_or(0, |i| i + 1);
+        st.pending.insert(at, Anchor { stage: Stage::TcEgress, rec, kind: TraceKind::Data });
+        n += 1;
+    }
+    n
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -634,7 +698,9 @@ fn expected(cov: &Coverage, anchor: &Anchor, rx_dev: Option<(u32, u32)>) -> Vec<
     let mut out = Vec::new();
     for s in Stage::ALL {
         let want = match s {
-            Stage::TcEgress => anchor.stage == Stage::DevQueue && cov.tc_egress.contains(&dev),
+            Stage::TcEgress => {
+                anchor.stage == Stage::TcEgress || (anchor.stage == Stage::DevQueue && cov.tc_egress.contains(&dev))
+            }
             Stage::Xdp => rx_dev.is_some_and(|d| cov.xdp.contains(&d)),
             Stage::TcIngress => rx_dev.is_some_and(|d| cov.tc_ingress.contains(&d)),
             // Control segments have no socket-level or syscall stages.
@@ -863,6 +929,32 @@ mod tests {
         let t = run(&mut c, &evs);
         assert_eq!(t.len(), 2);
         assert!(t.iter().all(|t| t.time_of(Stage::NetifReceive) == Some(500)));
+    }
+
+    #[test]
+    fn a_packet_without_dev_queue_is_traced_from_tc_egress() {
+        let mut c = Correlator::new(all_global());
+        let mut evs = one_packet(1_000, 5000, 100);
+        let second: Vec<Event> =
+            one_packet(2_000, 5100, 100).into_iter().filter(|e| !matches!(Stage::from_u8(e.stage), Some(Stage::DevQueue | Stage::NicXmit))).collect();
+        evs.extend(second);
+        evs.extend(one_packet(3_000, 5200, 100));
+        // The complete packets finish first (before the orphan settles), so by the time
+        // it is promoted higher bytes are done: it must still count as data.
+        for e in &evs {
+            c.push(e);
+        }
+        let mut t = Vec::new();
+        c.advance(100_000, &mut |x| t.push(x));
+        assert_eq!(t.len(), 2, "the two complete packets finish at once");
+        c.flush(&mut |x| t.push(x));
+        assert_eq!(t.iter().filter(|t| t.kind == TraceKind::Data).map(|t| t.len).sum::<u32>(), 300, "every byte traced as data");
+        let orphan = t.iter().find(|t| t.seq == 5100).expect("the packet without dev_queue");
+        assert!(!orphan.complete);
+        assert_eq!(orphan.stages.len(), 10, "every stage but dev_queue and nic_xmit");
+        assert_eq!(orphan.kind, TraceKind::Data);
+        assert_eq!(c.stats.egress_unanchored, 1);
+        assert!(t.iter().filter(|t| t.seq != 5100).all(|t| t.complete));
     }
 
     #[test]

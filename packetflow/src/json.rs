@@ -186,6 +186,7 @@ pub fn summary(
             "records_evicted": corr.records_evicted,
             "records_unmatched": corr.records_unmatched,
             "bad_records": corr.bad_records,
+            "egress_unanchored": corr.egress_unanchored,
         },
     })
 }

@@ -242,6 +242,12 @@ pub fn loss_line(f: &Finished) -> String {
             f.corr.flows_evicted, f.corr.records_evicted
         ));
     }
+    if f.corr.egress_unanchored > 0 {
+        parts.push(format!(
+            "{} packets had no dev_queue record (traced from tc_egress, dev_queue reported missing)",
+            f.corr.egress_unanchored
+        ));
+    }
     let g = |i: u32| f.counters.get(i as usize).copied().unwrap_or(0);
     if g(counters::SEND_SLOT_MISS) + g(counters::RECV_SLOT_MISS) > 0 {
         parts.push(format!(

@@ -397,7 +397,7 @@ fn pcapng_to_stdout_pipes_into_tshark_and_carries_statistics() {
 fn text_output_and_bad_expressions() {
     require_root();
     let port = unique_port();
-    let mut c = Command::new(bin())
+    let c = Command::new(bin())
         .args(["capture", "-i", "lo", "-c", "4", "tcp", "port", &port.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

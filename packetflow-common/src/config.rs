@@ -42,8 +42,12 @@ pub struct Offsets {
     pub tcp_copied_seq: u32,
     // struct msghdr -> msg_iter.count
     pub msg_iter_count: u32,
+    /// `sk_buff._skb_refdst` (the route, low bit a flag) and `dst_entry.dev`: the device
+    /// a packet will leave by, before IP output has copied it into `skb->dev`.
+    pub skb_refdst: u32,
+    pub dst_dev: u32,
 }
-assert_size!(Offsets, 96);
+assert_size!(Offsets, 104);
 
 impl Offsets {
     pub const MISSING: u32 = u32::MAX;
@@ -72,6 +76,8 @@ impl Offsets {
         tcp_rcv_nxt: u32::MAX,
         tcp_copied_seq: u32::MAX,
         msg_iter_count: u32::MAX,
+        skb_refdst: u32::MAX,
+        dst_dev: u32::MAX,
     };
 }
 

@@ -111,8 +111,11 @@ pub struct SendSlot {
     pub tid: u32,
     pub emitted: u32,
     pub ts_ns: u64,
+    /// The sender's process (for hooks that cannot ask, e.g. cgroup_skb before 6.?).
+    pub tgid: u32,
+    pub _pad: u32,
 }
-assert_size!(SendSlot, 16);
+assert_size!(SendSlot, 24);
 
 /// Per-CPU note left by `copy_to_user` for the `sys_exit_{read,recvfrom,...}` that follows:
 /// the thread and the range it was handed so far.

@@ -31,14 +31,20 @@ pub enum Stage {
     CopyToUser = 10,
     /// The application's recv/read returned with the data.
     RecvSyscall = 11,
+    /// IP output (kprobe ip_output / ip6_output), where the kernel allows kprobes. For TCP
+    /// after `sock_send`; for UDP before it (cgroup egress runs inside IP output).
+    IpSend = 12,
+    /// IP receive, local delivery (kprobe ip_local_deliver / ip6_input), where the kernel
+    /// allows kprobes.
+    IpRcv = 13,
 }
 
 /// Number of stage slots in per-stage arrays (room for optional stages to come).
 pub const NUM_STAGES: usize = 16;
 
 impl Stage {
-    /// All stages, in canonical path order.
-    pub const ALL: [Stage; 12] = [
+    /// All stages, by number (the optional IP-layer stages, added later, come last).
+    pub const ALL: [Stage; 14] = [
         Stage::SendSyscall,
         Stage::SockSend,
         Stage::DevQueue,
@@ -51,21 +57,25 @@ impl Stage {
         Stage::SockQueue,
         Stage::CopyToUser,
         Stage::RecvSyscall,
+        Stage::IpSend,
+        Stage::IpRcv,
     ];
 
     /// The order in which the kernel passes the stages, used for every table: tcx egress
     /// runs in __dev_queue_xmit before the net_dev_queue tracepoint, and native XDP runs
     /// before the stack (generic XDP runs inside it, after netif_receive_skb: on such an
     /// interface the `xdp` row is the time since `netif_receive`). See docs/stages.md.
-    pub const KERNEL_ORDER: [Stage; 12] = [
+    pub const KERNEL_ORDER: [Stage; 14] = [
         Stage::SendSyscall,
         Stage::SockSend,
+        Stage::IpSend,
         Stage::TcEgress,
         Stage::DevQueue,
         Stage::NicXmit,
         Stage::Xdp,
         Stage::NetifReceive,
         Stage::TcIngress,
+        Stage::IpRcv,
         Stage::TransportRcv,
         Stage::SockQueue,
         Stage::CopyToUser,
@@ -86,7 +96,26 @@ impl Stage {
             Stage::SockQueue => "sock_queue",
             Stage::CopyToUser => "copy_to_user",
             Stage::RecvSyscall => "recv_syscall",
+            Stage::IpSend => "ip_send",
+            Stage::IpRcv => "ip_rcv",
         }
+    }
+
+    /// The IP-layer stages, served only where kprobes work.
+    pub const fn is_optional(self) -> bool {
+        matches!(self, Stage::IpSend | Stage::IpRcv)
+    }
+
+    /// Position of this stage in `KERNEL_ORDER`.
+    pub const fn kernel_pos(self) -> usize {
+        let mut i = 0;
+        while i < Self::KERNEL_ORDER.len() {
+            if Self::KERNEL_ORDER[i] as u8 == self as u8 {
+                return i;
+            }
+            i += 1;
+        }
+        0
     }
 
     pub const fn from_u8(v: u8) -> Option<Stage> {
@@ -100,6 +129,6 @@ impl Stage {
     /// True for stages on the sending side of the path. A packet passes a sending-side stage
     /// with its first byte; it has passed a receiving-side stage once its last byte has.
     pub const fn is_egress(self) -> bool {
-        (self as u8) <= Stage::NicXmit as u8
+        (self as u8) <= Stage::NicXmit as u8 || matches!(self, Stage::IpSend)
     }
 }

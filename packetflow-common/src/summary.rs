@@ -55,12 +55,12 @@ assert_size!(PktKey, 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct PktState {
-    pub ts: [u64; 12],
+    pub ts: [u64; 14],
     /// `PATH_*` bits.
     pub flags: u32,
     pub _pad: u32,
 }
-assert_size!(PktState, 104);
+assert_size!(PktState, 120);
 
 pub const PATH_LOOPBACK: u32 = 1;
 

@@ -45,8 +45,11 @@ pub struct Window<const N: usize> {
 }
 
 impl<const N: usize> Window<N> {
+    /// Reads the window covering `offs` of the struct at `base`. Filled in place (not
+    /// returned by value): a copy of the buffer would double its stack use, and older
+    /// verifiers (6.1) cap a call chain's stack at 512 bytes.
     #[inline(always)]
-    pub fn read(base: u64, offs: &[u32]) -> Result<Self, ()> {
+    pub fn read_into(&mut self, base: u64, offs: &[u32]) -> Result<(), ()> {
         if base == 0 {
             return Err(());
         }
@@ -56,16 +59,23 @@ impl<const N: usize> Window<N> {
                 lo = o;
             }
         }
-        let mut w = Window { base, lo, buf: [0; N] };
+        self.base = base;
+        self.lo = lo;
         if lo == u32::MAX {
-            return Ok(w);
+            return Ok(());
         }
-        let r = unsafe { bpf_probe_read_kernel(w.buf.as_mut_ptr().cast(), N as u32, (base + lo as u64) as *const _) };
+        let r =
+            unsafe { bpf_probe_read_kernel(self.buf.as_mut_ptr().cast(), N as u32, (base + lo as u64) as *const _) };
         if r != 0 {
             count(READ_FAILED);
             return Err(());
         }
-        Ok(w)
+        Ok(())
+    }
+
+    #[inline(always)]
+    pub const fn new() -> Self {
+        Window { base: 0, lo: u32::MAX, buf: [0; N] }
     }
 
     #[inline(always)]
@@ -129,7 +139,8 @@ pub fn parse_skb(skb: u64, at: L3At, ev: &mut Event) -> Result<(), Unparsed> {
 /// (a BPF-to-BPF call): the window it reads lives in its own stack frame.
 #[inline(never)]
 fn skb_l3(skb: u64, at: L3At, out: &mut (u64, u32)) -> Result<(), Unparsed> {
-    let w = Window::<96>::read(skb, &[off!(skb_len), off!(skb_data), off!(skb_head), off!(skb_network_header)])
+    let mut w = Window::<96>::new();
+    w.read_into(skb, &[off!(skb_len), off!(skb_data), off!(skb_head), off!(skb_network_header)])
         .map_err(|_| Unparsed::Malformed)?;
     let data: u64 = w.get(off!(skb_data)).map_err(|_| Unparsed::Malformed)?;
     let len: u32 = w.get(off!(skb_len)).map_err(|_| Unparsed::Malformed)?;
@@ -187,7 +198,8 @@ pub fn sock_flow_of(sk: u64, proto: u8, rx: bool, ev: &mut Event) -> Result<(), 
         _ => return Err(()),
     }
     // sock_common's addresses, ports and family in one read.
-    let w = Window::<96>::read(
+    let mut w = Window::<96>::new();
+    w.read_into(
         sk,
         &[
             off!(sk_daddr),

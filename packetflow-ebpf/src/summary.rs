@@ -56,7 +56,7 @@ pub fn update(ev: &Event, stage: Stage) {
     let st = match PKT_STATE.get_ptr_mut(&k) {
         Some(p) => p,
         None => {
-            let fresh = PktState { ts: [0; 12], flags: 0, _pad: 0 };
+            let fresh = PktState { ts: [0; Stage::ALL.len()], flags: 0, _pad: 0 };
             if PKT_STATE.insert(&k, &fresh, 0).is_err() {
                 return;
             }
@@ -68,7 +68,7 @@ pub fn update(ev: &Event, stage: Stage) {
     };
     let st = unsafe { &mut *st };
     let i = stage as usize;
-    if i < 12 {
+    if i < Stage::ALL.len() {
         st.ts[i] = ev.ts_ns;
     }
     if ev.flags & F_LOOPBACK != 0 {
@@ -94,25 +94,34 @@ fn add(slot: u32, v: u64) {
 }
 
 /// Stage deltas in the order the kernel passes the stages (generic XDP, seen after
-/// netif_receive, is taken in that order), as the full tracer computes them.
+/// netif_receive, and UDP's ip_send, seen before sock_send, are taken in the order they
+/// happened), as the full tracer computes them.
 #[inline(never)]
 fn finish(st: &PktState) {
     let path = if st.flags & PATH_LOOPBACK != 0 { 0 } else { 1 };
     let base = path * SLOTS_PER_PATH;
-    let xdp_after =
-        st.ts[Stage::Xdp as usize] > st.ts[Stage::NetifReceive as usize] && st.ts[Stage::NetifReceive as usize] != 0;
+    // The order to walk: kernel order, with the two pairs whose order depends on the
+    // packet swapped up front (branching inside the loop multiplies the verifier's work).
+    let mut order = [0u8; Stage::KERNEL_ORDER.len()];
+    for (i, s) in Stage::KERNEL_ORDER.iter().enumerate() {
+        order[i] = *s as u8;
+    }
+    let ts = |s: Stage| st.ts[s as usize];
+    const XDP: usize = Stage::Xdp.kernel_pos();
+    const NETIF: usize = Stage::NetifReceive.kernel_pos();
+    const IP_SEND: usize = Stage::IpSend.kernel_pos();
+    const SOCK_SEND: usize = Stage::SockSend.kernel_pos();
+    if ts(Stage::Xdp) > ts(Stage::NetifReceive) && ts(Stage::NetifReceive) != 0 {
+        order.swap(XDP, NETIF);
+    }
+    if ts(Stage::IpSend) < ts(Stage::SockSend) && ts(Stage::IpSend) != 0 {
+        order.swap(IP_SEND, SOCK_SEND);
+    }
     let mut prev = 0u64;
     let mut first = 0u64;
-    for k in 0..12usize {
-        let mut s = Stage::KERNEL_ORDER[k];
-        if xdp_after {
-            s = match s {
-                Stage::Xdp => Stage::NetifReceive,
-                Stage::NetifReceive => Stage::Xdp,
-                other => other,
-            };
-        }
-        let t = st.ts.get(s as usize).copied().unwrap_or(0);
+    for k in 0..order.len() {
+        let s = order[k] as usize;
+        let t = st.ts.get(s).copied().unwrap_or(0);
         if t == 0 || t < prev {
             continue;
         }

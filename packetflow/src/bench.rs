@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use packetflow_common::counters;
+use packetflow_common::{Stage, counters};
 
 use crate::{
     filter::FilterSpec,
@@ -287,8 +287,9 @@ async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()
         ping_pong(None, "127.0.0.1", port, true, c.secs, log)?;
         let after = snapshot();
         let c1 = running.tracer.counters()?;
-        let emitted: u64 =
-            (0..12).map(|s| c1[(counters::EMITTED + s) as usize] - c0[(counters::EMITTED + s) as usize]).sum();
+        let emitted: u64 = (0..Stage::ALL.len() as u32)
+            .map(|s| c1[(counters::EMITTED + s) as usize] - c0[(counters::EMITTED + s) as usize])
+            .sum();
         ev_rate[i] = emitted as f64 / t0.elapsed().as_secs_f64();
         for (name, (t, n)) in after {
             let (t0, n0) = before.get(&name).copied().unwrap_or((0, 0));
@@ -363,8 +364,9 @@ async fn event_rate(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<(
         let secs = t0.elapsed().as_secs_f64();
         let c1 = running.tracer.counters()?;
         let f = running.finish().await?;
-        let emitted: u64 =
-            (0..12).map(|s| c1[(counters::EMITTED + s) as usize] - c0[(counters::EMITTED + s) as usize]).sum();
+        let emitted: u64 = (0..Stage::ALL.len() as u32)
+            .map(|s| c1[(counters::EMITTED + s) as usize] - c0[(counters::EMITTED + s) as usize])
+            .sum();
         let lost = f.lost.values().sum::<u64>() + f.overflow_records;
         let rate = emitted as f64 / secs;
         let _ = writeln!(md, "| {mps} | {rate:.0} | {lost} |");

@@ -208,6 +208,8 @@ impl Btf {
             } else {
                 msg_iter + count
             },
+            skb_refdst: o("sk_buff", "_skb_refdst"),
+            dst_dev: o("dst_entry", "dev"),
         }
     }
 }
@@ -246,6 +248,16 @@ mod tests {
         assert_eq!(btf.offset("outer", "c"), Some(4));
         assert_eq!(btf.offset("outer", "nope"), None);
         assert_eq!(btf.offset("missing", "a"), None);
+    }
+
+    /// The running kernel (this project's CI machine and the VM kernels) has every field
+    /// the programs read.
+    #[test]
+    fn this_kernel_has_every_field() {
+        let btf = Btf::from_sys_fs().expect("kernel BTF");
+        let o = btf.offsets();
+        let text = format!("{o:?}");
+        assert!(!text.contains(&Offsets::MISSING.to_string()), "fields missing from this kernel's BTF: {text}");
     }
 
     #[test]

@@ -621,7 +621,7 @@ fn side(stage: Stage, anchor: Stage) -> Side {
     // Kernel order (docs/stages.md): tcx egress runs before the net_dev_queue tracepoint,
     // the driver after it. Native XDP runs before netif_receive_skb, generic XDP after it.
     match (anchor, stage) {
-        (_, SendSyscall | SockSend) => Side::Before,
+        (_, SendSyscall | SockSend | IpSend) => Side::Before,
         (DevQueue, TcEgress) => Side::Before,
         (NetifReceive, DevQueue | TcEgress | NicXmit) => Side::Before,
         (NetifReceive, Xdp) => Side::Either,
@@ -709,7 +709,7 @@ fn expected(cov: &Coverage, anchor: &Anchor, rx_dev: Option<(u32, u32)>) -> Vec<
             {
                 false
             }
-            Stage::DevQueue | Stage::NicXmit | Stage::SendSyscall | Stage::SockSend
+            Stage::DevQueue | Stage::NicXmit | Stage::SendSyscall | Stage::SockSend | Stage::IpSend
                 if anchor.stage == Stage::NetifReceive =>
             {
                 false
@@ -805,9 +805,10 @@ mod tests {
         e
     }
 
+    /// Every hook of a kernel without kprobes (no IP-layer stages).
     fn all_global() -> Coverage {
         let mut c = Coverage::default();
-        c.global = Stage::ALL.into_iter().collect();
+        c.global = Stage::ALL.into_iter().filter(|s| !matches!(s, Stage::IpSend | Stage::IpRcv)).collect();
         c.xdp.insert((7, 1));
         c.tc_ingress.insert((7, 1));
         c.tc_egress.insert((7, 1));
@@ -865,6 +866,23 @@ mod tests {
         assert_eq!(t[0].seq, 5000);
         assert_eq!(t[0].len, 18);
         assert_eq!(t[0].path, PathKind::Loopback);
+    }
+
+    #[test]
+    fn ip_stages_join_where_kprobes_serve_them() {
+        let mut cov = all_global();
+        cov.global.insert(Stage::IpSend);
+        cov.global.insert(Stage::IpRcv);
+        let mut c = Correlator::new(cov);
+        let mut evs = one_packet(1_000, 5000, 18);
+        evs.push(ev(Stage::IpSend, 1_150, 5000, 18));
+        evs.push(ev(Stage::IpRcv, 1_750, 5000, 18));
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 1);
+        assert!(t[0].complete);
+        let names: Vec<&str> = t[0].stages.iter().map(|s| s.stage.name()).collect();
+        assert_eq!(&names[..4], ["send_syscall", "sock_send", "ip_send", "tc_egress"]);
+        assert!(names.windows(2).any(|w| w == ["tc_ingress", "ip_rcv"]), "{names:?}");
     }
 
     #[test]
@@ -935,8 +953,10 @@ mod tests {
     fn a_packet_without_dev_queue_is_traced_from_tc_egress() {
         let mut c = Correlator::new(all_global());
         let mut evs = one_packet(1_000, 5000, 100);
-        let second: Vec<Event> =
-            one_packet(2_000, 5100, 100).into_iter().filter(|e| !matches!(Stage::from_u8(e.stage), Some(Stage::DevQueue | Stage::NicXmit))).collect();
+        let second: Vec<Event> = one_packet(2_000, 5100, 100)
+            .into_iter()
+            .filter(|e| !matches!(Stage::from_u8(e.stage), Some(Stage::DevQueue | Stage::NicXmit)))
+            .collect();
         evs.extend(second);
         evs.extend(one_packet(3_000, 5200, 100));
         // The complete packets finish first (before the orphan settles), so by the time
@@ -948,7 +968,11 @@ mod tests {
         c.advance(100_000, &mut |x| t.push(x));
         assert_eq!(t.len(), 2, "the two complete packets finish at once");
         c.flush(&mut |x| t.push(x));
-        assert_eq!(t.iter().filter(|t| t.kind == TraceKind::Data).map(|t| t.len).sum::<u32>(), 300, "every byte traced as data");
+        assert_eq!(
+            t.iter().filter(|t| t.kind == TraceKind::Data).map(|t| t.len).sum::<u32>(),
+            300,
+            "every byte traced as data"
+        );
         let orphan = t.iter().find(|t| t.seq == 5100).expect("the packet without dev_queue");
         assert!(!orphan.complete);
         assert_eq!(orphan.stages.len(), 10, "every stage but dev_queue and nic_xmit");

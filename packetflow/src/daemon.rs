@@ -119,10 +119,8 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         ..Default::default()
     })
     .await?;
-    for (s, h) in &running.tracer.stages {
-        if let Err(e) = &h.state {
-            log(format!("stage {} unavailable: {e}", s.name()));
-        }
+    for line in running.tracer.unavailable() {
+        log(line);
     }
     if let Some((uid, gid)) = drop_to {
         sys::drop_privileges(uid, gid)?;

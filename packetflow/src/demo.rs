@@ -157,10 +157,8 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
         ..Default::default()
     })
     .await?;
-    for (s, h) in &running.tracer.stages {
-        if let Err(e) = &h.state {
-            println!("stage {} unavailable: {e}", s.name());
-        }
+    for line in running.tracer.unavailable() {
+        println!("{line}");
     }
 
     let (lo_addr, nic_server) = if a.ipv6 { ("::1", netns::ADDR6_B) } else { ("127.0.0.1", netns::ADDR_B) };

@@ -168,8 +168,10 @@ pub async fn run() -> Result<()> {
     let kernel_fn_hooks = works("kprobe") || works("fentry");
     if !kernel_fn_hooks {
         println!(
-            "kprobe and fentry are not usable here; packetflow uses tracepoints (tp_btf, tracepoint), XDP, tcx and cgroup_skb instead."
+            "kprobe and fentry are not usable here; packetflow uses tracepoints (tp_btf, tracepoint), XDP, tcx and cgroup_skb instead, without the optional IP-layer stages (ip_send, ip_rcv)."
         );
+    } else if !works("kprobe") {
+        println!("kprobes are not usable here: the optional IP-layer stages (ip_send, ip_rcv) are absent.");
     }
     if !(works("tp_btf") || works("raw_tp")) || !works("ring buffer") {
         crate::user_bail!(
@@ -338,9 +340,9 @@ async fn stage_table() -> Result<Vec<Vec<String>>> {
     let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, capture_ring_bytes: 0 })?;
     t.attach_kernel_hooks()?;
     t.attach_interface(None, "lo", XdpChoice::Auto)?;
-    let rows = t
-        .stages
+    let rows = packetflow_common::Stage::KERNEL_ORDER
         .iter()
+        .filter_map(|s| t.stages.get(s).map(|h| (s, h)))
         .map(|(s, h)| {
             vec![
                 s.name().to_string(),

@@ -4,21 +4,27 @@
 //! detaches it when the last fd closes, so even SIGKILL leaves nothing behind. Nothing is
 //! pinned. [`Tracer`] owns the object; dropping it detaches everything.
 //!
-//! Stage → hook (also printed by `doctor` and recorded in the JSON header):
+//! Stage → hook (also printed by `doctor` and recorded in the JSON header). Where a stage
+//! lists several, `attach_kernel_hooks` tries them in order and the first that attaches
+//! serves it (docs/stages.md says why each exists):
 //!
 //! | stage          | hook                                                                 |
 //! |----------------|----------------------------------------------------------------------|
 //! | send_syscall   | tracepoint syscalls:sys_enter_{write,writev,sendto,sendmsg,sendmmsg} |
-//! | sock_send      | tp_btf tcp_sendmsg_locked (TCP), cgroup_skb/egress (UDP)             |
-//! | dev_queue      | tp_btf net_dev_queue                                                 |
+//! | sock_send      | TCP: tp_btf tcp_sendmsg_locked, else kprobe tcp_sendmsg_locked;      |
+//! |                | UDP: cgroup_skb/egress, else the same without asking for the task    |
+//! | ip_send        | kprobe ip_output/ip6_output (optional: only where kprobes work)      |
 //! | tc_egress      | tcx egress, per interface                                            |
+//! | dev_queue      | tp_btf net_dev_queue                                                 |
 //! | nic_xmit       | tp_btf net_dev_start_xmit                                            |
 //! | xdp            | XDP (native where the driver has it, else generic), per interface   |
 //! | netif_receive  | tp_btf netif_receive_skb                                             |
 //! | tc_ingress     | tcx ingress, per interface                                           |
+//! | ip_rcv         | kprobe ip_local_deliver/ip6_input (optional)                         |
 //! | transport_rcv  | tp_btf tcp_probe (TCP), cgroup_skb/ingress (UDP)                     |
-//! | sock_queue     | tp_btf sk_data_ready                                                 |
-//! | copy_to_user   | tp_btf skb_copy_datagram_iovec (TCP), sock_recv_length (UDP)         |
+//! | sock_queue     | tp_btf sk_data_ready, else kprobe sock_def_readable                  |
+//! | copy_to_user   | tp_btf skb_copy_datagram_iovec (TCP); UDP: tp_btf sock_recv_length,  |
+//! |                | else kprobe skb_consume_udp                                          |
 //! | recv_syscall   | tracepoint syscalls:sys_exit_{read,readv,recvfrom,recvmsg,recvmmsg}  |
 
 use std::{collections::BTreeMap, path::Path};
@@ -28,8 +34,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, ProgramError, SchedClassifier,
-        TcAttachType, TracePoint, Xdp, XdpMode, tc::TcAttachOptions,
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, KProbe, LinkOrder, ProgramError,
+        SchedClassifier, TcAttachType, TracePoint, Xdp, XdpMode, tc::TcAttachOptions,
     },
 };
 use packetflow_common::{
@@ -43,6 +49,26 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 
 pub const SEND_SYSCALLS: &[&str] = &["write", "writev", "sendto", "sendmsg", "sendmmsg"];
 pub const RECV_SYSCALLS: &[&str] = &["read", "readv", "recvfrom", "recvmsg", "recvmmsg"];
+
+/// One way to serve a hook: a tp_btf program on a tracepoint, a kprobe on kernel
+/// functions, or a cgroup_skb program on the root cgroup.
+enum Hook {
+    TpBtf(&'static str, &'static str),
+    Kprobe(&'static str, &'static [&'static str]),
+    Cgroup(&'static str, CgroupSkbAttachType),
+}
+
+impl Hook {
+    fn describe(&self) -> String {
+        match self {
+            Hook::TpBtf(_, tp) => format!("tp_btf {tp}"),
+            Hook::Kprobe(_, funcs) => format!("kprobe {}", funcs.join("/")),
+            Hook::Cgroup("pf_cg_egress_nopid", _) => "cgroup_skb/egress (sender from the send-syscall note)".into(),
+            Hook::Cgroup(_, CgroupSkbAttachType::Egress) => "cgroup_skb/egress".into(),
+            Hook::Cgroup(_, _) => "cgroup_skb/ingress".into(),
+        }
+    }
+}
 
 /// How one stage is observed on this kernel.
 #[derive(Clone, Debug)]
@@ -131,7 +157,10 @@ fn describe(e: &ProgramError) -> String {
             let log = verifier_log.to_string();
             // Debugging aid: the whole verifier log.
             if let Some(p) = std::env::var_os("PACKETFLOW_VERIFIER_LOG") {
-                let _ = std::fs::write(p, &log);
+                use std::io::Write;
+                if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(p) {
+                    let _ = writeln!(f, "=== load failed: {io_error}\n{log}");
+                }
             }
             let tail: Vec<&str> = log.lines().rev().take(3).collect();
             format!("{io_error}; verifier: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" / "))
@@ -342,13 +371,17 @@ impl Tracer {
         Ok(out)
     }
 
+    /// Program `prog` of the object, as its type.
+    fn program<'a, T>(&'a mut self, prog: &str) -> Result<&'a mut T, String>
+    where
+        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
+        let p = self.ebpf_mut().program_mut(prog).ok_or("program missing")?;
+        p.try_into().map_err(|e: ProgramError| e.to_string())
+    }
+
     fn tracepoint(&mut self, prog: &str, category: &str, names: &[&str]) -> Result<(), String> {
-        let p: &mut TracePoint = self
-            .ebpf_mut()
-            .program_mut(prog)
-            .ok_or("program missing")?
-            .try_into()
-            .map_err(|e: ProgramError| e.to_string())?;
+        let p: &mut TracePoint = self.program(prog)?;
         p.load().map_err(|e| describe(&e))?;
         let mut links = Vec::new();
         let mut r = Ok(());
@@ -386,15 +419,52 @@ impl Tracer {
         Ok(())
     }
 
+    /// Tries `hooks` in order; returns the description of the one that attached (or of
+    /// the first, when none did) and the outcome, with every failure's reason.
+    fn first_of(&mut self, hooks: &[Hook]) -> (String, Result<(), String>) {
+        let mut errs = Vec::new();
+        for h in hooks {
+            let r = match h {
+                Hook::TpBtf(prog, tp) => self.tp_btf(prog, tp),
+                Hook::Kprobe(prog, funcs) => self.kprobe(prog, funcs),
+                Hook::Cgroup(prog, kind) => self.cgroup(prog, *kind),
+            };
+            match r {
+                Ok(()) => return (h.describe(), Ok(())),
+                Err(e) if hooks.len() == 1 => errs.push(e),
+                Err(e) => errs.push(format!("{}: {e}", h.describe())),
+            }
+        }
+        (hooks.first().map(Hook::describe).unwrap_or_default(), Err(errs.join("; ")))
+    }
+
+    /// Loads kprobe `prog` and attaches it to each of `funcs` (all must attach).
+    fn kprobe(&mut self, prog: &str, funcs: &[&str]) -> Result<(), String> {
+        let p: &mut KProbe = self.program(prog)?;
+        p.load().map_err(|e| describe(&e))?;
+        let mut n = 0;
+        let mut r = Ok(());
+        for f in funcs {
+            match p.attach(f, 0) {
+                Ok(_) => n += 1,
+                Err(_) if !Path::new("/sys/bus/event_source/devices/kprobe").exists() => {
+                    r = Err("this kernel has no kprobes (no kprobe event source: CONFIG_KPROBES off)".into());
+                    break;
+                }
+                Err(e) => {
+                    r = Err(format!("{f}: {}", describe(&e)));
+                    break;
+                }
+            }
+        }
+        self.links += n;
+        r
+    }
+
     fn cgroup(&mut self, prog: &str, kind: CgroupSkbAttachType) -> Result<(), String> {
         let root = sys::ensure_cgroup2().map_err(|e| format!("{e:#}"))?;
         let fd = std::fs::File::open(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-        let p: &mut CgroupSkb = self
-            .ebpf_mut()
-            .program_mut(prog)
-            .ok_or("program missing")?
-            .try_into()
-            .map_err(|e: ProgramError| e.to_string())?;
+        let p: &mut CgroupSkb = self.program(prog)?;
         p.load().map_err(|e| describe(&e))?;
         // With bpf_link every attachment coexists; link_create takes no mode flags.
         p.attach(&fd, kind, CgroupAttachMode::Single).map_err(|e| describe(&e))?;
@@ -415,56 +485,96 @@ impl Tracer {
         let send = self
             .tracepoint("pf_sys_enter_send", "syscalls", &refs(&enter))
             .and_then(|()| self.tracepoint("pf_sys_exit_send", "syscalls", &refs(&exit_send)));
-        let tcp_send = self.tp_btf("pf_tcp_sendmsg", "tcp_sendmsg_locked");
-        let udp_send = self.cgroup("pf_cg_egress", CgroupSkbAttachType::Egress);
-        let dev_queue = self.tp_btf("pf_dev_queue", "net_dev_queue");
-        let xmit = self.tp_btf("pf_start_xmit", "net_dev_start_xmit");
-        let rcv = self.tp_btf("pf_netif_receive", "netif_receive_skb");
-        let tcp_rcv = self.tp_btf("pf_tcp_probe", "tcp_probe");
-        let udp_rcv = self.cgroup("pf_cg_ingress", CgroupSkbAttachType::Ingress);
-        let ready = self.tp_btf("pf_sk_data_ready", "sk_data_ready");
-        let tcp_copy = self.tp_btf("pf_copy_to_user", "skb_copy_datagram_iovec");
-        let udp_copy = self.tp_btf("pf_sock_recv", "sock_recv_length");
+        // Each hook: the tracepoint where the kernel has it, else a kprobe where kprobes
+        // work (decided by trying; the first that attaches serves the stage).
+        let tcp_send = self.first_of(&[
+            Hook::TpBtf("pf_tcp_sendmsg", "tcp_sendmsg_locked"),
+            Hook::Kprobe("pf_kp_tcp_sendmsg", &["tcp_sendmsg_locked"]),
+        ]);
+        let udp_send = self.first_of(&[
+            Hook::Cgroup("pf_cg_egress", CgroupSkbAttachType::Egress),
+            // Older kernels refuse bpf_get_current_pid_tgid in cgroup_skb programs.
+            Hook::Cgroup("pf_cg_egress_nopid", CgroupSkbAttachType::Egress),
+        ]);
+        let ip_send = self.first_of(&[Hook::Kprobe("pf_kp_ip_send", &["ip_output", "ip6_output"])]);
+        let dev_queue = self.first_of(&[Hook::TpBtf("pf_dev_queue", "net_dev_queue")]);
+        let xmit = self.first_of(&[Hook::TpBtf("pf_start_xmit", "net_dev_start_xmit")]);
+        let rcv = self.first_of(&[Hook::TpBtf("pf_netif_receive", "netif_receive_skb")]);
+        let ip_rcv = self.first_of(&[Hook::Kprobe("pf_kp_ip_rcv", &["ip_local_deliver", "ip6_input"])]);
+        let tcp_rcv = self.first_of(&[Hook::TpBtf("pf_tcp_probe", "tcp_probe")]);
+        let udp_rcv = self.first_of(&[Hook::Cgroup("pf_cg_ingress", CgroupSkbAttachType::Ingress)]);
+        let ready = self.first_of(&[
+            Hook::TpBtf("pf_sk_data_ready", "sk_data_ready"),
+            Hook::Kprobe("pf_kp_sk_data_ready", &["sock_def_readable"]),
+        ]);
+        let tcp_copy = self.first_of(&[Hook::TpBtf("pf_copy_to_user", "skb_copy_datagram_iovec")]);
+        let udp_copy = self.first_of(&[
+            Hook::TpBtf("pf_sock_recv", "sock_recv_length"),
+            Hook::Kprobe("pf_kp_udp_copy", &["skb_consume_udp"]),
+        ]);
         let recv = self.tracepoint("pf_sys_exit_recv", "syscalls", &refs(&exit_recv));
 
-        let both = |a: &Result<(), String>, b: &Result<(), String>| match (a, b) {
-            (Ok(()), Ok(())) => Ok(()),
-            (Err(e), Ok(())) => Err(format!("TCP: {e}")),
-            (Ok(()), Err(e)) => Err(format!("UDP: {e}")),
-            (Err(a), Err(b)) => Err(format!("TCP: {a}; UDP: {b}")),
+        // One stage served by a TCP hook and a UDP hook.
+        let both = |t: &(String, Result<(), String>), u: &(String, Result<(), String>)| {
+            let hook = format!("{} (TCP), {} (UDP)", t.0, u.0);
+            let state = match (&t.1, &u.1) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(e), Ok(())) => Err(format!("TCP: {e}")),
+                (Ok(()), Err(e)) => Err(format!("UDP: {e}")),
+                (Err(a), Err(b)) => Err(format!("TCP: {a}; UDP: {b}")),
+            };
+            (hook, state)
         };
-        let send_ok = match (&send, &tcp_send, &udp_send) {
-            (Err(e), _, _) => Err(e.clone()),
-            (Ok(()), t, u) => both(t, u),
+        let send_ok = match (&send, both(&tcp_send, &udp_send).1) {
+            (Err(e), _) => Err(e.clone()),
+            (Ok(()), r) => r,
         };
-        let mut put = |s: Stage, hook: String, state: Result<(), String>| {
+        let mut put = |s: Stage, (hook, state): (String, Result<(), String>)| {
             self.stages.insert(s, StageHook { hook, state });
         };
-        put(Stage::SendSyscall, format!("tracepoint syscalls:sys_enter_{{{}}}", SEND_SYSCALLS.join(",")), send_ok);
-        put(
-            Stage::SockSend,
-            "tp_btf tcp_sendmsg_locked (TCP), cgroup_skb/egress (UDP)".into(),
-            both(&tcp_send, &udp_send),
-        );
-        put(Stage::DevQueue, "tp_btf net_dev_queue".into(), dev_queue);
-        put(Stage::NicXmit, "tp_btf net_dev_start_xmit".into(), xmit);
-        put(Stage::NetifReceive, "tp_btf netif_receive_skb".into(), rcv);
-        put(Stage::TransportRcv, "tp_btf tcp_probe (TCP), cgroup_skb/ingress (UDP)".into(), both(&tcp_rcv, &udp_rcv));
-        put(Stage::SockQueue, "tp_btf sk_data_ready".into(), ready);
-        put(
-            Stage::CopyToUser,
-            "tp_btf skb_copy_datagram_iovec (TCP), tp_btf sock_recv_length (UDP)".into(),
-            both(&tcp_copy, &udp_copy),
-        );
-        put(Stage::RecvSyscall, format!("tracepoint syscalls:sys_exit_{{{}}}", RECV_SYSCALLS.join(",")), recv);
+        put(Stage::SendSyscall, (format!("tracepoint syscalls:sys_enter_{{{}}}", SEND_SYSCALLS.join(",")), send_ok));
+        put(Stage::SockSend, both(&tcp_send, &udp_send));
+        put(Stage::IpSend, ip_send);
+        put(Stage::DevQueue, dev_queue);
+        put(Stage::NicXmit, xmit);
+        put(Stage::NetifReceive, rcv);
+        put(Stage::IpRcv, ip_rcv);
+        put(Stage::TransportRcv, both(&tcp_rcv, &udp_rcv));
+        put(Stage::SockQueue, ready);
+        put(Stage::CopyToUser, both(&tcp_copy, &udp_copy));
+        put(Stage::RecvSyscall, (format!("tracepoint syscalls:sys_exit_{{{}}}", RECV_SYSCALLS.join(",")), recv));
         for s in [Stage::Xdp, Stage::TcEgress, Stage::TcIngress] {
-            put(s, "per interface (none attached)".into(), Err("no interface attached".into()));
+            put(s, ("per interface (none attached)".into(), Err("no interface attached".into())));
         }
         if self.stages.values().all(|h| h.state.is_err()) {
             let why = self.stages.get(&Stage::DevQueue).and_then(|h| h.state.clone().err()).unwrap_or_default();
             crate::user_bail!("no tracing hook could be attached on this kernel ({why}); run `packetflow doctor`");
         }
         Ok(())
+    }
+
+    /// One line per stage this kernel cannot serve, in kernel order; the optional
+    /// IP-layer stages share a line when they are missing for one reason.
+    pub fn unavailable(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut optional: Vec<(&str, &String)> = Vec::new();
+        for s in Stage::KERNEL_ORDER {
+            let Some(StageHook { state: Err(e), .. }) = self.stages.get(&s) else { continue };
+            if s.is_optional() {
+                optional.push((s.name(), e));
+            } else {
+                out.push(format!("stage {} unavailable: {e}", s.name()));
+            }
+        }
+        match optional.as_slice() {
+            [] => {}
+            [(_, e), rest @ ..] if rest.iter().all(|(_, r)| r == e) => {
+                let names: Vec<&str> = optional.iter().map(|(n, _)| *n).collect();
+                out.push(format!("optional stages {} not traced: {e}", names.join(", ")));
+            }
+            _ => out.extend(optional.iter().map(|(n, e)| format!("optional stage {n} not traced: {e}"))),
+        }
+        out
     }
 
     /// Attaches XDP and tcx ingress/egress to `ifname` in network namespace `netns`

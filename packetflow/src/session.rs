@@ -186,6 +186,9 @@ impl Readers {
                     .and_then(|p| std::fs::File::create(p).ok())
                     .map(std::io::BufWriter::new);
                 corr.timeout_ns = timeout.as_nanos() as u64;
+                // Send-side records precede their anchor (by as much as the socket's send
+                // queue holds them): keep records well past a pending trace's timeout.
+                corr.retention_ns = corr.retention_ns.max(2 * corr.timeout_ns);
                 let mut wms = [u64::MAX; RING_SHARDS];
                 for s in &shards {
                     wms[*s] = 0;

@@ -170,6 +170,10 @@ pub fn side_by_side(stats: &Stats) -> String {
     };
     let mut rows = Vec::new();
     for s in Stage::KERNEL_ORDER {
+        // The IP-layer stages exist only where kprobes do: no row when no path has them.
+        if s.is_optional() && !stats.paths.values().any(|ps| ps.stages.contains_key(&s)) {
+            continue;
+        }
         let mut r = vec![s.name().to_string()];
         for p in paths {
             r.push(cell(p, Some(s), 50.0));

@@ -93,10 +93,8 @@ pub async fn run(a: TraceArgs) -> Result<()> {
             print!("{s}");
         }
     };
-    for (s, h) in &running.tracer.stages {
-        if let Err(e) = &h.state {
-            say(&format!("stage {} unavailable: {e}\n", s.name()));
-        }
+    for line in running.tracer.unavailable() {
+        say(&format!("{line}\n"));
     }
     say(&format!("tracing ({}); Ctrl-C to stop\n", describe_filter(&a)));
     let deadline = a.duration.map(|d| tokio::time::Instant::now() + d);

@@ -174,21 +174,27 @@ pub fn tmp(name: &str) -> PathBuf {
 /// The order in which the kernel passes the stages (see docs/stages.md): tcx egress runs in
 /// __dev_queue_xmit before the net_dev_queue tracepoint; native XDP runs before the stack
 /// (before netif_receive_skb), generic XDP inside it (after the tracepoint).
+/// The IP-layer stages (kprobes, where the kernel has them) sit after `sock_send` and
+/// after `tc_ingress`.
 pub fn kernel_order(xdp_generic: bool) -> Vec<&'static str> {
-    let mut v = vec!["send_syscall", "sock_send", "tc_egress", "dev_queue", "nic_xmit"];
+    let mut v = vec!["send_syscall", "sock_send", "ip_send", "tc_egress", "dev_queue", "nic_xmit"];
     if xdp_generic {
         v.extend(["netif_receive", "xdp"]);
     } else {
         v.extend(["xdp", "netif_receive"]);
     }
-    v.extend(["tc_ingress", "transport_rcv", "sock_queue", "copy_to_user", "recv_syscall"]);
+    v.extend(["tc_ingress", "ip_rcv", "transport_rcv", "sock_queue", "copy_to_user", "recv_syscall"]);
     v
 }
 
 /// Checks one trace: timestamps never go backwards in kernel order, and the total is
 /// last minus first.
 pub fn assert_monotonic(t: &Value, xdp_generic: bool) {
-    let order = kernel_order(xdp_generic);
+    let mut order = kernel_order(xdp_generic);
+    if t["proto"] == "udp" {
+        // UDP's sock_send is the cgroup egress hook, which runs inside IP output.
+        order.swap(1, 2);
+    }
     let stages = t["stages"].as_array().expect("stages");
     let time = |name: &str| stages.iter().find(|s| s["stage"] == name).map(|s| s["t_ns"].as_u64().expect("t_ns"));
     let mut last = 0u64;
@@ -201,6 +207,31 @@ pub fn assert_monotonic(t: &Value, xdp_generic: bool) {
     let first = stages.first().and_then(|s| s["t_ns"].as_u64()).expect("first");
     let end = stages.last().and_then(|s| s["t_ns"].as_u64()).expect("last");
     assert_eq!(t["total_ns"].as_u64(), Some(end - first), "total_ns");
+}
+
+/// What the kernel under test offers beyond the tracepoints every supported kernel has:
+/// `$PACKETFLOW_KERNEL_HAS`, a comma list of `tcx` (6.6+) and `kprobes` (CONFIG_KPROBES,
+/// no lockdown). Unset: `tcx`, this project's CI machine (6.18, kprobes off). `cargo
+/// xtask vm-test` sets it for each kernel it boots.
+pub fn kernel_has(feature: &str) -> bool {
+    match std::env::var("PACKETFLOW_KERNEL_HAS") {
+        Ok(v) => v.split(',').any(|f| f.trim() == feature),
+        Err(_) => feature == "tcx",
+    }
+}
+
+/// The stages the kernel under test must serve: every tracepoint-served one (with a
+/// kprobe fallback where the tracepoint is missing), the tcx ones where tcx exists, the
+/// IP-layer ones where kprobes work.
+pub fn expected_stages() -> Vec<&'static str> {
+    kernel_order(false)
+        .into_iter()
+        .filter(|s| match *s {
+            "tc_egress" | "tc_ingress" => kernel_has("tcx"),
+            "ip_send" | "ip_rcv" => kernel_has("kprobes"),
+            _ => true,
+        })
+        .collect()
 }
 
 /// Stages the header says this kernel serves.

@@ -22,7 +22,9 @@ fn run_demo(extra: &[&str]) {
 
     let lines = read_ndjson(&json);
     let available = available_stages(&lines);
-    assert_eq!(available.len(), 12, "this kernel serves every stage: {available:?}");
+    for s in expected_stages() {
+        assert!(available.iter().any(|a| a == s), "this kernel serves {s}: {available:?}");
+    }
     let traces = traces(&lines);
     let proto = if extra.contains(&"--udp") { "udp" } else { "tcp" };
     let family = if extra.contains(&"--ipv6") { "ipv6" } else { "ipv4" };

@@ -4,7 +4,10 @@
 //!   against the nightly's own LLVM) and the Debian packages the tests use. Idempotent and
 //!   fast when everything is there; `demo` and `test` run it first.
 //! * `demo [ARGS]` — build, then `packetflow demo ARGS` (the README's main job).
-//! * `test [ARGS]` — build, then the whole test suite (the README's test command).
+//! * `test [ARGS]` — build, then the whole test suite (the README's test command); without
+//!   ARGS it ends with the VM suite on Debian's 6.1 kernel.
+//! * `vm-test [--kernel 6.1|6.12|all]` — the end-to-end tests on Debian kernels in QEMU
+//!   (xtask/src/vm.rs).
 //! * `fuzz [SECONDS]` — every cargo-fuzz target under fuzz/ (cargo-fuzz installed on demand).
 //! * `bench [--quick]` — `packetflow bench` on a release build; writes BENCHMARKS.md.
 
@@ -14,6 +17,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+mod vm;
 
 /// Debian packages the tests (and benchmarks) use, by the command each provides.
 const PACKAGES: &[(&str, &str)] = &[
@@ -39,8 +44,11 @@ fn main() -> ExitCode {
         "test" => test(&rest),
         "fuzz" => fuzz(&rest),
         "bench" => bench(&rest),
+        "vm-test" => vm::vm_test(&rest),
         _ => {
-            eprintln!("usage: cargo xtask <setup|demo [ARGS]|test [ARGS]|fuzz [SECONDS]|bench [--quick]>");
+            eprintln!(
+                "usage: cargo xtask <setup|demo [ARGS]|test [ARGS]|fuzz [SECONDS]|bench [--quick]|vm-test [--kernel 6.1|6.12|all]>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -240,10 +248,36 @@ fn test(args: &[String]) -> Result<ExitCode> {
         }
     }
     let st = child.wait()?;
+    let host_ok = st.success() && totals[1] == 0 && totals[0] > 0;
+    // The whole suite (no arguments) also runs the end-to-end tests on another kernel:
+    // Debian's 6.1, the oldest we support, under QEMU (`vm-test`; PACKETFLOW_NO_VM=1
+    // skips it while iterating).
+    let mut vm = String::new();
+    let mut vm_ok = true;
+    if args.is_empty() && std::env::var_os("PACKETFLOW_NO_VM").is_none() {
+        match vm::run_kernels(VM_KERNEL_IN_TEST) {
+            Ok(outcomes) => {
+                for o in &outcomes {
+                    totals[0] += o.tests[0];
+                    totals[1] += o.tests[1];
+                    vm_ok &= o.passed;
+                }
+            }
+            Err(e) => {
+                eprintln!("xtask: the VM suite could not start: {e:#}");
+                vm_ok = false;
+            }
+        }
+        vm = format!("; kernel {VM_KERNEL_IN_TEST} in QEMU: {}", if vm_ok { "passed" } else { "FAILED" });
+    }
     // One closing line for the whole suite (cargo prints one per test binary).
-    println!("tests: {} passed, {} failed, {} skipped", totals[0], totals[1], totals[2]);
-    Ok(if st.success() && totals[1] == 0 && totals[0] > 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    println!("tests: {} passed, {} failed, {} skipped{vm}", totals[0], totals[1], totals[2]);
+    Ok(if host_ok && vm_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
+
+/// The kernel whose VM suite `cargo xtask test` runs (`cargo xtask vm-test --kernel all`
+/// runs every one).
+const VM_KERNEL_IN_TEST: &str = "6.1";
 
 /// Benchmarks (BENCHMARKS.md): release build, sockperf/iperf3/tcpdump from Debian.
 fn bench(args: &[String]) -> Result<ExitCode> {

@@ -1,7 +1,10 @@
 //! `dev_queue`, `nic_xmit` and `netif_receive`: the net:* tracepoints (as tp_btf), which
 //! hand us the kernel `sk_buff` (and, for start_xmit, the device).
 
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    macros::{btf_tracepoint, kprobe},
+    programs::{BtfTracePointContext, ProbeContext},
+};
 use packetflow_common::{
     Event, Stage,
     counters::{CONTROL_SKIPPED, UNPARSED_SKB},
@@ -34,6 +37,30 @@ pub fn pf_start_xmit(ctx: BtfTracePointContext) -> i32 {
 pub fn pf_netif_receive(ctx: BtfTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(0);
     let _ = device_stage(skb, 0, L3At::Data, Stage::NetifReceive);
+    0
+}
+
+/// kprobe ip_output / ip6_output(net, sk, skb): `ip_send`, where kprobes work (not on
+/// kernels built without CONFIG_KPROBES, like the one this was developed on).
+#[kprobe]
+pub fn pf_kp_ip_send(ctx: ProbeContext) -> u32 {
+    if let Some(skb) = ctx.arg::<u64>(2) {
+        // ip_output sets skb->dev from the route only after this entry: ask the route.
+        let dev = read::<u64>(skb, off!(skb_refdst)).and_then(|d| read::<u64>(d & !1, off!(dst_dev))).unwrap_or(0);
+        let _ = device_stage(skb, dev, L3At::NetworkHeader, Stage::IpSend);
+    }
+    0
+}
+
+/// kprobe ip_local_deliver / ip6_input(skb): `ip_rcv`, the IP layer handing a packet for
+/// this host on towards the transport. Not ip_rcv/ipv6_rcv: a NAPI driver (veth with XDP,
+/// most NICs) delivers GRO lists through ip_list_rcv/ipv6_list_rcv, which never call them,
+/// while both the single and the list path end in these two (they are `dst->input`).
+#[kprobe]
+pub fn pf_kp_ip_rcv(ctx: ProbeContext) -> u32 {
+    if let Some(skb) = ctx.arg::<u64>(0) {
+        let _ = device_stage(skb, 0, L3At::NetworkHeader, Stage::IpRcv);
+    }
     0
 }
 

@@ -8,8 +8,8 @@
 
 use aya_ebpf::{
     helpers::generated::bpf_probe_read_user,
-    macros::{btf_tracepoint, cgroup_skb},
-    programs::{BtfTracePointContext, SkBuffContext},
+    macros::{btf_tracepoint, cgroup_skb, kprobe},
+    programs::{BtfTracePointContext, ProbeContext, SkBuffContext},
 };
 use packetflow_common::{
     Event, Offsets, Stage,
@@ -53,19 +53,27 @@ fn send_syscall(ev: &mut Event, tid: u32, once: bool) {
 /// tcp:tcp_sendmsg_locked(sk, msg, skb, size_goal): once per chunk of a send call.
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn pf_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_tcp_sendmsg(&ctx);
+    let _ = try_tcp_sendmsg(ctx.arg(0), ctx.arg(1));
+    0
+}
+
+/// kprobe tcp_sendmsg_locked(sk, msg, size): the same where the tracepoint does not exist
+/// (before 6.12?), once per send call rather than per chunk.
+#[kprobe]
+pub fn pf_kp_tcp_sendmsg(ctx: ProbeContext) -> u32 {
+    if let (Some(sk), Some(msg)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
+        let _ = try_tcp_sendmsg(sk, msg);
+    }
     0
 }
 
 #[inline(always)]
-fn try_tcp_sendmsg(ctx: &BtfTracePointContext) -> Result<(), ()> {
+fn try_tcp_sendmsg(sk: u64, msg: u64) -> Result<(), ()> {
     let f = filter().ok_or(())?;
     let (tgid, tid) = current();
     if !process_wanted(f, tgid) {
         return Ok(());
     }
-    let sk: u64 = ctx.arg(0);
-    let msg: u64 = ctx.arg(1);
     let mut ev = Event::ZERO;
     sock_flow_of(sk, IPPROTO_TCP, false, &mut ev)?;
     if !flow_matches(f, &ev) {
@@ -120,14 +128,23 @@ fn try_tcp_probe(ctx: &BtfTracePointContext) -> Result<(), ()> {
 /// sock:sk_data_ready(sk): data queued on the socket, reader woken.
 #[btf_tracepoint(function = "sk_data_ready")]
 pub fn pf_sk_data_ready(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_sk_data_ready(&ctx);
+    let _ = try_sk_data_ready(ctx.arg(0));
+    0
+}
+
+/// kprobe sock_def_readable(sk): the same where the tracepoint does not exist (it came in
+/// 6.6); sock_def_readable is what sk_data_ready points to for TCP and UDP sockets.
+#[kprobe]
+pub fn pf_kp_sk_data_ready(ctx: ProbeContext) -> u32 {
+    if let Some(sk) = ctx.arg::<u64>(0) {
+        let _ = try_sk_data_ready(sk);
+    }
     0
 }
 
 #[inline(always)]
-fn try_sk_data_ready(ctx: &BtfTracePointContext) -> Result<(), ()> {
+fn try_sk_data_ready(sk: u64) -> Result<(), ()> {
     let f = filter().ok_or(())?;
-    let sk: u64 = ctx.arg(0);
     match sock_protocol(sk) {
         IPPROTO_TCP => {
             let mut ev = Event::ZERO;
@@ -251,16 +268,57 @@ fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), ()> {
     ev.ts_ns = now();
     // An unconnected socket learns the peer only when the kernel copies the source
     // address to the caller, after this hook: the record is finished at syscall exit.
+    let name = if ev.sport == 0 { name } else { 0 };
+    leave_datagram_for_exit(&ev, tid, 1, name)
+}
+
+/// Leaves UDP datagram `ev` for the receive syscall's exit on this CPU (which writes
+/// `copy_to_user` when `pending_copy`, then `recv_syscall`).
+#[inline(always)]
+fn leave_datagram_for_exit(ev: &Event, tid: u32, pending_copy: u32, name: u64) -> Result<(), ()> {
     let slot = RECV_SLOT.get_ptr_mut(0).ok_or(())?;
     let slot = unsafe { &mut *slot };
     if slot.tid != 0 && slot.tid != tid {
         count(RECV_SLOT_MISS);
     }
     slot.tid = tid;
-    slot.pending_copy = 1;
-    slot.name = if ev.sport == 0 { name } else { 0 };
-    slot.ev = ev;
+    slot.pending_copy = pending_copy;
+    slot.name = name;
+    slot.ev = *ev;
     Ok(())
+}
+
+/// kprobe skb_consume_udp(sk, skb, len): UDP's `copy_to_user` where the sock_recv_length
+/// tracepoint does not exist (it came in 6.3?). udp_recvmsg calls it once the datagram is
+/// copied; the skb still holds the headers, so the flow and payload key come from it.
+#[kprobe]
+pub fn pf_kp_udp_copy(ctx: ProbeContext) -> u32 {
+    if let (Some(skb), Some(len)) = (ctx.arg::<u64>(1), ctx.arg::<i32>(2)) {
+        let _ = try_udp_copy(skb, len);
+    }
+    0
+}
+
+#[inline(always)]
+fn try_udp_copy(skb: u64, len: i32) -> Result<(), ()> {
+    let f = filter().ok_or(())?;
+    let (tgid, tid) = current();
+    if len <= 0 || !process_wanted(f, tgid) {
+        return Ok(());
+    }
+    let mut ev = Event::ZERO;
+    if parse_skb(skb, L3At::NetworkHeader, &mut ev).is_err() || !ev.is_udp() {
+        return Ok(());
+    }
+    if !flow_matches(f, &ev) {
+        return Ok(());
+    }
+    ev.aux = tgid;
+    ev.aux2 = tid;
+    ev.ts_ns = now();
+    emit(&mut ev, Stage::CopyToUser);
+    // recv_syscall follows at the syscall's exit, with the same datagram key.
+    leave_datagram_for_exit(&ev, tid, 0, 0)
 }
 
 /// Leaves the end of TCP range `ev` for the recv syscall's exit on this CPU.
@@ -284,19 +342,35 @@ fn stash_for_recv_syscall(ev: &Event, tid: u32) -> Result<(), ()> {
 /// comes from tcp_sendmsg_locked, which knows the stream position).
 #[cgroup_skb(egress)]
 pub fn pf_cg_egress(ctx: SkBuffContext) -> i32 {
-    let _ = try_cg_egress(&ctx);
+    let _ = try_cg_egress::<true>(&ctx);
+    1
+}
+
+/// The same where cgroup_skb programs may not call bpf_get_current_pid_tgid (6.1 says
+/// "unknown func"): the sender comes from this CPU's send-syscall note, which is only set
+/// inside a send syscall (a datagram sent outside one gets no process).
+#[cgroup_skb(egress)]
+pub fn pf_cg_egress_nopid(ctx: SkBuffContext) -> i32 {
+    let _ = try_cg_egress::<false>(&ctx);
     1
 }
 
 #[inline(always)]
-fn try_cg_egress(ctx: &SkBuffContext) -> Result<(), ()> {
+fn try_cg_egress<const ASK: bool>(ctx: &SkBuffContext) -> Result<(), ()> {
     let f = filter().ok_or(())?;
     let mut ev = Event::ZERO;
     cg_udp(ctx, &mut ev)?;
     if !flow_matches(f, &ev) {
         return Ok(());
     }
-    let (tgid, tid) = current();
+    let (tgid, tid) = if ASK {
+        current()
+    } else {
+        match SEND_SLOT.get_ptr_mut(0) {
+            Some(s) => unsafe { ((*s).tgid, (*s).tid) },
+            None => (0, 0),
+        }
+    };
     if !process_wanted(f, tgid) {
         return Ok(());
     }

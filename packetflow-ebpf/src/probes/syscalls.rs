@@ -28,6 +28,7 @@ pub fn pf_sys_enter_send(_ctx: TracePointContext) -> u32 {
     if let Some(slot) = SEND_SLOT.get_ptr_mut(0) {
         unsafe {
             (*slot).tid = tid;
+            (*slot).tgid = tgid;
             (*slot).emitted = 0;
             (*slot).ts_ns = now();
         }

@@ -1,0 +1,432 @@
+//! `cargo xtask vm-test [--kernel 6.1|6.12|all]`: the end-to-end tests on other kernels.
+//!
+//! For each kernel series: the newest Debian `linux-image-<series>*-cloud-amd64-unsigned`
+//! package in the apt index (downloaded once into target/vm/), an initramfs holding
+//! busybox, `ip`, the packetflow binary, the chosen test binaries, the shared libraries
+//! they link and the kernel modules they need (veth), and an `/init` that mounts proc,
+//! sys, devtmpfs, tracefs, bpffs and cgroup2, runs `packetflow doctor` and each test
+//! binary, and powers off. QEMU boots it (TCG; `PACKETFLOW_VM_ACCEL=kvm` to try KVM) and
+//! the serial console says how each step went: `PF-VM-RESULT <name> <exit code>`.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{cargo, install, need_root, output, root, run};
+
+/// The end-to-end tests that run inside each VM (the issue's list: the demo over loopback
+/// and veth, the filter test, the no-alteration test).
+const VM_TESTS: &[&str] = &["demo", "filter", "bulk"];
+
+/// The kernel series we test: name, package name pattern (apt-cache regex), and what the
+/// tests may expect of it (`PACKETFLOW_KERNEL_HAS`, see tests/src/lib.rs): tcx came in
+/// 6.6; Debian's kernels have kprobes.
+const SERIES: &[(&str, &str, &str)] = &[
+    ("6.1", r"^linux-image-6\.1\.0-[0-9]+-cloud-amd64-unsigned$", "kprobes"),
+    ("6.12", r"^linux-image-6\.12\.[0-9]+\+deb[0-9]+-cloud-amd64-unsigned$", "tcx,kprobes"),
+];
+
+/// Modules the tests need that Debian builds as modules (loaded in this order).
+const MODULES: &[&str] = &["drivers/net/veth.ko", "net/sched/sch_tbf.ko"];
+
+/// How long one kernel's run may take under TCG before it counts as hung.
+const VM_TIMEOUT: Duration = Duration::from_secs(40 * 60);
+
+pub fn vm_test(args: &[String]) -> Result<ExitCode> {
+    let mut which = "all".to_string();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--kernel" => which = it.next().context("--kernel needs 6.1, 6.12 or all")?.clone(),
+            s if s.starts_with("--kernel=") => which = s["--kernel=".len()..].to_string(),
+            other => bail!("unknown argument '{other}' (usage: cargo xtask vm-test [--kernel 6.1|6.12|all])"),
+        }
+    }
+    crate::setup()?;
+    need_root("vm-test")?;
+    let outcomes = run_kernels(&which)?;
+    Ok(if outcomes.iter().all(|o| o.passed) { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Each step the guest ran (doctor, then each test binary) and its exit code.
+type Steps = Vec<(String, i32)>;
+
+/// How one kernel's run went.
+pub struct Outcome {
+    pub passed: bool,
+    /// Tests passed and failed inside the guest (from its `test result:` lines).
+    pub tests: [u64; 2],
+}
+
+/// Boots each chosen kernel ("6.1", "6.12" or "all") with the suite and prints one
+/// verdict line per kernel. An error is something that stopped the suite from starting
+/// (unknown kernel, no QEMU); a kernel that fails to boot or run is a failed outcome.
+pub fn run_kernels(which: &str) -> Result<Vec<Outcome>> {
+    let series: Vec<&(&str, &str, &str)> = SERIES.iter().filter(|(s, _, _)| which == "all" || which == *s).collect();
+    if series.is_empty() {
+        bail!("unknown kernel '{which}': choose 6.1, 6.12 or all");
+    }
+    install(&[("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static"), ("ip", "iproute2")])?;
+    run(cargo().args(["build", "-p", "packetflow"]))?;
+    let tests = test_binaries()?;
+    let dir = root().join("target/vm");
+    std::fs::create_dir_all(&dir)?;
+    let mut outcomes = Vec::new();
+    let mut summary = Vec::new();
+    for (name, pattern, has) in series {
+        let t0 = Instant::now();
+        let (outcome, line) = match one_kernel(&dir, name, pattern, has, &tests) {
+            Ok((results, counts)) => {
+                let all: Vec<String> =
+                    results.iter().map(|(n, rc)| format!("{n} {}", if *rc == 0 { "ok" } else { "FAILED" })).collect();
+                let passed = results.iter().all(|(_, rc)| *rc == 0) && results.len() == tests.len() + 1;
+                (Outcome { passed, tests: counts }, all.join(", "))
+            }
+            Err(e) => (Outcome { passed: false, tests: [0, 0] }, format!("could not run: {e:#}")),
+        };
+        let verdict = if outcome.passed { "passed" } else { "FAILED" };
+        let [p, f] = outcome.tests;
+        summary.push(format!(
+            "kernel {name}: {verdict} in {:.0} s ({line}; {p} tests passed, {f} failed)",
+            t0.elapsed().as_secs_f64()
+        ));
+        outcomes.push(outcome);
+    }
+    for l in &summary {
+        println!("vm-test: {l}");
+    }
+    Ok(outcomes)
+}
+
+/// The test executables cargo built for `VM_TESTS`: (name, path).
+fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "packetflow-tests", "--no-run", "--message-format=json"]);
+    for t in VM_TESTS {
+        cmd.args(["--test", t]);
+    }
+    let json = output(&mut cmd)?;
+    let mut out = Vec::new();
+    for line in json.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if v["reason"] != "compiler-artifact" || v["profile"]["test"] != true {
+            continue;
+        }
+        let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) else { continue };
+        if VM_TESTS.contains(&name) {
+            out.push((name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    if out.len() != VM_TESTS.len() {
+        bail!("cargo built {} of the {} VM test binaries", out.len(), VM_TESTS.len());
+    }
+    Ok(out)
+}
+
+/// The newest package matching `pattern` in the apt index.
+fn newest_package(pattern: &str) -> Result<String> {
+    let search = || output(Command::new("apt-cache").args(["search", "--names-only", pattern]));
+    let mut list = search()?;
+    if list.trim().is_empty() {
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        list = search()?;
+    }
+    let mut names: Vec<String> = list.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect();
+    names.sort_by_key(|n| version_key(n));
+    names.pop().with_context(|| format!("no Debian package matches {pattern}"))
+}
+
+/// Numbers in a package name, for ordering "6.1.0-9" before "6.1.0-10".
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).collect()
+}
+
+/// Downloads (once) and unpacks (once) the kernel package; returns its unpacked root.
+fn kernel_package(dir: &Path, pattern: &str) -> Result<(String, PathBuf)> {
+    let pkg = newest_package(pattern)?;
+    let debs = dir.join("debs");
+    std::fs::create_dir_all(&debs)?;
+    let find = || -> Option<PathBuf> {
+        std::fs::read_dir(&debs).ok()?.flatten().map(|e| e.path()).find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb"))
+        })
+    };
+    let deb = match find() {
+        Some(d) => d,
+        None => {
+            run(Command::new("apt-get").args(["download", "-q", &pkg]).current_dir(&debs))?;
+            find().with_context(|| format!("apt-get download {pkg} left no .deb in {}", debs.display()))?
+        }
+    };
+    let unpacked = dir.join(&pkg);
+    if !unpacked.join("boot").exists() {
+        let tmp = dir.join(format!("{pkg}.partial"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tmp))?;
+        std::fs::rename(&tmp, &unpacked)?;
+    }
+    Ok((pkg, unpacked))
+}
+
+/// Boots one kernel with the test initramfs; returns each step's exit code and the
+/// guest's test counts (passed, failed).
+fn one_kernel(
+    dir: &Path,
+    name: &str,
+    pattern: &str,
+    has: &str,
+    tests: &[(String, PathBuf)],
+) -> Result<(Steps, [u64; 2])> {
+    let (pkg, kroot) = kernel_package(dir, pattern)?;
+    eprintln!("vm-test: kernel {name}: {pkg}");
+    let vmlinuz = std::fs::read_dir(kroot.join("boot"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
+        .context("no vmlinuz in the kernel package")?;
+    let initrd = dir.join(format!("{pkg}.initrd"));
+    build_initramfs(&kroot, tests, has, &initrd)?;
+
+    let log_path = dir.join(format!("{pkg}.console.log"));
+    let mut log = std::fs::File::create(&log_path)?;
+    let accel = std::env::var("PACKETFLOW_VM_ACCEL").unwrap_or_else(|_| "tcg".into());
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-accel", &accel, "-cpu", "max", "-m", "3072", "-smp", "2"])
+        .arg("-kernel")
+        .arg(&vmlinuz)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 quiet loglevel=3", "-nographic", "-no-reboot", "-nic", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    eprintln!("+ {}", crate::show(&qemu));
+    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let out = child.stdout.take().context("qemu stdout")?;
+    let pid = child.id();
+    // A watchdog: a hung guest must not hang the command.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if done_rx.recv_timeout(VM_TIMEOUT).is_err() {
+            eprintln!("vm-test: kernel run exceeded {} min; stopping qemu", VM_TIMEOUT.as_secs() / 60);
+            kill9(pid);
+        }
+    });
+    let mut results = Vec::new();
+    let mut counts = [0u64; 2];
+    let mut done = false;
+    for line in BufReader::new(out).lines() {
+        let line = line.unwrap_or_default();
+        let line = line.trim_end_matches('\r');
+        writeln!(log, "{line}")?;
+        println!("[{name}] {line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            counts[0] += crate::count_before(rest, "passed");
+            counts[1] += crate::count_before(rest, "failed");
+        }
+        if let Some(rest) = line.strip_prefix("PF-VM-RESULT ") {
+            let mut w = rest.split_whitespace();
+            if let (Some(n), Some(rc)) = (w.next(), w.next().and_then(|r| r.parse().ok())) {
+                results.push((n.to_string(), rc));
+            }
+        }
+        if line.starts_with("PF-VM-DONE") {
+            done = true;
+        }
+    }
+    let _ = done_tx.send(());
+    let _ = child.wait();
+    if !done {
+        bail!("the guest stopped before finishing (console log: {})", log_path.display());
+    }
+    Ok((results, counts))
+}
+
+fn kill9(pid: u32) {
+    let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+}
+
+/// Writes the initramfs (a "newc" cpio archive, uncompressed) to `out`.
+fn build_initramfs(kroot: &Path, tests: &[(String, PathBuf)], has: &str, out: &Path) -> Result<()> {
+    let mut files: Vec<(String, Vec<u8>, u32)> = Vec::new();
+    let mut dirs: Vec<String> =
+        ["bin", "sbin", "lib", "lib64", "usr", "tests", "modules", "proc", "sys", "dev", "tmp", "run", "var", "etc"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let add_file =
+        |files: &mut Vec<(String, Vec<u8>, u32)>, dirs: &mut Vec<String>, dest: &str, data: Vec<u8>, mode: u32| {
+            let mut p = PathBuf::new();
+            for c in Path::new(dest).parent().into_iter().flat_map(|p| p.components()) {
+                p.push(c);
+                let s = p.to_string_lossy().into_owned();
+                if !dirs.contains(&s) {
+                    dirs.push(s);
+                }
+            }
+            files.push((dest.to_string(), data, mode));
+        };
+    let mut binaries: Vec<(String, PathBuf)> = vec![
+        ("bin/busybox".into(), which("busybox")?),
+        // In /bin before busybox links itself there: busybox's own `ip` is too small.
+        ("bin/ip".into(), which("ip")?),
+        ("bin/packetflow".into(), root().join("target/debug/packetflow")),
+    ];
+    for (name, exe) in tests {
+        binaries.push((format!("tests/{name}"), exe.clone()));
+    }
+    let mut libs: Vec<PathBuf> = Vec::new();
+    for (dest, src) in &binaries {
+        add_file(&mut files, &mut dirs, dest, stripped(src)?, 0o755);
+        let ldd = output(Command::new("ldd").arg(src)).unwrap_or_default();
+        for l in ldd.lines() {
+            let path = l.split("=>").last().and_then(|r| r.split_whitespace().next()).unwrap_or("");
+            if path.starts_with('/') && !libs.iter().any(|x| x == Path::new(path)) {
+                libs.push(PathBuf::from(path));
+            }
+        }
+    }
+    for lib in &libs {
+        let real = std::fs::canonicalize(lib)?;
+        add_file(&mut files, &mut dirs, lib.to_string_lossy().trim_start_matches('/'), std::fs::read(&real)?, 0o755);
+    }
+    let moddir = std::fs::read_dir(kroot.join("lib/modules"))?
+        .flatten()
+        .next()
+        .context("no lib/modules in the kernel package")?
+        .path();
+    let mut order = Vec::new();
+    for m in MODULES {
+        let base = moddir.join("kernel").join(m);
+        let data = if base.exists() {
+            std::fs::read(&base)?
+        } else if base.with_extension("ko.xz").exists() {
+            let xz = base.with_extension("ko.xz");
+            let o = Command::new("xz").arg("-dc").arg(&xz).output().context("xz (to unpack kernel modules)")?;
+            if !o.status.success() {
+                bail!("xz -dc {} failed", xz.display());
+            }
+            o.stdout
+        } else {
+            continue; // built in, or absent: the tests report what is missing
+        };
+        let name = Path::new(m).file_name().unwrap().to_string_lossy().into_owned();
+        order.push(name.clone());
+        add_file(&mut files, &mut dirs, &format!("modules/{name}"), data, 0o644);
+    }
+    let test_names: Vec<&str> = tests.iter().map(|(n, _)| n.as_str()).collect();
+    add_file(&mut files, &mut dirs, "init", init_script(&order, &test_names, has).into_bytes(), 0o755);
+
+    let mut w = std::io::BufWriter::new(std::fs::File::create(out)?);
+    let mut ino = 1u32;
+    for d in &dirs {
+        cpio_entry(&mut w, &mut ino, d, 0o040755, &[])?;
+    }
+    cpio_entry(&mut w, &mut ino, "var/run", 0o120777, b"/run")?;
+    for (name, data, mode) in &files {
+        cpio_entry(&mut w, &mut ino, name, 0o100000 | mode, data)?;
+    }
+    cpio_entry(&mut w, &mut ino, "TRAILER!!!", 0, &[])?;
+    w.flush()?;
+    Ok(())
+}
+
+/// A binary without its debug sections (smaller initramfs); the original when strip fails.
+fn stripped(src: &Path) -> Result<Vec<u8>> {
+    let tmp = std::env::temp_dir().join(format!("pf-vm-strip-{}", std::process::id()));
+    let ok = Command::new("objcopy").arg("--strip-debug").arg(src).arg(&tmp).status().is_ok_and(|s| s.success());
+    let data = std::fs::read(if ok { &tmp } else { src })?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(data)
+}
+
+fn which(cmd: &str) -> Result<PathBuf> {
+    let p = output(Command::new("sh").args(["-c", &format!("command -v {cmd}")]))?;
+    Ok(std::fs::canonicalize(p.trim())?)
+}
+
+/// One "newc" cpio header and body.
+fn cpio_entry(w: &mut impl Write, ino: &mut u32, name: &str, mode: u32, data: &[u8]) -> Result<()> {
+    let namesize = name.len() + 1;
+    let header = format!(
+        "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+        *ino,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        data.len(),
+        0,
+        0,
+        0,
+        0,
+        namesize,
+        0
+    );
+    *ino += 1;
+    w.write_all(header.as_bytes())?;
+    w.write_all(name.as_bytes())?;
+    w.write_all(&[0])?;
+    let pad = |n: usize| (4 - n % 4) % 4;
+    w.write_all(&vec![0; pad(110 + namesize)])?;
+    w.write_all(data)?;
+    w.write_all(&vec![0; pad(data.len())])?;
+    Ok(())
+}
+
+/// The guest's /init: mounts, modules, then doctor and each test binary.
+fn init_script(modules: &[String], tests: &[&str], has: &str) -> String {
+    let mut s = format!(
+        "#!/bin/busybox sh\n\
+         /bin/busybox --install -s /bin\n\
+         export PATH=/bin:/sbin HOME=/tmp PACKETFLOW_BIN=/bin/packetflow RUST_BACKTRACE=0 PACKETFLOW_KERNEL_HAS={has}\n\
+         mount -t proc proc /proc\n\
+         mount -t sysfs sys /sys\n\
+         mount -t devtmpfs dev /dev\n\
+         mount -t tmpfs tmp /tmp\n\
+         mount -t tmpfs run /run\n\
+         mount -t tracefs tracefs /sys/kernel/tracing\n\
+         mount -t bpf bpf /sys/fs/bpf\n\
+         mount -t cgroup2 cgroup2 /sys/fs/cgroup\n\
+         ip link set lo up\n",
+    );
+    for m in modules {
+        s.push_str(&format!("insmod /modules/{m} || echo \"PF-VM could not load {m}\"\n"));
+    }
+    s.push_str("echo \"PF-VM-BEGIN $(uname -r)\"\n");
+    s.push_str("/bin/packetflow doctor\necho \"PF-VM-RESULT doctor $?\"\n");
+    for t in tests {
+        s.push_str(&format!("cd /tmp && /tests/{t} --test-threads=1\necho \"PF-VM-RESULT {t} $?\"\n"));
+    }
+    s.push_str("echo PF-VM-DONE\npoweroff -f\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_order_numerically() {
+        let mut v = ["linux-image-6.1.0-9-cloud", "linux-image-6.1.0-56-cloud", "linux-image-6.1.0-10-cloud"];
+        v.sort_by_key(|n| version_key(n));
+        assert_eq!(v.last(), Some(&"linux-image-6.1.0-56-cloud"));
+    }
+
+    #[test]
+    fn cpio_entries_are_aligned() {
+        let mut buf = Vec::new();
+        let mut ino = 1;
+        cpio_entry(&mut buf, &mut ino, "init", 0o100755, b"#!/bin/sh\n").unwrap();
+        assert_eq!(buf.len() % 4, 0);
+        assert!(buf.starts_with(b"070701"));
+    }
+}

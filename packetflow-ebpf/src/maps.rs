@@ -25,6 +25,44 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTE
 #[map]
 pub static SEND_SLOT: PerCpuArray<SendSlot> = PerCpuArray::with_max_entries(1, 0);
 
+/// Possible CPUs (set by the loader): how many `SEND_SLOT`s a search for a thread's note
+/// looks at (at most `MAX_SLOT_SEARCH`).
+#[unsafe(no_mangle)]
+pub static NR_CPUS: u32 = 1;
+pub const MAX_SLOT_SEARCH: u32 = 64;
+
+/// Thread `tid`'s send-syscall note on whichever CPU holds it (the newest, if several):
+/// for a thread that moved CPUs between its syscall's entry and the transport hook (it
+/// slept on the socket lock, say). Null when no CPU holds one.
+#[inline(always)]
+pub fn send_slot_of(tid: u32) -> *mut SendSlot {
+    let n = unsafe { core::ptr::read_volatile(&NR_CPUS) };
+    let key = 0u32;
+    let mut best: *mut SendSlot = core::ptr::null_mut();
+    let mut best_ts = 0u64;
+    for cpu in 0..MAX_SLOT_SEARCH {
+        if cpu >= n {
+            break;
+        }
+        let p = unsafe {
+            aya_ebpf::helpers::generated::bpf_map_lookup_percpu_elem(
+                &SEND_SLOT as *const _ as *mut core::ffi::c_void,
+                &key as *const u32 as *const core::ffi::c_void,
+                cpu,
+            )
+        } as *mut SendSlot;
+        if p.is_null() {
+            continue;
+        }
+        let (t, ts) = unsafe { ((*p).tid, (*p).ts_ns) };
+        if t == tid && ts > best_ts {
+            best = p;
+            best_ts = ts;
+        }
+    }
+    best
+}
+
 #[map]
 pub static RECV_SLOT: PerCpuArray<RecvSlot> = PerCpuArray::with_max_entries(1, 0);
 

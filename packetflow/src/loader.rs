@@ -219,6 +219,7 @@ impl Tracer {
         let wake = (ring_bytes / 4) as u64;
         let ret_off = sys_exit_ret_offset();
         let cpus = sys::possible_cpus();
+        let nr_cpus: u32 = cpus.iter().max().map_or(1, |c| c + 1);
         let used: Vec<usize> =
             (0..RING_SHARDS).filter(|s| cpus.iter().any(|c| *c as usize % RING_SHARDS == *s)).collect();
         let mut loader = EbpfLoader::new();
@@ -226,7 +227,8 @@ impl Tracer {
             .btf(Some(&aya_btf))
             .override_global("OFFSETS", &offsets, true)
             .override_global("WAKEUP_BYTES", &wake, true)
-            .override_global("SYS_EXIT_RET_OFF", &ret_off, true);
+            .override_global("SYS_EXIT_RET_OFF", &ret_off, true)
+            .override_global("NR_CPUS", &nr_cpus, true);
         let cap_bytes =
             if opts.capture_ring_bytes == 0 { 4096 } else { opts.capture_ring_bytes.max(1 << 20).next_power_of_two() };
         for s in 0..RING_SHARDS {

@@ -60,6 +60,8 @@ impl TestHosts {
             ip(&["-n", ns, "-6", "addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
         }
+        wait_link_up(&h.ns_a, &h.veth_a)?;
+        wait_link_up(&h.ns_b, &h.veth_b)?;
         Ok(h)
     }
 
@@ -97,6 +99,25 @@ pub fn netns_command(path: &std::path::Path, program: impl AsRef<std::ffi::OsStr
         },
     }
     c
+}
+
+/// Waits (at most 5 s) until `dev` in `ns` is operationally up. The kernel turns a link's
+/// carrier on through its linkwatch work, at most once a second per device and later
+/// under load; until then the device's queue is the no-op one, which drops every packet:
+/// a ping6 right after set-up failed about one time in twenty while other namespaces were
+/// being created and deleted.
+fn wait_link_up(ns: &str, dev: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let out = Command::new("ip").args(["-n", ns, "-o", "link", "show", "dev", dev]).output()?;
+        if String::from_utf8_lossy(&out.stdout).contains(" state UP ") {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("{dev} in {ns} did not come up within 5 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 impl Drop for TestHosts {

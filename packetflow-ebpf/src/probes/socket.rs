@@ -23,23 +23,27 @@ use crate::{
     emit::{count, emit, now},
     filter::{flow_matches, kind_wanted, process_wanted},
     kernel::{L3At, parse_skb, read, sock_flow_of, sock_local_port, sock_protocol, user_ptr},
-    maps::{RECV_SLOT, SEND_SLOT, UDP_RX_SLOT, filter, off},
+    maps::{RECV_SLOT, SEND_SLOT, UDP_RX_SLOT, filter, off, send_slot_of},
     parse::{IPPROTO_TCP, IPPROTO_UDP, parse_l3},
 };
 
 /// The `send_syscall` record for data a transport hook just took, from the note the
-/// syscall's entry left on this CPU. `once`: TCP writes one per syscall (its byte range
-/// covers the whole call); UDP one per datagram.
+/// syscall's entry left on this CPU (or, for a thread that has moved since, on the CPU
+/// it entered on). `once`: TCP writes one per syscall (its byte range covers the whole
+/// call); UDP one per datagram.
 #[inline(always)]
 fn send_syscall(ev: &mut Event, tid: u32, once: bool) {
-    let Some(slot) = SEND_SLOT.get_ptr_mut(0) else {
+    let Some(mut slot) = SEND_SLOT.get_ptr_mut(0) else {
         return;
     };
-    let slot = unsafe { &mut *slot };
-    if slot.tid != tid {
-        count(SEND_SLOT_MISS);
-        return;
+    if unsafe { (*slot).tid } != tid {
+        slot = send_slot_of(tid);
+        if slot.is_null() {
+            count(SEND_SLOT_MISS);
+            return;
+        }
     }
+    let slot = unsafe { &mut *slot };
     if once && slot.emitted != 0 {
         return;
     }

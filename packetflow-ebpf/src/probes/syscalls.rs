@@ -10,7 +10,7 @@ use crate::{
     emit::{emit, now},
     filter::{flow_matches, process_wanted},
     kernel::user_peer,
-    maps::{RECV_SLOT, SEND_SLOT, filter},
+    maps::{RECV_SLOT, SEND_SLOT, filter, send_slot_of},
 };
 
 /// Offset of `ret` in the `sys_exit_*` tracepoint records (from tracefs at load time).
@@ -36,16 +36,25 @@ pub fn pf_sys_enter_send(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Attached to the matching `sys_exit_*`: the note is only valid inside its syscall.
+/// Attached to the matching `sys_exit_*`: the note is only valid inside its syscall
+/// (also when the thread moved CPUs: a stale note must never date a later send).
 #[tracepoint]
 pub fn pf_sys_exit_send(_ctx: TracePointContext) -> u32 {
-    let (_, tid) = current();
-    if let Some(slot) = SEND_SLOT.get_ptr_mut(0) {
-        unsafe {
-            if (*slot).tid == tid {
-                (*slot).tid = 0;
-            }
+    let (tgid, tid) = current();
+    let Some(slot) = SEND_SLOT.get_ptr_mut(0) else { return 0 };
+    unsafe {
+        if (*slot).tid == tid {
+            (*slot).tid = 0;
+            return 0;
         }
+    }
+    let Some(f) = filter() else { return 0 };
+    if !process_wanted(f, tgid) {
+        return 0;
+    }
+    let moved = send_slot_of(tid);
+    if !moved.is_null() {
+        unsafe { (*moved).tid = 0 };
     }
     0
 }

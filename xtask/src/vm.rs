@@ -74,18 +74,24 @@ pub fn run_kernels(which: &str) -> Result<Vec<Outcome>> {
     }
     install(&[("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static"), ("ip", "iproute2")])?;
     run(cargo().args(["build", "-p", "packetflow"]))?;
-    let tests = test_binaries()?;
+    let mut tests = test_binaries()?;
+    // Flake hunting: PACKETFLOW_VM_ONLY=demo,bulk keeps only those test binaries, and
+    // PACKETFLOW_VM_REPEAT=N runs the list N times in one boot.
+    if let Ok(only) = std::env::var("PACKETFLOW_VM_ONLY") {
+        tests.retain(|(n, _)| only.split(',').any(|o| o.trim() == n));
+    }
+    let repeat: usize = std::env::var("PACKETFLOW_VM_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
     let dir = root().join("target/vm");
     std::fs::create_dir_all(&dir)?;
     let mut outcomes = Vec::new();
     let mut summary = Vec::new();
     for (name, pattern, has) in series {
         let t0 = Instant::now();
-        let (outcome, line) = match one_kernel(&dir, name, pattern, has, &tests) {
+        let (outcome, line) = match one_kernel(&dir, name, pattern, has, &tests, repeat) {
             Ok((results, counts)) => {
                 let all: Vec<String> =
                     results.iter().map(|(n, rc)| format!("{n} {}", if *rc == 0 { "ok" } else { "FAILED" })).collect();
-                let passed = results.iter().all(|(_, rc)| *rc == 0) && results.len() == tests.len() + 1;
+                let passed = results.iter().all(|(_, rc)| *rc == 0) && results.len() == tests.len() * repeat + 1;
                 (Outcome { passed, tests: counts }, all.join(", "))
             }
             Err(e) => (Outcome { passed: false, tests: [0, 0] }, format!("could not run: {e:#}")),
@@ -184,6 +190,7 @@ fn one_kernel(
     pattern: &str,
     has: &str,
     tests: &[(String, PathBuf)],
+    repeat: usize,
 ) -> Result<(Steps, [u64; 2])> {
     let (pkg, kroot) = kernel_package(dir, pattern)?;
     eprintln!("vm-test: kernel {name}: {pkg}");
@@ -193,7 +200,7 @@ fn one_kernel(
         .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
         .context("no vmlinuz in the kernel package")?;
     let initrd = dir.join(format!("{pkg}.initrd"));
-    build_initramfs(&kroot, tests, has, &initrd)?;
+    build_initramfs(&kroot, tests, repeat, has, &initrd)?;
 
     let log_path = dir.join(format!("{pkg}.console.log"));
     let mut log = std::fs::File::create(&log_path)?;
@@ -258,7 +265,7 @@ fn kill9(pid: u32) {
 }
 
 /// Writes the initramfs (a "newc" cpio archive, uncompressed) to `out`.
-fn build_initramfs(kroot: &Path, tests: &[(String, PathBuf)], has: &str, out: &Path) -> Result<()> {
+fn build_initramfs(kroot: &Path, tests: &[(String, PathBuf)], repeat: usize, has: &str, out: &Path) -> Result<()> {
     let mut files: Vec<(String, Vec<u8>, u32)> = Vec::new();
     let mut dirs: Vec<String> =
         ["bin", "sbin", "lib", "lib64", "usr", "tests", "modules", "proc", "sys", "dev", "tmp", "run", "var", "etc"]
@@ -325,7 +332,7 @@ fn build_initramfs(kroot: &Path, tests: &[(String, PathBuf)], has: &str, out: &P
         order.push(name.clone());
         add_file(&mut files, &mut dirs, &format!("modules/{name}"), data, 0o644);
     }
-    let test_names: Vec<&str> = tests.iter().map(|(n, _)| n.as_str()).collect();
+    let test_names: Vec<&str> = (0..repeat).flat_map(|_| tests.iter().map(|(n, _)| n.as_str())).collect();
     add_file(&mut files, &mut dirs, "init", init_script(&order, &test_names, has).into_bytes(), 0o755);
 
     let mut w = std::io::BufWriter::new(std::fs::File::create(out)?);

@@ -16,6 +16,10 @@ pub static OFFSETS: Offsets = Offsets::UNSET;
 #[unsafe(no_mangle)]
 pub static WAKEUP_BYTES: u64 = 1 << 20;
 
+/// The same for the capture shards (`CR*`), which are sized on their own.
+#[unsafe(no_mangle)]
+pub static CAP_WAKEUP_BYTES: u64 = 1 << 20;
+
 #[map]
 pub static FILTER: Array<Filter> = Array::with_max_entries(1, 0);
 

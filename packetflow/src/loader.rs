@@ -231,6 +231,11 @@ impl Tracer {
             .override_global("NR_CPUS", &nr_cpus, true);
         let cap_bytes =
             if opts.capture_ring_bytes == 0 { 4096 } else { opts.capture_ring_bytes.max(1 << 20).next_power_of_two() };
+        // The capture shards wake their reader by their own size: with the trace rings'
+        // threshold (1 KiB when `capture` runs without --stages) every seventh small
+        // packet was a wake-up, and the reader's wake-ups starved the traffic it captured.
+        let cap_wake = (cap_bytes / 4) as u64;
+        loader.override_global("CAP_WAKEUP_BYTES", &cap_wake, true);
         for s in 0..RING_SHARDS {
             loader.map_max_entries(ring_name(s), if used.contains(&s) { ring_bytes } else { 4096 });
             loader.map_max_entries(cap_ring_name(s), if used.contains(&s) { cap_bytes } else { 4096 });

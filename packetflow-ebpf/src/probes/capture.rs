@@ -31,7 +31,7 @@ use packetflow_common::{
 
 use crate::{
     emit::{count, now},
-    maps::{WAKEUP_BYTES, cap_ring},
+    maps::{CAP_WAKEUP_BYTES, cap_ring},
 };
 
 #[map]
@@ -222,7 +222,7 @@ fn record(len: u32, ifindex: u32, dir: u8, hook: u8, snaplen: u32, load: impl Fn
     }
     unsafe { core::ptr::write_unaligned(h.as_mut_ptr().cast::<CapHdr>(), hdr) };
     let rb = cap_ring(cpu);
-    let wake = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    let wake = unsafe { core::ptr::read_volatile(&CAP_WAKEUP_BYTES) };
     let flags = if rb.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= wake {
         aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP
     } else {

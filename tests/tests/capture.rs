@@ -74,14 +74,14 @@ struct Pf {
 }
 
 fn start_pf(args: &[&str]) -> Pf {
+    start_pf_to(args, Stdio::null())
+}
+
+/// `start_pf` with the capture's stdout going to `stdout`.
+fn start_pf_to(args: &[&str], stdout: impl Into<Stdio>) -> Pf {
     use std::io::{BufRead, BufReader};
-    let mut c = Command::new(bin())
-        .arg("capture")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("capture");
+    let mut c =
+        Command::new(bin()).arg("capture").args(args).stdout(stdout).stderr(Stdio::piped()).spawn().expect("capture");
     let err = c.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -110,6 +110,14 @@ impl Pf {
         assert!(st.success(), "capture failed: {err}");
         err
     }
+
+    /// Waits for a capture that ends by itself (`-c`, `--duration`); its stderr.
+    fn finish(mut self) -> String {
+        let st = self.p.wait(Duration::from_secs(60)).expect("capture ends by itself");
+        let err = self.err.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+        assert!(st.success(), "capture failed: {err}");
+        err
+    }
 }
 
 /// tcpdump on `iface` (inside `ns` when given), one direction, unfiltered, into `file`.
@@ -118,14 +126,28 @@ fn start_tcpdump(ns: Option<&Path>, iface: &str, dir: &str, file: &Path) -> Proc
         Some(p) => netns::netns_command(p, "tcpdump"),
         None => Command::new("tcpdump"),
     };
-    let c = c
+    let mut c = c
         .args(["-i", iface, "-Q", dir, "-n", "-s", "262144", "-U", "--immediate-mode", "-w"])
         .arg(file)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("tcpdump (installed by cargo xtask setup)");
-    Proc(c)
+    // tcpdump says "listening on IFACE" once its socket is bound: wait for it, or the
+    // first packets of a busy machine's test land before tcpdump sees anything.
+    let err = c.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader};
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if line.contains("listening on") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let p = Proc(c);
+    rx.recv_timeout(Duration::from_secs(30)).expect("tcpdump starts listening");
+    p
 }
 
 fn stop_tcpdump(mut p: Proc) {
@@ -332,6 +354,9 @@ fn malformed_frames_are_captured_as_they_are_and_passed_on() {
             .unwrap()
             .iter()
             .map(|p| p["_source"]["layers"]["frame_raw"][0].as_str().expect("frame_raw").to_string())
+            // Only the crafted frames (source MAC 02:00:00:00:00:aa): the veth's own IPv6
+            // autoconfiguration may land in one capture and not the other (NOT_AUTOCONF).
+            .filter(|f| f.get(12..24) == Some("0200000000aa"))
             .collect()
     };
     let ours = bytes(&pf);
@@ -348,19 +373,14 @@ fn pcapng_to_stdout_pipes_into_tshark_and_carries_statistics() {
     require_root();
     let port = unique_port();
     let out = tmp("stdout.pcapng");
-    let mut c = Command::new(bin())
-        .args(["capture", "-i", "lo", "-w", "-", "-c", "6", "port", &port.to_string()])
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // --duration bounds the run should fewer than 6 packets ever match.
+    let c = start_pf_to(
+        &["-i", "lo", "-w", "-", "-c", "6", "--duration", "30", "port", &port.to_string()],
+        std::fs::File::create(&out).unwrap(),
+    );
     let _srv = serve(None, "127.0.0.1", port, false);
     client(None, "127.0.0.1", port, 3, 50, false);
-    let st = c.wait().unwrap();
-    let mut err = String::new();
-    std::io::Read::read_to_string(c.stderr.as_mut().unwrap(), &mut err).unwrap();
-    assert!(st.success(), "{err}");
+    let err = c.finish();
     assert!(err.contains("6 packets captured"), "{err}");
     let tshark = Command::new("tshark").args(["-r", "-"]).stdin(std::fs::File::open(&out).unwrap()).output().unwrap();
     assert!(tshark.status.success());
@@ -405,17 +425,15 @@ fn pcapng_to_stdout_pipes_into_tshark_and_carries_statistics() {
 fn text_output_and_bad_expressions() {
     require_root();
     let port = unique_port();
-    let c = Command::new(bin())
-        .args(["capture", "-i", "lo", "-c", "4", "tcp", "port", &port.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    let text = tmp("text.out");
+    let c = start_pf_to(
+        &["-i", "lo", "-c", "4", "--duration", "30", "tcp", "port", &port.to_string()],
+        std::fs::File::create(&text).unwrap(),
+    );
     let _srv = serve(None, "127.0.0.1", port, false);
     client(None, "127.0.0.1", port, 2, 18, false);
-    let o = c.wait_with_output().unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
+    c.finish();
+    let out = std::fs::read_to_string(&text).unwrap();
     assert_eq!(out.lines().count(), 4, "{out}");
     let first = out.lines().next().unwrap();
     assert!(first.contains(" lo In  IP 127.0.0.1.") && first.contains("Flags [S]"), "{first}");

@@ -8,8 +8,13 @@ use packetflow::sys::in_netns;
 use packetflow_tests::*;
 use serde_json::Value;
 
-const RATE_BYTES_PER_S: f64 = 1_000_000.0; // 8 Mbit/s
-const BURST: f64 = 2000.0;
+// 2 Mbit/s with a 10 kB bucket: every queued packet waits ~4 ms more than the one before
+// it, and a qdisc watchdog that fires late (a vCPU preempted on a busy host) is made up by
+// the tokens that pile up meanwhile, up to the bucket's 40 ms. With a bucket of one or two
+// packets, one late wake-up of a few ms delayed every later packet for good, and the test
+// measured the host's hiccups rather than the tracer.
+const RATE_BYTES_PER_S: f64 = 250_000.0;
+const BURST: f64 = 10_000.0;
 const PAYLOAD: usize = 1000;
 const WIRE: f64 = (14 + 20 + 8 + PAYLOAD) as f64; // what tbf charges: the L2 frame
 const PACKETS: usize = 40;
@@ -96,7 +101,7 @@ fn tbf_queueing_delay_shows_in_nic_xmit_only() {
 
     let st = std::process::Command::new("tc")
         .args([
-            "-n", &h.ns_a, "qdisc", "add", "dev", &h.veth_a, "root", "tbf", "rate", "8mbit", "burst", "2000", "limit",
+            "-n", &h.ns_a, "qdisc", "add", "dev", &h.veth_a, "root", "tbf", "rate", "2mbit", "burst", "10000", "limit",
             "1000000",
         ])
         .status()
@@ -113,7 +118,7 @@ fn tbf_queueing_delay_shows_in_nic_xmit_only() {
     assert!(se > 10e6, "the burst must queue: model {se}");
     assert!((sm - se).abs() <= 0.2 * se, "measured {sm} vs expected {se}");
     for (i, (m, e)) in measured.iter().zip(&expected).enumerate() {
-        if *e > 5e6 {
+        if *e > 20e6 {
             assert!((m - e).abs() <= 0.2 * e, "packet {i}: measured {m} ns, expected {e} ns");
         }
     }

@@ -27,8 +27,13 @@ fn main() {
         _ => "bpfel-unknown-none",
     };
     let target_dir = out.join("ebpf-target");
-    let rustflags =
-        [format!("--cfg=bpf_target_arch=\"{arch}\""), "-Cdebuginfo=2".into(), "-Clink-arg=--btf".into()].join("\x1f");
+    let rustflags = [
+        format!("--cfg=bpf_target_arch=\"{arch}\""),
+        "-Cdebuginfo=2".into(),
+        "-Clink-arg=--btf".into(),
+        "-Clink-arg=--disable-expand-memcpy-in-order".into(),
+    ]
+    .join("\x1f");
     let mut cmd = Command::new("rustup");
     cmd.args(["run", "nightly", "cargo", "build", "--package", "packetflow-ebpf", "--bins", "--release"])
         .args(["--target", target, "-Z", "build-std=core", "--target-dir"])

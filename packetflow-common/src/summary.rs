@@ -44,7 +44,7 @@ pub fn bucket_range(i: usize) -> (u64, u64) {
 /// Per-packet state while a packet crosses the stages (summary mode): stage times,
 /// keyed by the flow and the end of the packet's bytes (TCP) or its payload key (UDP).
 #[repr(C)]
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PktKey {
     pub flow: u64,
     pub end: u32,
@@ -52,15 +52,21 @@ pub struct PktKey {
 }
 assert_size!(PktKey, 16);
 
+/// One slot of the direct-mapped table of packets in flight: the packet it holds and
+/// when that packet passed each stage.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct PktState {
+pub struct PktSlot {
+    pub key: PktKey,
     pub ts: [u64; 14],
     /// `PATH_*` bits.
     pub flags: u32,
     pub _pad: u32,
 }
-assert_size!(PktState, 120);
+assert_size!(PktSlot, 136);
+
+/// Slots in that table (a power of two): far more than the packets in flight at once.
+pub const PKT_SLOTS: u32 = 1 << 15;
 
 pub const PATH_LOOPBACK: u32 = 1;
 

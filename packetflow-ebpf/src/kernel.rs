@@ -18,12 +18,40 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IFF_LOOPBACK: u32 = 8;
 
-/// Reads a `T` at `base + off`. Fails (and counts) when the field is missing on this
-/// kernel or the memory cannot be read.
+/// How a program may read the kernel structs it was handed.
+pub trait Kmem {
+    /// `true` where the pointers are BTF-typed: tp_btf arguments and the struct pointers
+    /// loaded through them. A plain load through such a pointer is checked against the
+    /// kernel's BTF by the verifier and made fault-safe (PROBE_MEM): no helper call. Only
+    /// fields inside the pointer's own struct type qualify (not `tcp_sock` fields of a
+    /// `struct sock *`), and packet bytes never do (`head`/`data` are not struct pointers).
+    /// `false` (kprobe arguments are plain numbers): `bpf_probe_read_kernel`.
+    const TYPED: bool;
+}
+
+/// tp_btf arguments.
+pub struct Typed;
+impl Kmem for Typed {
+    const TYPED: bool = true;
+}
+
+/// kprobe arguments, and fields the verifier cannot type.
+pub struct Untyped;
+impl Kmem for Untyped {
+    const TYPED: bool = false;
+}
+
+/// Reads a `T` at `base + off`. Fails when the field is missing on this kernel or `base` is
+/// null; an untyped read also fails (and counts) when the memory cannot be read.
 #[inline(always)]
-pub fn read<T: Copy>(base: u64, off: u32) -> Result<T, ()> {
+pub fn read<M: Kmem, T: Copy>(base: u64, off: u32) -> Result<T, ()> {
     if off == Offsets::MISSING || base == 0 {
         return Err(());
+    }
+    if M::TYPED {
+        // Volatile: one load of exactly this field, never merged with a neighbour's (the
+        // verifier allows a load only within one member).
+        return Ok(unsafe { core::ptr::read_volatile((base + off as u64) as *const T) });
     }
     let mut v = core::mem::MaybeUninit::<T>::uninit();
     let r = unsafe {
@@ -36,15 +64,17 @@ pub fn read<T: Copy>(base: u64, off: u32) -> Result<T, ()> {
     Ok(unsafe { v.assume_init() })
 }
 
-/// Several fields of one struct read with one helper call: `N` bytes from the lowest of
-/// their offsets. A field outside the window (a kernel with another layout) is read alone.
-pub struct Window<const N: usize> {
+/// Several fields of one struct. Untyped: read with one helper call, `N` bytes from the
+/// lowest of their offsets (a field outside the window, on a kernel with another layout,
+/// is read alone). Typed: each field is its own plain load, and the window stays unused.
+pub struct Window<M: Kmem, const N: usize> {
     base: u64,
     lo: u32,
     buf: [u8; N],
+    _m: core::marker::PhantomData<M>,
 }
 
-impl<const N: usize> Window<N> {
+impl<M: Kmem, const N: usize> Window<M, N> {
     /// Reads the window covering `offs` of the struct at `base`. Filled in place (not
     /// returned by value): a copy of the buffer would double its stack use, and older
     /// verifiers (6.1) cap a call chain's stack at 512 bytes.
@@ -53,13 +83,16 @@ impl<const N: usize> Window<N> {
         if base == 0 {
             return Err(());
         }
+        self.base = base;
+        if M::TYPED {
+            return Ok(());
+        }
         let mut lo = u32::MAX;
         for &o in offs {
             if o != Offsets::MISSING && o < lo {
                 lo = o;
             }
         }
-        self.base = base;
         self.lo = lo;
         if lo == u32::MAX {
             return Ok(());
@@ -75,7 +108,7 @@ impl<const N: usize> Window<N> {
 
     #[inline(always)]
     pub const fn new() -> Self {
-        Window { base: 0, lo: u32::MAX, buf: [0; N] }
+        Window { base: 0, lo: u32::MAX, buf: [0; N], _m: core::marker::PhantomData }
     }
 
     #[inline(always)]
@@ -83,14 +116,16 @@ impl<const N: usize> Window<N> {
         if off == Offsets::MISSING {
             return Err(());
         }
-        let size = core::mem::size_of::<T>();
-        let i = off.wrapping_sub(self.lo) as usize;
-        if off >= self.lo
-            && let Some(b) = self.buf.get(i..i + size)
-        {
-            return Ok(unsafe { core::ptr::read_unaligned(b.as_ptr().cast::<T>()) });
+        if !M::TYPED {
+            let size = core::mem::size_of::<T>();
+            let i = off.wrapping_sub(self.lo) as usize;
+            if off >= self.lo
+                && let Some(b) = self.buf.get(i..i + size)
+            {
+                return Ok(unsafe { core::ptr::read_unaligned(b.as_ptr().cast::<T>()) });
+            }
         }
-        read(self.base, off)
+        read::<M, T>(self.base, off)
     }
 }
 
@@ -128,9 +163,9 @@ pub enum L3At {
 
 /// Parses the packet in kernel `sk_buff` `skb` into `ev`.
 #[inline(always)]
-pub fn parse_skb(skb: u64, at: L3At, ev: &mut Event) -> Result<(), Unparsed> {
+pub fn parse_skb<M: Kmem>(skb: u64, at: L3At, ev: &mut Event) -> Result<(), Unparsed> {
     let mut l3 = (0u64, 0u32);
-    skb_l3(skb, at, &mut l3)?;
+    skb_l3::<M>(skb, at, &mut l3)?;
     let src = SkbSource { l3: l3.0, l3_len: l3.1 };
     parse_l3(&src, ev)
 }
@@ -138,8 +173,8 @@ pub fn parse_skb(skb: u64, at: L3At, ev: &mut Event) -> Result<(), Unparsed> {
 /// Where the IP header of `skb` starts and how many bytes follow it. Its own function
 /// (a BPF-to-BPF call): the window it reads lives in its own stack frame.
 #[inline(never)]
-fn skb_l3(skb: u64, at: L3At, out: &mut (u64, u32)) -> Result<(), Unparsed> {
-    let mut w = Window::<96>::new();
+fn skb_l3<M: Kmem>(skb: u64, at: L3At, out: &mut (u64, u32)) -> Result<(), Unparsed> {
+    let mut w = Window::<M, 96>::new();
     w.read_into(skb, &[off!(skb_len), off!(skb_data), off!(skb_head), off!(skb_network_header)])
         .map_err(|_| Unparsed::Malformed)?;
     let data: u64 = w.get(off!(skb_data)).map_err(|_| Unparsed::Malformed)?;
@@ -165,40 +200,41 @@ fn skb_l3(skb: u64, at: L3At, out: &mut (u64, u32)) -> Result<(), Unparsed> {
 
 /// Fills the device fields of `ev` (ifindex, netns inode, loopback flag) from `dev`.
 #[inline(always)]
-pub fn device_info(dev: u64, ev: &mut Event) {
-    ev.aux = read::<u32>(dev, off!(dev_ifindex)).unwrap_or(0);
-    if read::<u32>(dev, off!(dev_flags)).unwrap_or(0) & IFF_LOOPBACK != 0 {
+pub fn device_info<M: Kmem>(dev: u64, ev: &mut Event) {
+    ev.aux = read::<M, u32>(dev, off!(dev_ifindex)).unwrap_or(0);
+    if read::<M, u32>(dev, off!(dev_flags)).unwrap_or(0) & IFF_LOOPBACK != 0 {
         ev.flags |= F_LOOPBACK;
     }
-    if let Ok(net) = read::<u64>(dev, off!(dev_nd_net)) {
-        ev.aux2 = read::<u32>(net, off!(net_ns_inum)).unwrap_or(0);
+    // nd_net is a possible_net_t: the struct net pointer is its only member.
+    if let Ok(net) = read::<M, u64>(dev, off!(dev_nd_net)) {
+        ev.aux2 = read::<M, u32>(net, off!(net_ns_inum)).unwrap_or(0);
     }
 }
 
 /// Transport protocol of socket `sk` (6 TCP, 17 UDP, other values for anything else).
 #[inline(always)]
-pub fn sock_protocol(sk: u64) -> u8 {
-    read::<u16>(sk, off!(sk_protocol)).unwrap_or(0) as u8
+pub fn sock_protocol<M: Kmem>(sk: u64) -> u8 {
+    read::<M, u16>(sk, off!(sk_protocol)).unwrap_or(0) as u8
 }
 
 /// Local port of socket `sk` (host order).
 #[inline(always)]
-pub fn sock_local_port(sk: u64) -> u16 {
-    read::<u16>(sk, off!(sk_num)).unwrap_or(0)
+pub fn sock_local_port<M: Kmem>(sk: u64) -> u16 {
+    read::<M, u16>(sk, off!(sk_num)).unwrap_or(0)
 }
 
 /// Fills the flow of `ev` from socket `sk` (of protocol `proto`), oriented as data the
 /// socket sends (`rx == false`: src is the local end) or receives (`rx == true`: src is
 /// the peer). IPv4-mapped IPv6 sockets are reported as IPv4, as their packets are.
 #[inline(always)]
-pub fn sock_flow_of(sk: u64, proto: u8, rx: bool, ev: &mut Event) -> Result<(), ()> {
+pub fn sock_flow_of<M: Kmem>(sk: u64, proto: u8, rx: bool, ev: &mut Event) -> Result<(), ()> {
     match proto {
         IPPROTO_TCP => ev.flags |= (Kind::Data as u8) << KIND_SHIFT,
         IPPROTO_UDP => ev.flags |= F_UDP,
         _ => return Err(()),
     }
     // sock_common's addresses, ports and family in one read.
-    let mut w = Window::<96>::new();
+    let mut w = Window::<M, 96>::new();
     w.read_into(
         sk,
         &[

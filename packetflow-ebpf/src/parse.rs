@@ -72,18 +72,37 @@ pub fn l2_skip(load: impl Fn(u32, &mut [u8]) -> bool) -> Result<(u32, u16), Unpa
 }
 
 /// Fills flow, `seq`, `len` and the kind/protocol flags of `ev` from the packet in `src`.
+///
+/// Reads are few because each one is a helper call: one read of the first 40 bytes holds
+/// IPv4's header and a whole TCP header without options, or IPv6's fixed header; the
+/// transport header (and UDP's payload key) takes one more where it lies beyond.
 #[inline(always)]
 pub fn parse_l3<S: Source>(src: &S, ev: &mut Event) -> Result<(), Unparsed> {
     let l3_len = src.l3_len();
-    let mut first = [0u8; 1];
-    src.read(0, &mut first)?;
-    let (l4_off, end, proto) = match first[0] >> 4 {
-        4 => parse_ipv4(src, ev, l3_len)?,
-        6 => parse_ipv6(src, ev, l3_len)?,
+    let mut h = [0u8; 40];
+    let full = src.read(0, &mut h).is_ok();
+    if !full && src.read(0, &mut h[..20]).is_err() {
+        // Not even 20 bytes: malformed if it claims to be IP.
+        let mut first = [0u8; 1];
+        src.read(0, &mut first)?;
+        return Err(if matches!(first[0] >> 4, 4 | 6) { Unparsed::Malformed } else { Unparsed::Other });
+    }
+    let (l4_off, end, proto) = match h[0] >> 4 {
+        4 => parse_ipv4(&h, ev, l3_len)?,
+        6 if full => parse_ipv6(src, &h, ev, l3_len)?,
+        6 => return Err(Unparsed::Malformed),
         _ => return Err(Unparsed::Other),
     };
     match proto {
-        IPPROTO_TCP => parse_tcp(src, ev, l4_off, end),
+        IPPROTO_TCP => {
+            let mut t = [0u8; 20];
+            if full && l4_off == 20 {
+                t.copy_from_slice(&h[20..]);
+            } else {
+                src.read(l4_off, &mut t)?;
+            }
+            parse_tcp(&t, ev, l4_off, end)
+        }
         IPPROTO_UDP => parse_udp(src, ev, l4_off, end),
         _ => Err(Unparsed::Other),
     }
@@ -91,17 +110,15 @@ pub fn parse_l3<S: Source>(src: &S, ev: &mut Event) -> Result<(), Unparsed> {
 
 /// Returns (L4 offset, end of IP payload, protocol).
 #[inline(always)]
-fn parse_ipv4<S: Source>(src: &S, ev: &mut Event, l3_len: u32) -> Result<(u32, u32, u8), Unparsed> {
-    let mut h = [0u8; 20];
-    src.read(0, &mut h)?;
+fn parse_ipv4(h: &[u8; 40], ev: &mut Event, l3_len: u32) -> Result<(u32, u32, u8), Unparsed> {
     let ihl = ((h[0] & 0x0f) as u32) * 4;
     if ihl < 20 {
         return Err(Unparsed::Malformed);
     }
-    if be16(&h, 6) & 0x1fff != 0 {
+    if be16(h, 6) & 0x1fff != 0 {
         return Err(Unparsed::Other); // a later fragment: no transport header
     }
-    let tot_len = be16(&h, 2) as u32;
+    let tot_len = be16(h, 2) as u32;
     // tot_len is 0 on BIG TCP super-packets; Ethernet padding makes l3_len too long.
     let end = if tot_len == 0 || tot_len > l3_len { l3_len } else { tot_len };
     if end < ihl {
@@ -113,13 +130,11 @@ fn parse_ipv4<S: Source>(src: &S, ev: &mut Event, l3_len: u32) -> Result<(u32, u
 }
 
 #[inline(always)]
-fn parse_ipv6<S: Source>(src: &S, ev: &mut Event, l3_len: u32) -> Result<(u32, u32, u8), Unparsed> {
-    let mut h = [0u8; 8];
-    src.read(0, &mut h)?;
-    src.read(8, &mut ev.saddr)?;
-    src.read(24, &mut ev.daddr)?;
+fn parse_ipv6<S: Source>(src: &S, h: &[u8; 40], ev: &mut Event, l3_len: u32) -> Result<(u32, u32, u8), Unparsed> {
+    ev.saddr.copy_from_slice(&h[8..24]);
+    ev.daddr.copy_from_slice(&h[24..40]);
     ev.flags |= F_V6;
-    let plen = be16(&h, 4) as u32;
+    let plen = be16(h, 4) as u32;
     let end = if plen == 0 || plen + 40 > l3_len { l3_len } else { plen + 40 };
     let mut next = h[6];
     let mut off = 40u32;
@@ -149,17 +164,16 @@ fn parse_ipv6<S: Source>(src: &S, ev: &mut Event, l3_len: u32) -> Result<(u32, u
     Ok((off, end, next))
 }
 
+/// `t`: the 20 bytes of the TCP header without options.
 #[inline(always)]
-fn parse_tcp<S: Source>(src: &S, ev: &mut Event, l4: u32, end: u32) -> Result<(), Unparsed> {
-    let mut t = [0u8; 20];
-    src.read(l4, &mut t)?;
+fn parse_tcp(t: &[u8; 20], ev: &mut Event, l4: u32, end: u32) -> Result<(), Unparsed> {
     let doff = ((t[12] >> 4) as u32) * 4;
     if doff < 20 || l4 + doff > end {
         return Err(Unparsed::Malformed);
     }
-    ev.sport = be16(&t, 0);
-    ev.dport = be16(&t, 2);
-    ev.seq = be32(&t, 4);
+    ev.sport = be16(t, 0);
+    ev.dport = be16(t, 2);
+    ev.seq = be32(t, 4);
     ev.len = end - l4 - doff;
     let fl = t[13];
     let kind = if ev.len > 0 {
@@ -179,29 +193,31 @@ fn parse_tcp<S: Source>(src: &S, ev: &mut Event, l4: u32, end: u32) -> Result<()
 
 #[inline(always)]
 fn parse_udp<S: Source>(src: &S, ev: &mut Event, l4: u32, end: u32) -> Result<(), Unparsed> {
-    let mut u = [0u8; 8];
-    src.read(l4, &mut u)?;
     if l4 + 8 > end {
         return Err(Unparsed::Malformed);
     }
     ev.flags |= F_UDP;
-    ev.sport = be16(&u, 0);
-    ev.dport = be16(&u, 2);
     ev.len = end - l4 - 8;
-    let mut p = [0u8; 16];
+    // The header and the 16 payload bytes the key is made of, in one read when there are 16.
+    let mut u = [0u8; 24];
     let n = if ev.len < 16 { ev.len } else { 16 };
     if n == 16 {
-        src.read(l4 + 8, &mut p)?;
+        src.read(l4, &mut u)?;
     } else {
+        src.read(l4, &mut u[..8])?;
         // Short payload: copy what there is, one byte at a time.
         for i in 0..16u32 {
             if i < n {
                 let mut b = [0u8; 1];
                 src.read(l4 + 8 + i, &mut b)?;
-                p[i as usize] = b[0];
+                u[8 + i as usize] = b[0];
             }
         }
     }
+    ev.sport = be16(&u, 0);
+    ev.dport = be16(&u, 2);
+    let mut p = [0u8; 16];
+    p.copy_from_slice(&u[8..]);
     ev.seq = payload_key(&p, n);
     Ok(())
 }

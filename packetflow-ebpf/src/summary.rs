@@ -3,21 +3,30 @@
 //! Userspace reads and merges the per-CPU histograms once a second.
 //!
 //! A packet is keyed by its flow and the end of its bytes (TCP) or its payload key (UDP):
-//! every hook can compute that. Packets that never reach `recv_syscall` (received on
-//! another host, dropped) age out of the LRU map and are not counted.
+//! every hook can compute that. Its stage times live in a direct-mapped table (an array
+//! indexed by the key's hash): finding a packet is an inlined array access, where a hash
+//! map took a helper call per hook and an LRU insert per packet, which made summary mode
+//! dearer than full tracing. A packet whose slot another packet takes (a hash collision;
+//! or one that never reaches `recv_syscall`: received on another host, dropped) is counted
+//! in SUMMARY_EVICTED and left out. Slots are not locked: two packets colliding at the
+//! same instant on two CPUs could mix their times, and `finish` drops any time that runs
+//! backwards.
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray},
+    maps::{Array, PerCpuArray},
 };
 use packetflow_common::{
     Event, Stage,
+    counters::SUMMARY_EVICTED,
     event::{F_END, F_LOOPBACK},
-    summary::{E2E_SLOT, HIST_BUCKETS, HIST_SLOTS, PATH_LOOPBACK, PktKey, PktState, SLOTS_PER_PATH, bucket},
+    summary::{E2E_SLOT, HIST_BUCKETS, HIST_SLOTS, PATH_LOOPBACK, PKT_SLOTS, PktKey, PktSlot, SLOTS_PER_PATH, bucket},
 };
 
+use crate::emit::count;
+
 #[map]
-static PKT_STATE: LruHashMap<PktKey, PktState> = LruHashMap::with_max_entries(65536, 0);
+static PKT_STATE: Array<PktSlot> = Array::with_max_entries(PKT_SLOTS, 0);
 
 #[map]
 static HIST: PerCpuArray<[u64; HIST_BUCKETS]> = PerCpuArray::with_max_entries(HIST_SLOTS, 0);
@@ -53,30 +62,28 @@ fn key(ev: &Event) -> PktKey {
 #[inline(always)]
 pub fn update(ev: &Event, stage: Stage) {
     let k = key(ev);
-    let st = match PKT_STATE.get_ptr_mut(&k) {
-        Some(p) => p,
-        None => {
-            let fresh = PktState { ts: [0; Stage::ALL.len()], flags: 0, _pad: 0 };
-            if PKT_STATE.insert(&k, &fresh, 0).is_err() {
-                return;
-            }
-            match PKT_STATE.get_ptr_mut(&k) {
-                Some(p) => p,
-                None => return,
-            }
+    let h = (k.flow ^ (k.end as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let Some(slot) = PKT_STATE.get_ptr_mut((h >> 40) as u32 & (PKT_SLOTS - 1)) else { return };
+    let slot = unsafe { &mut *slot };
+    if slot.key != k {
+        // Empty, or another packet's: this packet starts here.
+        if slot.key.flow != 0 {
+            count(SUMMARY_EVICTED);
         }
-    };
-    let st = unsafe { &mut *st };
+        slot.key = k;
+        slot.ts = [0; Stage::ALL.len()];
+        slot.flags = 0;
+    }
     let i = stage as usize;
     if i < Stage::ALL.len() {
-        st.ts[i] = ev.ts_ns;
+        slot.ts[i] = ev.ts_ns;
     }
     if ev.flags & F_LOOPBACK != 0 {
-        st.flags |= PATH_LOOPBACK;
+        slot.flags |= PATH_LOOPBACK;
     }
     if stage == Stage::RecvSyscall {
-        finish(st);
-        let _ = PKT_STATE.remove(&k);
+        finish(slot);
+        slot.key.flow = 0;
     }
 }
 
@@ -97,7 +104,7 @@ fn add(slot: u32, v: u64) {
 /// netif_receive, and UDP's ip_send, seen before sock_send, are taken in the order they
 /// happened), as the full tracer computes them.
 #[inline(never)]
-fn finish(st: &PktState) {
+fn finish(st: &PktSlot) {
     let path = if st.flags & PATH_LOOPBACK != 0 { 0 } else { 1 };
     let base = path * SLOTS_PER_PATH;
     // The order to walk: kernel order, with the two pairs whose order depends on the

@@ -24,7 +24,12 @@
 //! `max_flows` flows (least recently active evicted first), records older than the
 //! retention dropped. Every eviction is counted.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
+
+// Every record is hashed several times on its way (flow, process, UDP destination):
+// SipHash's DoS resistance is not needed for keys the kernel hands us, and Fx is several
+// times cheaper.
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use packetflow_common::{
     Event, Kind, Stage,
@@ -209,8 +214,9 @@ impl Records {
         self.tcp.len() + self.udp.len()
     }
 
-    /// Inserts `r`; false when the oldest record had to go to make room.
-    fn insert(&mut self, udp: bool, r: Rec) -> bool {
+    /// Inserts `r`; false when the oldest record had to go to make room before any trace
+    /// used it (TCP: its bytes are not below `until`, the end of the finished traces).
+    fn insert(&mut self, udp: bool, r: Rec, until: u64) -> bool {
         if udp {
             self.udp.insert((r.lo, r.hi, r.ts), r);
             self.udp_order.push_back((r.lo, r.hi, r.ts));
@@ -231,8 +237,7 @@ impl Records {
             let at = self.tcp.iter().rposition(|x| x.ts <= r.ts).map_or(0, |i| i + 1);
             self.tcp.insert(at, r);
             if self.tcp.len() > MAX_TCP_PER_STAGE {
-                self.tcp.pop_front();
-                return false;
+                return self.tcp.pop_front().is_none_or(|old| old.lo < until);
             }
         }
         true
@@ -351,15 +356,15 @@ pub struct Correlator {
 impl Correlator {
     pub fn new(coverage: Coverage) -> Correlator {
         Correlator {
-            flows: HashMap::new(),
+            flows: HashMap::default(),
             coverage,
             stats: CorrStats::default(),
             watermark: 0,
             timeout_ns: 1_000_000_000,
             retention_ns: 5_000_000_000,
             max_flows: 65_536,
-            comms: HashMap::new(),
-            udp_dst: HashMap::new(),
+            comms: HashMap::default(),
+            udp_dst: HashMap::default(),
             orphans: VecDeque::new(),
             last_prune: 0,
         }
@@ -385,10 +390,15 @@ impl Correlator {
     }
 
     fn push_to(&mut self, flow: Flow, stage: Stage, ev: &Event) {
-        if !self.flows.contains_key(&flow) && self.flows.len() >= self.max_flows {
-            self.evict_flow();
-        }
-        let st = self.flows.entry(flow).or_default();
+        let st = match self.flows.get_mut(&flow) {
+            Some(st) => st,
+            None => {
+                if self.flows.len() >= self.max_flows {
+                    self.evict_flow();
+                }
+                self.flows.entry(flow).or_default()
+            }
+        };
         st.last_ts = st.last_ts.max(ev.ts_ns);
         let rec = if ev.is_udp() {
             Rec { lo: ev.seq as u64, hi: ev.len as u64, end_only: false, ..rec_base(ev) }
@@ -399,7 +409,7 @@ impl Correlator {
             let lo = st.unwrap_seq(ev.seq);
             Rec { lo, hi: lo + ev.len.max(control_len(ev)) as u64, end_only: false, ..rec_base(ev) }
         };
-        if !st.stages[stage as usize].insert(flow.udp, rec) {
+        if !st.stages[stage as usize].insert(flow.udp, rec, st.anchored_until) {
             self.stats.records_evicted += 1;
         }
         let kind = match ev.kind() {
@@ -589,10 +599,12 @@ fn promote_ingress_anchors(st: &mut FlowState, wm: u64, timeout: u64) {
 fn promote_egress_orphans(st: &mut FlowState, wm: u64, timeout: u64) -> u64 {
     let settle = timeout / 4;
     let checked = st.egress_checked_ts;
-    let orphans: Vec<Rec> = st.stages[Stage::TcEgress as usize]
-        .tcp
-        .iter()
-        .filter(|r| r.ts > checked && r.ts.saturating_add(settle) < wm && !r.end_only && r.hi > r.lo)
+    // The list is in time order: only its tail is newer than what was checked.
+    let list = &st.stages[Stage::TcEgress as usize].tcp;
+    let from = partition_point_from_back(list, |r| r.ts <= checked);
+    let orphans: Vec<Rec> = list
+        .range(from..)
+        .filter(|r| r.ts.saturating_add(settle) < wm && !r.end_only && r.hi > r.lo)
         .copied()
         .collect();
     let Some(newest) = orphans.iter().map(|r| r.ts).max() else { return 0 };
@@ -663,39 +675,73 @@ fn best(flow: &Flow, st: &FlowState, stage: Stage, anchor: &Anchor) -> Option<Re
     // TCP: start where the covering record should be (records are nearly in sequence
     // order), then look around it.
     let pivot = if stage.is_egress() {
-        list.tcp.partition_point(|r| r.lo <= a.lo)
+        partition_point_from_back(&list.tcp, |r| r.lo <= a.lo)
     } else {
-        list.tcp.partition_point(|r| r.hi < a.hi)
+        partition_point_from_back(&list.tcp, |r| r.hi < a.hi)
     };
     let from = pivot.saturating_sub(SCAN);
     let to = (pivot + SCAN).min(list.tcp.len());
-    let mut best: Option<Rec> = None;
-    for r in list.tcp.range(from..to) {
-        let ok_side = match sd {
-            Side::Before => r.ts <= a.ts,
-            Side::After => r.ts >= a.ts,
-            Side::Either => true,
-        };
-        if !ok_side || !covers(stage, r, a) {
-            continue;
-        }
-        let better = match (best, sd) {
-            (None, _) => true,
-            (Some(b), Side::Before) => r.ts > b.ts,
-            (Some(b), Side::After) => r.ts < b.ts,
-            (Some(b), Side::Either) => r.ts.abs_diff(a.ts) < b.ts.abs_diff(a.ts),
-        };
-        if better {
-            best = Some(*r);
-        }
+    // The list is in time order, so within the window the records after the anchor are a
+    // tail and those before it a head: the nearest covering one is the first met walking
+    // away from the anchor's time (ties: the earliest in the list, as a forward scan
+    // keeping strict improvements would pick).
+    let after = partition_point_from_back(&list.tcp, |r| r.ts < a.ts).clamp(from, to);
+    let first_after = || list.tcp.range(after..to).find(|r| covers(stage, r, a)).copied();
+    let last_before = || {
+        let upto = partition_point_from_back(&list.tcp, |r| r.ts <= a.ts).clamp(from, to);
+        let i = (from..upto).rev().find(|&i| covers(stage, &list.tcp[i], a))?;
+        let ts = list.tcp[i].ts;
+        let i = (from..i)
+            .rev()
+            .take_while(|&j| list.tcp[j].ts == ts)
+            .filter(|&j| covers(stage, &list.tcp[j], a))
+            .last()
+            .unwrap_or(i);
+        Some(list.tcp[i])
+    };
+    match sd {
+        Side::Before => last_before(),
+        Side::After => first_after(),
+        Side::Either => match (last_before(), first_after()) {
+            (Some(b), Some(f)) => Some(if b.ts.abs_diff(a.ts) <= f.ts.abs_diff(a.ts) { b } else { f }),
+            (b, f) => b.or(f),
+        },
     }
-    best
 }
 
-/// Stages this trace should have, given where its packet went.
-fn expected(cov: &Coverage, anchor: &Anchor, rx_dev: Option<(u32, u32)>) -> Vec<Stage> {
+/// `VecDeque::partition_point`, searched from the back. The records a trace needs are
+/// among the newest (traces finish in time order, a few ms behind the readers), so an
+/// exponential search from the end touches a few cache-hot records, where a binary search
+/// over the whole list (up to `MAX_TCP_PER_STAGE` per stage) touched cold ones at every
+/// step: that was most of the correlator's time under a ping-pong load.
+fn partition_point_from_back(list: &VecDeque<Rec>, pred: impl Fn(&Rec) -> bool) -> usize {
+    let n = list.len();
+    // `pred` holds below `lo` and fails from `hi` on.
+    let (mut lo, mut hi) = (0, n);
+    let mut step = 1;
+    while step <= n {
+        let i = n - step;
+        if pred(&list[i]) {
+            lo = i + 1;
+            break;
+        }
+        hi = i;
+        step *= 2;
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pred(&list[mid]) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Does this trace have every stage it should have, given where its packet went?
+fn complete(cov: &Coverage, anchor: &Anchor, rx_dev: Option<(u32, u32)>, found: &[Option<Rec>; NSTAGES]) -> bool {
     let dev = (anchor.rec.aux2, anchor.rec.aux);
-    let mut out = Vec::new();
     for s in Stage::ALL {
         let want = match s {
             Stage::TcEgress => {
@@ -716,33 +762,30 @@ fn expected(cov: &Coverage, anchor: &Anchor, rx_dev: Option<(u32, u32)>) -> Vec<
             }
             _ => cov.global.contains(&s),
         };
-        if want {
-            out.push(s);
+        if want && found[s as usize].is_none() {
+            return false;
         }
     }
-    out
+    true
 }
 
 /// Builds the trace of `anchor` from what is known now.
 fn build(flow: &Flow, st: &FlowState, anchor: &Anchor, cov: &Coverage) -> Trace {
-    let mut found: Vec<(Stage, Rec)> = vec![(anchor.stage, anchor.rec)];
+    // Per stage, the record taken (by stage number).
+    let mut found: [Option<Rec>; NSTAGES] = [None; NSTAGES];
     for s in Stage::ALL {
-        if s == anchor.stage {
-            continue;
-        }
-        if let Some(r) = best(flow, st, s, anchor) {
-            found.push((s, r));
-        }
+        found[s as usize] = if s == anchor.stage { Some(anchor.rec) } else { best(flow, st, s, anchor) };
     }
-    let rx = found.iter().find(|(s, _)| *s == Stage::NetifReceive).map(|(_, r)| (r.aux2, r.aux));
-    let want = expected(cov, anchor, rx);
-    let complete = want.iter().all(|w| found.iter().any(|(s, _)| s == w));
-    let proc_of = |stage: Stage| found.iter().find(|(s, _)| *s == stage).map(|(_, r)| (r.aux, r.aux2));
+    let rx = found[Stage::NetifReceive as usize].map(|r| (r.aux2, r.aux));
+    let complete = complete(cov, anchor, rx, &found);
+    let proc_of = |stage: Stage| found[stage as usize].map(|r| (r.aux, r.aux2));
     let tx = proc_of(Stage::SendSyscall).or(proc_of(Stage::SockSend));
     let rxp = proc_of(Stage::RecvSyscall).or(proc_of(Stage::CopyToUser));
-    let mut stages: Vec<StageTime> =
-        found.iter().map(|(s, r)| StageTime { stage: *s, t_ns: r.ts, cpu: r.cpu }).collect();
-    stages.sort_by_key(|s| (s.t_ns, s.stage));
+    let mut stages: Vec<StageTime> = Stage::ALL
+        .iter()
+        .filter_map(|s| found[*s as usize].map(|r| StageTime { stage: *s, t_ns: r.ts, cpu: r.cpu }))
+        .collect();
+    stages.sort_unstable_by_key(|s| (s.t_ns, s.stage));
     let seq_raw = if flow.udp { anchor.rec.lo as u32 } else { raw_seq(st, anchor.rec.lo) };
     let len = if flow.udp { anchor.rec.hi as u32 } else { (anchor.rec.hi - anchor.rec.lo) as u32 };
     let trace = Trace {
@@ -806,6 +849,17 @@ mod tests {
     }
 
     /// Every hook of a kernel without kprobes (no IP-layer stages).
+    #[test]
+    fn search_from_the_back_finds_the_partition_point() {
+        for n in [0usize, 1, 2, 3, 7, 8, 9, 100, 1000] {
+            let list: VecDeque<Rec> = (0..n as u64).map(|i| Rec { lo: i * 10, ..rec_base(&Event::ZERO) }).collect();
+            for x in [0u64, 1, 5, 10, 15, 500, 995, 9990, 10_000, u64::MAX] {
+                let want = list.partition_point(|r| r.lo <= x);
+                assert_eq!(partition_point_from_back(&list, |r| r.lo <= x), want, "n={n} x={x}");
+            }
+        }
+    }
+
     fn all_global() -> Coverage {
         let mut c = Coverage::default();
         c.global = Stage::ALL.into_iter().filter(|s| !matches!(s, Stage::IpSend | Stage::IpRcv)).collect();

@@ -253,6 +253,10 @@ enum Cmd {
         /// One short round per measurement (to check the benchmark itself).
         #[arg(long)]
         quick: bool,
+        /// Only these sections (latency, throughput, hooks, events, capture), printed and
+        /// not written to --out: for iterating on one number.
+        #[arg(long, value_delimiter = ',', value_name = "SECTION,...")]
+        only: Vec<String>,
     },
     /// The seed server: answers each message with "Hello from server!".
     Serve {
@@ -419,7 +423,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             runtime()?.block_on(daemon::run(daemon::DaemonArgs { config, overrides, user, force }))
         }
         Cmd::Status { socket } => daemon::status(&socket),
-        Cmd::Bench { out, quick } => runtime()?.block_on(bench::run(bench::BenchArgs { out, quick })),
+        Cmd::Bench { out, quick, only } => runtime()?.block_on(bench::run(bench::BenchArgs { out, quick, only })),
         Cmd::Report { file, baseline, path, by, chrome_trace, html, svg } => report::run(report::ReportArgs {
             file,
             baseline,

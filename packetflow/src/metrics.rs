@@ -197,6 +197,12 @@ impl Collector for Exporter {
         m.encode_family(&[("what", "flows")])?.encode_counter::<NoLabelSet, _, f64>(&s.corr.flows_evicted, None)?;
         m.encode_family(&[("what", "records")])?.encode_counter::<NoLabelSet, _, f64>(&s.corr.records_evicted, None)?;
         counter(&mut enc, "packetflow_traces_incomplete", "Traces finished with stages missing", s.corr.incomplete)?;
+        counter(
+            &mut enc,
+            "packetflow_summary_evicted",
+            "Summary mode: packets left out of the in-kernel histograms because another packet took their slot",
+            s.counters.get(counters::SUMMARY_EVICTED as usize).copied().unwrap_or(0),
+        )?;
 
         let mut m = metric(
             &mut enc,

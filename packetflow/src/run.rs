@@ -103,6 +103,7 @@ pub fn counters_json(c: &[u64], overflow: u64) -> serde_json::Value {
         "send_syscall_unattributed": g(counters::SEND_SLOT_MISS),
         "recv_syscall_unattributed": g(counters::RECV_SLOT_MISS),
         "kernel_reads_failed": g(counters::READ_FAILED),
+        "summary_evicted": g(counters::SUMMARY_EVICTED),
         "reader_overflow_records": overflow,
         "emitted": Stage::ALL.iter().map(|s| (s.name(), g(counters::EMITTED + *s as u32))).collect::<BTreeMap<_, _>>(),
     })
@@ -249,6 +250,12 @@ pub fn loss_line(f: &Finished) -> String {
         ));
     }
     let g = |i: u32| f.counters.get(i as usize).copied().unwrap_or(0);
+    if g(counters::SUMMARY_EVICTED) > 0 {
+        parts.push(format!(
+            "{} packets left out of the in-kernel histograms (their slot went to another packet first)",
+            g(counters::SUMMARY_EVICTED)
+        ));
+    }
     if g(counters::SEND_SLOT_MISS) + g(counters::RECV_SLOT_MISS) > 0 {
         parts.push(format!(
             "{} sends and {} receives could not be tied to their syscall",

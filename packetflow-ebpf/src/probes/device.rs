@@ -13,7 +13,7 @@ use packetflow_common::{
 use crate::{
     emit::{count, emit, now},
     filter::{flow_matches, iface_matches, kind_wanted},
-    kernel::{L3At, device_info, parse_skb, read},
+    kernel::{Kmem, L3At, Typed, Untyped, device_info, parse_skb, read},
     maps::{filter, off},
     parse::Unparsed,
 };
@@ -21,7 +21,7 @@ use crate::{
 #[btf_tracepoint(function = "net_dev_queue")]
 pub fn pf_dev_queue(ctx: BtfTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(0);
-    let _ = device_stage(skb, 0, L3At::NetworkHeader, Stage::DevQueue);
+    let _ = device_stage::<Typed>(skb, 0, L3At::NetworkHeader, Stage::DevQueue);
     0
 }
 
@@ -29,14 +29,14 @@ pub fn pf_dev_queue(ctx: BtfTracePointContext) -> i32 {
 pub fn pf_start_xmit(ctx: BtfTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(0);
     let dev: u64 = ctx.arg(1);
-    let _ = device_stage(skb, dev, L3At::NetworkHeader, Stage::NicXmit);
+    let _ = device_stage::<Typed>(skb, dev, L3At::NetworkHeader, Stage::NicXmit);
     0
 }
 
 #[btf_tracepoint(function = "netif_receive_skb")]
 pub fn pf_netif_receive(ctx: BtfTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(0);
-    let _ = device_stage(skb, 0, L3At::Data, Stage::NetifReceive);
+    let _ = device_stage::<Typed>(skb, 0, L3At::Data, Stage::NetifReceive);
     0
 }
 
@@ -46,8 +46,10 @@ pub fn pf_netif_receive(ctx: BtfTracePointContext) -> i32 {
 pub fn pf_kp_ip_send(ctx: ProbeContext) -> u32 {
     if let Some(skb) = ctx.arg::<u64>(2) {
         // ip_output sets skb->dev from the route only after this entry: ask the route.
-        let dev = read::<u64>(skb, off!(skb_refdst)).and_then(|d| read::<u64>(d & !1, off!(dst_dev))).unwrap_or(0);
-        let _ = device_stage(skb, dev, L3At::NetworkHeader, Stage::IpSend);
+        let dev = read::<Untyped, u64>(skb, off!(skb_refdst))
+            .and_then(|d| read::<Untyped, u64>(d & !1, off!(dst_dev)))
+            .unwrap_or(0);
+        let _ = device_stage::<Untyped>(skb, dev, L3At::NetworkHeader, Stage::IpSend);
     }
     0
 }
@@ -59,17 +61,17 @@ pub fn pf_kp_ip_send(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn pf_kp_ip_rcv(ctx: ProbeContext) -> u32 {
     if let Some(skb) = ctx.arg::<u64>(0) {
-        let _ = device_stage(skb, 0, L3At::NetworkHeader, Stage::IpRcv);
+        let _ = device_stage::<Untyped>(skb, 0, L3At::NetworkHeader, Stage::IpRcv);
     }
     0
 }
 
 /// `dev == 0`: take the device from `skb->dev`.
 #[inline(always)]
-fn device_stage(skb: u64, dev: u64, at: L3At, stage: Stage) -> Result<(), ()> {
+fn device_stage<M: Kmem>(skb: u64, dev: u64, at: L3At, stage: Stage) -> Result<(), ()> {
     let f = filter().ok_or(())?;
     let mut ev = Event::ZERO;
-    if let Err(e) = parse_skb(skb, at, &mut ev) {
+    if let Err(e) = parse_skb::<M>(skb, at, &mut ev) {
         if e == Unparsed::Malformed {
             count(UNPARSED_SKB);
         }
@@ -82,8 +84,8 @@ fn device_stage(skb: u64, dev: u64, at: L3At, stage: Stage) -> Result<(), ()> {
         count(CONTROL_SKIPPED);
         return Ok(());
     }
-    let dev = if dev != 0 { dev } else { read::<u64>(skb, off!(skb_dev))? };
-    device_info(dev, &mut ev);
+    let dev = if dev != 0 { dev } else { read::<M, u64>(skb, off!(skb_dev))? };
+    device_info::<M>(dev, &mut ev);
     if !iface_matches(f, ev.aux) {
         return Ok(());
     }

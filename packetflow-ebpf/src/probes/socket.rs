@@ -22,7 +22,7 @@ use super::{current, packet::SkbCtxSource as CtxSource};
 use crate::{
     emit::{count, emit, now},
     filter::{flow_matches, kind_wanted, process_wanted},
-    kernel::{L3At, parse_skb, read, sock_flow_of, sock_local_port, sock_protocol, user_ptr},
+    kernel::{Kmem, L3At, Typed, Untyped, parse_skb, read, sock_flow_of, sock_local_port, sock_protocol, user_ptr},
     maps::{RECV_SLOT, SEND_SLOT, UDP_RX_SLOT, filter, off, send_slot_of},
     parse::{IPPROTO_TCP, IPPROTO_UDP, parse_l3},
 };
@@ -57,7 +57,7 @@ fn send_syscall(ev: &mut Event, tid: u32, once: bool) {
 /// tcp:tcp_sendmsg_locked(sk, msg, skb, size_goal): once per chunk of a send call.
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn pf_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_tcp_sendmsg(ctx.arg(0), ctx.arg(1));
+    let _ = try_tcp_sendmsg::<Typed>(ctx.arg(0), ctx.arg(1));
     0
 }
 
@@ -66,25 +66,26 @@ pub fn pf_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
 #[kprobe]
 pub fn pf_kp_tcp_sendmsg(ctx: ProbeContext) -> u32 {
     if let (Some(sk), Some(msg)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
-        let _ = try_tcp_sendmsg(sk, msg);
+        let _ = try_tcp_sendmsg::<Untyped>(sk, msg);
     }
     0
 }
 
 #[inline(always)]
-fn try_tcp_sendmsg(sk: u64, msg: u64) -> Result<(), ()> {
+fn try_tcp_sendmsg<M: Kmem>(sk: u64, msg: u64) -> Result<(), ()> {
     let f = filter().ok_or(())?;
     let (tgid, tid) = current();
     if !process_wanted(f, tgid) {
         return Ok(());
     }
     let mut ev = Event::ZERO;
-    sock_flow_of(sk, IPPROTO_TCP, false, &mut ev)?;
+    sock_flow_of::<M>(sk, IPPROTO_TCP, false, &mut ev)?;
     if !flow_matches(f, &ev) {
         return Ok(());
     }
-    ev.seq = read(sk, off!(tcp_write_seq))?;
-    let left: u64 = read(msg, off!(msg_iter_count))?;
+    // A tcp_sock field: beyond the `struct sock` the pointer is typed as.
+    ev.seq = read::<Untyped, _>(sk, off!(tcp_write_seq))?;
+    let left: u64 = read::<M, _>(msg, off!(msg_iter_count))?;
     ev.len = if left > u32::MAX as u64 { u32::MAX } else { left as u32 };
     ev.aux = tgid;
     ev.aux2 = tid;
@@ -106,7 +107,7 @@ fn try_tcp_probe(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let f = filter().ok_or(())?;
     let skb: u64 = ctx.arg(1);
     let mut ev = Event::ZERO;
-    if parse_skb(skb, L3At::NetworkHeader, &mut ev).is_err() {
+    if parse_skb::<Typed>(skb, L3At::NetworkHeader, &mut ev).is_err() {
         count(UNPARSED_SKB);
         return Err(());
     }
@@ -117,8 +118,8 @@ fn try_tcp_probe(ctx: &BtfTracePointContext) -> Result<(), ()> {
     // socket backlog), the headers describe only the first one.
     let cb = off!(skb_cb);
     if cb != Offsets::MISSING && ev.len > 0 {
-        let seq: u32 = read(skb, cb)?;
-        let end_seq: u32 = read(skb, cb + 4)?;
+        let seq: u32 = read::<Typed, _>(skb, cb)?;
+        let end_seq: u32 = read::<Typed, _>(skb, cb + 4)?;
         let n = end_seq.wrapping_sub(seq);
         if seq == ev.seq && n > ev.len && n < 1 << 30 {
             ev.len = n;
@@ -132,7 +133,7 @@ fn try_tcp_probe(ctx: &BtfTracePointContext) -> Result<(), ()> {
 /// sock:sk_data_ready(sk): data queued on the socket, reader woken.
 #[btf_tracepoint(function = "sk_data_ready")]
 pub fn pf_sk_data_ready(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_sk_data_ready(ctx.arg(0));
+    let _ = try_sk_data_ready::<Typed>(ctx.arg(0));
     0
 }
 
@@ -141,23 +142,23 @@ pub fn pf_sk_data_ready(ctx: BtfTracePointContext) -> i32 {
 #[kprobe]
 pub fn pf_kp_sk_data_ready(ctx: ProbeContext) -> u32 {
     if let Some(sk) = ctx.arg::<u64>(0) {
-        let _ = try_sk_data_ready(sk);
+        let _ = try_sk_data_ready::<Untyped>(sk);
     }
     0
 }
 
 #[inline(always)]
-fn try_sk_data_ready(sk: u64) -> Result<(), ()> {
+fn try_sk_data_ready<M: Kmem>(sk: u64) -> Result<(), ()> {
     let f = filter().ok_or(())?;
-    match sock_protocol(sk) {
+    match sock_protocol::<M>(sk) {
         IPPROTO_TCP => {
             let mut ev = Event::ZERO;
-            sock_flow_of(sk, IPPROTO_TCP, true, &mut ev)?;
+            sock_flow_of::<M>(sk, IPPROTO_TCP, true, &mut ev)?;
             if !flow_matches(f, &ev) {
                 return Ok(());
             }
-            // Everything before rcv_nxt is now queued.
-            ev.seq = read(sk, off!(tcp_rcv_nxt))?;
+            // Everything before rcv_nxt is now queued (a tcp_sock field: untyped).
+            ev.seq = read::<Untyped, _>(sk, off!(tcp_rcv_nxt))?;
             ev.flags |= F_END;
             ev.ts_ns = now();
             emit(&mut ev, Stage::SockQueue);
@@ -166,7 +167,7 @@ fn try_sk_data_ready(sk: u64) -> Result<(), ()> {
             // The datagram cgroup_skb ingress just passed to this socket on this CPU.
             let slot = UDP_RX_SLOT.get_ptr_mut(0).ok_or(())?;
             let slot = unsafe { &mut *slot };
-            if slot.ts_ns == 0 || slot.dport != sock_local_port(sk) {
+            if slot.ts_ns == 0 || slot.dport != sock_local_port::<M>(sk) {
                 return Ok(());
             }
             let mut ev = *slot;
@@ -199,17 +200,17 @@ fn try_copy_to_user(ctx: &BtfTracePointContext) -> Result<(), ()> {
         return Ok(());
     }
     // TCP only: UDP's copy is seen at sock_recv_length (see pf_sock_recv).
-    let sk: u64 = read(skb, off!(skb_sk)).unwrap_or(0);
-    if sk == 0 || sock_protocol(sk) != IPPROTO_TCP {
+    let sk: u64 = read::<Typed, _>(skb, off!(skb_sk)).unwrap_or(0);
+    if sk == 0 || sock_protocol::<Typed>(sk) != IPPROTO_TCP {
         return Ok(());
     }
     let mut ev = Event::ZERO;
     // A TCP copy starts at the socket's copied_seq.
-    sock_flow_of(sk, IPPROTO_TCP, true, &mut ev)?;
+    sock_flow_of::<Typed>(sk, IPPROTO_TCP, true, &mut ev)?;
     if !flow_matches(f, &ev) {
         return Ok(());
     }
-    ev.seq = read(sk, off!(tcp_copied_seq))?;
+    ev.seq = read::<Untyped, _>(sk, off!(tcp_copied_seq))?;
     ev.len = len as u32;
     ev.aux = tgid;
     ev.aux2 = tid;
@@ -241,7 +242,7 @@ fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let sk: u64 = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
     let flags: i32 = ctx.arg(2);
-    if ret <= 0 || flags & MSG_PEEK != 0 || sock_protocol(sk) != IPPROTO_UDP {
+    if ret <= 0 || flags & MSG_PEEK != 0 || sock_protocol::<Typed>(sk) != IPPROTO_UDP {
         return Ok(());
     }
     // Which receive call this is, and where its buffers are: the syscall's own registers.
@@ -250,7 +251,7 @@ fn try_sock_recv(ctx: &BtfTracePointContext) -> Result<(), ()> {
         return Ok(());
     };
     let mut ev = Event::ZERO;
-    sock_flow_of(sk, IPPROTO_UDP, true, &mut ev)?;
+    sock_flow_of::<Typed>(sk, IPPROTO_UDP, true, &mut ev)?;
     // (user_msghdr: msg_name at 0, msg_iov at 16; iovec: iov_base at 0.)
     let (buf, name) = match kind {
         RECV_MSG => (user_ptr(user_ptr(ptr + 16)), user_ptr(ptr)),
@@ -311,7 +312,7 @@ fn try_udp_copy(skb: u64, len: i32) -> Result<(), ()> {
         return Ok(());
     }
     let mut ev = Event::ZERO;
-    if parse_skb(skb, L3At::NetworkHeader, &mut ev).is_err() || !ev.is_udp() {
+    if parse_skb::<Untyped>(skb, L3At::NetworkHeader, &mut ev).is_err() || !ev.is_udp() {
         return Ok(());
     }
     if !flow_matches(f, &ev) {

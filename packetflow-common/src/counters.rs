@@ -35,9 +35,12 @@ pub const CAP_LOST_TC: u32 = PARSED_XDP + 12;
 /// Capture: packets seen by the capture programs, per hook (matched or not).
 pub const CAP_SEEN_XDP: u32 = PARSED_XDP + 13;
 pub const CAP_SEEN_TC: u32 = PARSED_XDP + 14;
-/// Not a count to report: records this CPU wrote since it last woke its ring's reader
-/// (see `emit` in packetflow-ebpf).
-pub const UNWOKEN_RECORDS: u32 = PARSED_XDP + 15;
+/// Not a count to report: record bytes this CPU wrote since it last woke its ring's
+/// reader (see `wake_after` in packetflow-ebpf).
+pub const UNWOKEN_RECORD_BYTES: u32 = PARSED_XDP + 15;
 /// Summary mode: packets whose in-kernel state another packet's took over before they
 /// reached `recv_syscall` (not counted in the histograms).
 pub const SUMMARY_EVICTED: u32 = PARSED_XDP + 16;
+/// Not a count to report: capture bytes this CPU wrote since it last woke its capture
+/// ring's reader.
+pub const UNWOKEN_CAPTURE_BYTES: u32 = PARSED_XDP + 17;

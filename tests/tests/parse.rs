@@ -119,7 +119,10 @@ fn counters(t: &Tracer, idx: u32) -> u64 {
 fn crafted_and_malformed_frames_pass_unchanged_and_are_counted() {
     require_root();
     let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, capture_ring_bytes: 0 }).expect("load");
-    // The filter stays disabled: parsing and counting happen regardless, no record is written.
+    // Tracing on (the programs parse nothing while it is off), for a port no crafted frame
+    // uses: every frame is parsed and counted, and no record is written.
+    let none = packetflow::filter::FilterSpec { ports: vec![1], ..Default::default() };
+    t.set_filter(&none.to_kernel(0).unwrap()).unwrap();
     for name in ["pf_xdp", "pf_tc_ingress", "pf_tc_egress"] {
         match t.ebpf_mut().program_mut(name).expect(name) {
             aya::programs::Program::Xdp(p) => p.load().expect("load xdp"),

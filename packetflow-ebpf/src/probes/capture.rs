@@ -17,7 +17,7 @@ use aya_ebpf::{
         generated::{bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     },
     macros::{classifier, map, xdp},
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{TcContext, XdpContext},
 };
 use packetflow_common::{
@@ -26,11 +26,14 @@ use packetflow_common::{
         CAP_BUF, CAPTURE_MAX, CapHdr, CaptureConfig, DIR_BOTH, DIR_DST, DIR_IN, DIR_OUT, DIR_SRC, HOOK_TC_EGRESS,
         HOOK_XDP, MAX_PRIMS, P_HOST, P_ICMP, P_ICMP6, P_IP, P_IP6, P_NET, P_PORT, P_TCP, P_UDP, Prim, TABLE_SIZE,
     },
-    counters::{CAP_LOST_TC, CAP_LOST_XDP, CAP_MATCHED_TC, CAP_MATCHED_XDP, CAP_SEEN_TC, CAP_SEEN_XDP},
+    counters::{
+        CAP_LOST_TC, CAP_LOST_XDP, CAP_MATCHED_TC, CAP_MATCHED_XDP, CAP_SEEN_TC, CAP_SEEN_XDP, UNWOKEN_CAPTURE_BYTES,
+    },
 };
 
+use super::packet::{direct, xdp_read};
 use crate::{
-    emit::{count, now},
+    emit::{count, now, wake_after},
     maps::{CAP_WAKEUP_BYTES, cap_ring},
 };
 
@@ -185,6 +188,13 @@ fn matches(p: &Prim, k: &Pkt) -> bool {
 #[map]
 static CAP_TABLE: Array<u8> = Array::with_max_entries(TABLE_SIZE, 0);
 
+/// Where `selected` puts the truth-table key: in a map value, not on the stack. A key
+/// on the stack that the verifier knows to be a constant (every path through the
+/// primitives gives one) is marked precise when the lookup of a constant key is checked,
+/// and then no two paths prune: 2^MAX_PRIMS of them ran out the 1M-instruction budget.
+#[map]
+static CAP_KEY: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 fn selected(cfg: &CaptureConfig, k: &Pkt) -> bool {
     let mut mask = 0u32;
@@ -193,7 +203,15 @@ fn selected(cfg: &CaptureConfig, k: &Pkt) -> bool {
             mask |= 1 << i;
         }
     }
-    CAP_TABLE.get(mask).is_some_and(|v| *v != 0)
+    let Some(key) = CAP_KEY.get_ptr_mut(0) else { return false };
+    unsafe { *key = mask };
+    let v = unsafe {
+        aya_ebpf::helpers::generated::bpf_map_lookup_elem(
+            &CAP_TABLE as *const _ as *mut core::ffi::c_void,
+            key as *const core::ffi::c_void,
+        )
+    } as *const u8;
+    !v.is_null() && unsafe { *v } != 0
 }
 
 /// Copies `caplen` bytes of the packet behind a header into this CPU's capture shard.
@@ -221,17 +239,11 @@ fn record(len: u32, ifindex: u32, dir: u8, hook: u8, snaplen: u32, load: impl Fn
         return false;
     }
     unsafe { core::ptr::write_unaligned(h.as_mut_ptr().cast::<CapHdr>(), hdr) };
-    let rb = cap_ring(cpu);
-    let wake = unsafe { core::ptr::read_volatile(&CAP_WAKEUP_BYTES) };
-    let flags = if rb.query(aya_ebpf::bindings::BPF_RB_AVAIL_DATA as u64) >= wake {
-        aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP
-    } else {
-        aya_ebpf::bindings::BPF_RB_NO_WAKEUP
-    };
+    let flags = wake_after(UNWOKEN_CAPTURE_BYTES, 32 + n as u64 + 8, &CAP_WAKEUP_BYTES);
     let Some(out) = buf.get(..32 + n) else {
         return false;
     };
-    rb.output::<[u8]>(out, flags as u64).is_ok()
+    cap_ring(cpu).output::<[u8]>(out, flags).is_ok()
 }
 
 #[xdp(frags)]
@@ -260,7 +272,7 @@ fn capture_xdp(ctx: &XdpContext) {
     let load = |off: u32, buf: &mut [u8]| unsafe {
         bpf_xdp_load_bytes(ctx.ctx, off, buf.as_mut_ptr().cast(), buf.len() as u32) == 0
     };
-    if !selected(cfg, &summarize(load)) {
+    if !selected(cfg, &summarize(|off, buf| xdp_read(ctx, off, buf))) {
         return;
     }
     count(CAP_MATCHED_XDP);
@@ -288,7 +300,8 @@ fn capture_tc_egress(ctx: &TcContext) {
     let load = |off: u32, buf: &mut [u8]| unsafe {
         bpf_skb_load_bytes(skb, off, buf.as_mut_ptr().cast(), buf.len() as u32) == 0
     };
-    if !selected(cfg, &summarize(load)) {
+    let peek = |off: u32, buf: &mut [u8]| direct(ctx.data(), ctx.data_end(), off, buf) || load(off, buf);
+    if !selected(cfg, &summarize(peek)) {
         return;
     }
     count(CAP_MATCHED_TC);

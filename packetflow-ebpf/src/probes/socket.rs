@@ -413,8 +413,10 @@ fn try_cg_ingress(ctx: &SkBuffContext) -> Result<(), ()> {
 /// A UDP datagram seen by a cgroup_skb program (whose data starts at the IP header).
 #[inline(always)]
 fn cg_udp(ctx: &SkBuffContext, ev: &mut Event) -> Result<(), ()> {
-    let skb = ctx.skb.skb.cast();
-    let src = CtxSource::net(skb, ctx.len());
+    let skb = ctx.skb.skb;
+    // cgroup_skb's data starts at the IP header.
+    let linear = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    let src = CtxSource { linear: Some(linear), ..CtxSource::net(skb.cast(), ctx.len()) };
     parse_l3(&src, ev).map_err(|_| ())?;
     if !ev.is_udp() {
         return Err(());

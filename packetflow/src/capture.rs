@@ -334,6 +334,7 @@ fn netns_path(s: &str) -> PathBuf {
 
 pub async fn run(a: CaptureArgs) -> Result<()> {
     run::preflight("capture")?;
+    let mut stop = run::StopSignals::new()?;
     if a.ifaces.is_empty() {
         crate::user_bail!(
             "capture needs an interface: -i IFACE (repeatable, IFACE@NETNS for another namespace, or -i any)"
@@ -476,7 +477,7 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     let deadline = a.duration.map(|d| tokio::time::Instant::now() + d);
     loop {
         tokio::select! {
-            r = run::stop_signal() => { r?; break; }
+            _ = stop.recv() => break,
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
             _ = tokio::time::sleep(Duration::from_millis(50)) => {
                 if done.load(Ordering::Relaxed) {

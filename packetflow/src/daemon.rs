@@ -64,6 +64,7 @@ fn log(msg: impl AsRef<str>) {
 pub async fn run(a: DaemonArgs) -> Result<()> {
     let mut cfg = Config::load(a.config.as_deref(), &a.overrides)?;
     run::preflight("daemon")?;
+    let mut stop = run::StopSignals::new()?;
     let drop_to = a.user.as_deref().map(sys::lookup_user).transpose()?;
 
     // Everything that can fail on bad input fails before a program is loaded.
@@ -153,7 +154,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let why = loop {
         tokio::select! {
-            r = run::stop_signal() => break r?,
+            why = stop.recv() => break why,
             _ = hup.recv() => {
                 match reload(&a, &cfg, &mut running, &files) {
                     Ok(new) => {

@@ -266,14 +266,27 @@ pub fn loss_line(f: &Finished) -> String {
     parts.join("; ")
 }
 
-/// The stop signals: Ctrl-C and SIGTERM, handled alike.
-pub async fn stop_signal() -> Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => Ok("SIGTERM"),
-        _ = int.recv() => Ok("SIGINT"),
+/// The stop signals, Ctrl-C and SIGTERM, handled alike. Create it once, before the run
+/// starts, and wait on it in the run's loop: a listener made anew at every turn of a loop
+/// missed a signal that came between two turns (tokio tells a listener only of signals
+/// after its creation), and the process, its handler installed, then never stopped.
+pub struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn new() -> Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    /// The next stop signal (cancel-safe: a signal delivered meanwhile is kept).
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 

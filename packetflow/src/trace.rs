@@ -50,6 +50,7 @@ pub fn tables(stats: &Stats, lost: &std::collections::BTreeMap<packetflow_common
 
 pub async fn run(a: TraceArgs) -> Result<()> {
     run::preflight("trace")?;
+    let mut stop = run::StopSignals::new()?;
     let (interfaces, ifindexes) = resolve_interfaces(&a.ifaces, a.netns.as_deref())?;
     let filter = FilterSpec {
         ports: a.ports.clone(),
@@ -102,7 +103,7 @@ pub async fn run(a: TraceArgs) -> Result<()> {
     tick.tick().await;
     let why = loop {
         tokio::select! {
-            r = run::stop_signal() => break r?,
+            why = stop.recv() => break why,
             _ = running.shared.count_notify.notified() => break "count reached",
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break "duration over",
             _ = tick.tick() => {

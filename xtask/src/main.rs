@@ -9,7 +9,8 @@
 //! * `vm-test [--kernel 6.1|6.12|all]` — the end-to-end tests on Debian kernels in QEMU
 //!   (xtask/src/vm.rs).
 //! * `fuzz [SECONDS]` — every cargo-fuzz target under fuzz/ (cargo-fuzz installed on demand).
-//! * `bench [--quick]` — `packetflow bench` on a release build; writes BENCHMARKS.md.
+//! * `bench [--quick] [--only SECTION,...]` — `packetflow bench` on a release build; writes
+//!   BENCHMARKS.md.
 
 use std::{
     path::{Path, PathBuf},

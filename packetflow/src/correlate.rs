@@ -202,35 +202,151 @@ struct Rec {
 struct Records {
     /// TCP: in time order (and, for one flow, nearly in sequence order).
     tcp: VecDeque<Rec>,
-    /// UDP: by (payload key, length, time). A datagram's record leaves when a trace
-    /// uses it, so identical payloads pair one to one, in order.
-    udp: BTreeMap<(u64, u64, u64), Rec>,
-    /// UDP keys in arrival order, to find the oldest in O(1) (may hold keys already used).
-    udp_order: VecDeque<(u64, u64, u64)>,
+    /// UDP: by (payload key, length), each list in time order. A datagram's record
+    /// leaves when a trace uses it, so identical payloads pair one to one, in order.
+    udp: UdpRecords,
+}
+
+/// UDP records. A hash of short lists, not an ordered map over (key, length, time): a
+/// datagram costs a hash lookup and a push at each stage, where the ordered map's insert,
+/// range search and removal made the correlator, not the kernel, the limit on how many
+/// records a second a run could take.
+#[derive(Default)]
+struct UdpRecords {
+    by_key: HashMap<(u64, u64), Recs>,
+    len: usize,
+    /// (key, length, time) in arrival order, to find the oldest in O(1) (may hold records
+    /// already used).
+    order: VecDeque<(u64, u64, u64)>,
+}
+
+/// The records of one payload key, in time order: nearly always one (no allocation);
+/// many when datagrams repeat a payload (a flood of identical ones makes long lists).
+enum Recs {
+    One(Rec),
+    Many(VecDeque<Rec>),
+}
+
+impl Recs {
+    fn get(&self, i: usize) -> Option<&Rec> {
+        match self {
+            Recs::One(r) => (i == 0).then_some(r),
+            Recs::Many(l) => l.get(i),
+        }
+    }
+
+    /// The first position whose record is not before `ts` (`strict`: not at or before).
+    fn position(&self, ts: u64, strict: bool) -> usize {
+        let below = |r: &Rec| if strict { r.ts <= ts } else { r.ts < ts };
+        match self {
+            Recs::One(r) => below(r) as usize,
+            Recs::Many(l) => partition_point_from_back(l, below),
+        }
+    }
+
+    fn insert(&mut self, r: Rec) {
+        if let Recs::One(x) = *self {
+            *self = Recs::Many(VecDeque::from([x]));
+        }
+        if let Recs::Many(l) = self {
+            let at = l.iter().rposition(|x| x.ts <= r.ts).map_or(0, |i| i + 1);
+            l.insert(at, r);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Rec> {
+        let (one, many) = match self {
+            Recs::One(r) => (Some(r), None),
+            Recs::Many(l) => (None, Some(l.iter())),
+        };
+        one.into_iter().chain(many.into_iter().flatten())
+    }
+}
+
+impl UdpRecords {
+    fn insert(&mut self, r: Rec) {
+        match self.by_key.entry((r.lo, r.hi)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().insert(r),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Recs::One(r));
+            }
+        }
+        self.len += 1;
+        self.order.push_back((r.lo, r.hi, r.ts));
+    }
+
+    /// Where the record of `(key, length)` at time `ts` is in its list.
+    fn find(&self, key: (u64, u64), ts: u64) -> Option<usize> {
+        let list = self.by_key.get(&key)?;
+        let i = list.position(ts, false);
+        list.get(i).is_some_and(|r| r.ts == ts).then_some(i)
+    }
+
+    fn holds(&self, key: (u64, u64), ts: u64) -> bool {
+        self.find(key, ts).is_some()
+    }
+
+    /// Takes out the record of `(key, length)` at time `ts`; false when there is none.
+    fn remove(&mut self, key: (u64, u64), ts: u64) -> bool {
+        let Some(i) = self.find(key, ts) else { return false };
+        let empty = match self.by_key.get_mut(&key) {
+            Some(Recs::Many(l)) => {
+                l.remove(i);
+                l.is_empty()
+            }
+            _ => true,
+        };
+        if empty {
+            self.by_key.remove(&key);
+        }
+        self.len -= 1;
+        true
+    }
+
+    /// Removes the oldest record still held; false when none is.
+    fn pop_oldest(&mut self) -> Option<bool> {
+        let (lo, hi, ts) = self.order.pop_front()?;
+        Some(self.remove((lo, hi), ts))
+    }
+
+    /// The record of `(key, length)` nearest before `ts` (at or before it) or after it (at
+    /// or after it).
+    fn nearest(&self, key: (u64, u64), ts: u64, before: bool) -> Option<Rec> {
+        let list = self.by_key.get(&key)?;
+        if before {
+            list.get(list.position(ts, true).checked_sub(1)?).copied()
+        } else {
+            list.get(list.position(ts, false)).copied()
+        }
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Rec> {
+        self.by_key.values().flat_map(Recs::iter)
+    }
 }
 
 impl Records {
     fn len(&self) -> usize {
-        self.tcp.len() + self.udp.len()
+        self.tcp.len() + self.udp.len
     }
 
     /// Inserts `r`; false when the oldest record had to go to make room before any trace
     /// used it (TCP: its bytes are not below `until`, the end of the finished traces).
     fn insert(&mut self, udp: bool, r: Rec, until: u64) -> bool {
         if udp {
-            self.udp.insert((r.lo, r.hi, r.ts), r);
-            self.udp_order.push_back((r.lo, r.hi, r.ts));
+            self.udp.insert(r);
             let mut evicted = false;
-            while self.udp.len() > MAX_UDP_PER_STAGE {
-                let Some(k) = self.udp_order.pop_front() else {
-                    break;
-                };
-                evicted |= self.udp.remove(&k).is_some();
+            while self.udp.len > MAX_UDP_PER_STAGE {
+                match self.udp.pop_oldest() {
+                    Some(held) => evicted |= held,
+                    None => break,
+                }
             }
-            // Keys used by traces linger in the order list: drop them when it grows.
-            if self.udp_order.len() > 2 * self.udp.len() + 1024 {
-                let udp = &self.udp;
-                self.udp_order.retain(|k| udp.contains_key(k));
+            // Records used by traces linger in the order list: drop them when it grows.
+            if self.udp.order.len() > 2 * self.udp.len + 1024 {
+                let mut order = std::mem::take(&mut self.udp.order);
+                order.retain(|(lo, hi, ts)| self.udp.holds((*lo, *hi), *ts));
+                self.udp.order = order;
             }
             return !evicted;
         } else {
@@ -254,12 +370,8 @@ impl Records {
             }
         }
         // Arrival order is nearly time order: drop from the front while old.
-        while let Some(k) = self.udp_order.front().copied() {
-            if k.2 >= keep_from {
-                break;
-            }
-            self.udp_order.pop_front();
-            if self.udp.remove(&k).is_some() {
+        while self.udp.order.front().is_some_and(|k| k.2 < keep_from) {
+            if self.udp.pop_oldest() == Some(true) {
                 unmatched += 1;
             }
         }
@@ -444,10 +556,12 @@ impl Correlator {
         if flow.dst == [0; 16] {
             return self.udp_dst.get(&key).copied();
         }
-        if self.udp_dst.len() > 65_536 {
-            self.udp_dst.clear();
+        if self.udp_dst.get(&key) != Some(&flow) {
+            if self.udp_dst.len() > 65_536 {
+                self.udp_dst.clear();
+            }
+            self.udp_dst.insert(key, flow);
         }
-        self.udp_dst.insert(key, flow);
         Some(flow)
     }
 
@@ -661,8 +775,8 @@ fn best(flow: &Flow, st: &FlowState, stage: Stage, anchor: &Anchor) -> Option<Re
     let sd = side(stage, anchor.stage);
     if flow.udp {
         // The same datagram: same key and length, the nearest on the allowed side.
-        let before = || list.udp.range((a.lo, a.hi, 0)..=(a.lo, a.hi, a.ts)).next_back().map(|(_, r)| *r);
-        let after = || list.udp.range((a.lo, a.hi, a.ts)..=(a.lo, a.hi, u64::MAX)).next().map(|(_, r)| *r);
+        let before = || list.udp.nearest((a.lo, a.hi), a.ts, true);
+        let after = || list.udp.nearest((a.lo, a.hi), a.ts, false);
         return match sd {
             Side::Before => before(),
             Side::After => after(),
@@ -823,7 +937,7 @@ fn mark_used(flow: &Flow, st: &mut FlowState, anchor: &Anchor, trace: &Trace) {
         return;
     }
     for t in &trace.stages {
-        st.stages[t.stage as usize].udp.remove(&(anchor.rec.lo, anchor.rec.hi, t.t_ns));
+        st.stages[t.stage as usize].udp.remove((anchor.rec.lo, anchor.rec.hi), t.t_ns);
     }
 }
 
@@ -1127,7 +1241,7 @@ mod tests {
             c.push(&e);
         }
         let st = c.flows.values().next().unwrap();
-        assert_eq!(st.stages[Stage::SockQueue as usize].udp.len(), MAX_UDP_PER_STAGE);
+        assert_eq!(st.stages[Stage::SockQueue as usize].udp.len, MAX_UDP_PER_STAGE);
         assert_eq!(c.stats.records_evicted, 5_000);
     }
 

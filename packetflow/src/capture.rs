@@ -159,6 +159,7 @@ struct WriterState {
     held: VecDeque<Packet>,
     traces: HashMap<Key, Trace>,
     stages: bool,
+    comment: String,
 }
 
 impl WriterState {
@@ -196,14 +197,18 @@ impl WriterState {
                 }
             }
             Out::Pcap(w) => {
+                use std::fmt::Write as _;
                 let flags = if p.hdr.dir == DIR_IN { pcapng::FLAG_INBOUND } else { pcapng::FLAG_OUTBOUND };
                 let hook = if p.hdr.hook == HOOK_XDP { "xdp" } else { "tc_egress" };
-                let mut c = format!("hook={hook} cpu={}", p.hdr.cpu);
+                // One string for every packet's comment, not one each.
+                let c = &mut self.comment;
+                c.clear();
+                let _ = write!(c, "hook={hook} cpu={}", p.hdr.cpu);
                 if !comment.is_empty() {
                     c.push_str("; ");
                     c.push_str(comment);
                 }
-                w.packet(iface.id, p.wall_ns, &p.data, p.hdr.len, flags, &c)?;
+                w.packet(iface.id, p.wall_ns, &p.data, p.hdr.len, flags, c)?;
             }
         }
         if self.count.is_some_and(|c| self.written >= c) {
@@ -447,6 +452,7 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         held: VecDeque::new(),
         traces: HashMap::new(),
         stages: a.stages,
+        comment: String::new(),
     };
     for (ns, name, ifindex, is_lo) in &targets {
         let ns_ino = sys::netns_inode(ns.as_deref().unwrap_or(std::path::Path::new("/proc/self/ns/net"))).unwrap_or(0);

@@ -98,22 +98,36 @@ impl<W: Write> Writer<W> {
         flags: u32,
         comment: &str,
     ) -> io::Result<()> {
-        let mut body = Vec::with_capacity(32 + data.len() + comment.len());
-        body.extend(iface.to_le_bytes());
-        body.extend(ts_words(ts_ns));
-        body.extend((data.len() as u32).to_le_bytes());
-        body.extend(orig_len.max(data.len() as u32).to_le_bytes());
-        body.extend(data);
-        body.extend(std::iter::repeat_n(0u8, pad4(data.len())));
-        let mut o = Opts::default();
+        // Written straight into the (buffered) output: no buffer per packet.
+        let opt = |len: usize| 4 + len + pad4(len);
+        let opts = if flags != 0 { opt(4) } else { 0 } + if comment.is_empty() { 0 } else { opt(comment.len()) };
+        let opts = if opts == 0 { 0 } else { opts + 4 };
+        let total = (12 + 20 + data.len() + pad4(data.len()) + opts) as u32;
+        let w = &mut self.w;
+        w.write_all(&EPB.to_le_bytes())?;
+        w.write_all(&total.to_le_bytes())?;
+        w.write_all(&iface.to_le_bytes())?;
+        w.write_all(&ts_words(ts_ns))?;
+        w.write_all(&(data.len() as u32).to_le_bytes())?;
+        w.write_all(&orig_len.max(data.len() as u32).to_le_bytes())?;
+        w.write_all(data)?;
+        w.write_all(&[0u8; 3][..pad4(data.len())])?;
+        let mut option = |code: u16, value: &[u8]| -> io::Result<()> {
+            w.write_all(&code.to_le_bytes())?;
+            w.write_all(&(value.len() as u16).to_le_bytes())?;
+            w.write_all(value)?;
+            w.write_all(&[0u8; 3][..pad4(value.len())])
+        };
         if flags != 0 {
-            o.add(2, &flags.to_le_bytes());
+            option(2, &flags.to_le_bytes())?;
         }
         if !comment.is_empty() {
-            o.add(OPT_COMMENT, comment.as_bytes());
+            option(OPT_COMMENT, comment.as_bytes())?;
         }
-        body.extend(o.finish());
-        block(&mut self.w, EPB, &body)
+        if opts != 0 {
+            option(OPT_END, &[])?;
+        }
+        w.write_all(&total.to_le_bytes())
     }
 
     /// Interface statistics: packets received (captured) and dropped, over [start, end].
@@ -167,5 +181,34 @@ mod tests {
         }
         assert_eq!(types, vec![SHB, IDB, EPB, ISB]);
         assert_eq!(off, out.len());
+    }
+
+    #[test]
+    fn packets_are_laid_out_as_the_format_says() {
+        for (data, flags, comment) in
+            [(&[1u8, 2, 3][..], FLAG_INBOUND, "hook=xdp"), (&[7u8; 8][..], 0, ""), (&[9u8][..], 0, "abcd")]
+        {
+            let mut out = Vec::new();
+            Writer { w: &mut out, interfaces: 1 }.packet(0, 5 << 32 | 6, data, 100, flags, comment).unwrap();
+            let mut want = Vec::new();
+            want.extend(0u32.to_le_bytes());
+            want.extend(5u32.to_le_bytes());
+            want.extend(6u32.to_le_bytes());
+            want.extend((data.len() as u32).to_le_bytes());
+            want.extend(100u32.to_le_bytes());
+            want.extend(data);
+            want.extend(std::iter::repeat_n(0u8, pad4(data.len())));
+            let mut o = Opts::default();
+            if flags != 0 {
+                o.add(2, &flags.to_le_bytes());
+            }
+            if !comment.is_empty() {
+                o.add(OPT_COMMENT, comment.as_bytes());
+            }
+            want.extend(o.finish());
+            let mut framed = Vec::new();
+            block(&mut framed, EPB, &want).unwrap();
+            assert_eq!(out, framed, "{data:?} {flags} {comment:?}");
+        }
     }
 }

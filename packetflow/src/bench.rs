@@ -219,8 +219,12 @@ async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>)
                 eprintln!("latency: {path} {} round {}/{}", if tcp { "TCP" } else { "UDP" }, round + 1, c.rounds);
                 res.entry(Mode::Off).or_default().push(ping_pong(cli_ns.as_deref(), addr, port, tcp, c.secs, log)?);
                 // One tracer for the traced modes of a round; the filter switches the mode.
+                // Their order turns round by round, so none is always the first after the
+                // tracer starts.
                 let mut running = start_tracer(ifaces.clone(), Mode::Full, port).await?;
-                for m in [Mode::Summary, Mode::Full, Mode::NoMatch] {
+                let mut traced = [Mode::Summary, Mode::Full, Mode::NoMatch];
+                traced.rotate_left(round % 3);
+                for m in traced {
                     running.tracer.set_filter(&m.filter(port).to_kernel(std::process::id())?)?;
                     res.entry(m).or_default().push(ping_pong(cli_ns.as_deref(), addr, port, tcp, c.secs, log)?);
                 }

@@ -215,6 +215,8 @@ struct Records {
 struct UdpRecords {
     by_key: HashMap<(u64, u64), Recs>,
     len: usize,
+    /// Time of the newest record ever inserted (used or not).
+    newest: u64,
     /// (key, length, time) in arrival order, to find the oldest in O(1) (may hold records
     /// already used).
     order: VecDeque<(u64, u64, u64)>,
@@ -272,6 +274,7 @@ impl UdpRecords {
             }
         }
         self.len += 1;
+        self.newest = self.newest.max(r.ts);
         self.order.push_back((r.lo, r.hi, r.ts));
     }
 
@@ -608,7 +611,9 @@ impl Correlator {
             while let Some(anchor) = st.pending.front() {
                 let trace = build(flow, st, anchor, coverage);
                 let last = trace.stages.iter().map(|s| s.t_ns).max().unwrap_or(0);
-                let ready = (trace.complete && last < wm) || anchor.rec.ts.saturating_add(timeout) < wm;
+                let ready = (trace.complete && last < wm)
+                    || anchor.rec.ts.saturating_add(timeout) < wm
+                    || (flow.udp && last < wm && dropped_at_socket(st, &trace));
                 if !ready {
                     break;
                 }
@@ -704,6 +709,21 @@ fn promote_ingress_anchors(st: &mut FlowState, wm: u64, timeout: u64) {
     for rec in new {
         st.pending.push_back(Anchor { stage: Stage::NetifReceive, rec, kind: TraceKind::Data });
     }
+}
+
+/// A UDP datagram that reached the transport but was never queued on its socket (a full
+/// receive buffer, a socket filter): its socket stages will not come, and the trace need
+/// not wait for the timeout. The proof is a later datagram of the same flow queued well
+/// after this one reached the transport (a datagram is queued in the softirq that hands
+/// it over, microseconds after `transport_rcv`). Without it, a receiver that could not
+/// keep up held every dropped datagram's records for the whole timeout, and at 50,000
+/// datagrams a second the correlator's per-stage bound evicted the records of datagrams
+/// that had arrived.
+fn dropped_at_socket(st: &FlowState, trace: &Trace) -> bool {
+    const GRACE_NS: u64 = 1_000_000;
+    let Some(rcv) = trace.time_of(Stage::TransportRcv) else { return false };
+    trace.time_of(Stage::SockQueue).is_none()
+        && st.stages[Stage::SockQueue as usize].udp.newest > rcv.saturating_add(GRACE_NS)
 }
 
 /// TCP data seen at tc_egress that no dev_queue record anchored (the net_dev_queue
@@ -1230,6 +1250,35 @@ mod tests {
         let t = run(&mut c, &evs);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].time_of(Stage::CopyToUser), Some(200));
+    }
+
+    #[test]
+    fn a_datagram_never_queued_is_finished_without_waiting_for_the_timeout() {
+        let mut c = Correlator::new(all_global());
+        let udp = |stage: Stage, ts: u64, key: u32| {
+            let mut e = ev(stage, ts, key, 64);
+            e.flags |= F_UDP;
+            e
+        };
+        // Datagram 1 is dropped at its socket; datagram 2, 5 ms later, is delivered.
+        let mut evs = Vec::new();
+        for (key, t0, queued) in [(0x1111u32, 1_000_000u64, false), (0x2222, 6_000_000, true)] {
+            for e in one_packet(t0, key, 64) {
+                let s = Stage::from_u8(e.stage).unwrap();
+                if queued || !matches!(s, Stage::SockQueue | Stage::CopyToUser | Stage::RecvSyscall) {
+                    evs.push(udp(s, e.ts_ns, key));
+                }
+            }
+        }
+        for e in &evs {
+            c.push(e);
+        }
+        let mut out = Vec::new();
+        // Long before the timeout (1 s) has passed: both traces are out.
+        c.advance(20_000_000, &mut |t| out.push(t));
+        assert_eq!(out.len(), 2);
+        assert!(!out[0].complete && out[0].time_of(Stage::SockQueue).is_none());
+        assert!(out[1].complete);
     }
 
     #[test]

@@ -20,6 +20,18 @@ pub static WAKEUP_BYTES: u64 = 1 << 20;
 #[unsafe(no_mangle)]
 pub static CAP_WAKEUP_BYTES: u64 = 1 << 20;
 
+/// Non-zero when the loader asks for idle programs: every tracer entry point returns at
+/// once, so the hooks are attached but do nothing (`cargo xtask bench` measures what the
+/// attachment alone costs). Frozen like `OFFSETS`: in normal runs the verifier prunes the
+/// check away.
+#[unsafe(no_mangle)]
+pub static IDLE: u8 = 0;
+
+#[inline(always)]
+pub fn idle() -> bool {
+    unsafe { core::ptr::read_volatile(&IDLE) != 0 }
+}
+
 #[map]
 pub static FILTER: Array<Filter> = Array::with_max_entries(1, 0);
 

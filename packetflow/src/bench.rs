@@ -99,6 +99,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Mode {
     Off,
+    /// Every hook attached, every program returning at once: what the attachments cost
+    /// before packetflow does any work (the floor under the other modes).
+    Idle,
     Summary,
     Full,
     NoMatch,
@@ -108,6 +111,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Off => "off",
+            Mode::Idle => "hooks attached, programs idle",
             Mode::Summary => "summary",
             Mode::Full => "full",
             Mode::NoMatch => "full, filter matches nothing",
@@ -198,7 +202,8 @@ fn ping_pong(
 }
 
 async fn start_tracer(interfaces: Vec<(Option<PathBuf>, String)>, mode: Mode, port: u16) -> Result<Running> {
-    Running::start(RunOptions { filter: mode.filter(port), interfaces, ..Default::default() }).await
+    Running::start(RunOptions { filter: mode.filter(port), interfaces, idle: mode == Mode::Idle, ..Default::default() })
+        .await
 }
 
 /// sockperf ping-pong p50/p99 per path, protocol and mode.
@@ -207,7 +212,7 @@ async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>)
     md.push_str(
         "| path | proto | mode | p50 µs | p99 µs | p50 overhead | p99 overhead |\n|---|---|---|---|---|---|---|\n",
     );
-    let modes = [Mode::Off, Mode::Summary, Mode::Full, Mode::NoMatch];
+    let modes = [Mode::Off, Mode::Idle, Mode::Summary, Mode::Full, Mode::NoMatch];
     let mut port = 41000u16;
     for path in ["loopback", "nic"] {
         for tcp in [true, false] {
@@ -218,6 +223,10 @@ async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>)
             for round in 0..c.rounds {
                 eprintln!("latency: {path} {} round {}/{}", if tcp { "TCP" } else { "UDP" }, round + 1, c.rounds);
                 res.entry(Mode::Off).or_default().push(ping_pong(cli_ns.as_deref(), addr, port, tcp, c.secs, log)?);
+                // Idle programs are a load of their own (the flag is frozen into them).
+                let idle = start_tracer(ifaces.clone(), Mode::Idle, port).await?;
+                res.entry(Mode::Idle).or_default().push(ping_pong(cli_ns.as_deref(), addr, port, tcp, c.secs, log)?);
+                idle.finish().await?;
                 // One tracer for the traced modes of a round; the filter switches the mode.
                 // Their order turns round by round, so none is always the first after the
                 // tracer starts.
@@ -260,7 +269,7 @@ async fn throughput(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<(
     let mut res: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
     for round in 0..c.rounds {
         eprintln!("throughput: round {}/{}", round + 1, c.rounds);
-        for m in [Mode::Off, Mode::Full] {
+        for m in [Mode::Off, Mode::Idle, Mode::Full] {
             let running =
                 if m == Mode::Off { None } else { Some(start_tracer(vec![(None, "lo".into())], m, port).await?) };
             let _srv = Kid(pin(&mut Command::new("iperf3"), SERVER_CPU)
@@ -300,7 +309,7 @@ async fn throughput(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<(
         }
     }
     let off = median(res[&Mode::Off].clone());
-    for m in [Mode::Off, Mode::Full] {
+    for m in [Mode::Off, Mode::Idle, Mode::Full] {
         let g = median(res[&m].clone());
         let _ = writeln!(md, "| {} | {g:.2} | {:.3} |", m.name(), g / off);
     }
@@ -312,7 +321,7 @@ async fn throughput(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<(
 /// loopback; beside them an empty tp_btf program on net_dev_queue, which measures what
 /// any program costs on this machine before it does anything.
 async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()> {
-    const MODES: [Mode; 3] = [Mode::Full, Mode::Summary, Mode::NoMatch];
+    const MODES: [Mode; 4] = [Mode::Full, Mode::Summary, Mode::NoMatch, Mode::Idle];
     const EMPTY: &str = "pf_probe_tp_btf";
     let port = 43000u16;
     let _srv = sockperf_server(None, "127.0.0.1", port, true)?;
@@ -367,10 +376,10 @@ async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()
         "\n## Cost per hook (kernel.bpf_stats: run_time_ns / run_cnt, during sockperf TCP ping-pong on loopback)\n\n",
     );
     md.push_str(
-        "Programs run for every packet or call on the machine, traced or not; \"no match\" is the cost when\nthe filter rejects the packet. `pf_probe_tp_btf` is an empty program on net_dev_queue: what any\nprogram costs here (entry, exit, the statistics' own clock reads) before it does anything.\n\n",
+        "Programs run for every packet or call on the machine, traced or not; \"no match\" is the cost when\nthe filter rejects the packet; \"idle\" is the same programs loaded to return at once, and\n`pf_probe_tp_btf` an empty program on net_dev_queue: what a program costs here (entry, exit,\nthe statistics' own clock reads) before it does anything.\n\n",
     );
     md.push_str(
-        "| program | runs (full) | avg ns (full) | avg ns (summary) | avg ns (no match) |\n|---|---|---|---|---|\n",
+        "| program | runs (full) | avg ns (full) | avg ns (summary) | avg ns (no match) | avg ns (idle) |\n|---|---|---|---|---|---|\n",
     );
     let avg = |x: (u64, u64)| if x.1 == 0 { "-".to_string() } else { format!("{:.0}", x.0 as f64 / x.1 as f64) };
     let mut total = [(0u64, 0u64); MODES.len()];
@@ -378,7 +387,7 @@ async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()
         if r.iter().all(|x| x.1 == 0) {
             continue;
         }
-        let _ = writeln!(md, "| {name} | {} | {} | {} | {} |", r[0].1, avg(r[0]), avg(r[1]), avg(r[2]));
+        let _ = writeln!(md, "| {name} | {} | {} | {} | {} | {} |", r[0].1, avg(r[0]), avg(r[1]), avg(r[2]), avg(r[3]));
         if name != EMPTY {
             for (t, x) in total.iter_mut().zip(r) {
                 t.0 += x.0;
@@ -388,11 +397,12 @@ async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()
     }
     let _ = writeln!(
         md,
-        "| **all hooks** | {} | **{}** | **{}** | **{}** |",
+        "| **all hooks** | {} | **{}** | **{}** | **{}** | **{}** |",
         total[0].1,
         avg(total[0]),
         avg(total[1]),
-        avg(total[2])
+        avg(total[2]),
+        avg(total[3])
     );
     let _ = writeln!(md, "\nRecords written during the full run: {full_rate:.0}/s.");
     Ok(())

@@ -389,8 +389,11 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         cfg.skip_out[k] = *i;
     }
 
-    let mut tracer =
-        Tracer::load(&LoadOptions { ring_bytes: if a.stages { 4 << 20 } else { 4096 }, capture_ring_bytes: 8 << 20 })?;
+    let mut tracer = Tracer::load(&LoadOptions {
+        ring_bytes: if a.stages { 4 << 20 } else { 4096 },
+        capture_ring_bytes: 8 << 20,
+        idle: false,
+    })?;
     let offset = sys::mono_to_wall_offset();
     let rings = tracer.take_capture_rings()?;
     let (tx, rx) = sync_channel::<Vec<Packet>>(1024);

@@ -120,11 +120,14 @@ pub struct LoadOptions {
     pub ring_bytes: u32,
     /// Bytes per capture ring shard; 0 when not capturing.
     pub capture_ring_bytes: u32,
+    /// Tracer programs attached but returning at once (the bench's measure of what the
+    /// attachments alone cost).
+    pub idle: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { ring_bytes: 4 << 20, capture_ring_bytes: 0 }
+        LoadOptions { ring_bytes: 4 << 20, capture_ring_bytes: 0, idle: false }
     }
 }
 
@@ -222,13 +225,15 @@ impl Tracer {
         let nr_cpus: u32 = cpus.iter().max().map_or(1, |c| c + 1);
         let used: Vec<usize> =
             (0..RING_SHARDS).filter(|s| cpus.iter().any(|c| *c as usize % RING_SHARDS == *s)).collect();
+        let idle = u8::from(opts.idle);
         let mut loader = EbpfLoader::new();
         loader
             .btf(Some(&aya_btf))
             .override_global("OFFSETS", &offsets, true)
             .override_global("WAKEUP_BYTES", &wake, true)
             .override_global("SYS_EXIT_RET_OFF", &ret_off, true)
-            .override_global("NR_CPUS", &nr_cpus, true);
+            .override_global("NR_CPUS", &nr_cpus, true)
+            .override_global("IDLE", &idle, true);
         let cap_bytes =
             if opts.capture_ring_bytes == 0 { 4096 } else { opts.capture_ring_bytes.max(1 << 20).next_power_of_two() };
         // The capture shards wake their reader by their own size: with the trace rings'

@@ -38,6 +38,8 @@ pub struct RunOptions {
     pub count: Option<u64>,
     pub poll: Duration,
     pub ring_bytes: u32,
+    /// Programs attached but idle (`LoadOptions::idle`): for the bench only.
+    pub idle: bool,
     /// More sinks, made once the programs are attached (the daemon's trace files).
     pub more_sinks: Option<MoreSinks>,
 }
@@ -57,6 +59,7 @@ impl Default for RunOptions {
             count: None,
             poll: Duration::from_millis(10),
             ring_bytes: LoadOptions::default().ring_bytes,
+            idle: false,
             more_sinks: None,
         }
     }
@@ -113,7 +116,7 @@ impl Running {
     pub async fn start(o: RunOptions) -> Result<Running> {
         let dbg = std::env::var_os("PACKETFLOW_DEBUG_LOAD").is_some();
         let t0 = std::time::Instant::now();
-        let mut tracer = Tracer::load(&LoadOptions { ring_bytes: o.ring_bytes, capture_ring_bytes: 0 })?;
+        let mut tracer = Tracer::load(&LoadOptions { ring_bytes: o.ring_bytes, capture_ring_bytes: 0, idle: o.idle })?;
         if dbg {
             eprintln!("object loaded in {:?}", t0.elapsed());
         }

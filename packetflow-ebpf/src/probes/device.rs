@@ -14,12 +14,15 @@ use crate::{
     emit::{count, emit, now},
     filter::{flow_matches, iface_matches, kind_wanted},
     kernel::{Kmem, L3At, Typed, Untyped, device_info, parse_skb, read},
-    maps::{filter, off},
+    maps::{filter, idle, off},
     parse::Unparsed,
 };
 
 #[btf_tracepoint(function = "net_dev_queue")]
 pub fn pf_dev_queue(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
     let skb: u64 = ctx.arg(0);
     let _ = device_stage::<Typed>(skb, 0, L3At::NetworkHeader, Stage::DevQueue);
     0
@@ -27,6 +30,9 @@ pub fn pf_dev_queue(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "net_dev_start_xmit")]
 pub fn pf_start_xmit(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
     let skb: u64 = ctx.arg(0);
     let dev: u64 = ctx.arg(1);
     let _ = device_stage::<Typed>(skb, dev, L3At::NetworkHeader, Stage::NicXmit);
@@ -35,6 +41,9 @@ pub fn pf_start_xmit(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "netif_receive_skb")]
 pub fn pf_netif_receive(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
     let skb: u64 = ctx.arg(0);
     let _ = device_stage::<Typed>(skb, 0, L3At::Data, Stage::NetifReceive);
     0
@@ -44,6 +53,9 @@ pub fn pf_netif_receive(ctx: BtfTracePointContext) -> i32 {
 /// kernels built without CONFIG_KPROBES, like the one this was developed on).
 #[kprobe]
 pub fn pf_kp_ip_send(ctx: ProbeContext) -> u32 {
+    if idle() {
+        return 0;
+    }
     if let Some(skb) = ctx.arg::<u64>(2) {
         // ip_output sets skb->dev from the route only after this entry: ask the route.
         let dev = read::<Untyped, u64>(skb, off!(skb_refdst))
@@ -60,6 +72,9 @@ pub fn pf_kp_ip_send(ctx: ProbeContext) -> u32 {
 /// while both the single and the list path end in these two (they are `dst->input`).
 #[kprobe]
 pub fn pf_kp_ip_rcv(ctx: ProbeContext) -> u32 {
+    if idle() {
+        return 0;
+    }
     if let Some(skb) = ctx.arg::<u64>(0) {
         let _ = device_stage::<Untyped>(skb, 0, L3At::NetworkHeader, Stage::IpRcv);
     }

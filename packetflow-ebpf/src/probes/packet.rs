@@ -17,7 +17,7 @@ use packetflow_common::{
 use crate::{
     emit::{count, emit, now},
     filter::{flow_matches, iface_matches, kind_wanted},
-    maps::filter,
+    maps::{filter, idle},
     parse::{ETH_P_IP, ETH_P_IPV6, Source, Unparsed, l2_skip, parse_l3},
 };
 
@@ -143,6 +143,9 @@ fn interface_stage(mut ev: Event, ifindex: u32, stage: Stage) {
 
 #[xdp(frags)]
 pub fn pf_xdp(ctx: XdpContext) -> u32 {
+    if idle() {
+        return XDP_PASS;
+    }
     try_xdp(&ctx);
     XDP_PASS
 }
@@ -174,12 +177,18 @@ pub(crate) fn try_xdp(ctx: &XdpContext) {
 
 #[classifier]
 pub fn pf_tc_egress(ctx: TcContext) -> i32 {
+    if idle() {
+        return TC_ACT_UNSPEC;
+    }
     try_tc(&ctx, Stage::TcEgress);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn pf_tc_ingress(ctx: TcContext) -> i32 {
+    if idle() {
+        return TC_ACT_UNSPEC;
+    }
     try_tc(&ctx, Stage::TcIngress);
     TC_ACT_UNSPEC
 }

@@ -23,7 +23,7 @@ use crate::{
     emit::{count, emit, now},
     filter::{flow_matches, kind_wanted, process_wanted},
     kernel::{Kmem, L3At, Typed, Untyped, parse_skb, read, sock_flow_of, sock_local_port, sock_protocol, user_ptr},
-    maps::{RECV_SLOT, SEND_SLOT, UDP_RX_SLOT, filter, off, send_slot_of},
+    maps::{RECV_SLOT, SEND_SLOT, UDP_RX_SLOT, filter, idle, off, send_slot_of},
     parse::{IPPROTO_TCP, IPPROTO_UDP, parse_l3},
 };
 
@@ -57,6 +57,9 @@ fn send_syscall(ev: &mut Event, tid: u32, once: bool) {
 /// tcp:tcp_sendmsg_locked(sk, msg, skb, size_goal): once per chunk of a send call.
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn pf_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
     let _ = try_tcp_sendmsg::<Typed>(ctx.arg(0), ctx.arg(1));
     0
 }
@@ -65,6 +68,9 @@ pub fn pf_tcp_sendmsg(ctx: BtfTracePointContext) -> i32 {
 /// (before 6.12?), once per send call rather than per chunk.
 #[kprobe]
 pub fn pf_kp_tcp_sendmsg(ctx: ProbeContext) -> u32 {
+    if idle() {
+        return 0;
+    }
     if let (Some(sk), Some(msg)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) {
         let _ = try_tcp_sendmsg::<Untyped>(sk, msg);
     }
@@ -98,6 +104,9 @@ fn try_tcp_sendmsg<M: Kmem>(sk: u64, msg: u64) -> Result<(), ()> {
 /// tcp:tcp_probe(sk, skb): a segment entering tcp_rcv_established.
 #[btf_tracepoint(function = "tcp_probe")]
 pub fn pf_tcp_probe(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
     let _ = try_tcp_probe(&ctx);
     0
 }
@@ -133,6 +142,9 @@ fn try_tcp_probe(ctx: &BtfTracePointContext) -> Result<(), ()> {
 /// sock:sk_data_ready(sk): data queued on the socket, reader woken.
 #[btf_tracepoint(function = "sk_data_ready")]
 pub fn pf_sk_data_ready(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
     let _ = try_sk_data_ready::<Typed>(ctx.arg(0));
     0
 }
@@ -141,6 +153,9 @@ pub fn pf_sk_data_ready(ctx: BtfTracePointContext) -> i32 {
 /// 6.6); sock_def_readable is what sk_data_ready points to for TCP and UDP sockets.
 #[kprobe]
 pub fn pf_kp_sk_data_ready(ctx: ProbeContext) -> u32 {
+    if idle() {
+        return 0;
+    }
     if let Some(sk) = ctx.arg::<u64>(0) {
         let _ = try_sk_data_ready::<Untyped>(sk);
     }
@@ -183,6 +198,9 @@ fn try_sk_data_ready<M: Kmem>(sk: u64) -> Result<(), ()> {
 /// skb:skb_copy_datagram_iovec(skb, len): `len` bytes of `skb` copied to the reader.
 #[btf_tracepoint(function = "skb_copy_datagram_iovec")]
 pub fn pf_copy_to_user(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
     let _ = try_copy_to_user(&ctx);
     0
 }
@@ -226,6 +244,9 @@ fn try_copy_to_user(ctx: &BtfTracePointContext) -> Result<(), ()> {
 /// syscall's registers (bpf_task_pt_regs), for read, readv, recvfrom, recvmsg, recvmmsg.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn pf_sock_recv(ctx: BtfTracePointContext) -> i32 {
+    if idle() {
+        return 0;
+    }
     let _ = try_sock_recv(&ctx);
     0
 }
@@ -298,6 +319,9 @@ fn leave_datagram_for_exit(ev: &Event, tid: u32, pending_copy: u32, name: u64) -
 /// copied; the skb still holds the headers, so the flow and payload key come from it.
 #[kprobe]
 pub fn pf_kp_udp_copy(ctx: ProbeContext) -> u32 {
+    if idle() {
+        return 0;
+    }
     if let (Some(skb), Some(len)) = (ctx.arg::<u64>(1), ctx.arg::<i32>(2)) {
         let _ = try_udp_copy(skb, len);
     }
@@ -347,6 +371,9 @@ fn stash_for_recv_syscall(ev: &Event, tid: u32) -> Result<(), ()> {
 /// comes from tcp_sendmsg_locked, which knows the stream position).
 #[cgroup_skb(egress)]
 pub fn pf_cg_egress(ctx: SkBuffContext) -> i32 {
+    if idle() {
+        return 1;
+    }
     let _ = try_cg_egress::<true>(&ctx);
     1
 }
@@ -356,6 +383,9 @@ pub fn pf_cg_egress(ctx: SkBuffContext) -> i32 {
 /// inside a send syscall (a datagram sent outside one gets no process).
 #[cgroup_skb(egress)]
 pub fn pf_cg_egress_nopid(ctx: SkBuffContext) -> i32 {
+    if idle() {
+        return 1;
+    }
     let _ = try_cg_egress::<false>(&ctx);
     1
 }
@@ -390,6 +420,9 @@ fn try_cg_egress<const ASK: bool>(ctx: &SkBuffContext) -> Result<(), ()> {
 /// cgroup_skb ingress: a datagram being handed to its socket. UDP's `transport_rcv`.
 #[cgroup_skb(ingress)]
 pub fn pf_cg_ingress(ctx: SkBuffContext) -> i32 {
+    if idle() {
+        return 1;
+    }
     let _ = try_cg_ingress(&ctx);
     1
 }

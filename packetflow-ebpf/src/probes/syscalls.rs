@@ -10,7 +10,7 @@ use crate::{
     emit::{emit, now},
     filter::{flow_matches, process_wanted},
     kernel::user_peer,
-    maps::{RECV_SLOT, SEND_SLOT, filter, send_slot_of},
+    maps::{RECV_SLOT, SEND_SLOT, filter, idle, send_slot_of},
 };
 
 /// Offset of `ret` in the `sys_exit_*` tracepoint records (from tracefs at load time).
@@ -20,6 +20,9 @@ pub static SYS_EXIT_RET_OFF: u32 = 16;
 /// Attached to `syscalls:sys_enter_{write,writev,sendto,sendmsg,sendmmsg}`.
 #[tracepoint]
 pub fn pf_sys_enter_send(_ctx: TracePointContext) -> u32 {
+    if idle() {
+        return 0;
+    }
     let Some(f) = filter() else { return 0 };
     let (tgid, tid) = current();
     if !process_wanted(f, tgid) {
@@ -40,6 +43,9 @@ pub fn pf_sys_enter_send(_ctx: TracePointContext) -> u32 {
 /// (also when the thread moved CPUs: a stale note must never date a later send).
 #[tracepoint]
 pub fn pf_sys_exit_send(_ctx: TracePointContext) -> u32 {
+    if idle() {
+        return 0;
+    }
     let (tgid, tid) = current();
     let Some(slot) = SEND_SLOT.get_ptr_mut(0) else { return 0 };
     unsafe {
@@ -62,6 +68,9 @@ pub fn pf_sys_exit_send(_ctx: TracePointContext) -> u32 {
 /// Attached to `syscalls:sys_exit_{read,readv,recvfrom,recvmsg,recvmmsg}`.
 #[tracepoint]
 pub fn pf_sys_exit_recv(ctx: TracePointContext) -> u32 {
+    if idle() {
+        return 0;
+    }
     let (_, tid) = current();
     recv_exit(&ctx, tid)
 }

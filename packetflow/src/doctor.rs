@@ -189,7 +189,7 @@ pub async fn run() -> Result<()> {
 }
 
 async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
-    let mut tracer = match Tracer::load(&LoadOptions { ring_bytes: 4096, capture_ring_bytes: 0, idle: false }) {
+    let mut tracer = match Tracer::load(&LoadOptions { ring_bytes: 4096, ..Default::default() }) {
         Ok(t) => t,
         Err(e) => {
             out.push(("load", false, format!("{e:#}")));
@@ -337,7 +337,7 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
 
 /// The stage → hook table of a real tracer (inert: its filter is never enabled).
 async fn stage_table() -> Result<Vec<Vec<String>>> {
-    let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, capture_ring_bytes: 0, idle: false })?;
+    let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, ..Default::default() })?;
     t.attach_kernel_hooks()?;
     t.attach_interface(None, "lo", XdpChoice::Auto)?;
     let rows = packetflow_common::Stage::KERNEL_ORDER

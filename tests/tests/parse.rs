@@ -118,7 +118,7 @@ fn counters(t: &Tracer, idx: u32) -> u64 {
 #[test]
 fn crafted_and_malformed_frames_pass_unchanged_and_are_counted() {
     require_root();
-    let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, capture_ring_bytes: 0 }).expect("load");
+    let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, ..Default::default() }).expect("load");
     // Tracing on (the programs parse nothing while it is off), for a port no crafted frame
     // uses: every frame is parsed and counted, and no record is written.
     let none = packetflow::filter::FilterSpec { ports: vec![1], ..Default::default() };
@@ -191,7 +191,7 @@ fn errno(e: &aya::programs::ProgramError) -> Option<i32> {
 #[test]
 fn interface_programs_write_a_record_for_a_matching_packet() {
     require_root();
-    let mut t = Tracer::load(&LoadOptions { ring_bytes: 1 << 16, capture_ring_bytes: 0 }).expect("load");
+    let mut t = Tracer::load(&LoadOptions { ring_bytes: 1 << 16, ..Default::default() }).expect("load");
     let mut rings = t.take_rings().expect("rings");
     t.set_filter(&packetflow::filter::FilterSpec::default().to_kernel(0).unwrap()).unwrap();
     for name in ["pf_xdp", "pf_tc_ingress", "pf_tc_egress"] {

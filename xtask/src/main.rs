@@ -250,6 +250,9 @@ fn test(args: &[String]) -> Result<ExitCode> {
     }
     let st = child.wait()?;
     let host_ok = st.success() && totals[1] == 0 && totals[0] > 0;
+    if !st.success() && totals[1] == 0 {
+        eprintln!("xtask: cargo test failed ({st}) with no failing test: a test crate did not build (see above)");
+    }
     // The whole suite (no arguments) also runs the end-to-end tests on another kernel:
     // Debian's 6.1, the oldest we support, under QEMU (`vm-test`; PACKETFLOW_NO_VM=1
     // skips it while iterating).

@@ -19,14 +19,33 @@ const PAYLOAD: usize = 1000;
 const WIRE: f64 = (14 + 20 + 8 + PAYLOAD) as f64; // what tbf charges: the L2 frame
 const PACKETS: usize = 40;
 
+fn opt(tr: &Value, stage: &str) -> Option<u64> {
+    tr["stages"].as_array().unwrap().iter().find(|s| s["stage"] == stage).and_then(|s| s["t_ns"].as_u64())
+}
+
 fn t(tr: &Value, stage: &str) -> u64 {
-    tr["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stage"] == stage)
-        .and_then(|s| s["t_ns"].as_u64())
-        .unwrap_or_else(|| panic!("{stage} missing in {tr}"))
+    opt(tr, stage).unwrap_or_else(|| panic!("{stage} missing in {tr}"))
+}
+
+/// Traces that carry every stage. On this kernel the net_dev_start_xmit program rarely
+/// records nothing for a packet the hooks around it saw (about one CI run in 15: one
+/// datagram of 40, sent late from the qdisc, and the kernel's own `emitted` count one
+/// short; cause unknown, docs/stages.md "From records to traces"). The tracer must then
+/// say so: such a trace is incomplete and names the stage. One per burst is tolerated.
+fn whole(trs: &[Value]) -> Vec<&Value> {
+    let (ok, partial): (Vec<&Value>, Vec<&Value>) = trs.iter().partition(|tr| tr["complete"] == true);
+    for tr in &partial {
+        let missing = tr["missing"].as_array().expect("an incomplete trace lists what it misses");
+        assert!(!missing.is_empty(), "incomplete without a missing stage: {tr}");
+        for m in missing {
+            let m = m.as_str().unwrap();
+            assert!(opt(tr, m).is_none(), "{m} listed missing but present: {tr}");
+            assert_eq!(m, "nic_xmit", "only nic_xmit may go missing: {tr}");
+        }
+        println!("tolerated: {tr}");
+    }
+    assert!(partial.len() <= 1, "{} of {} traces incomplete", partial.len(), trs.len());
+    ok
 }
 
 /// Sends a burst through the NIC path, traced; returns the burst's traces by send order.
@@ -80,6 +99,7 @@ fn median(mut v: Vec<u64>) -> u64 {
 }
 
 fn stage_medians(trs: &[Value]) -> Vec<(String, u64)> {
+    let trs = whole(trs);
     let names = ["sock_send", "tc_egress", "xdp", "netif_receive", "tc_ingress", "transport_rcv", "sock_queue"];
     let prev = |s: &str| match s {
         "sock_send" => "send_syscall",
@@ -109,10 +129,18 @@ fn tbf_queueing_delay_shows_in_nic_xmit_only() {
     assert!(st.success(), "adding tbf");
     let shaped = burst(&h, unique_port(), "tbf-shaped.json");
 
+    // Every datagram enters the model (each one takes tokens); only whole traces are
+    // compared with it.
     let enq: Vec<u64> = shaped.iter().map(|tr| t(tr, "dev_queue")).collect();
     let dep = model(&enq);
-    let measured: Vec<f64> = shaped.iter().map(|tr| (t(tr, "nic_xmit") - t(tr, "dev_queue")) as f64).collect();
-    let expected: Vec<f64> = dep.iter().zip(&enq).map(|(d, e)| d - *e as f64).collect();
+    let (mut measured, mut expected) = (Vec::new(), Vec::new());
+    let keep = whole(&shaped);
+    for (tr, (d, e)) in shaped.iter().zip(dep.iter().zip(&enq)) {
+        if keep.iter().any(|k| std::ptr::eq(*k, tr)) {
+            measured.push((t(tr, "nic_xmit") - t(tr, "dev_queue")) as f64);
+            expected.push(d - *e as f64);
+        }
+    }
     let (sm, se): (f64, f64) = (measured.iter().sum(), expected.iter().sum());
     println!("queueing delay: measured {:.1} ms in total, tbf model {:.1} ms", sm / 1e6, se / 1e6);
     assert!(se > 10e6, "the burst must queue: model {se}");

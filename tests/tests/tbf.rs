@@ -31,9 +31,10 @@ fn t(tr: &Value, stage: &str) -> u64 {
 /// records nothing for a packet the hooks around it saw (about one CI run in 15: one
 /// datagram of 40, sent late from the qdisc, and the kernel's own `emitted` count one
 /// short; cause unknown, docs/stages.md "From records to traces"). The tracer must then
-/// say so: such a trace is incomplete and names the stage. One per burst is tolerated.
-fn whole(trs: &[Value]) -> Vec<&Value> {
-    let (ok, partial): (Vec<&Value>, Vec<&Value>) = trs.iter().partition(|tr| tr["complete"] == true);
+/// say so: such a trace is incomplete and names the stage. One per burst is tolerated;
+/// the comparisons below use the complete traces.
+fn check_incomplete(trs: &[Value]) {
+    let partial: Vec<&Value> = trs.iter().filter(|tr| tr["complete"] != true).collect();
     for tr in &partial {
         let missing = tr["missing"].as_array().expect("an incomplete trace lists what it misses");
         assert!(!missing.is_empty(), "incomplete without a missing stage: {tr}");
@@ -45,7 +46,6 @@ fn whole(trs: &[Value]) -> Vec<&Value> {
         println!("tolerated: {tr}");
     }
     assert!(partial.len() <= 1, "{} of {} traces incomplete", partial.len(), trs.len());
-    ok
 }
 
 /// Sends a burst through the NIC path, traced; returns the burst's traces by send order.
@@ -72,6 +72,7 @@ fn burst(h: &TestHosts, port: u16, name: &str) -> Vec<Value> {
     let lines = read_ndjson(&json);
     let mut v: Vec<Value> = traces(&lines).into_iter().filter(|t| t["dport"] == port).cloned().collect();
     assert_eq!(v.len(), PACKETS, "one trace per datagram");
+    check_incomplete(&v);
     v.sort_by_key(|tr| t(tr, "dev_queue"));
     v
 }
@@ -99,7 +100,7 @@ fn median(mut v: Vec<u64>) -> u64 {
 }
 
 fn stage_medians(trs: &[Value]) -> Vec<(String, u64)> {
-    let trs = whole(trs);
+    let trs: Vec<&Value> = trs.iter().filter(|tr| tr["complete"] == true).collect();
     let names = ["sock_send", "tc_egress", "xdp", "netif_receive", "tc_ingress", "transport_rcv", "sock_queue"];
     let prev = |s: &str| match s {
         "sock_send" => "send_syscall",
@@ -129,18 +130,16 @@ fn tbf_queueing_delay_shows_in_nic_xmit_only() {
     assert!(st.success(), "adding tbf");
     let shaped = burst(&h, unique_port(), "tbf-shaped.json");
 
-    // Every datagram enters the model (each one takes tokens); only whole traces are
+    // Every datagram enters the model (each one takes tokens); only complete traces are
     // compared with it.
     let enq: Vec<u64> = shaped.iter().map(|tr| t(tr, "dev_queue")).collect();
     let dep = model(&enq);
-    let (mut measured, mut expected) = (Vec::new(), Vec::new());
-    let keep = whole(&shaped);
-    for (tr, (d, e)) in shaped.iter().zip(dep.iter().zip(&enq)) {
-        if keep.iter().any(|k| std::ptr::eq(*k, tr)) {
-            measured.push((t(tr, "nic_xmit") - t(tr, "dev_queue")) as f64);
-            expected.push(d - *e as f64);
-        }
-    }
+    let (measured, expected): (Vec<f64>, Vec<f64>) = shaped
+        .iter()
+        .zip(dep.iter().zip(&enq))
+        .filter(|(tr, _)| tr["complete"] == true)
+        .map(|(tr, (d, e))| ((t(tr, "nic_xmit") - e) as f64, d - *e as f64))
+        .unzip();
     let (sm, se): (f64, f64) = (measured.iter().sum(), expected.iter().sum());
     println!("queueing delay: measured {:.1} ms in total, tbf model {:.1} ms", sm / 1e6, se / 1e6);
     assert!(se > 10e6, "the burst must queue: model {se}");

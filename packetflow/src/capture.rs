@@ -428,7 +428,13 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         }
     }
     let corr = tracing.as_mut().map(|r| {
-        r.start_correlator(tracer.coverage(), Duration::from_secs(1), None, vec![Box::new(TraceTap(trace_tx))])
+        r.start_correlator(
+            tracer.coverage(),
+            Duration::from_secs(1),
+            crate::correlate::DEFAULT_BUDGET_MB,
+            None,
+            vec![Box::new(TraceTap(trace_tx))],
+        )
     });
 
     // The writer: interfaces first (pcapng), then packets as they come.

@@ -24,12 +24,17 @@
 //! `max_flows` flows (least recently active evicted first), records older than the
 //! retention dropped. Every eviction is counted.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::{
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap, VecDeque},
+};
+
+use hashlink::LinkedHashMap;
 
 // Every record is hashed several times on its way (flow, process, UDP destination):
 // SipHash's DoS resistance is not needed for keys the kernel hands us, and Fx is several
 // times cheaper.
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use rustc_hash::{FxBuildHasher, FxHashMap as HashMap, FxHashSet as HashSet};
 
 use packetflow_common::{
     Event, Kind, Stage,
@@ -171,6 +176,12 @@ pub struct CorrStats {
     /// TCP packets seen at tc_egress whose dev_queue record never came: traced from
     /// tc_egress, with dev_queue (and usually nic_xmit) reported missing.
     pub egress_unanchored: u64,
+    /// Packets (anchors) whose trace was lost with an evicted flow: with the kernel's
+    /// and the readers' losses at dev_queue, what makes traced + lost = sent.
+    pub anchors_evicted: u64,
+    /// Traces finished before their time because their flow was evicted for the
+    /// memory bound (their missing stages may still have come).
+    pub traces_finished_early: u64,
 }
 
 /// Which device stages are observable where: (netns inode, ifindex) pairs with XDP and
@@ -390,7 +401,17 @@ struct Anchor {
 
 #[derive(Default)]
 struct FlowState {
-    stages: [Records; NSTAGES],
+    /// Per stage, allocated at its first record (most flows see a few stages only).
+    stages: [Option<Box<Records>>; NSTAGES],
+    /// What `bytes()` said when this flow was last accounted in `Correlator::held_bytes`.
+    accounted: usize,
+    /// Queued in `Correlator::dirty` (records came since `advance` last looked).
+    dirty: bool,
+    /// Earliest watermark at which a look may finish a trace or promote an anchor
+    /// without new records (a `Correlator::wakes` entry exists for it); 0: none.
+    wake: u64,
+    /// Watermark when this flow's old records were last dropped.
+    pruned_at: u64,
     pending: VecDeque<Anchor>,
     has_egress: bool,
     /// TCP sequence unwrapping: last raw value and its 64-bit position.
@@ -406,7 +427,87 @@ struct FlowState {
     last_ts: u64,
 }
 
+/// What a flow costs besides its records: the hashlink node (key, value, links), its
+/// table slot, allocator headers.
+const FLOW_OVERHEAD: usize = 128;
+/// Estimated bytes per held record, with the slack of growing containers (up to 2x):
+/// a TCP `Rec` in a VecDeque; a UDP record's hash entry (key, inline record, control
+/// byte) plus its arrival-order entry.
+const TCP_REC_BYTES: usize = 2 * size_of::<Rec>();
+const UDP_REC_BYTES: usize = 2 * (size_of::<((u64, u64), Recs)>() + 1) + 2 * size_of::<(u64, u64, u64)>();
+/// A stage's records before the first: the box, and the smallest allocations its
+/// containers make (a hash table of 4 slots, a queue of 4) with allocator headers.
+const STAGE_BYTES: usize = size_of::<Records>() + 16 + 4 * (size_of::<((u64, u64), Recs)>() + 1) + 16 + 4 * 24 + 16;
+/// A list at least this long gives up its own oldest records before other flows are
+/// evicted for the budget.
+const SHED_MIN: usize = 256;
+/// UDP receive-side records waiting for their flow's destination, at most.
+const MAX_ORPHANS: usize = 16_384;
+
+static NO_RECORDS: std::sync::LazyLock<Records> = std::sync::LazyLock::new(Records::default);
+
+impl Records {
+    fn bytes(&self) -> usize {
+        STAGE_BYTES + self.tcp.len() * TCP_REC_BYTES + self.udp.len * UDP_REC_BYTES
+    }
+
+    /// Removes the oldest record still held; `Some(true)` when no trace had used it
+    /// (TCP: its bytes are not below `until`), None when the list is empty.
+    fn pop_oldest(&mut self, until: u64) -> Option<bool> {
+        if let Some(r) = self.tcp.pop_front() {
+            return Some(r.lo >= until);
+        }
+        while self.udp.len > 0 {
+            if self.udp.pop_oldest()? {
+                return Some(true);
+            }
+        }
+        None
+    }
+
+    /// Gives memory back once a burst has passed (containers keep their largest size).
+    fn shrink(&mut self) {
+        if self.tcp.capacity() > 2 * self.tcp.len() + 64 {
+            self.tcp.shrink_to_fit();
+        }
+        if self.udp.by_key.capacity() > 2 * self.udp.by_key.len() + 64 {
+            self.udp.by_key.shrink_to_fit();
+        }
+        if self.udp.order.capacity() > 2 * self.udp.order.len() + 64 {
+            self.udp.order.shrink_to_fit();
+        }
+    }
+}
+
 impl FlowState {
+    fn list(&self, stage: Stage) -> &Records {
+        self.stages[stage as usize].as_deref().unwrap_or(&NO_RECORDS)
+    }
+
+    fn list_mut(&mut self, stage: Stage) -> &mut Records {
+        self.stages[stage as usize].get_or_insert_with(Box::default)
+    }
+
+    /// Estimated memory this flow holds (what the correlator's budget counts).
+    fn bytes(&self) -> usize {
+        FLOW_OVERHEAD
+            + size_of::<Flow>()
+            + size_of::<FlowState>()
+            + self.stages.iter().flatten().map(|r| r.bytes()).sum::<usize>()
+            + self.pending.len() * 2 * size_of::<Anchor>()
+            + self.anchored.len() * 48
+    }
+
+    /// Records held, over every stage.
+    fn records(&self) -> u64 {
+        self.stages.iter().flatten().map(|l| l.len() as u64).sum()
+    }
+
+    /// The stage holding the most records.
+    fn longest(&self) -> Option<Stage> {
+        Stage::ALL.iter().copied().filter(|s| self.list(*s).len() > 0).max_by_key(|s| self.list(*s).len())
+    }
+
     /// Notes `[lo, hi)` as belonging to a finished trace.
     fn mark_anchored(&mut self, lo: u64, hi: u64) {
         let (mut lo, mut hi) = (lo, hi);
@@ -451,7 +552,8 @@ impl FlowState {
 }
 
 pub struct Correlator {
-    flows: HashMap<Flow, FlowState>,
+    /// Least recently active first (a record moves its flow to the back).
+    flows: LinkedHashMap<Flow, FlowState, FxBuildHasher>,
     pub coverage: Coverage,
     pub stats: CorrStats,
     /// Everything with a timestamp below this has been delivered.
@@ -459,34 +561,58 @@ pub struct Correlator {
     pub timeout_ns: u64,
     pub retention_ns: u64,
     pub max_flows: usize,
+    /// The memory the flows may hold, by `FlowState::bytes`; past it the oldest records
+    /// of a flooded list, else the least recently active flows, go (counted).
+    pub budget_bytes: usize,
+    /// Sum of every flow's `FlowState::accounted`.
+    held_bytes: usize,
+    /// Flows that got records since `advance` last looked at them.
+    dirty: Vec<Flow>,
+    /// (watermark, flow): when a flow may finish a trace without new records.
+    wakes: BinaryHeap<Reverse<(u64, Flow)>>,
     /// Command names of the processes seen at process stages.
     comms: HashMap<u32, Option<String>>,
     /// UDP (family, source, ports) → the flow with its destination (see `resolve`).
     udp_dst: HashMap<(bool, [u8; 16], u16, u16), Flow>,
-    /// UDP receive-side records whose flow is not known yet.
+    /// UDP receive-side records whose flow is not known yet (at most `MAX_ORPHANS`).
     orphans: VecDeque<Event>,
+    /// Traces of evicted flows, finished early, for the next `advance` to emit.
+    early: Vec<Trace>,
     last_prune: u64,
 }
+
+/// The default of `Correlator::budget_bytes` (the daemon's `correlator_budget_mb`).
+pub const DEFAULT_BUDGET_MB: usize = 16;
 
 impl Correlator {
     pub fn new(coverage: Coverage) -> Correlator {
         Correlator {
-            flows: HashMap::default(),
+            flows: LinkedHashMap::with_hasher(FxBuildHasher),
             coverage,
             stats: CorrStats::default(),
             watermark: 0,
             timeout_ns: 1_000_000_000,
             retention_ns: 5_000_000_000,
             max_flows: 65_536,
+            budget_bytes: DEFAULT_BUDGET_MB << 20,
+            held_bytes: 0,
+            dirty: Vec::new(),
+            wakes: BinaryHeap::new(),
             comms: HashMap::default(),
             udp_dst: HashMap::default(),
             orphans: VecDeque::new(),
+            early: Vec::new(),
             last_prune: 0,
         }
     }
 
     pub fn flows(&self) -> usize {
         self.flows.len()
+    }
+
+    /// Estimated bytes the flows hold now (at most `budget_bytes` plus one record).
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
     }
 
     /// Adds one record.
@@ -498,6 +624,10 @@ impl Correlator {
         };
         let Some(flow) = self.resolve(Flow::of(ev)) else {
             // Destination not known yet: retried on every `advance`.
+            if self.orphans.len() >= MAX_ORPHANS {
+                self.orphans.pop_front();
+                self.stats.records_evicted += 1;
+            }
             self.orphans.push_back(*ev);
             return;
         };
@@ -505,15 +635,10 @@ impl Correlator {
     }
 
     fn push_to(&mut self, flow: Flow, stage: Stage, ev: &Event) {
-        let st = match self.flows.get_mut(&flow) {
-            Some(st) => st,
-            None => {
-                if self.flows.len() >= self.max_flows {
-                    self.evict_flow();
-                }
-                self.flows.entry(flow).or_default()
-            }
-        };
+        if !self.flows.contains_key(&flow) && self.flows.len() >= self.max_flows {
+            self.evict_front();
+        }
+        let st = self.flows.entry(flow).or_insert_with(FlowState::default);
         st.last_ts = st.last_ts.max(ev.ts_ns);
         let rec = if ev.is_udp() {
             Rec { lo: ev.seq as u64, hi: ev.len as u64, end_only: false, ..rec_base(ev) }
@@ -524,7 +649,8 @@ impl Correlator {
             let lo = st.unwrap_seq(ev.seq);
             Rec { lo, hi: lo + ev.len.max(control_len(ev)) as u64, end_only: false, ..rec_base(ev) }
         };
-        if !st.stages[stage as usize].insert(flow.udp, rec, st.anchored_until) {
+        let until = st.anchored_until;
+        if !st.list_mut(stage).insert(flow.udp, rec, until) {
             self.stats.records_evicted += 1;
         }
         let kind = match ev.kind() {
@@ -536,6 +662,17 @@ impl Correlator {
             let at = st.pending.iter().rposition(|a| a.rec.ts <= rec.ts).map_or(0, |i| i + 1);
             st.pending.insert(at, Anchor { stage, rec, kind });
         }
+        if !st.dirty {
+            st.dirty = true;
+            self.dirty.push(flow);
+        }
+        let bytes = st.bytes();
+        self.held_bytes = self.held_bytes + bytes - st.accounted;
+        st.accounted = bytes;
+        self.flows.to_back(&flow);
+        if self.held_bytes > self.budget_bytes {
+            self.shed(flow);
+        }
         if matches!(stage, Stage::SendSyscall | Stage::SockSend | Stage::CopyToUser | Stage::RecvSyscall)
             && !self.comms.contains_key(&ev.aux)
         {
@@ -545,6 +682,31 @@ impl Correlator {
             }
             let comm = std::fs::read_to_string(format!("/proc/{}/comm", ev.aux)).ok().map(|s| s.trim_end().to_string());
             self.comms.insert(ev.aux, comm);
+        }
+    }
+
+    /// Brings the flows back within the budget after `flow` grew: its own longest list
+    /// gives up its oldest records when it is long (a few flows flooding a stage), else
+    /// the least recently active other flows go whole (many small flows). Each step frees
+    /// at least one record's estimate, and each record is freed once: O(1) per record.
+    fn shed(&mut self, flow: Flow) {
+        while self.held_bytes > self.budget_bytes {
+            let own = self.flows.get(&flow).and_then(|st| st.longest().map(|s| (s, st.list(s).len())));
+            let front_is_other = self.flows.front().is_some_and(|(f, _)| *f != flow);
+            match own {
+                Some((stage, n)) if n >= SHED_MIN || !front_is_other => {
+                    let st = self.flows.get_mut(&flow).expect("flow exists");
+                    let until = st.anchored_until;
+                    if st.list_mut(stage).pop_oldest(until) == Some(true) {
+                        self.stats.records_evicted += 1;
+                    }
+                    let bytes = st.bytes();
+                    self.held_bytes = self.held_bytes + bytes - st.accounted;
+                    st.accounted = bytes;
+                }
+                _ if front_is_other => self.evict_front(),
+                _ => break,
+            }
         }
     }
 
@@ -581,79 +743,183 @@ impl Correlator {
         }
     }
 
-    fn evict_flow(&mut self) {
-        if let Some(victim) = self.flows.iter().min_by_key(|(_, s)| s.last_ts).map(|(f, _)| *f) {
-            let st = self.flows.remove(&victim).unwrap_or_default();
+    /// Evicts the least recently active flow, counting what it held. Its pending packets
+    /// are finished as they stand (stages still missing are reported missing), to be
+    /// emitted by the next `advance`.
+    fn evict_front(&mut self) {
+        let Some(flow) = self.flows.front().map(|(f, _)| *f) else { return };
+        let mut early = std::mem::take(&mut self.early);
+        let before = early.len();
+        self.look(&flow, u64::MAX, &mut |t| early.push(t));
+        self.stats.traces_finished_early += (early.len() - before) as u64;
+        self.early = early;
+        if let Some((_, st)) = self.flows.pop_front() {
+            self.held_bytes -= st.accounted;
             self.stats.flows_evicted += 1;
-            self.stats.records_evicted += st.stages.iter().map(|l| l.len() as u64).sum::<u64>();
+            self.stats.records_evicted += st.records();
+            // `look` finished them all; none is lost with the flow.
+            self.stats.anchors_evicted += st.pending.len() as u64;
         }
     }
 
     /// Records that everything up to `wm` has been delivered, and emits the traces that
-    /// are now finished.
+    /// are now finished. Only flows that got records, or whose wake-up time the
+    /// watermark passed, are looked at.
     pub fn advance(&mut self, wm: u64, out: &mut impl FnMut(Trace)) {
         self.watermark = self.watermark.max(wm);
         if !self.orphans.is_empty() {
             self.retry_orphans();
         }
         let wm = self.watermark;
+        for t in self.early.drain(..) {
+            out(t);
+        }
+        let mut todo = std::mem::take(&mut self.dirty);
+        while let Some(Reverse((t, flow))) = self.wakes.peek().copied() {
+            if t > wm {
+                break;
+            }
+            self.wakes.pop();
+            if let Some(st) = self.flows.get_mut(&flow)
+                && st.wake == t
+            {
+                st.wake = 0;
+                if !st.dirty {
+                    st.dirty = true;
+                    todo.push(flow);
+                }
+            }
+        }
+        if wm == u64::MAX {
+            // The end: every flow, in case one waits for nothing the watermark passes.
+            todo.extend(self.flows.iter_mut().filter(|(_, st)| !st.dirty).map(|(f, st)| {
+                st.dirty = true;
+                *f
+            }));
+        }
+        for flow in todo.drain(..) {
+            let Some(st) = self.flows.get_mut(&flow) else { continue };
+            st.dirty = false;
+            let wake = self.look(&flow, wm, out);
+            let st = self.flows.get_mut(&flow).expect("flow exists");
+            if flow.udp && st.pending.is_empty() && st.stages.iter().all(Option::is_none) {
+                // Nothing left to join: a UDP flow keeps no state between datagrams.
+                self.held_bytes -= st.accounted;
+                self.flows.remove(&flow);
+                continue;
+            }
+            if let Some(t) = wake
+                && (st.wake == 0 || t < st.wake)
+            {
+                st.wake = t;
+                self.wakes.push(Reverse((t, flow)));
+            }
+            let bytes = st.bytes();
+            self.held_bytes = self.held_bytes + bytes - st.accounted;
+            st.accounted = bytes;
+        }
+        self.dirty = todo;
+        self.prune();
+    }
+
+    /// Finishes what is ready in one flow; returns the watermark at which it should be
+    /// looked at again if no record comes before.
+    fn look(&mut self, flow: &Flow, wm: u64, out: &mut impl FnMut(Trace)) -> Option<u64> {
         let timeout = self.timeout_ns;
+        let settle = timeout / 4;
+        let horizon = wm.saturating_sub(self.retention_ns);
         let coverage = &self.coverage;
         let stats = &mut self.stats;
         let comms = &self.comms;
-        for (flow, st) in self.flows.iter_mut() {
-            // On a host that only receives, unmatched netif_receive records are anchors.
-            if !st.has_egress {
-                promote_ingress_anchors(st, wm, timeout);
-            } else if !flow.udp {
-                stats.egress_unanchored += promote_egress_orphans(st, wm, timeout);
+        let st = self.flows.get_mut(flow).expect("flow exists");
+        // On a host that only receives, unmatched netif_receive records are anchors.
+        if !st.has_egress {
+            promote_ingress_anchors(st, wm, timeout);
+        } else if !flow.udp {
+            stats.egress_unanchored += promote_egress_orphans(st, wm, timeout);
+        }
+        let mut wake = None;
+        while let Some(anchor) = st.pending.front() {
+            let trace = build(flow, st, anchor, coverage);
+            let last = trace.stages.iter().map(|s| s.t_ns).max().unwrap_or(0);
+            let ready = (trace.complete && last < wm)
+                || anchor.rec.ts.saturating_add(timeout) < wm
+                || (flow.udp && last < wm && dropped_at_socket(st, &trace));
+            if !ready {
+                let by_time = anchor.rec.ts.saturating_add(timeout).saturating_add(1);
+                // Past `last`, only new records (which make the flow dirty) or the
+                // timeout can finish it.
+                let by_wm = (trace.complete || flow.udp) && last >= wm;
+                wake = Some(if by_wm { by_time.min(last.saturating_add(1)) } else { by_time });
+                break;
             }
-            while let Some(anchor) = st.pending.front() {
-                let trace = build(flow, st, anchor, coverage);
-                let last = trace.stages.iter().map(|s| s.t_ns).max().unwrap_or(0);
-                let ready = (trace.complete && last < wm)
-                    || anchor.rec.ts.saturating_add(timeout) < wm
-                    || (flow.udp && last < wm && dropped_at_socket(st, &trace));
-                if !ready {
-                    break;
-                }
-                let anchor = st.pending.pop_front().expect("front exists");
-                mark_used(flow, st, &anchor, &trace);
-                let mut trace = trace;
-                // (A tc_egress anchor is promoted late, and only for bytes no trace holds:
-                // it is never a retransmission.)
-                if !flow.udp && anchor.kind == TraceKind::Data && anchor.stage != Stage::TcEgress {
-                    // In time order now: bytes anchored before are sent again, or the
-                    // same packet queued on a second device (a bridge, a tunnel).
-                    if let Some((end, ifindex, ts)) = st.max_end
-                        && anchor.rec.hi <= end
-                    {
-                        if ifindex != anchor.rec.aux && anchor.rec.ts.saturating_sub(ts) < 10_000_000 {
-                            stats.extra_hops += 1;
-                            continue;
-                        }
-                        trace.kind = TraceKind::Retrans;
+            let anchor = st.pending.pop_front().expect("front exists");
+            mark_used(flow, st, &anchor, &trace);
+            let mut trace = trace;
+            // (A tc_egress anchor is promoted late, and only for bytes no trace holds:
+            // it is never a retransmission.)
+            if !flow.udp && anchor.kind == TraceKind::Data && anchor.stage != Stage::TcEgress {
+                // In time order now: bytes anchored before are sent again, or the
+                // same packet queued on a second device (a bridge, a tunnel).
+                if let Some((end, ifindex, ts)) = st.max_end
+                    && anchor.rec.hi <= end
+                {
+                    if ifindex != anchor.rec.aux && anchor.rec.ts.saturating_sub(ts) < 10_000_000 {
+                        stats.extra_hops += 1;
+                        continue;
                     }
-                    if st.max_end.is_none_or(|(end, _, _)| anchor.rec.hi > end) {
-                        st.max_end = Some((anchor.rec.hi, anchor.rec.aux, anchor.rec.ts));
-                    }
+                    trace.kind = TraceKind::Retrans;
                 }
-                if !flow.udp {
-                    st.anchored_until = st.anchored_until.max(anchor.rec.hi);
-                    if anchor.rec.hi > anchor.rec.lo {
-                        st.mark_anchored(anchor.rec.lo, anchor.rec.hi);
-                    }
+                if st.max_end.is_none_or(|(end, _, _)| anchor.rec.hi > end) {
+                    st.max_end = Some((anchor.rec.hi, anchor.rec.aux, anchor.rec.ts));
                 }
-                trace.comm = trace.pid.and_then(|p| comms.get(&p).cloned().flatten());
-                trace.rx_comm = trace.rx_pid.and_then(|p| comms.get(&p).cloned().flatten());
-                stats.traces += 1;
-                if !trace.complete {
-                    stats.incomplete += 1;
+            }
+            if !flow.udp {
+                st.anchored_until = st.anchored_until.max(anchor.rec.hi);
+                if anchor.rec.hi > anchor.rec.lo {
+                    st.mark_anchored(anchor.rec.lo, anchor.rec.hi);
                 }
-                out(trace);
+            }
+            trace.comm = trace.pid.and_then(|p| comms.get(&p).cloned().flatten());
+            trace.rx_comm = trace.rx_pid.and_then(|p| comms.get(&p).cloned().flatten());
+            stats.traces += 1;
+            if !trace.complete {
+                stats.incomplete += 1;
+            }
+            out(trace);
+        }
+        // Records not yet settled may still become anchors (see the promote functions).
+        if (!st.has_egress || !flow.udp) && st.last_ts.saturating_add(settle) >= wm {
+            let t = st.last_ts.saturating_add(settle).saturating_add(1);
+            wake = Some(wake.map_or(t, |w: u64| w.min(t)));
+        }
+        if flow.udp {
+            // Datagrams' records leave with their traces: free the lists they emptied.
+            for slot in st.stages.iter_mut() {
+                if slot.as_ref().is_some_and(|l| l.len() == 0) {
+                    *slot = None;
+                }
             }
         }
-        self.prune();
+        // Old records go at most every 50 ms of watermark progress per flow.
+        if wm == u64::MAX || wm >= st.pruned_at.saturating_add(50_000_000) {
+            st.pruned_at = wm;
+            let keep_from = horizon.min(st.pending.front().map_or(u64::MAX, |a| a.rec.ts));
+            // A TCP record is accounted for when its bytes belong to finished traces (a
+            // segment of a GSO packet, a read of several packets); a UDP one when used.
+            let until = st.anchored_until;
+            for slot in st.stages.iter_mut() {
+                if let Some(list) = slot {
+                    stats.records_unmatched += list.prune(keep_from, until);
+                    if list.len() == 0 {
+                        *slot = None;
+                    } else {
+                        list.shrink();
+                    }
+                }
+            }
+        }
+        wake
     }
 
     /// Emits every pending trace as it stands (end of a run).
@@ -661,24 +927,25 @@ impl Correlator {
         self.advance(u64::MAX, out);
     }
 
+    /// Drops flows idle past the retention, least recently active first.
     fn prune(&mut self) {
-        // Old records go at most every 50 ms of watermark progress (and at the end).
+        // At most every 50 ms of watermark progress (and at the end).
         if self.watermark != u64::MAX && self.watermark < self.last_prune.saturating_add(50_000_000) {
             return;
         }
         self.last_prune = self.watermark;
         let horizon = self.watermark.saturating_sub(self.retention_ns);
-        let stats = &mut self.stats;
-        self.flows.retain(|_, st| {
-            let oldest_pending = st.pending.front().map_or(u64::MAX, |a| a.rec.ts);
-            let keep_from = horizon.min(oldest_pending);
-            // A TCP record is accounted for when its bytes belong to finished traces (a
-            // segment of a GSO packet, a read of several packets); a UDP one when used.
-            for list in st.stages.iter_mut() {
-                stats.records_unmatched += list.prune(keep_from, st.anchored_until);
+        while let Some((_, st)) = self.flows.front() {
+            if !(st.pending.is_empty() && st.last_ts < horizon && !st.dirty) {
+                break;
             }
-            !(st.pending.is_empty() && st.last_ts < horizon)
-        });
+            let (_, st) = self.flows.pop_front().expect("front exists");
+            self.held_bytes -= st.accounted;
+            let until = st.anchored_until;
+            for mut list in st.stages.into_iter().flatten() {
+                self.stats.records_unmatched += list.prune(u64::MAX, until);
+            }
+        }
     }
 }
 
@@ -696,13 +963,15 @@ fn control_len(ev: &Event) -> u32 {
 
 fn promote_ingress_anchors(st: &mut FlowState, wm: u64, timeout: u64) {
     let settle = timeout / 4;
-    let list = &st.stages[Stage::NetifReceive as usize];
+    let list = st.list(Stage::NetifReceive);
     let newest_anchor = st.pending.back().map_or(0, |a| a.rec.ts);
     let mut new: Vec<Rec> = list
         .tcp
         .iter()
         .chain(list.udp.values())
-        .filter(|r| r.ts > newest_anchor && r.ts.saturating_add(settle) < wm)
+        // A loopback packet was queued on this host: without its device-queue record its
+        // anchor was lost (counted where it was) or left with an evicted flow.
+        .filter(|r| r.ts > newest_anchor && r.ts.saturating_add(settle) < wm && r.flags & F_LOOPBACK == 0)
         .copied()
         .collect();
     new.sort_by_key(|r| r.ts);
@@ -722,8 +991,7 @@ fn promote_ingress_anchors(st: &mut FlowState, wm: u64, timeout: u64) {
 fn dropped_at_socket(st: &FlowState, trace: &Trace) -> bool {
     const GRACE_NS: u64 = 1_000_000;
     let Some(rcv) = trace.time_of(Stage::TransportRcv) else { return false };
-    trace.time_of(Stage::SockQueue).is_none()
-        && st.stages[Stage::SockQueue as usize].udp.newest > rcv.saturating_add(GRACE_NS)
+    trace.time_of(Stage::SockQueue).is_none() && st.list(Stage::SockQueue).udp.newest > rcv.saturating_add(GRACE_NS)
 }
 
 /// TCP data seen at tc_egress that no dev_queue record anchored (the net_dev_queue
@@ -734,7 +1002,7 @@ fn promote_egress_orphans(st: &mut FlowState, wm: u64, timeout: u64) -> u64 {
     let settle = timeout / 4;
     let checked = st.egress_checked_ts;
     // The list is in time order: only its tail is newer than what was checked.
-    let list = &st.stages[Stage::TcEgress as usize].tcp;
+    let list = &st.list(Stage::TcEgress).tcp;
     let from = partition_point_from_back(list, |r| r.ts <= checked);
     let orphans: Vec<Rec> = list
         .range(from..)
@@ -790,7 +1058,7 @@ fn covers(stage: Stage, r: &Rec, a: &Rec) -> bool {
 
 /// The best record of `stage` for anchor `a`, by the rules in the module docs.
 fn best(flow: &Flow, st: &FlowState, stage: Stage, anchor: &Anchor) -> Option<Rec> {
-    let list = &st.stages[stage as usize];
+    let list = st.list(stage);
     let a = &anchor.rec;
     let sd = side(stage, anchor.stage);
     if flow.udp {
@@ -957,7 +1225,7 @@ fn mark_used(flow: &Flow, st: &mut FlowState, anchor: &Anchor, trace: &Trace) {
         return;
     }
     for t in &trace.stages {
-        st.stages[t.stage as usize].udp.remove((anchor.rec.lo, anchor.rec.hi), t.t_ns);
+        st.list_mut(t.stage).udp.remove((anchor.rec.lo, anchor.rec.hi), t.t_ns);
     }
 }
 
@@ -1290,7 +1558,7 @@ mod tests {
             c.push(&e);
         }
         let st = c.flows.values().next().unwrap();
-        assert_eq!(st.stages[Stage::SockQueue as usize].udp.len, MAX_UDP_PER_STAGE);
+        assert_eq!(st.list(Stage::SockQueue).udp.len, MAX_UDP_PER_STAGE);
         assert_eq!(c.stats.records_evicted, 5_000);
     }
 
@@ -1338,5 +1606,58 @@ mod tests {
         let t = run(&mut c, &[e]);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].kind, TraceKind::Control(Kind::Ack));
+    }
+}
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+    use packetflow_common::event::F_UDP;
+
+    /// `n` single-datagram UDP flows, each seen at every stage but the optional ones in
+    /// kernel order, 100 µs apart, advancing the watermark every 50 flows.
+    fn flood(c: &mut Correlator, n: u32) -> u64 {
+        let mut traces = 0;
+        for i in 0..n {
+            for (k, s) in Stage::KERNEL_ORDER.iter().filter(|s| !s.is_optional()).enumerate() {
+                let mut e = Event::ZERO;
+                e.stage = *s as u8;
+                e.ts_ns = 1_000_000 + i as u64 * 100_000 + k as u64 * 100;
+                (e.seq, e.len, e.flags) = (i, 4, F_UDP);
+                (e.sport, e.dport) = ((i % 60_000) as u16, 9);
+                (e.saddr[0], e.saddr[1], e.daddr[0]) = (127, (i / 60_000) as u8, 127);
+                c.push(&e);
+                assert!(c.held_bytes() <= c.budget_bytes, "{} over {}", c.held_bytes(), c.budget_bytes);
+            }
+            if i % 50 == 0 {
+                c.advance(1_000_000 + i as u64 * 100_000, &mut |_| traces += 1);
+            }
+        }
+        c.flush(&mut |_| traces += 1);
+        traces
+    }
+
+    #[test]
+    fn many_flows_waiting_for_their_timeout_stay_within_the_budget_and_are_all_traced() {
+        let mut cov = Coverage::default();
+        cov.global.extend(Stage::ALL);
+        let mut c = Correlator::new(cov);
+        c.budget_bytes = 1 << 20;
+        // Two stages never come: every trace waits for its timeout (1 s = 10,000 flows).
+        let traces = flood(&mut c, 20_000);
+        assert_eq!(traces, 20_000, "every packet traced, early when its flow was evicted");
+        assert!(c.stats.flows_evicted > 10_000, "{:?}", c.stats);
+        assert_eq!(c.stats.traces_finished_early, c.stats.flows_evicted);
+        assert_eq!(c.stats.anchors_evicted, 0);
+        assert_eq!((c.flows(), c.held_bytes()), (0, 0), "nothing left after the flush");
+    }
+
+    #[test]
+    fn finished_udp_flows_leave_nothing_behind() {
+        let mut cov = Coverage::default();
+        cov.global.extend(Stage::ALL.iter().filter(|s| !s.is_optional()));
+        let mut c = Correlator::new(cov);
+        let traces = flood(&mut c, 20_000);
+        assert_eq!((traces, c.stats.incomplete, c.stats.flows_evicted), (20_000, 0, 0));
+        assert_eq!((c.flows(), c.held_bytes()), (0, 0));
     }
 }

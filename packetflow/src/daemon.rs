@@ -268,6 +268,8 @@ fn snapshot(running: &Running, files: &Files, reloads: (u64, u64), ring_bytes: u
         counters: running.tracer.counters().unwrap_or_default(),
         corr: *sh.corr.lock().expect("corr lock"),
         reader_overflow: sh.overflow_records.load(Ordering::Relaxed),
+        reader_overflow_anchors: sh.overflow_anchors.load(Ordering::Relaxed),
+        corr_bytes: (sh.corr_bytes.load(Ordering::Relaxed), sh.corr_budget.load(Ordering::Relaxed)),
         ring_fill,
         stages: running.tracer.stages.clone(),
         interfaces: running.tracer.interfaces.clone(),

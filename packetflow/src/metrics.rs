@@ -38,6 +38,10 @@ pub struct Snapshot {
     pub counters: Vec<u64>,
     pub corr: CorrStats,
     pub reader_overflow: u64,
+    /// Of those, packet anchors (device-queue records).
+    pub reader_overflow_anchors: u64,
+    /// The correlator's estimated memory and its budget, bytes.
+    pub corr_bytes: (u64, u64),
     /// Per ring shard: the largest backlog a reader found, as a fraction of the ring.
     pub ring_fill: BTreeMap<usize, f64>,
     pub stages: BTreeMap<Stage, StageHook>,
@@ -196,6 +200,19 @@ impl Collector for Exporter {
         )?;
         m.encode_family(&[("what", "flows")])?.encode_counter::<NoLabelSet, _, f64>(&s.corr.flows_evicted, None)?;
         m.encode_family(&[("what", "records")])?.encode_counter::<NoLabelSet, _, f64>(&s.corr.records_evicted, None)?;
+        let mut m = metric(
+            &mut enc,
+            "packetflow_packets_lost",
+            "Packets that got no trace: their device-queue record was dropped by a reader that was behind, or evicted with its flow (the kernel's own losses are packetflow_events_lost_total{stage=\"dev_queue\"})",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_family(&[("cause", "reader_behind")])?
+            .encode_counter::<NoLabelSet, _, f64>(&s.reader_overflow_anchors, None)?;
+        m.encode_family(&[("cause", "evicted")])?
+            .encode_counter::<NoLabelSet, _, f64>(&s.corr.anchors_evicted, None)?;
+        gauge(&mut enc, "packetflow_correlator_bytes", "The correlator's estimated memory", s.corr_bytes.0 as i64)?;
+        gauge(&mut enc, "packetflow_correlator_budget_bytes", "The correlator's memory budget", s.corr_bytes.1 as i64)?;
         counter(&mut enc, "packetflow_traces_incomplete", "Traces finished with stages missing", s.corr.incomplete)?;
         counter(
             &mut enc,

@@ -35,6 +35,8 @@ pub struct RunOptions {
     /// Extra network namespaces whose interface names traces may mention.
     pub netns_names: Vec<PathBuf>,
     pub timeout: Duration,
+    /// The correlator's memory budget (`Correlator::budget_bytes`), MiB.
+    pub budget_mb: usize,
     pub count: Option<u64>,
     pub poll: Duration,
     pub ring_bytes: u32,
@@ -56,6 +58,7 @@ impl Default for RunOptions {
             chrome_trace: None,
             netns_names: Vec::new(),
             timeout: Duration::from_secs(1),
+            budget_mb: crate::correlate::DEFAULT_BUDGET_MB,
             count: None,
             poll: Duration::from_millis(10),
             ring_bytes: LoadOptions::default().ring_bytes,
@@ -166,7 +169,7 @@ impl Running {
         if let Some(more) = o.more_sinks {
             sinks.extend(more(&tracer, &filter));
         }
-        let corr = readers.start_correlator(tracer.coverage(), o.timeout, o.count, sinks);
+        let corr = readers.start_correlator(tracer.coverage(), o.timeout, o.budget_mb, o.count, sinks);
         let shared = readers.shared.clone();
         Ok(Running { tracer, readers, corr, shared, summary: o.filter.summary, records: !o.filter.no_records })
     }

@@ -31,9 +31,9 @@ use crate::{
     sys,
 };
 
-/// Records waiting for the correlator, at most (64 B each: 16 MiB). Past this, readers
+/// Records waiting for the correlator, at most (64 B each: 4 MiB). Past this, readers
 /// drop whole batches (counted in `overflow_records`) instead of queueing without bound.
-const MAX_QUEUED_RECORDS: u64 = 256 * 1024;
+const MAX_QUEUED_RECORDS: u64 = 64 * 1024;
 
 /// Readers deliver everything older than their drain start minus this margin.
 const WATERMARK_MARGIN_NS: u64 = 2_000_000;
@@ -59,6 +59,9 @@ pub struct Shared {
     pub corr: Mutex<CorrStats>,
     /// Records dropped because the correlator was behind (reader never blocks).
     pub overflow_records: AtomicU64,
+    /// Of those, device-queue records: each was a packet's anchor, so a packet that will
+    /// have no trace (traced + lost = sent, docs/daemon.md).
+    pub overflow_anchors: AtomicU64,
     /// Ring records of unexpected size.
     pub bad_records: AtomicU64,
     pub data_traces: AtomicU64,
@@ -66,6 +69,9 @@ pub struct Shared {
     pub count_reached: AtomicBool,
     pub count_notify: tokio::sync::Notify,
     pub flows: AtomicU64,
+    /// The correlator's estimated memory (`Correlator::held_bytes`) and its budget.
+    pub corr_bytes: AtomicU64,
+    pub corr_budget: AtomicU64,
     /// Per shard: the most bytes one drain found waiting since this was last taken (the
     /// ring's fill level when the reader woke).
     pub ring_backlog_bytes: [AtomicU64; RING_SHARDS],
@@ -127,16 +133,15 @@ async fn read_shard(
         let mut events = events;
         if shared.queued_records.load(Ordering::Relaxed) + n > MAX_QUEUED_RECORDS {
             // Over the bound: drop the records, still pass the watermark (and final marker).
-            shared.overflow_records.fetch_add(n, Ordering::Relaxed);
+            drop_counted(&shared, &events);
             events = Vec::new();
         }
         shared.queued_records.fetch_add(events.len() as u64, Ordering::Relaxed);
         match tx.try_send(Batch { shard, events, watermark, last }) {
             Ok(()) => {}
             Err(TrySendError::Full(b)) => {
-                let k = b.events.len() as u64;
-                shared.queued_records.fetch_sub(k, Ordering::Relaxed);
-                shared.overflow_records.fetch_add(k, Ordering::Relaxed);
+                shared.queued_records.fetch_sub(b.events.len() as u64, Ordering::Relaxed);
+                drop_counted(&shared, &b.events);
                 if b.last {
                     // The final marker must get through: wait for room.
                     let tx = tx.clone();
@@ -160,6 +165,13 @@ async fn read_shard(
     }
 }
 
+/// Counts a batch the reader could not queue (and the packet anchors in it).
+fn drop_counted(shared: &Shared, events: &[Event]) {
+    let anchors = events.iter().filter(|e| e.stage == packetflow_common::Stage::DevQueue as u8).count();
+    shared.overflow_records.fetch_add(events.len() as u64, Ordering::Relaxed);
+    shared.overflow_anchors.fetch_add(anchors as u64, Ordering::Relaxed);
+}
+
 pub struct CorrelatorHandle {
     thread: std::thread::JoinHandle<(Correlator, Vec<Box<dyn Sink>>)>,
 }
@@ -171,6 +183,7 @@ impl Readers {
         &mut self,
         coverage: Coverage,
         timeout: Duration,
+        budget_mb: usize,
         count: Option<u64>,
         mut sinks: Vec<Box<dyn Sink>>,
     ) -> CorrelatorHandle {
@@ -186,6 +199,8 @@ impl Readers {
                     .and_then(|p| std::fs::File::create(p).ok())
                     .map(std::io::BufWriter::new);
                 corr.timeout_ns = timeout.as_nanos() as u64;
+                corr.budget_bytes = budget_mb << 20;
+                shared.corr_budget.store(corr.budget_bytes as u64, Ordering::Relaxed);
                 // Send-side records precede their anchor (by as much as the socket's send
                 // queue holds them): keep records well past a pending trace's timeout.
                 corr.retention_ns = corr.retention_ns.max(2 * corr.timeout_ns);
@@ -245,6 +260,7 @@ impl Readers {
                     corr.advance(wm, &mut emit);
                     *shared.corr.lock().expect("corr lock") = corr.stats;
                     shared.flows.store(corr.flows() as u64, Ordering::Relaxed);
+                    shared.corr_bytes.store(corr.held_bytes() as u64, Ordering::Relaxed);
                     if shards.iter().all(|s| done[*s]) {
                         break;
                     }

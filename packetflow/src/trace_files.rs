@@ -61,7 +61,7 @@ pub struct TraceFiles {
 }
 
 /// Lines queued for the writer before new ones are dropped.
-const QUEUE: usize = 8192;
+const QUEUE: usize = 4096;
 
 impl TraceFiles {
     pub fn new(dir: PathBuf, settings: Settings, names: Names, available: Vec<Stage>) -> TraceFiles {

@@ -113,6 +113,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     let mut running = Running::start(RunOptions {
         filter: cfg.filter(),
         interfaces,
+        any_in: trace::any_namespaces(&cfg.interfaces, None),
         xdp: cfg.xdp_mode.into(),
         timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
         more_sinks,
@@ -169,7 +170,12 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
                 }
                 refresh(&running, &cfg, reloads);
             }
-            _ = tick.tick() => refresh(&running, &cfg, reloads),
+            _ = tick.tick() => {
+                for line in running.watch_interfaces() {
+                    log(line);
+                }
+                refresh(&running, &cfg, reloads)
+            }
         }
     };
     log(format!("{why}: detaching"));

@@ -89,6 +89,9 @@ pub struct Attached {
     pub xdp: Result<&'static str, String>,
     pub tc_ingress: Result<(), String>,
     pub tc_egress: Result<(), String>,
+    /// The interface (or its namespace) was deleted while attached: its links died with
+    /// it, and its stages say so.
+    pub lost: bool,
 }
 
 /// Which programs go on an interface: the tracer's, or capture's (which also trace).
@@ -649,7 +652,16 @@ impl Tracer {
             };
             let tc_ingress = tcx(ti, TcAttachType::Ingress);
             let tc_egress = tcx(te, TcAttachType::Egress);
-            Ok(Attached { netns: ns_owned, netns_inode, ifname: name, ifindex, xdp: xdp_state, tc_ingress, tc_egress })
+            Ok(Attached {
+                netns: ns_owned,
+                netns_inode,
+                ifname: name,
+                ifindex,
+                xdp: xdp_state,
+                tc_ingress,
+                tc_egress,
+                lost: false,
+            })
         })?;
         self.links += [attached.xdp.is_ok(), attached.tc_ingress.is_ok(), attached.tc_egress.is_ok()]
             .iter()
@@ -681,6 +693,45 @@ impl Tracer {
         self.stages.insert(Stage::TcIngress, s);
         let s = mk("tcx egress", te, errs(&|a| a.tc_egress.as_ref().err().map(|e| format!("{}: {e}", a.ifname))));
         self.stages.insert(Stage::TcEgress, s);
+    }
+
+    /// Finds attached interfaces that are gone (deleted, renumbered, or their namespace
+    /// deleted): their links died with them. Marks each lost, takes its links out of the
+    /// count and its stages off the list; returns one line per interface lost.
+    pub fn check_interfaces(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for a in self.interfaces.iter_mut().filter(|a| !a.lost) {
+            let gone = a.netns.as_deref().is_some_and(|p| !p.exists())
+                || match sys::in_netns(a.netns.as_deref(), || {
+                    let inode = sys::netns_inode(Path::new("/proc/thread-self/ns/net")).unwrap_or(0);
+                    Ok((inode, sys::ifindex(&a.ifname)))
+                }) {
+                    Ok((inode, i)) => i != Some(a.ifindex) || (a.netns_inode != 0 && inode != a.netns_inode),
+                    // Cannot look (no privileges left after --user): not known to be gone.
+                    Err(_) => false,
+                };
+            if !gone {
+                continue;
+            }
+            let ok = [a.xdp.is_ok(), a.tc_ingress.is_ok(), a.tc_egress.is_ok()].iter().filter(|o| **o).count();
+            self.links -= ok;
+            a.lost = true;
+            let why = "interface deleted".to_string();
+            a.xdp = Err(why.clone());
+            a.tc_ingress = Err(why.clone());
+            a.tc_egress = Err(why);
+            let where_ = a.netns.as_ref().map(|p| format!("@{}", p.display())).unwrap_or_default();
+            lines.push(format!("lost interface {}{where_}: its stages stop", a.ifname));
+        }
+        if !lines.is_empty() {
+            self.refresh_interface_stages();
+        }
+        lines
+    }
+
+    /// Is `ifname` in namespace `netns` attached (and not lost)?
+    pub fn has_interface(&self, netns: Option<&Path>, ifname: &str) -> bool {
+        self.interfaces.iter().any(|a| !a.lost && a.netns.as_deref() == netns && a.ifname == ifname)
     }
 
     /// What the correlator may expect to see, from what is attached.

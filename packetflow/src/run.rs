@@ -27,6 +27,9 @@ pub struct RunOptions {
     pub filter: FilterSpec,
     /// (network namespace, interface name) pairs that get XDP and TC.
     pub interfaces: Vec<(Option<PathBuf>, String)>,
+    /// Namespaces named with `-i any`: interfaces that appear there later are attached
+    /// too (`Running::watch_interfaces`).
+    pub any_in: Vec<Option<PathBuf>>,
     pub xdp: XdpChoice,
     /// NDJSON output: a path, or "-" for stdout.
     pub json: Option<String>,
@@ -53,6 +56,7 @@ impl Default for RunOptions {
         RunOptions {
             filter: FilterSpec::default(),
             interfaces: vec![(None, "lo".into())],
+            any_in: Vec::new(),
             xdp: XdpChoice::Auto,
             json: None,
             chrome_trace: None,
@@ -70,6 +74,10 @@ impl Default for RunOptions {
 
 pub struct Running {
     pub tracer: Tracer,
+    any_in: Vec<Option<PathBuf>>,
+    xdp: XdpChoice,
+    /// Interfaces `watch_interfaces` tried to attach (each is tried once).
+    tried: std::collections::HashSet<(Option<PathBuf>, String)>,
     readers: Readers,
     corr: CorrelatorHandle,
     pub shared: Arc<Shared>,
@@ -171,7 +179,40 @@ impl Running {
         }
         let corr = readers.start_correlator(tracer.coverage(), o.timeout, o.budget_mb, o.count, sinks);
         let shared = readers.shared.clone();
-        Ok(Running { tracer, readers, corr, shared, summary: o.filter.summary, records: !o.filter.no_records })
+        Ok(Running {
+            tracer,
+            any_in: o.any_in,
+            xdp: o.xdp,
+            tried: Default::default(),
+            readers,
+            corr,
+            shared,
+            summary: o.filter.summary,
+            records: !o.filter.no_records,
+        })
+    }
+
+    /// Notices interfaces deleted since the last call (their stages stop; the run goes
+    /// on) and, under `-i any`, attaches interfaces that appeared. One line per change.
+    /// Call every second or so.
+    pub fn watch_interfaces(&mut self) -> Vec<String> {
+        let mut lines = self.tracer.check_interfaces();
+        for ns in &self.any_in {
+            let Ok(now) = sys::in_netns(ns.as_deref(), || Ok(sys::interfaces())) else { continue };
+            for (_, name, _) in now {
+                if self.tracer.has_interface(ns.as_deref(), &name) || !self.tried.insert((ns.clone(), name.clone())) {
+                    continue;
+                }
+                lines.push(match self.tracer.attach_interface(ns.as_deref(), &name, self.xdp) {
+                    Ok(_) => format!("new interface {name}: attached"),
+                    Err(e) => format!("new interface {name}: not attached: {}", crate::error::report(&e).1),
+                });
+            }
+        }
+        if !lines.is_empty() {
+            *self.shared.coverage.lock().expect("coverage lock") = Some(self.tracer.coverage());
+        }
+        lines
     }
 
     /// The statistics so far: the correlator's, or the kernel's in summary mode.
@@ -198,7 +239,7 @@ impl Running {
     /// Detaches every program, drains the rings, finishes every trace and writes the
     /// summary to the sinks.
     pub async fn finish(self) -> Result<Finished> {
-        let Running { mut tracer, readers, corr, shared, summary, records } = self;
+        let Running { mut tracer, readers, corr, shared, summary, records, any_in: _, xdp: _, tried: _ } = self;
         tracer.detach_all();
         let (_corr, mut sinks) = readers.stop(corr).await.context("stopping the pipeline")?;
         let counters = tracer.counters().unwrap_or_default();

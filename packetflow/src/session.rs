@@ -77,6 +77,8 @@ pub struct Shared {
     pub ring_backlog_bytes: [AtomicU64; RING_SHARDS],
     /// Records handed to the correlator and not yet processed.
     pub queued_records: AtomicU64,
+    /// A new coverage for the correlator (interfaces lost or added while running).
+    pub coverage: Mutex<Option<Coverage>>,
 }
 
 pub struct Readers {
@@ -255,6 +257,11 @@ impl Readers {
                         }
                         Err(RecvTimeoutError::Timeout) => {}
                         Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    if let Ok(mut c) = shared.coverage.try_lock()
+                        && let Some(c) = c.take()
+                    {
+                        corr.coverage = c;
                     }
                     let wm = wms.iter().copied().min().unwrap_or(0);
                     corr.advance(wm, &mut emit);

@@ -69,9 +69,10 @@ pub async fn run(a: TraceArgs) -> Result<()> {
         );
     }
     let json_to_stdout = a.json.as_deref() == Some("-");
-    let running = Running::start(RunOptions {
+    let mut running = Running::start(RunOptions {
         filter,
         interfaces,
+        any_in: any_namespaces(&a.ifaces, a.netns.as_deref()),
         xdp: a.xdp,
         json: a.json.clone(),
         chrome_trace: a.chrome_trace.clone(),
@@ -107,6 +108,9 @@ pub async fn run(a: TraceArgs) -> Result<()> {
             _ = running.shared.count_notify.notified() => break "count reached",
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break "duration over",
             _ = tick.tick() => {
+                for line in running.watch_interfaces() {
+                    say(&format!("{line}\n"));
+                }
                 if live {
                     let stats = running.stats();
                     let lost = running.lost();
@@ -173,6 +177,18 @@ pub fn resolve_interfaces(
         interfaces.push((ns, name));
     }
     Ok((interfaces, ifindexes))
+}
+
+/// The namespaces that `-i any` (or `any@NETNS`) names, for `RunOptions::any_in`.
+pub fn any_namespaces(named: &[String], netns: Option<&std::path::Path>) -> Vec<Option<PathBuf>> {
+    named
+        .iter()
+        .filter_map(|spec| match spec.split_once('@') {
+            Some(("any", ns)) => Some(Some(netns_path(ns))),
+            None if spec == "any" => Some(netns.map(PathBuf::from)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// A namespace given by name (in /run/netns) or by path.

@@ -272,6 +272,7 @@ fn snapshot(running: &Running, files: &Files, reloads: (u64, u64), ring_bytes: u
         taken: Instant::now(),
         stats: running.stats(),
         counters: running.tracer.counters().unwrap_or_default(),
+        missed: running.tracer.recursion_misses(),
         corr: *sh.corr.lock().expect("corr lock"),
         reader_overflow: sh.overflow_records.load(Ordering::Relaxed),
         reader_overflow_anchors: sh.overflow_anchors.load(Ordering::Relaxed),

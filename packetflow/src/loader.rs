@@ -50,6 +50,58 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub const SEND_SYSCALLS: &[&str] = &["write", "writev", "sendto", "sendmsg", "sendmmsg"];
 pub const RECV_SYSCALLS: &[&str] = &["read", "readv", "recvfrom", "recvmsg", "recvmmsg"];
 
+/// Each program and the stage whose records it writes (for the kernel's per-program
+/// counters).
+const PROGRAM_STAGES: &[(&str, Stage)] = &[
+    ("pf_sys_enter_send", Stage::SendSyscall),
+    ("pf_sys_exit_send", Stage::SendSyscall),
+    ("pf_tcp_sendmsg", Stage::SockSend),
+    ("pf_kp_tcp_sendmsg", Stage::SockSend),
+    ("pf_cg_egress", Stage::SockSend),
+    ("pf_cg_egress_nopid", Stage::SockSend),
+    ("pf_kp_ip_send", Stage::IpSend),
+    ("pf_tc_egress", Stage::TcEgress),
+    ("pf_cap_tc_egress", Stage::TcEgress),
+    ("pf_dev_queue", Stage::DevQueue),
+    ("pf_start_xmit", Stage::NicXmit),
+    ("pf_xdp", Stage::Xdp),
+    ("pf_cap_xdp", Stage::Xdp),
+    ("pf_netif_receive", Stage::NetifReceive),
+    ("pf_tc_ingress", Stage::TcIngress),
+    ("pf_kp_ip_rcv", Stage::IpRcv),
+    ("pf_tcp_probe", Stage::TransportRcv),
+    ("pf_cg_ingress", Stage::TransportRcv),
+    ("pf_sk_data_ready", Stage::SockQueue),
+    ("pf_kp_sk_data_ready", Stage::SockQueue),
+    ("pf_copy_to_user", Stage::CopyToUser),
+    ("pf_sock_recv", Stage::CopyToUser),
+    ("pf_kp_udp_copy", Stage::CopyToUser),
+    ("pf_sys_exit_recv", Stage::RecvSyscall),
+];
+
+/// How often the kernel skipped program `fd` because a BPF program was already running
+/// on that CPU (`bpf_prog_info.recursion_misses`, Linux 5.12+; 0 where unknown).
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: bpf_prog_info is plain integers; all-zero is a valid value.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: &raw mut info as u64,
+    };
+    // SAFETY: the kernel writes at most `info_len` bytes into `info`, which outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr, size_of::<InfoAttr>()) };
+    if r == 0 { info.recursion_misses } else { 0 }
+}
+
 /// One way to serve a hook: a tp_btf program on a tracepoint, a kprobe on kernel
 /// functions, or a cgroup_skb program on the root cgroup.
 enum Hook {
@@ -727,6 +779,22 @@ impl Tracer {
             self.refresh_interface_stages();
         }
         lines
+    }
+
+    /// Per stage, the runs of its programs that the kernel skipped (a BPF program was
+    /// already running on that CPU): records never written, so lost. Read before
+    /// `detach_all`.
+    pub fn recursion_misses(&self) -> BTreeMap<Stage, u64> {
+        let mut out = BTreeMap::new();
+        let Some(ebpf) = self.ebpf.as_ref() else { return out };
+        for (name, prog) in ebpf.programs() {
+            let Some((_, stage)) = PROGRAM_STAGES.iter().find(|(n, _)| *n == name) else { continue };
+            if let Ok(fd) = prog.fd() {
+                use std::os::fd::AsFd;
+                *out.entry(*stage).or_default() += recursion_misses(fd.as_fd());
+            }
+        }
+        out
     }
 
     /// Is `ifname` in namespace `netns` attached (and not lost)?

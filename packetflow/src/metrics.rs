@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub taken: Instant,
     pub stats: Stats,
     pub counters: Vec<u64>,
+    /// Per stage, runs of its programs the kernel skipped (`Tracer::recursion_misses`).
+    pub missed: BTreeMap<Stage, u64>,
     pub corr: CorrStats,
     pub reader_overflow: u64,
     /// Of those, packet anchors (device-queue records).
@@ -200,6 +202,17 @@ impl Collector for Exporter {
         )?;
         m.encode_family(&[("what", "flows")])?.encode_counter::<NoLabelSet, _, f64>(&s.corr.flows_evicted, None)?;
         m.encode_family(&[("what", "records")])?.encode_counter::<NoLabelSet, _, f64>(&s.corr.records_evicted, None)?;
+        let mut m = metric(
+            &mut enc,
+            "packetflow_events_missed",
+            "Runs of a stage's program the kernel skipped because a BPF program was already running on that CPU (records never written)",
+            None,
+            MetricType::Counter,
+        )?;
+        for stage in Stage::ALL {
+            let n = s.missed.get(&stage).copied().unwrap_or(0);
+            m.encode_family(&[("stage", stage.name())])?.encode_counter::<NoLabelSet, _, f64>(&n, None)?;
+        }
         let mut m = metric(
             &mut enc,
             "packetflow_packets_lost",

@@ -105,6 +105,14 @@ pub fn lost_per_stage(c: &[u64]) -> BTreeMap<Stage, u64> {
     Stage::ALL.iter().map(|s| (*s, c.get((counters::LOST + *s as u32) as usize).copied().unwrap_or(0))).collect()
 }
 
+/// Ring losses plus the runs the kernel skipped, per stage.
+pub fn with_misses(mut lost: BTreeMap<Stage, u64>, missed: &BTreeMap<Stage, u64>) -> BTreeMap<Stage, u64> {
+    for (s, n) in missed {
+        *lost.entry(*s).or_default() += n;
+    }
+    lost
+}
+
 pub fn counters_json(c: &[u64], overflow: u64) -> serde_json::Value {
     let g = |i: u32| c.get(i as usize).copied().unwrap_or(0);
     serde_json::json!({
@@ -220,8 +228,9 @@ impl Running {
         if self.records { self.shared.stats.lock().expect("stats lock").clone() } else { self.tracer.kernel_stats() }
     }
 
+    /// Per stage, records lost in the kernel: a full ring, or a run the kernel skipped.
     pub fn lost(&self) -> BTreeMap<Stage, u64> {
-        lost_per_stage(&self.tracer.counters().unwrap_or_default())
+        with_misses(lost_per_stage(&self.tracer.counters().unwrap_or_default()), &self.tracer.recursion_misses())
     }
 
     /// Waits until at least `n` data traces are finished, or `max` passes.
@@ -240,6 +249,7 @@ impl Running {
     /// summary to the sinks.
     pub async fn finish(self) -> Result<Finished> {
         let Running { mut tracer, readers, corr, shared, summary, records, any_in: _, xdp: _, tried: _ } = self;
+        let missed = tracer.recursion_misses();
         tracer.detach_all();
         let (_corr, mut sinks) = readers.stop(corr).await.context("stopping the pipeline")?;
         let counters = tracer.counters().unwrap_or_default();
@@ -250,8 +260,10 @@ impl Running {
         };
         let corr = *shared.corr.lock().expect("corr lock");
         let overflow = shared.overflow_records.load(Ordering::Relaxed);
-        let lost = lost_per_stage(&counters);
-        let summary = json::summary(&stats, &lost, counters_json(&counters, overflow), &corr);
+        let lost = with_misses(lost_per_stage(&counters), &missed);
+        let mut counts = counters_json(&counters, overflow);
+        counts["recursion_misses"] = serde_json::json!(missed.iter().map(|(s, n)| (s.name(), *n)).collect::<BTreeMap<_, _>>());
+        let summary = json::summary(&stats, &lost, counts, &corr);
         for s in sinks.iter_mut() {
             s.finish(&summary);
         }

@@ -495,9 +495,13 @@ fn flood_keeps_memory_bounded_and_metrics_served() {
     // deliver the rest: traced + each counted loss = sent.
     let account = |m: &str| -> (f64, f64, f64, f64) {
         let traced = value(m, "packetflow_packets_traced_total{path=\"loopback\"}").unwrap_or(0.0);
+        // A full ring, or a run the kernel skipped: either way no device-queue record.
         let ring = m
             .lines()
-            .filter(|l| l.starts_with("packetflow_events_lost_total{stage=\"dev_queue\""))
+            .filter(|l| {
+                l.starts_with("packetflow_events_lost_total{stage=\"dev_queue\"")
+                    || l.starts_with("packetflow_events_missed_total{stage=\"dev_queue\"")
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>();
         let reader = value(m, "packetflow_packets_lost_total{cause=\"reader_behind\"}").unwrap();

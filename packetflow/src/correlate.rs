@@ -19,10 +19,14 @@
 //! when the watermark passes the anchor by the timeout: stages still missing are reported
 //! missing, never guessed.
 //!
-//! Memory is bounded: per flow and stage at most `MAX_TCP_PER_STAGE` / `MAX_UDP_PER_STAGE`
-//! records, at most
-//! `max_flows` flows (least recently active evicted first), records older than the
-//! retention dropped. Every eviction is counted.
+//! Memory is bounded: by `budget_bytes` over every flow (estimated by `FlowState::bytes`;
+//! past it a long list sheds its oldest records, else the least recently active flow is
+//! evicted, its pending packets finished early), per flow and stage at most
+//! `MAX_TCP_PER_STAGE` / `MAX_UDP_PER_STAGE` records, at most `max_flows` flows, records
+//! older than the retention dropped. Every eviction is counted, and O(1).
+//!
+//! Work is bounded too: `advance` looks only at flows that got records since it last
+//! did, or whose wake-up time (when the watermark alone may finish a trace) has passed.
 
 use std::{
     cmp::Reverse,
@@ -44,9 +48,8 @@ use packetflow_common::{
 /// TCP records are compact (a VecDeque of 48-byte `Rec`s) and a bulk transfer keeps tens
 /// of thousands in flight per stage (tests/tests/bulk.rs).
 const MAX_TCP_PER_STAGE: usize = 1 << 16;
-/// UDP records sit in a BTreeMap (~130 bytes each with the order list); a flood fills
-/// every stage of a flow, so this cap is what bounds the daemon's memory
-/// (tests/tests/daemon.rs, flood test).
+/// UDP records (a hash entry and an arrival-order entry each, `UDP_REC_BYTES`); a flood
+/// of identical datagrams fills every stage of a flow up to this cap, or the budget.
 const MAX_UDP_PER_STAGE: usize = 1 << 14;
 /// Records examined on each side of the best candidate.
 const SCAN: usize = 24;
@@ -441,6 +444,9 @@ const STAGE_BYTES: usize = size_of::<Records>() + 16 + 4 * (size_of::<((u64, u64
 /// A list at least this long gives up its own oldest records before other flows are
 /// evicted for the budget.
 const SHED_MIN: usize = 256;
+/// Entries in each of the maps that find a UDP flow from a socket's partial view
+/// (`udp_dst`, `udp_queued`): cleared when full, so they hold only recent flows.
+const MAX_UDP_KEYS: usize = 16_384;
 /// UDP receive-side records waiting for their flow's destination, at most.
 const MAX_ORPHANS: usize = 16_384;
 
@@ -574,6 +580,9 @@ pub struct Correlator {
     comms: HashMap<u32, Option<String>>,
     /// UDP (family, source, ports) → the flow with its destination (see `resolve`).
     udp_dst: HashMap<(bool, [u8; 16], u16, u16), Flow>,
+    /// UDP (family, destination port, payload key, length) of a queued datagram → its
+    /// flow (see `resolve`).
+    udp_queued: HashMap<(bool, u16, u32, u32), Flow>,
     /// UDP receive-side records whose flow is not known yet (at most `MAX_ORPHANS`).
     orphans: VecDeque<Event>,
     /// Traces of evicted flows, finished early, for the next `advance` to emit.
@@ -600,6 +609,7 @@ impl Correlator {
             wakes: BinaryHeap::new(),
             comms: HashMap::default(),
             udp_dst: HashMap::default(),
+            udp_queued: HashMap::default(),
             orphans: VecDeque::new(),
             early: Vec::new(),
             last_prune: 0,
@@ -622,7 +632,7 @@ impl Correlator {
             self.stats.bad_records += 1;
             return;
         };
-        let Some(flow) = self.resolve(Flow::of(ev)) else {
+        let Some(flow) = self.resolve(Flow::of(ev), ev) else {
             // Destination not known yet: retried on every `advance`.
             if self.orphans.len() >= MAX_ORPHANS {
                 self.orphans.pop_front();
@@ -712,17 +722,29 @@ impl Correlator {
 
     /// A UDP socket bound to the wildcard address does not know which of its addresses a
     /// datagram was sent to: its receive-side records carry an unspecified destination.
-    /// They belong to the flow with the same source and ports seen on the wire.
-    fn resolve(&mut self, flow: Flow) -> Option<Flow> {
+    /// They belong to the flow with the same source and ports seen on the wire. An
+    /// unconnected socket read without asking for the sender (recv, read) names no
+    /// source either: its records belong to the flow whose datagram with the same
+    /// payload key and length was queued on that port.
+    fn resolve(&mut self, flow: Flow, ev: &Event) -> Option<Flow> {
         if !flow.udp {
             return Some(flow);
+        }
+        if flow.src == [0; 16] && flow.sport == 0 {
+            return self.udp_queued.get(&(flow.v6, flow.dport, ev.seq, ev.len)).copied();
+        }
+        if ev.stage == Stage::SockQueue as u8 {
+            if self.udp_queued.len() >= MAX_UDP_KEYS {
+                self.udp_queued.clear();
+            }
+            self.udp_queued.insert((flow.v6, flow.dport, ev.seq, ev.len), flow);
         }
         let key = (flow.v6, flow.src, flow.sport, flow.dport);
         if flow.dst == [0; 16] {
             return self.udp_dst.get(&key).copied();
         }
         if self.udp_dst.get(&key) != Some(&flow) {
-            if self.udp_dst.len() > 65_536 {
+            if self.udp_dst.len() >= MAX_UDP_KEYS {
                 self.udp_dst.clear();
             }
             self.udp_dst.insert(key, flow);
@@ -735,7 +757,7 @@ impl Correlator {
             let Some(ev) = self.orphans.pop_front() else {
                 break;
             };
-            match (self.resolve(Flow::of(&ev)), Stage::from_u8(ev.stage)) {
+            match (self.resolve(Flow::of(&ev), &ev), Stage::from_u8(ev.stage)) {
                 (Some(flow), Some(stage)) => self.push_to(flow, stage, &ev),
                 _ if ev.ts_ns.saturating_add(self.retention_ns) < self.watermark => self.stats.records_unmatched += 1,
                 _ => self.orphans.push_back(ev),
@@ -1512,6 +1534,24 @@ mod tests {
             e.flags |= F_UDP;
             if s == Stage::CopyToUser {
                 e.daddr = [0; 16];
+            }
+            evs.push(e);
+        }
+        let t = run(&mut c, &evs);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].time_of(Stage::CopyToUser), Some(200));
+    }
+
+    #[test]
+    fn an_unconnected_socket_read_without_the_sender_joins_by_payload() {
+        let mut c = Correlator::new(all_global());
+        let mut evs = Vec::new();
+        for (s, t) in [(Stage::DevQueue, 100), (Stage::SockQueue, 150), (Stage::CopyToUser, 200)] {
+            let mut e = ev(s, t, 0x1234, 18);
+            e.flags |= F_UDP;
+            if s == Stage::CopyToUser {
+                // recv() on an unconnected socket: the local end only.
+                (e.saddr, e.sport) = ([0; 16], 0);
             }
             evs.push(e);
         }

@@ -92,11 +92,8 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> u64 {
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
     // SAFETY: bpf_prog_info is plain integers; all-zero is a valid value.
     let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
-    let attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of_val(&info) as u32,
-        info: &raw mut info as u64,
-    };
+    let attr =
+        InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of_val(&info) as u32, info: &raw mut info as u64 };
     // SAFETY: the kernel writes at most `info_len` bytes into `info`, which outlives the call.
     let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &attr, size_of::<InfoAttr>()) };
     if r == 0 { info.recursion_misses } else { 0 }
@@ -206,7 +203,9 @@ pub struct Tracer {
     /// parallel: each close waits for an RCU grace period (~75 ms here), and 15 of them
     /// in a row made SIGTERM take over a second.
     tp_links: Vec<aya::programs::trace_point::TracePointLink>,
-    btf: aya::Btf,
+    /// The kernel's BTF for loading tp_btf programs: tens of MiB parsed, so dropped once
+    /// the kernel hooks are attached (and read again if ever needed).
+    btf: Option<aya::Btf>,
 }
 
 fn describe(e: &ProgramError) -> String {
@@ -329,7 +328,7 @@ impl Tracer {
             used_shards: used,
             links: 0,
             tp_links: Vec::new(),
-            btf: aya_btf,
+            btf: Some(aya_btf),
         };
         Ok(t)
     }
@@ -467,7 +466,10 @@ impl Tracer {
     }
 
     fn tp_btf(&mut self, prog: &str, tp: &str) -> Result<(), String> {
-        let btf = &self.btf;
+        if self.btf.is_none() {
+            self.btf = Some(aya::Btf::from_sys_fs().map_err(|e| format!("reading kernel BTF: {e}"))?);
+        }
+        let btf = self.btf.as_ref().expect("just read");
         let p: &mut BtfTracePoint = self
             .ebpf
             .as_mut()
@@ -613,6 +615,10 @@ impl Tracer {
         for s in [Stage::Xdp, Stage::TcEgress, Stage::TcIngress] {
             put(s, ("per interface (none attached)".into(), Err("no interface attached".into())));
         }
+        // The parsed BTF is no longer needed: give its memory back.
+        self.btf = None;
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe { libc::malloc_trim(0) };
         if self.stages.values().all(|h| h.state.is_err()) {
             let why = self.stages.get(&Stage::DevQueue).and_then(|h| h.state.clone().err()).unwrap_or_default();
             crate::user_bail!("no tracing hook could be attached on this kernel ({why}); run `packetflow doctor`");

@@ -262,7 +262,8 @@ impl Running {
         let overflow = shared.overflow_records.load(Ordering::Relaxed);
         let lost = with_misses(lost_per_stage(&counters), &missed);
         let mut counts = counters_json(&counters, overflow);
-        counts["recursion_misses"] = serde_json::json!(missed.iter().map(|(s, n)| (s.name(), *n)).collect::<BTreeMap<_, _>>());
+        counts["recursion_misses"] =
+            serde_json::json!(missed.iter().map(|(s, n)| (s.name(), *n)).collect::<BTreeMap<_, _>>());
         let summary = json::summary(&stats, &lost, counts, &corr);
         for s in sinks.iter_mut() {
             s.finish(&summary);

@@ -428,9 +428,9 @@ fn flood_keeps_memory_bounded_and_metrics_served() {
             let mut buf = [0u8; 2048];
             let mut n = 0;
             while !done.load(std::sync::atomic::Ordering::Relaxed) && n < 100_000 {
-                // recv_from: an unconnected socket names the peer only when asked, and
-                // the copy stage finds its flow from that name (docs/stages.md).
-                if rx.recv_from(&mut buf).is_ok() {
+                // recv: an unconnected socket that names no sender; its records join
+                // their flow by payload (correlate.rs `resolve`).
+                if rx.recv(&mut buf).is_ok() {
                     n += 1;
                 }
             }

@@ -273,6 +273,8 @@ fn snapshot(running: &Running, files: &Files, reloads: (u64, u64), ring_bytes: u
         stats: running.stats(),
         counters: running.tracer.counters().unwrap_or_default(),
         missed: running.tracer.recursion_misses(),
+        programs: running.tracer.program_costs(),
+        tracing_for: running.started.elapsed(),
         corr: *sh.corr.lock().expect("corr lock"),
         reader_overflow: sh.overflow_records.load(Ordering::Relaxed),
         reader_overflow_anchors: sh.overflow_anchors.load(Ordering::Relaxed),
@@ -321,8 +323,28 @@ fn render_status(s: &Snapshot, c: &Config, started: Instant) -> String {
         ));
     }
     out.push('\n');
-    let lost = run::lost_per_stage(&s.counters);
+    let lost = run::with_misses(run::lost_per_stage(&s.counters), &s.missed);
     out.push_str(&trace::tables(&s.stats, &lost));
+    match &s.programs {
+        Some(progs) => {
+            let ns: u64 = progs.iter().map(|p| p.ns).sum();
+            out.push_str(&format!(
+                "
+tracing cost: {:.2}% of one CPU since start ({:.1} ms of kernel time)
+",
+                ns as f64 / s.tracing_for.as_nanos().max(1) as f64 * 100.0,
+                ns as f64 / 1e6
+            ));
+            for p in progs {
+                out.push_str(&format!("  {:<20} {:>12} runs {:>8} ns/run\n", p.name, p.runs, p.ns / p.runs.max(1)));
+            }
+        }
+        None => out.push_str(
+            "
+tracing cost: unknown (the kernel's BPF run statistics could not be turned on)
+",
+        ),
+    }
     out.push_str(&format!("\nhooks ({} attachments):\n", s.links));
     for (stage, h) in &s.stages {
         let state = match &h.state {

@@ -194,6 +194,7 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
         println!("{p} client: {line}");
     }
     println!("{}", run::loss_line(&f));
+    println!("{}", run::cost_line(&f));
     Ok(())
 }
 

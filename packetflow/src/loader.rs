@@ -206,6 +206,18 @@ pub struct Tracer {
     /// The kernel's BTF for loading tp_btf programs: tens of MiB parsed, so dropped once
     /// the kernel hooks are attached (and read again if ever needed).
     btf: Option<aya::Btf>,
+    /// Keeps the kernel's per-program run statistics on while the tracer lives (closing
+    /// it, even by a crash, restores what was there before).
+    _run_stats: Option<std::os::fd::OwnedFd>,
+}
+
+/// One program's kernel time so far (with the run statistics on).
+#[derive(Clone, Debug)]
+pub struct ProgramCost {
+    pub name: String,
+    pub stage: Option<Stage>,
+    pub runs: u64,
+    pub ns: u64,
 }
 
 fn describe(e: &ProgramError) -> String {
@@ -329,6 +341,8 @@ impl Tracer {
             links: 0,
             tp_links: Vec::new(),
             btf: Some(aya_btf),
+            // Root (CAP_SYS_ADMIN) only; without it the cost is reported unknown.
+            _run_stats: aya::sys::enable_stats(aya::sys::Stats::RunTime).ok(),
         };
         Ok(t)
     }
@@ -801,6 +815,28 @@ impl Tracer {
             }
         }
         out
+    }
+
+    /// Every loaded program's runs and kernel time since the tracer started (None when
+    /// the kernel's run statistics could not be turned on).
+    pub fn program_costs(&self) -> Option<Vec<ProgramCost>> {
+        self._run_stats.as_ref()?;
+        let ebpf = self.ebpf.as_ref()?;
+        let costs = ebpf
+            .programs()
+            .filter_map(|(name, prog)| {
+                let info = prog.info().ok()?;
+                let stage = PROGRAM_STAGES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s);
+                Some(ProgramCost {
+                    name: name.to_string(),
+                    stage,
+                    runs: info.run_count(),
+                    ns: info.run_time().as_nanos() as u64,
+                })
+            })
+            .filter(|c| c.runs > 0)
+            .collect();
+        Some(costs)
     }
 
     /// Is `ifname` in namespace `netns` attached (and not lost)?

@@ -38,6 +38,10 @@ pub struct Snapshot {
     pub counters: Vec<u64>,
     /// Per stage, runs of its programs the kernel skipped (`Tracer::recursion_misses`).
     pub missed: BTreeMap<Stage, u64>,
+    /// Each program's runs and kernel time (None: run statistics unavailable).
+    pub programs: Option<Vec<crate::loader::ProgramCost>>,
+    /// Since the programs were attached.
+    pub tracing_for: std::time::Duration,
     pub corr: CorrStats,
     pub reader_overflow: u64,
     /// Of those, packet anchors (device-queue records).
@@ -202,6 +206,32 @@ impl Collector for Exporter {
         )?;
         m.encode_family(&[("what", "flows")])?.encode_counter::<NoLabelSet, _, f64>(&s.corr.flows_evicted, None)?;
         m.encode_family(&[("what", "records")])?.encode_counter::<NoLabelSet, _, f64>(&s.corr.records_evicted, None)?;
+        if let Some(progs) = &s.programs {
+            let mut m = metric(
+                &mut enc,
+                "packetflow_program_runs",
+                "Runs of each of the tracer's programs (the kernel's BPF run statistics, on while packetflow runs)",
+                None,
+                MetricType::Counter,
+            )?;
+            for p in progs {
+                let stage = p.stage.map_or("", |s| s.name());
+                m.encode_family(&[("program", p.name.as_str()), ("stage", stage)])?
+                    .encode_counter::<NoLabelSet, _, f64>(&p.runs, None)?;
+            }
+            let mut m = metric(
+                &mut enc,
+                "packetflow_program_run",
+                "Kernel time spent in each of the tracer's programs",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?;
+            for p in progs {
+                let stage = p.stage.map_or("", |s| s.name());
+                m.encode_family(&[("program", p.name.as_str()), ("stage", stage)])?
+                    .encode_counter::<NoLabelSet, _, f64>(&(p.ns as f64 / 1e9), None)?;
+            }
+        }
         let mut m = metric(
             &mut enc,
             "packetflow_events_missed",

@@ -74,6 +74,8 @@ impl Default for RunOptions {
 
 pub struct Running {
     pub tracer: Tracer,
+    /// When the programs were attached (the tracer's cost is over the time since).
+    pub started: std::time::Instant,
     any_in: Vec<Option<PathBuf>>,
     xdp: XdpChoice,
     /// Interfaces `watch_interfaces` tried to attach (each is tried once).
@@ -98,6 +100,46 @@ pub struct Finished {
     pub summary: serde_json::Value,
     pub stages: BTreeMap<Stage, crate::loader::StageHook>,
     pub interfaces: Vec<crate::loader::Attached>,
+    /// The tracer's own kernel time over the run (None: run statistics unavailable).
+    pub cost: Option<Cost>,
+}
+
+/// What the tracer's programs cost the kernel over a run.
+#[derive(Clone, Debug)]
+pub struct Cost {
+    pub kernel_ns: u64,
+    pub runs: u64,
+    pub elapsed: std::time::Duration,
+}
+
+impl Cost {
+    fn of(programs: &[crate::loader::ProgramCost], elapsed: std::time::Duration) -> Cost {
+        Cost { kernel_ns: programs.iter().map(|p| p.ns).sum(), runs: programs.iter().map(|p| p.runs).sum(), elapsed }
+    }
+
+    /// Share of one CPU, in percent.
+    pub fn cpu_percent(&self) -> f64 {
+        self.kernel_ns as f64 / self.elapsed.as_nanos().max(1) as f64 * 100.0
+    }
+}
+
+/// "tracing cost: 940 ns of kernel time per traced packet, 3.1% of one CPU ...".
+pub fn cost_line(f: &Finished) -> String {
+    let Some(c) = &f.cost else {
+        return "tracing cost: unknown (the kernel's BPF run statistics could not be turned on)".into();
+    };
+    let packets: u64 = f.stats.paths.values().map(|p| p.traces).sum();
+    let per = match packets {
+        0 => "no packet traced".to_string(),
+        n => format!("{} ns of kernel time per traced packet", c.kernel_ns / n),
+    };
+    format!(
+        "tracing cost: {per}, {:.1}% of one CPU ({} program runs, {:.1} ms of kernel time in {:.1} s)",
+        c.cpu_percent(),
+        c.runs,
+        c.kernel_ns as f64 / 1e6,
+        c.elapsed.as_secs_f64()
+    )
 }
 
 /// Ring-buffer losses per stage, from the kernel counters.
@@ -189,6 +231,7 @@ impl Running {
         let shared = readers.shared.clone();
         Ok(Running {
             tracer,
+            started: std::time::Instant::now(),
             any_in: o.any_in,
             xdp: o.xdp,
             tried: Default::default(),
@@ -248,8 +291,10 @@ impl Running {
     /// Detaches every program, drains the rings, finishes every trace and writes the
     /// summary to the sinks.
     pub async fn finish(self) -> Result<Finished> {
-        let Running { mut tracer, readers, corr, shared, summary, records, any_in: _, xdp: _, tried: _ } = self;
+        let Running { mut tracer, readers, corr, shared, summary, records, started, any_in: _, xdp: _, tried: _ } =
+            self;
         let missed = tracer.recursion_misses();
+        let cost = tracer.program_costs().map(|p| Cost::of(&p, started.elapsed()));
         tracer.detach_all();
         let (_corr, mut sinks) = readers.stop(corr).await.context("stopping the pipeline")?;
         let counters = tracer.counters().unwrap_or_default();
@@ -262,6 +307,10 @@ impl Running {
         let overflow = shared.overflow_records.load(Ordering::Relaxed);
         let lost = with_misses(lost_per_stage(&counters), &missed);
         let mut counts = counters_json(&counters, overflow);
+        if let Some(c) = &cost {
+            counts["tracing_kernel_ns"] = c.kernel_ns.into();
+            counts["tracing_program_runs"] = c.runs.into();
+        }
         counts["recursion_misses"] =
             serde_json::json!(missed.iter().map(|(s, n)| (s.name(), *n)).collect::<BTreeMap<_, _>>());
         let summary = json::summary(&stats, &lost, counts, &corr);
@@ -278,6 +327,7 @@ impl Running {
             summary,
             stages: tracer.stages.clone(),
             interfaces: tracer.interfaces.clone(),
+            cost,
         })
     }
 }

@@ -137,6 +137,7 @@ pub async fn run(a: TraceArgs) -> Result<()> {
     }
     say(&tables(&f.stats, &f.lost));
     say(&format!("{}\n", run::loss_line(&f)));
+    say(&format!("{}\n", run::cost_line(&f)));
     Ok(())
 }
 

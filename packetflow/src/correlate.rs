@@ -772,7 +772,8 @@ impl Correlator {
         let Some(flow) = self.flows.front().map(|(f, _)| *f) else { return };
         let mut early = std::mem::take(&mut self.early);
         let before = early.len();
-        self.look(&flow, u64::MAX, &mut |t| early.push(t));
+        // Without pruning: the records no trace used are counted evicted below.
+        self.look(&flow, u64::MAX, false, &mut |t| early.push(t));
         self.stats.traces_finished_early += (early.len() - before) as u64;
         self.early = early;
         if let Some((_, st)) = self.flows.pop_front() {
@@ -822,7 +823,7 @@ impl Correlator {
         for flow in todo.drain(..) {
             let Some(st) = self.flows.get_mut(&flow) else { continue };
             st.dirty = false;
-            let wake = self.look(&flow, wm, out);
+            let wake = self.look(&flow, wm, true, out);
             let st = self.flows.get_mut(&flow).expect("flow exists");
             if flow.udp && st.pending.is_empty() && st.stages.iter().all(Option::is_none) {
                 // Nothing left to join: a UDP flow keeps no state between datagrams.
@@ -844,9 +845,10 @@ impl Correlator {
         self.prune();
     }
 
-    /// Finishes what is ready in one flow; returns the watermark at which it should be
-    /// looked at again if no record comes before.
-    fn look(&mut self, flow: &Flow, wm: u64, out: &mut impl FnMut(Trace)) -> Option<u64> {
+    /// Finishes what is ready in one flow (and, with `prune`, drops its records older than
+    /// the retention); returns the watermark at which it should be looked at again if no
+    /// record comes before.
+    fn look(&mut self, flow: &Flow, wm: u64, prune: bool, out: &mut impl FnMut(Trace)) -> Option<u64> {
         let timeout = self.timeout_ns;
         let settle = timeout / 4;
         let horizon = wm.saturating_sub(self.retention_ns);
@@ -924,7 +926,7 @@ impl Correlator {
             }
         }
         // Old records go at most every 50 ms of watermark progress per flow.
-        if wm == u64::MAX || wm >= st.pruned_at.saturating_add(50_000_000) {
+        if prune && (wm == u64::MAX || wm >= st.pruned_at.saturating_add(50_000_000)) {
             st.pruned_at = wm;
             let keep_from = horizon.min(st.pending.front().map_or(u64::MAX, |a| a.rec.ts));
             // A TCP record is accounted for when its bytes belong to finished traces (a
@@ -1688,6 +1690,7 @@ mod budget_tests {
         assert!(c.stats.flows_evicted > 10_000, "{:?}", c.stats);
         assert_eq!(c.stats.traces_finished_early, c.stats.flows_evicted);
         assert_eq!(c.stats.anchors_evicted, 0);
+        assert_eq!(c.stats.records_evicted, 0, "every record of an evicted flow was used by its trace");
         assert_eq!((c.flows(), c.held_bytes()), (0, 0), "nothing left after the flush");
     }
 

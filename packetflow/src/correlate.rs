@@ -438,6 +438,8 @@ const FLOW_OVERHEAD: usize = 128;
 /// byte) plus its arrival-order entry.
 const TCP_REC_BYTES: usize = 2 * size_of::<Rec>();
 const UDP_REC_BYTES: usize = 2 * (size_of::<((u64, u64), Recs)>() + 1) + 2 * size_of::<(u64, u64, u64)>();
+/// A pending anchor, with its queue's slack.
+const ANCHOR_BYTES: usize = 2 * size_of::<Anchor>();
 /// A stage's records before the first: the box, and the smallest allocations its
 /// containers make (a hash table of 4 slots, a queue of 4) with allocator headers.
 const STAGE_BYTES: usize = size_of::<Records>() + 16 + 4 * (size_of::<((u64, u64), Recs)>() + 1) + 16 + 4 * 24 + 16;
@@ -500,7 +502,7 @@ impl FlowState {
             + size_of::<Flow>()
             + size_of::<FlowState>()
             + self.stages.iter().flatten().map(|r| r.bytes()).sum::<usize>()
-            + self.pending.len() * 2 * size_of::<Anchor>()
+            + self.pending.len() * ANCHOR_BYTES
             + self.anchored.len() * 48
     }
 
@@ -645,10 +647,18 @@ impl Correlator {
     }
 
     fn push_to(&mut self, flow: Flow, stage: Stage, ev: &Event) {
-        if !self.flows.contains_key(&flow) && self.flows.len() >= self.max_flows {
-            self.evict_front();
-        }
-        let st = self.flows.entry(flow).or_insert_with(FlowState::default);
+        // One lookup for a known flow (which becomes the most recently active).
+        let st = match self.flows.to_back(&flow) {
+            Some(st) => st,
+            None => {
+                if self.flows.len() >= self.max_flows {
+                    self.evict_front();
+                }
+                let st = FlowState::default();
+                self.held_bytes += st.bytes();
+                self.flows.entry(flow).or_insert(FlowState { accounted: st.bytes(), ..st })
+            }
+        };
         st.last_ts = st.last_ts.max(ev.ts_ns);
         let rec = if ev.is_udp() {
             Rec { lo: ev.seq as u64, hi: ev.len as u64, end_only: false, ..rec_base(ev) }
@@ -660,6 +670,8 @@ impl Correlator {
             Rec { lo, hi: lo + ev.len.max(control_len(ev)) as u64, end_only: false, ..rec_base(ev) }
         };
         let until = st.anchored_until;
+        // Accounted by difference: only this list and the pending anchors change.
+        let before = st.stages[stage as usize].as_ref().map_or(0, |l| l.bytes()) + st.pending.len() * ANCHOR_BYTES;
         if !st.list_mut(stage).insert(flow.udp, rec, until) {
             self.stats.records_evicted += 1;
         }
@@ -676,10 +688,12 @@ impl Correlator {
             st.dirty = true;
             self.dirty.push(flow);
         }
-        let bytes = st.bytes();
-        self.held_bytes = self.held_bytes + bytes - st.accounted;
-        st.accounted = bytes;
-        self.flows.to_back(&flow);
+        let after = st.list(stage).bytes() + st.pending.len() * ANCHOR_BYTES;
+        st.accounted = st.accounted + after - before;
+        self.held_bytes = self.held_bytes + after - before;
+        // The accounting by difference must agree with the full count (unit tests).
+        #[cfg(test)]
+        assert_eq!(st.accounted, st.bytes());
         if self.held_bytes > self.budget_bytes {
             self.shed(flow);
         }

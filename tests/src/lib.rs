@@ -33,6 +33,29 @@ pub fn require_root() {
     assert!(unsafe { libc::geteuid() } == 0, "end-to-end tests load eBPF programs and must run as root");
 }
 
+/// The line that marks a test as skipped: `PACKETFLOW-SKIP: <test name>: <reason>`.
+pub const SKIP_MARKER: &str = "PACKETFLOW-SKIP: ";
+
+/// Records that the running test cannot check what it is for here, and why (e.g.
+/// "kprobes unavailable"); the test then returns. libtest counts it as passed;
+/// `cargo xtask test` counts it as skipped and lists the reasons. The marker goes to the
+/// file `$PACKETFLOW_SKIP_FILE` names (set by xtask; libtest captures a passing test's
+/// output) and to stdout.
+pub fn skip(reason: &str) {
+    let thread = std::thread::current();
+    let line = format!("{SKIP_MARKER}{}: {reason}", thread.name().unwrap_or("(unnamed test)"));
+    println!("{line}");
+    if let Some(path) = std::env::var_os("PACKETFLOW_SKIP_FILE") {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("PACKETFLOW_SKIP_FILE {}: {e}", PathBuf::from(&path).display()));
+        writeln!(f, "{line}").expect("writing the skip marker");
+    }
+}
+
 static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
 
 /// A port no other test in this run uses (the tracer's hooks are global: tests tell

@@ -169,6 +169,32 @@ fn mixed_traffic(h: &TestHosts, port: u16) {
     }
 }
 
+/// What of the test's own traffic (`mixed_traffic` on `port`) a packet list holds: the
+/// kinds seen, of "tcp4", "udp4", "tcp6", "udp6", "icmp", "icmp6". A cross-check of two
+/// empty lists, or of lists of other packets only, compares nothing.
+fn own_kinds(list: &[String], port: u16) -> std::collections::BTreeSet<&'static str> {
+    let field = |f: &[&str], name: &str| -> Vec<String> {
+        let i = FIELDS.iter().position(|n| *n == name).expect("field");
+        f.get(i).map(|v| v.split(',').map(str::to_string).collect()).unwrap_or_default()
+    };
+    let mut kinds = std::collections::BTreeSet::new();
+    for line in list {
+        let f: Vec<&str> = line.split('|').collect();
+        let v6 = !field(&f, "ipv6.src").concat().is_empty();
+        let has_port = |a: &str, b: &str| field(&f, a).iter().chain(&field(&f, b)).any(|p| *p == port.to_string());
+        if has_port("tcp.srcport", "tcp.dstport") {
+            kinds.insert(if v6 { "tcp6" } else { "tcp4" });
+        } else if has_port("udp.srcport", "udp.dstport") {
+            kinds.insert(if v6 { "udp6" } else { "udp4" });
+        } else if field(&f, "icmp.type").iter().any(|t| t == "0" || t == "8") {
+            kinds.insert("icmp");
+        } else if field(&f, "icmpv6.type").iter().any(|t| t == "128" || t == "129") {
+            kinds.insert("icmp6");
+        }
+    }
+    kinds
+}
+
 fn pf_list(file: &Path, dir: &str) -> Vec<String> {
     let f = if dir == "in" { "frame.packet_flags_direction == 1" } else { "frame.packet_flags_direction == 2" };
     fields(file, Some(f))
@@ -218,6 +244,8 @@ fn veth_capture_matches_tcpdump_in_both_directions() {
         let theirs = fields(td, None);
         let ours = pf_list(&pf, dir);
         assert!(theirs.len() >= 20, "{dir}: tcpdump saw {}", theirs.len());
+        let all: Vec<&str> = vec!["icmp", "icmp6", "tcp4", "tcp6", "udp4", "udp6"];
+        assert_eq!(own_kinds(&theirs, port).into_iter().collect::<Vec<_>>(), all, "{dir}: the test's traffic");
         assert_eq!(ours, theirs, "direction {dir}: packetflow and tcpdump disagree");
     }
 }
@@ -269,6 +297,7 @@ fn each_filter_primitive_selects_what_tcpdump_selects() {
         stop_tcpdump(d_in);
         stop_tcpdump(d_out);
         cap.stop();
+        let mut selected = Vec::new();
         for (dir, td) in [("in", &tin), ("out", &tout)] {
             // tcpdump's own filter, applied by libpcap to the same packets.
             let filtered = tmp("flt-td.pcap");
@@ -285,7 +314,11 @@ fn each_filter_primitive_selects_what_tcpdump_selects() {
             let theirs = fields(&filtered, None);
             let ours = pf_list(&pf, dir);
             assert_eq!(ours, theirs, "'{text}', direction {dir}");
+            selected.extend(ours);
         }
+        // Each expression selects some of the test's own traffic (in one direction at
+        // least): agreeing on two empty lists checks nothing.
+        assert!(!own_kinds(&selected, port).is_empty(), "'{text}' selected none of the test's traffic: {selected:?}");
     }
 }
 

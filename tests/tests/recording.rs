@@ -333,8 +333,24 @@ fn baseline_comparison_marks_only_the_stage_that_changed() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = String::from_utf8_lossy(&o.stdout);
     let cmp = &out[out.find("compared with the baseline").expect("comparison")..];
-    for line in cmp.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_lowercase()) && l.contains("  ")) {
+    // Every path of the demo is compared, row by row: a comparison with no rows would
+    // pass the checks below without comparing anything.
+    let mut paths = 0;
+    let mut rows: Vec<&str> = Vec::new();
+    for line in cmp.lines() {
+        if line.contains(" path: baseline ") {
+            assert!(!line.contains("baseline 0 traces") && !line.contains("this 0 traces"), "{line}");
+            paths += 1;
+            continue;
+        }
+        if !(line.starts_with(|c: char| c.is_ascii_lowercase()) && line.contains("  ")) {
+            continue;
+        }
         let name = line.split_whitespace().next().unwrap();
+        if name == "stage" {
+            continue; // the header
+        }
+        rows.push(name);
         match name {
             "copy_to_user" | "end-to-end" => assert!(line.contains("slower"), "{line}"),
             _ if line.contains('%') => {
@@ -343,4 +359,9 @@ fn baseline_comparison_marks_only_the_stage_that_changed() {
             _ => {}
         }
     }
+    assert_eq!(paths, 2, "both demo paths compared: {cmp}");
+    for must in ["copy_to_user", "end-to-end", "recv_syscall", "sock_send"] {
+        assert_eq!(rows.iter().filter(|r| **r == must).count(), paths, "a {must} row per path: {cmp}");
+    }
+    assert!(rows.len() >= 2 * 8, "{} rows compared: {cmp}", rows.len());
 }

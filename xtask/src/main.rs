@@ -66,6 +66,14 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
+/// Cargo's target directory: `$CARGO_TARGET_DIR`, else target/ in the workspace.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(d) => root().join(d),
+        None => root().join("target"),
+    }
+}
+
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("+ {}", show(cmd));
     let st = cmd.status().with_context(|| format!("running {}", show(cmd)))?;
@@ -219,7 +227,7 @@ fn demo(args: &[String]) -> Result<ExitCode> {
     setup()?;
     need_root("demo")?;
     run(cargo().args(["build", "--release", "-p", "packetflow"]))?;
-    let st = Command::new(root().join("target/release/packetflow")).arg("demo").args(args).status()?;
+    let st = Command::new(target_dir().join("release/packetflow")).arg("demo").args(args).status()?;
     Ok(ExitCode::from(st.code().unwrap_or(1) as u8))
 }
 
@@ -227,7 +235,11 @@ fn test(args: &[String]) -> Result<ExitCode> {
     setup()?;
     need_root("test")?;
     run(cargo().args(["build", "-p", "packetflow"]))?;
-    let bin = root().join("target/debug/packetflow");
+    let bin = target_dir().join("debug/packetflow");
+    // Tests that cannot check their subject here (tests/src/lib.rs `skip`) leave a marker
+    // line in this file; libtest counts them as passed, the closing line as skipped.
+    let skip_file = target_dir().join("packetflow-skips.txt");
+    let _ = std::fs::remove_file(&skip_file);
     // The end-to-end tests share the kernel's global hooks and the machine's two cores:
     // one at a time keeps their numbers honest.
     let mut child = cargo()
@@ -235,49 +247,159 @@ fn test(args: &[String]) -> Result<ExitCode> {
         .args(args)
         .args(["--", "--test-threads=1"])
         .env("PACKETFLOW_BIN", &bin)
+        .env("PACKETFLOW_SKIP_FILE", &skip_file)
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let out = child.stdout.take().context("cargo test stdout")?;
-    let mut totals = [0u64; 3];
+    let mut host = Counts::default();
     for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
         let line = line?;
         println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            for (i, word) in ["passed", "failed", "ignored"].iter().enumerate() {
-                totals[i] += count_before(rest, word);
-            }
-        }
+        host.add_result_line(&line);
     }
     let st = child.wait()?;
-    let host_ok = st.success() && totals[1] == 0 && totals[0] > 0;
-    if !st.success() && totals[1] == 0 {
+    let host_skips = parse_skips(&std::fs::read_to_string(&skip_file).unwrap_or_default());
+    host.passed = host.passed.saturating_sub(host_skips.len() as u64);
+    let host_ok = st.success() && host.failed == 0 && host.passed > 0;
+    if !st.success() && host.failed == 0 {
         eprintln!("xtask: cargo test failed ({st}) with no failing test: a test crate did not build (see above)");
     }
+    let mut totals = host;
+    let mut skips = host_skips;
+    let mut report = vec![format!(
+        "host (this kernel): {} passed, {} failed, {} skipped, {} ignored",
+        host.passed,
+        host.failed,
+        skips.len(),
+        host.ignored
+    )];
+    let whole = args.is_empty();
     // The whole suite (no arguments) also runs the end-to-end tests on another kernel:
     // Debian's 6.1, the oldest we support, under QEMU (`vm-test`; PACKETFLOW_NO_VM=1
     // skips it while iterating).
-    let mut vm = String::new();
     let mut vm_ok = true;
-    if args.is_empty() && std::env::var_os("PACKETFLOW_NO_VM").is_none() {
+    if whole && std::env::var_os("PACKETFLOW_NO_VM").is_none() {
         match vm::run_kernels(VM_KERNEL_IN_TEST) {
             Ok(outcomes) => {
                 for o in &outcomes {
-                    totals[0] += o.tests[0];
-                    totals[1] += o.tests[1];
+                    totals.passed += o.counts.passed;
+                    totals.failed += o.counts.failed + u64::from(!o.passed && o.counts.failed == 0);
+                    totals.ignored += o.counts.ignored;
+                    skips.extend(o.skips.iter().cloned());
                     vm_ok &= o.passed;
+                    report.extend(o.describe());
                 }
             }
             Err(e) => {
                 eprintln!("xtask: the VM suite could not start: {e:#}");
+                totals.failed += 1;
                 vm_ok = false;
+                report.push(format!("kernel {VM_KERNEL_IN_TEST} in QEMU: could not start: {e:#}"));
             }
         }
-        vm = format!("; kernel {VM_KERNEL_IN_TEST} in QEMU: {}", if vm_ok { "passed" } else { "FAILED" });
     }
-    // One closing line for the whole suite (cargo prints one per test binary).
-    println!("tests: {} passed, {} failed, {} skipped{vm}", totals[0], totals[1], totals[2]);
-    Ok(if host_ok && vm_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    // And every fuzz target for a short while (`cargo xtask fuzz` runs them longer); each
+    // target counts as one test.
+    let mut fuzz_ok = true;
+    if whole && std::env::var_os("PACKETFLOW_NO_FUZZ").is_none() {
+        let t0 = std::time::Instant::now();
+        let results = match fuzz_all(FUZZ_SECS_IN_TEST) {
+            Ok(r) => r,
+            Err(e) => vec![("(fuzz build)".to_string(), Err(format!("{e:#}")))],
+        };
+        let mut parts = Vec::new();
+        for (target, r) in &results {
+            match r {
+                Ok(()) => {
+                    totals.passed += 1;
+                    parts.push(format!("{target} ok"));
+                }
+                Err(e) => {
+                    totals.failed += 1;
+                    fuzz_ok = false;
+                    parts.push(format!("{target} FAILED: {e}"));
+                }
+            }
+        }
+        report.push(format!(
+            "fuzz: {} targets, {FUZZ_SECS_IN_TEST} s each, {:.0} s in all (build included): {}",
+            results.len(),
+            t0.elapsed().as_secs_f64(),
+            parts.join(", ")
+        ));
+    }
+    if !skips.is_empty() {
+        report.push(format!("skipped: {}", group_reasons(&skips)));
+        for (name, reason) in &skips {
+            report.push(format!("  {name}: {reason}"));
+        }
+    }
+    if totals.ignored > 0 {
+        report.push(format!("ignored by cargo (#[ignore]): {}", totals.ignored));
+    }
+    // One closing block for the whole suite (cargo prints one line per test binary); the
+    // last line alone is what CI reads.
+    println!();
+    for l in &report {
+        println!("{l}");
+    }
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed,
+        totals.failed,
+        skips.len() as u64 + totals.ignored
+    );
+    Ok(if host_ok && vm_ok && fuzz_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
+
+/// Test counts summed over libtest's `test result:` lines.
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl Counts {
+    /// Adds a "test result: ok. 5 passed; 0 failed; 1 ignored; ..." line (others are ignored).
+    pub fn add_result_line(&mut self, line: &str) {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            self.passed += count_before(rest, "passed");
+            self.failed += count_before(rest, "failed");
+            self.ignored += count_before(rest, "ignored");
+        }
+    }
+}
+
+/// (test name, reason) of each `PACKETFLOW-SKIP: <test name>: <reason>` line in `text`.
+pub fn parse_skips(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(SKIP_MARKER))
+        .map(|rest| match rest.split_once(": ") {
+            Some((name, reason)) => (name.to_string(), reason.to_string()),
+            None => (rest.to_string(), "no reason given".to_string()),
+        })
+        .collect()
+}
+
+/// "kprobes unavailable (2), ping missing (1)": the reasons, most frequent first.
+pub fn group_reasons(skips: &[(String, String)]) -> String {
+    let mut by: Vec<(&str, usize)> = Vec::new();
+    for (_, r) in skips {
+        match by.iter_mut().find(|(x, _)| *x == r) {
+            Some(e) => e.1 += 1,
+            None => by.push((r, 1)),
+        }
+    }
+    by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    by.iter().map(|(r, n)| format!("{r} ({n})")).collect::<Vec<_>>().join(", ")
+}
+
+/// The marker tests/src/lib.rs `skip` writes.
+pub const SKIP_MARKER: &str = "PACKETFLOW-SKIP: ";
+
+/// Seconds each fuzz target runs in `cargo xtask test`.
+const FUZZ_SECS_IN_TEST: u64 = 10;
 
 /// The kernel whose VM suite `cargo xtask test` runs (`cargo xtask vm-test --kernel all`
 /// runs every one).
@@ -289,7 +411,7 @@ fn bench(args: &[String]) -> Result<ExitCode> {
     need_root("bench")?;
     install(&[("sockperf", "sockperf"), ("iperf3", "iperf3"), ("tcpdump", "tcpdump")])?;
     run(cargo().args(["build", "--release", "-p", "packetflow"]))?;
-    let st = Command::new(root().join("target/release/packetflow"))
+    let st = Command::new(target_dir().join("release/packetflow"))
         .arg("bench")
         .arg("--out")
         .arg(root().join("BENCHMARKS.md"))
@@ -300,24 +422,69 @@ fn bench(args: &[String]) -> Result<ExitCode> {
 
 /// Every cargo-fuzz target under fuzz/, each for SECONDS (default 60). Fails on a crash.
 fn fuzz(args: &[String]) -> Result<ExitCode> {
-    nightly()?;
     let secs: u64 = match args.first() {
-        Some(s) => s.parse().with_context(|| format!("'{s}' is not a number of seconds"))?,
+        Some(s) => s.parse().ok().filter(|&n| n > 0).with_context(|| format!("'{s}' is not a number of seconds"))?,
         None => 60,
     };
+    let mut ok = true;
+    let results = fuzz_all(secs)?;
+    for (target, r) in &results {
+        match r {
+            Ok(()) => println!("fuzz {target}: ok ({secs} s)"),
+            Err(e) => {
+                ok = false;
+                println!("fuzz {target}: FAILED: {e}");
+            }
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Runs each target for `secs` seconds, from its committed seeds (fuzz/seeds/<target>/)
+/// and the corpus it grew before (fuzz/corpus/<target>/, not committed). Err: something
+/// stopped every target (no nightly, no cargo-fuzz, a build failure); per target, Err
+/// says how it failed (a crash leaves its input in fuzz/artifacts/<target>/).
+fn fuzz_all(secs: u64) -> Result<Vec<(String, Result<(), String>)>> {
+    nightly()?;
     if Command::new("cargo").args(["fuzz", "--version"]).output().map_or(true, |o| !o.status.success()) {
         run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
+    let fuzz_dir = root().join("fuzz");
     let list = output(Command::new("cargo").args(["+nightly", "fuzz", "list"]).current_dir(root()))?;
-    for target in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        eprintln!("fuzzing {target} for {secs} s");
-        // The fuzzed code never loads eBPF: skip building the programs.
-        run(Command::new("cargo")
-            .args(["+nightly", "fuzz", "run", target, "--", &format!("-max_total_time={secs}")])
-            .current_dir(root())
-            .env("PACKETFLOW_SKIP_EBPF", "1"))?;
+    let targets: Vec<String> = list.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+    if targets.is_empty() {
+        bail!("cargo fuzz list names no target under {}", fuzz_dir.display());
     }
-    Ok(ExitCode::SUCCESS)
+    // The fuzzed code never loads eBPF: skip building the programs. One build for all
+    // targets, so the per-target runs below measure fuzzing, not compiling.
+    run(fuzz_cmd().args(["build"]))?;
+    let mut results = Vec::new();
+    for target in targets {
+        let corpus = fuzz_dir.join("corpus").join(&target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = fuzz_dir.join("seeds").join(&target);
+        let mut cmd = fuzz_cmd();
+        cmd.args(["run", &target]).arg(&corpus);
+        if seeds.is_dir() {
+            cmd.arg(&seeds);
+        }
+        cmd.args(["--", &format!("-max_total_time={secs}")]);
+        eprintln!("fuzzing {target} for {secs} s");
+        eprintln!("+ {}", show(&cmd));
+        let r = match cmd.status() {
+            Ok(st) if st.success() => Ok(()),
+            Ok(st) => Err(format!("{st}; the input is in fuzz/artifacts/{target}/")),
+            Err(e) => Err(format!("could not run cargo fuzz: {e}")),
+        };
+        results.push((target, r));
+    }
+    Ok(results)
+}
+
+fn fuzz_cmd() -> Command {
+    let mut c = Command::new("cargo");
+    c.args(["+nightly", "fuzz"]).current_dir(root()).env("PACKETFLOW_SKIP_EBPF", "1");
+    c
 }
 
 /// The number in front of `word` in "ok. 5 passed; 0 failed; 1 ignored; ...".
@@ -325,4 +492,31 @@ fn count_before(s: &str, word: &str) -> u64 {
     let words: Vec<&str> =
         s.split(|c: char| c == ';' || c == '.' || c.is_whitespace()).filter(|w| !w.is_empty()).collect();
     words.windows(2).find(|w| w[1] == word).and_then(|w| w[0].parse().ok()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skip_markers_are_parsed_and_grouped() {
+        let text = "PACKETFLOW-SKIP: a::x: kprobes unavailable\n\
+                    noise\n\
+                    PACKETFLOW-SKIP: y: ping missing\r\n\
+                    PACKETFLOW-SKIP: z: kprobes unavailable\n";
+        let s = parse_skips(text);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[0], ("a::x".to_string(), "kprobes unavailable".to_string()));
+        assert_eq!(s[1].1, "ping missing");
+        assert_eq!(group_reasons(&s), "kprobes unavailable (2), ping missing (1)");
+    }
+
+    #[test]
+    fn result_lines_are_summed() {
+        let mut c = Counts::default();
+        c.add_result_line("test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out");
+        c.add_result_line("test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out");
+        c.add_result_line("running 7 tests");
+        assert_eq!(c, Counts { passed: 7, failed: 3, ignored: 1 });
+    }
 }

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::{cargo, install, need_root, output, root, run};
+use crate::{Counts, cargo, install, need_root, output, run, target_dir};
 
 /// The end-to-end tests that run inside each VM: the demo over loopback and veth, the
 /// filter test, the no-alteration (sha256) test, and summary mode against full traces
@@ -54,14 +54,63 @@ pub fn vm_test(args: &[String]) -> Result<ExitCode> {
     Ok(if outcomes.iter().all(|o| o.passed) { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// Each step the guest ran (doctor, then each test binary) and its exit code.
-type Steps = Vec<(String, i32)>;
+/// One step the guest ran (doctor, or a test binary): its exit code, its tests.
+#[derive(Clone, Debug, Default)]
+pub struct Step {
+    pub name: String,
+    pub rc: i32,
+    pub counts: Counts,
+    /// Each test the binary ran: (name, "ok" | "FAILED" | "ignored").
+    pub tests: Vec<(String, String)>,
+}
 
 /// How one kernel's run went.
 pub struct Outcome {
+    pub kernel: String,
     pub passed: bool,
-    /// Tests passed and failed inside the guest (from its `test result:` lines).
-    pub tests: [u64; 2],
+    /// Tests inside the guest, from its `test result:` lines; passed excludes `skips`.
+    pub counts: Counts,
+    /// (test name, reason) of the tests that skipped themselves in the guest.
+    pub skips: Vec<(String, String)>,
+    pub steps: Vec<Step>,
+    /// Why the run did not finish, when it did not.
+    pub error: Option<String>,
+    pub secs: f64,
+}
+
+impl Outcome {
+    /// The lines for the suite's closing block: the verdict, then each test binary the
+    /// guest ran with its tests.
+    pub fn describe(&self) -> Vec<String> {
+        let binaries: Vec<&Step> = self.steps.iter().filter(|s| s.name != "doctor").collect();
+        let names: Vec<&str> = binaries.iter().map(|s| s.name.as_str()).collect();
+        let mut v = vec![format!(
+            "kernel {} in QEMU: {} in {:.0} s: {} test binaries ({}): {} passed, {} failed, {} skipped, {} ignored",
+            self.kernel,
+            if self.passed { "passed" } else { "FAILED" },
+            self.secs,
+            binaries.len(),
+            names.join(", "),
+            self.counts.passed,
+            self.counts.failed,
+            self.skips.len(),
+            self.counts.ignored
+        )];
+        if let Some(e) = &self.error {
+            v.push(format!("  could not finish: {e}"));
+        }
+        for s in &self.steps {
+            let rc = if s.rc == 0 { "ok".to_string() } else { format!("FAILED (exit {})", s.rc) };
+            if s.name == "doctor" {
+                v.push(format!("  doctor: {rc}"));
+                continue;
+            }
+            let tests: Vec<String> =
+                s.tests.iter().map(|(n, r)| if r == "ok" { n.clone() } else { format!("{n} {r}") }).collect();
+            v.push(format!("  {}: {rc}, {} tests: {}", s.name, s.tests.len(), tests.join(", ")));
+        }
+        v
+    }
 }
 
 /// Boots each chosen kernel ("6.1", "6.12" or "all") with the suite and prints one
@@ -72,42 +121,76 @@ pub fn run_kernels(which: &str) -> Result<Vec<Outcome>> {
     if series.is_empty() {
         bail!("unknown kernel '{which}': choose 6.1, 6.12 or all");
     }
+    // Flake hunting: PACKETFLOW_VM_ONLY=demo,bulk keeps only those test binaries, and
+    // PACKETFLOW_VM_REPEAT=N runs the list N times in one boot.
+    let only = match std::env::var("PACKETFLOW_VM_ONLY") {
+        Ok(v) => Some(vm_only(&v)?),
+        Err(_) => None,
+    };
+    let repeat: usize = match std::env::var("PACKETFLOW_VM_REPEAT") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|&n| n > 0)
+            .with_context(|| format!("PACKETFLOW_VM_REPEAT='{v}' is not a positive number of times"))?,
+        Err(_) => 1,
+    };
     install(&[("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static"), ("ip", "iproute2")])?;
     run(cargo().args(["build", "-p", "packetflow"]))?;
     let mut tests = test_binaries()?;
-    // Flake hunting: PACKETFLOW_VM_ONLY=demo,bulk keeps only those test binaries, and
-    // PACKETFLOW_VM_REPEAT=N runs the list N times in one boot.
-    if let Ok(only) = std::env::var("PACKETFLOW_VM_ONLY") {
-        tests.retain(|(n, _)| only.split(',').any(|o| o.trim() == n));
+    if let Some(only) = only {
+        tests.retain(|(n, _)| only.contains(&n.as_str()));
     }
-    let repeat: usize = std::env::var("PACKETFLOW_VM_REPEAT").ok().and_then(|v| v.parse().ok()).unwrap_or(1).max(1);
-    let dir = root().join("target/vm");
+    let dir = target_dir().join("vm");
     std::fs::create_dir_all(&dir)?;
     let mut outcomes = Vec::new();
-    let mut summary = Vec::new();
     for (name, pattern, has) in series {
         let t0 = Instant::now();
-        let (outcome, line) = match one_kernel(&dir, name, pattern, has, &tests, repeat) {
-            Ok((results, counts)) => {
-                let all: Vec<String> =
-                    results.iter().map(|(n, rc)| format!("{n} {}", if *rc == 0 { "ok" } else { "FAILED" })).collect();
-                let passed = results.iter().all(|(_, rc)| *rc == 0) && results.len() == tests.len() * repeat + 1;
-                (Outcome { passed, tests: counts }, all.join(", "))
-            }
-            Err(e) => (Outcome { passed: false, tests: [0, 0] }, format!("could not run: {e:#}")),
+        let mut o = match one_kernel(&dir, name, pattern, has, &tests, repeat) {
+            Ok(o) => o,
+            Err(e) => Outcome {
+                kernel: String::new(),
+                passed: false,
+                counts: Counts::default(),
+                skips: Vec::new(),
+                steps: Vec::new(),
+                error: Some(format!("{e:#}")),
+                secs: 0.0,
+            },
         };
-        let verdict = if outcome.passed { "passed" } else { "FAILED" };
-        let [p, f] = outcome.tests;
-        summary.push(format!(
-            "kernel {name}: {verdict} in {:.0} s ({line}; {p} tests passed, {f} failed)",
-            t0.elapsed().as_secs_f64()
-        ));
-        outcomes.push(outcome);
+        o.kernel = name.to_string();
+        o.secs = t0.elapsed().as_secs_f64();
+        o.passed = o.error.is_none()
+            && o.steps.iter().all(|s| s.rc == 0)
+            && o.steps.len() == tests.len() * repeat + 1
+            && o.counts.failed == 0;
+        outcomes.push(o);
     }
-    for l in &summary {
-        println!("vm-test: {l}");
+    for o in &outcomes {
+        for l in o.describe() {
+            println!("vm-test: {l}");
+        }
     }
     Ok(outcomes)
+}
+
+/// The VM test binaries `PACKETFLOW_VM_ONLY` names (comma-separated), each one checked.
+fn vm_only(v: &str) -> Result<Vec<&'static str>> {
+    let mut out = Vec::new();
+    for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match VM_TESTS.iter().find(|t| **t == name) {
+            Some(t) => out.push(*t),
+            None => bail!(
+                "PACKETFLOW_VM_ONLY names '{name}', which is not a VM test binary: choose from {}",
+                VM_TESTS.join(", ")
+            ),
+        }
+    }
+    if out.is_empty() {
+        bail!("PACKETFLOW_VM_ONLY is empty: name test binaries from {}", VM_TESTS.join(", "));
+    }
+    Ok(out)
 }
 
 /// The test executables cargo built for `VM_TESTS`: (name, path).
@@ -191,7 +274,7 @@ fn one_kernel(
     has: &str,
     tests: &[(String, PathBuf)],
     repeat: usize,
-) -> Result<(Steps, [u64; 2])> {
+) -> Result<Outcome> {
     let (pkg, kroot) = kernel_package(dir, pattern)?;
     eprintln!("vm-test: kernel {name}: {pkg}");
     let vmlinuz = std::fs::read_dir(kroot.join("boot"))?
@@ -239,22 +322,30 @@ fn one_kernel(
             kill9(pid);
         }
     });
-    let mut results = Vec::new();
-    let mut counts = [0u64; 2];
+    let mut steps: Vec<Step> = Vec::new();
+    // The test binary now running: its counts and tests, until its PF-VM-RESULT line.
+    let mut cur = Step::default();
+    let mut skips = Vec::new();
     let mut done = false;
     for line in BufReader::new(out).lines() {
         let line = line.unwrap_or_default();
         let line = line.trim_end_matches('\r');
         writeln!(log, "{line}")?;
         println!("[{name}] {line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            counts[0] += crate::count_before(rest, "passed");
-            counts[1] += crate::count_before(rest, "failed");
+        cur.counts.add_result_line(line);
+        if let Some(t) = test_line(line) {
+            cur.tests.push(t);
+        }
+        if let Some(rest) = line.strip_prefix("PF-VM-SKIP ") {
+            skips.extend(crate::parse_skips(rest));
         }
         if let Some(rest) = line.strip_prefix("PF-VM-RESULT ") {
             let mut w = rest.split_whitespace();
             if let (Some(n), Some(rc)) = (w.next(), w.next().and_then(|r| r.parse().ok())) {
-                results.push((n.to_string(), rc));
+                let mut step = std::mem::take(&mut cur);
+                step.name = n.to_string();
+                step.rc = rc;
+                steps.push(step);
             }
         }
         if line.starts_with("PF-VM-DONE") {
@@ -263,10 +354,24 @@ fn one_kernel(
     }
     let _ = done_tx.send(());
     let _ = child.wait();
-    if !done {
-        bail!("the guest stopped before finishing (console log: {})", log_path.display());
+    let mut counts = Counts::default();
+    for s in &steps {
+        counts.passed += s.counts.passed;
+        counts.failed += s.counts.failed;
+        counts.ignored += s.counts.ignored;
     }
-    Ok((results, counts))
+    counts.passed = counts.passed.saturating_sub(skips.len() as u64);
+    let error = (!done).then(|| format!("the guest stopped before finishing (console log: {})", log_path.display()));
+    Ok(Outcome { kernel: name.to_string(), passed: false, counts, skips, steps, error, secs: 0.0 })
+}
+
+/// libtest's "test NAME ... ok" line (with --test-threads=1 and captured output, one
+/// line per test): (name, "ok" | "FAILED" | "ignored").
+fn test_line(line: &str) -> Option<(String, String)> {
+    let rest = line.strip_prefix("test ")?;
+    let (name, result) = rest.split_once(" ... ")?;
+    let result = result.split_whitespace().next()?;
+    matches!(result, "ok" | "FAILED" | "ignored").then(|| (name.to_string(), result.to_string()))
 }
 
 fn kill9(pid: u32) {
@@ -297,7 +402,7 @@ fn build_initramfs(kroot: &Path, tests: &[(String, PathBuf)], repeat: usize, has
         ("bin/busybox".into(), which("busybox")?),
         // In /bin before busybox links itself there: busybox's own `ip` is too small.
         ("bin/ip".into(), which("ip")?),
-        ("bin/packetflow".into(), root().join("target/debug/packetflow")),
+        ("bin/packetflow".into(), target_dir().join("debug/packetflow")),
     ];
     for (name, exe) in tests {
         binaries.push((format!("tests/{name}"), exe.clone()));
@@ -407,7 +512,7 @@ fn init_script(modules: &[String], tests: &[&str], has: &str) -> String {
     let mut s = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
-         export PATH=/bin:/sbin HOME=/tmp PACKETFLOW_BIN=/bin/packetflow RUST_BACKTRACE=0 PACKETFLOW_KERNEL_HAS={has}\n\
+         export PATH=/bin:/sbin HOME=/tmp PACKETFLOW_BIN=/bin/packetflow RUST_BACKTRACE=0 PACKETFLOW_KERNEL_HAS={has} PACKETFLOW_SKIP_FILE=/run/pf-skips\n\
          mount -t proc proc /proc\n\
          mount -t sysfs sys /sys\n\
          mount -t devtmpfs dev /dev\n\
@@ -424,7 +529,12 @@ fn init_script(modules: &[String], tests: &[&str], has: &str) -> String {
     s.push_str("echo \"PF-VM-BEGIN $(uname -r)\"\n");
     s.push_str("/bin/packetflow doctor\necho \"PF-VM-RESULT doctor $?\"\n");
     for t in tests {
-        s.push_str(&format!("cd /tmp && /tests/{t} --test-threads=1\necho \"PF-VM-RESULT {t} $?\"\n"));
+        // Each skip marker the binary wrote, on the console for the host to count.
+        s.push_str(&format!(
+            "cd /tmp && /tests/{t} --test-threads=1\nrc=$?\n\
+             [ -f /run/pf-skips ] && sed 's/^/PF-VM-SKIP /' /run/pf-skips && rm -f /run/pf-skips\n\
+             echo \"PF-VM-RESULT {t} $rc\"\n"
+        ));
     }
     s.push_str("echo PF-VM-DONE\npoweroff -f\n");
     s
@@ -439,6 +549,27 @@ mod tests {
         let mut v = ["linux-image-6.1.0-9-cloud", "linux-image-6.1.0-56-cloud", "linux-image-6.1.0-10-cloud"];
         v.sort_by_key(|n| version_key(n));
         assert_eq!(v.last(), Some(&"linux-image-6.1.0-56-cloud"));
+    }
+
+    #[test]
+    fn a_mistyped_vm_only_is_an_error_naming_the_choices() {
+        assert_eq!(vm_only("demo, bulk").unwrap(), vec!["demo", "bulk"]);
+        let e = vm_only("demo,bluk").unwrap_err().to_string();
+        assert!(e.contains("'bluk'") && e.contains("demo, filter, bulk, summary"), "{e}");
+        assert!(vm_only(" , ").is_err());
+    }
+
+    #[test]
+    fn test_lines_name_each_test() {
+        assert_eq!(test_line("test a::b ... ok"), Some(("a::b".into(), "ok".into())));
+        assert_eq!(test_line("test x ... FAILED"), Some(("x".into(), "FAILED".into())));
+        assert_eq!(test_line("test result: ok. 1 passed"), None);
+    }
+
+    #[test]
+    fn the_guest_reports_skips() {
+        let s = init_script(&[], &["demo"], "kprobes");
+        assert!(s.contains("PACKETFLOW_SKIP_FILE=/run/pf-skips") && s.contains("PF-VM-SKIP "), "{s}");
     }
 
     #[test]

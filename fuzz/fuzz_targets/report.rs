@@ -1,0 +1,46 @@
+//! Arbitrary NDJSON through the report pipeline: the recording reader, the statistics,
+//! every table, the baseline comparison and the charts. Refused or reported, never a panic.
+#![no_main]
+
+use std::collections::BTreeMap;
+
+use libfuzzer_sys::fuzz_target;
+use packetflow::{
+    charts::{self, Gathered},
+    chrome::ChromeTrace,
+    recording::{Line, Reader},
+    report,
+    session::Sink,
+    stats, trace,
+};
+use packetflow_common::Stage;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(mut r) = Reader::new(data, "fuzz") else { return };
+    let mut g = Gathered::default();
+    let mut lost = BTreeMap::new();
+    let mut chrome = ChromeTrace::new(Box::new(std::io::sink()));
+    while let Ok(Some(line)) = r.next_line() {
+        match line {
+            Line::Trace(t) => {
+                g.add(&t);
+                chrome.trace(&t);
+            }
+            Line::Summary(v) => {
+                if let Some(l) = v.get("lost").and_then(|l| l.as_object()) {
+                    for (k, n) in l {
+                        if let (Some(s), Some(n)) = (Stage::from_name(k), n.as_u64()) {
+                            lost.insert(s, n);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    chrome.finish(&serde_json::Value::Null);
+    let _ = stats::side_by_side(&g.stats);
+    let _ = trace::tables(&g.stats, &lost);
+    let _ = report::compare(&g.stats, &g.stats);
+    let _ = charts::all(&g);
+    let _ = charts::html(&g, "fuzz", "");
+});

@@ -497,3 +497,65 @@ fn systemd_unit_verifies() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {text}");
 }
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn idle_metrics_clients_leave_scrapes_served_and_descriptors_bounded() {
+    require_root();
+    const CLIENTS: usize = 2000;
+    // Room for the clients here (the daemon inherits the limit: without the cap it could
+    // hold them all).
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let want = (4 * CLIENTS) as libc::rlim_t;
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want.min(lim.rlim_max);
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0, "raising RLIMIT_NOFILE");
+    }
+    assert!(lim.rlim_cur >= (CLIENTS + 500) as libc::rlim_t, "RLIMIT_NOFILE {} is too low", lim.rlim_cur);
+    let metrics = free_port();
+    let (cfg, _) = config("daemon-idle-clients", metrics, "");
+    let d = Daemon::start(&cfg, metrics, &[]);
+    d.scrape();
+    let base = open_fds(d.pid());
+    // 2,000 clients that connect and never send a request (bounded: one pass, 3 s each).
+    let mut idle = Vec::with_capacity(CLIENTS);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics));
+    for i in 0..CLIENTS {
+        let c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("idle client {i} could not connect: {e}"));
+        idle.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut most = open_fds(d.pid());
+    // Scrapes are served, fast, while the idle clients stay connected.
+    for _ in 0..5 {
+        let t = Instant::now();
+        let m = scrape(metrics).expect("scrape with 2,000 idle clients connected");
+        assert!(t.elapsed() < Duration::from_secs(2), "scrape took {:?}", t.elapsed());
+        assert!(m.contains("packetflow_programs_attached "), "{m}");
+        most = most.max(open_fds(d.pid()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("daemon descriptors: {base} before, at most {most} with {CLIENTS} idle clients");
+    assert!(
+        most <= base + 64 + 8,
+        "{most} descriptors open (before the clients: {base}): not capped at 64 connections"
+    );
+    let m = d.scrape();
+    let dropped = |reason: &str| {
+        value(&m, &format!("packetflow_metrics_connections_dropped_total{{reason=\"{reason}\"}}")).unwrap_or(-1.0)
+    };
+    assert!(
+        dropped("idle_evicted") + dropped("timeout") >= (CLIENTS - 64) as f64,
+        "every idle client past the cap was closed, and counted: {}",
+        m.lines().filter(|l| l.starts_with("packetflow_metrics_")).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(value(&m, "packetflow_metrics_accept_errors_total"), Some(0.0));
+    drop(idle);
+    drop(d);
+}

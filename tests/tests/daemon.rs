@@ -559,3 +559,51 @@ fn idle_metrics_clients_leave_scrapes_served_and_descriptors_bounded() {
     drop(idle);
     drop(d);
 }
+
+/// CPU time (user + system) of process `pid` so far.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command's closing parenthesis: state, ppid, ...; utime and stime are the
+    // 12th and 13th of these (fields 14 and 15 of proc(5)).
+    let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / tick)
+}
+
+#[test]
+fn metrics_accept_errors_back_off_instead_of_spinning() {
+    require_root();
+    let metrics = free_port();
+    let (cfg, _) = config("daemon-emfile", metrics, "");
+    let d = Daemon::start(&cfg, metrics, &[]);
+    d.scrape();
+    // Leave the daemon 10 free descriptors, then queue 40 connections: accept fails with EMFILE.
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    let tight = libc::rlimit { rlim_cur: (open_fds(d.pid()) + 10) as libc::rlim_t, rlim_max: old.rlim_max };
+    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, &tight, std::ptr::null_mut()) }, 0);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics));
+    let idle: Vec<TcpStream> =
+        (0..40).map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("queued")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu0 = cpu_time(d.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_time(d.pid()) - cpu0;
+    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, &old, std::ptr::null_mut()) }, 0);
+    drop(idle);
+    println!("daemon CPU over 2 s with accept failing: {spent:?}");
+    assert!(spent < Duration::from_millis(500), "the accept loop spun: {spent:?} of CPU in 2 s");
+    // Descriptors back: served again, and the failures were counted.
+    let t0 = Instant::now();
+    let m = loop {
+        if let Ok(m) = scrape(metrics) {
+            break m;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "not served again after the limit was restored");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let errors = value(&m, "packetflow_metrics_accept_errors_total").unwrap_or(0.0);
+    assert!((2.0..=40.0).contains(&errors), "about 10 failed accepts a second were counted: {errors}");
+    drop(d);
+}

@@ -129,7 +129,7 @@ impl Default for Gathered {
 
 pub fn end_to_end(t: &Trace) -> u64 {
     match (t.time_of(Stage::SendSyscall), t.time_of(Stage::RecvSyscall)) {
-        (Some(a), Some(b)) => b - a,
+        (Some(a), Some(b)) => b.saturating_sub(a),
         _ => t.total_ns(),
     }
 }
@@ -285,17 +285,17 @@ pub fn waterfall(t: &Trace, title: &str) -> String {
     let height = top + row * t.stages.len() as f64 + 50.0;
     let t0 = t.stages.first().map_or(0, |s| s.t_ns);
     let total = t.total_ns().max(1) as f64;
-    let x = |ns: u64| left + (ns - t0) as f64 / total * (width - left - right);
+    let x = |ns: u64| left + ns.saturating_sub(t0) as f64 / total * (width - left - right);
     let mut s = svg_open(width as u32, height as u32, title);
     let bottom = height - 40.0;
     for k in 0..=4 {
-        let ns = t0 + (total * k as f64 / 4.0) as u64;
+        let ns = t0.saturating_add((total * k as f64 / 4.0) as u64);
         let xx = x(ns);
         let _ = writeln!(
             s,
             "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{bottom}\" stroke=\"#ddd\"/><text x=\"{xx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{} µs</text>",
             bottom + 16.0,
-            stats::us(ns - t0)
+            stats::us(ns.saturating_sub(t0))
         );
     }
     for (i, st) in t.stages.iter().enumerate() {
@@ -312,7 +312,7 @@ pub fn waterfall(t: &Trace, title: &str) -> String {
             (x(st.t_ns) - x(from)).max(1.5),
             color(t.path),
             st.stage.name(),
-            stats::us(st.t_ns - from)
+            stats::us(st.t_ns.saturating_sub(from))
         );
     }
     s.push_str("</svg>\n");

@@ -118,14 +118,14 @@ impl Sink for ChromeTrace {
         let p = pid(t.path);
         self.event(json!({
             "ph": "X", "pid": p, "tid": tid, "cat": "packet", "name": format!("packet {}", t.kind.name()),
-            "ts": us(first.t_ns), "dur": us(last.t_ns - first.t_ns),
+            "ts": us(first.t_ns), "dur": us(last.t_ns.saturating_sub(first.t_ns)),
             "args": {"seq": t.seq, "len": t.len, "complete": t.complete, "first_stage": first.stage.name()},
         }));
         for w in t.stages.windows(2) {
             self.event(json!({
                 "ph": "X", "pid": p, "tid": tid, "cat": "stage", "name": w[1].stage.name(),
-                "ts": us(w[0].t_ns), "dur": us(w[1].t_ns - w[0].t_ns),
-                "args": {"from": w[0].stage.name(), "cpu": w[1].cpu, "ns": w[1].t_ns - w[0].t_ns},
+                "ts": us(w[0].t_ns), "dur": us(w[1].t_ns.saturating_sub(w[0].t_ns)),
+                "args": {"from": w[0].stage.name(), "cpu": w[1].cpu, "ns": w[1].t_ns.saturating_sub(w[0].t_ns)},
             }));
         }
         let send = t.time_of(packetflow_common::Stage::SendSyscall);

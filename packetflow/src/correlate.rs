@@ -155,7 +155,7 @@ pub struct Trace {
 impl Trace {
     pub fn total_ns(&self) -> u64 {
         match (self.stages.first(), self.stages.last()) {
-            (Some(a), Some(b)) => b.t_ns - a.t_ns,
+            (Some(a), Some(b)) => b.t_ns.saturating_sub(a.t_ns),
             _ => 0,
         }
     }

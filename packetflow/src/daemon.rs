@@ -390,7 +390,14 @@ fn check_xdp(ns: Option<&Path>, ifname: &str, force: bool) -> Result<()> {
                 h.describe()
             );
         }
-        xdp_owner::remove(ifindex, &h).with_context(|| format!("detaching the {} from {name}", h.describe()))?;
+        if let Err(e) = xdp_owner::remove(ifindex, &name, &h) {
+            // A refusal is its own sentence; any other failure says what was being done.
+            return Err(if e.is::<crate::error::UserError>() {
+                e
+            } else {
+                e.context(format!("detaching the {} from {name}", h.describe()))
+            });
+        }
         log(format!("--force: detached the {} from {name}", h.describe()));
         Ok(())
     })

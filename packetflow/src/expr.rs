@@ -38,6 +38,12 @@ impl std::fmt::Display for ExprError {
 
 impl std::error::Error for ExprError {}
 
+/// Deepest nesting of `not`/`!` and parentheses together: the parser recurses once per level.
+pub const MAX_DEPTH: usize = 64;
+/// Most primitives an expression may name (repeats included): an and/or chain becomes a tree
+/// as deep as it is long, which evaluation walks recursively.
+pub const MAX_TERMS: usize = 256;
+
 const SUPPORTED: &str =
     "host, net, port, portrange, src, dst, tcp, udp, icmp, icmp6, ip, ip6, and, or, not, parentheses";
 
@@ -94,6 +100,20 @@ struct Parser<'a> {
     toks: Vec<Tok>,
     pos: usize,
     last: Option<Quals>,
+    /// `not`/`!` and open parentheses around the current position.
+    depth: usize,
+    /// Primitives parsed so far.
+    terms: usize,
+}
+
+/// The expression as messages quote it: long ones cut (positions still point into it).
+fn quoted(src: &str) -> String {
+    const MAX: usize = 120;
+    if src.chars().count() <= MAX {
+        src.to_string()
+    } else {
+        format!("{}…", src.chars().take(MAX).collect::<String>())
+    }
 }
 
 fn is_op(t: &str) -> bool {
@@ -105,11 +125,11 @@ impl Parser<'_> {
         match tok {
             Some(t) => ExprError(format!(
                 "bad filter expression: {what} '{}' at position {} of '{}' (supported: {SUPPORTED})",
-                t.text,
+                quoted(&t.text),
                 t.at + 1,
-                self.src
+                quoted(self.src)
             )),
-            None => ExprError(format!("bad filter expression: {what} at the end of '{}'", self.src)),
+            None => ExprError(format!("bad filter expression: {what} at the end of '{}'", quoted(self.src))),
         }
     }
 
@@ -147,21 +167,39 @@ impl Parser<'_> {
             return Err(self.err(None, "an expression is missing"));
         };
         match t.text.as_str() {
-            "not" | "!" => {
-                self.pos += 1;
-                Ok(Expr::Not(Box::new(self.unary()?)))
-            }
-            "(" => {
-                self.pos += 1;
-                let e = self.expr()?;
-                match self.next() {
-                    Some(c) if c.text == ")" => Ok(e),
-                    Some(other) => Err(self.err(Some(&other), "expected ')' but found")),
-                    None => Err(self.err(None, "a ')' is missing")),
+            "not" | "!" | "(" => {
+                self.depth += 1;
+                if self.depth > MAX_DEPTH {
+                    return Err(ExprError(format!(
+                        "bad filter expression: the filter expression nests deeper than {MAX_DEPTH} levels of not, ! and parentheses (at position {})",
+                        t.at + 1
+                    )));
                 }
+                self.pos += 1;
+                let e = if t.text == "(" {
+                    let e = self.expr()?;
+                    match self.next() {
+                        Some(c) if c.text == ")" => e,
+                        Some(other) => return Err(self.err(Some(&other), "expected ')' but found")),
+                        None => return Err(self.err(None, "a ')' is missing")),
+                    }
+                } else {
+                    Expr::Not(Box::new(self.unary()?))
+                };
+                self.depth -= 1;
+                Ok(e)
             }
             ")" => Err(self.err(Some(&t), "unexpected")),
-            _ => self.prim(),
+            _ => {
+                self.terms += 1;
+                if self.terms > MAX_TERMS {
+                    return Err(ExprError(format!(
+                        "bad filter expression: the filter expression has more than {MAX_TERMS} terms (at position {})",
+                        t.at + 1
+                    )));
+                }
+                self.prim()
+            }
         }
     }
 
@@ -351,7 +389,7 @@ pub fn parse(s: &str) -> Result<Option<Expr>, ExprError> {
     if toks.is_empty() {
         return Ok(None);
     }
-    let mut p = Parser { src: s, toks, pos: 0, last: None };
+    let mut p = Parser { src: s, toks, pos: 0, last: None, depth: 0, terms: 0 };
     let e = p.expr()?;
     if let Some(t) = p.peek().cloned() {
         return Err(p.err(Some(&t), if t.text == ")" { "unbalanced" } else { "expected and/or before" }));
@@ -517,5 +555,34 @@ mod tests {
         }
         let many = (1..=13).map(|p| format!("port {p}")).collect::<Vec<_>>().join(" or ");
         assert!(compile(&many, 100).err().expect("too many").0.contains("at most 12"));
+    }
+
+    #[test]
+    fn nesting_and_length_are_bounded() {
+        // Once a stack overflow (abort) in the recursive parser.
+        let deep = format!("{}tcp", "!".repeat(100_000));
+        let e = compile(&deep, 100).err().expect("refused").0;
+        assert!(e.contains("filter expression nests deeper than 64 levels"), "{e}");
+        assert!(e.len() < 300 && !e.contains('\n'), "one short sentence: {e}");
+        let parens = format!("{}tcp{}", "(".repeat(100_000), ")".repeat(100_000));
+        assert!(compile(&parens, 100).err().expect("refused").0.contains("nests deeper than 64"));
+        let mixed = format!("{}tcp{}", "not (".repeat(33), ")".repeat(33));
+        assert!(
+            compile(&mixed, 100).err().expect("refused").0.contains("at position 161"),
+            "the 65th level: the 33rd not"
+        );
+        // 64 levels are fine.
+        let ok64 = format!("{}tcp{}", "not (".repeat(32), ")".repeat(32));
+        assert_eq!(ok(&ok64).nprims, 1);
+        let c = ok(&ok64);
+        assert!(!bit(&c, 0) && bit(&c, 1), "32 nots: tcp itself");
+        // Depth counts what is open, not every level ever opened.
+        let wide = vec!["(!tcp)"; 200].join(" or ");
+        assert_eq!(ok(&wide).nprims, 1);
+        // A long and/or chain (a tree as deep as it is long).
+        let long = vec!["port 80"; 100_000].join(" or ");
+        let e = compile(&long, 100).err().expect("refused").0;
+        assert!(e.contains("more than 256 terms") && e.len() < 400, "{e}");
+        assert_eq!(ok(&vec!["port 80"; 256].join(" or ")).nprims, 1);
     }
 }

@@ -5,8 +5,9 @@
 //!
 //! * empty input, no header on line 1, or a header of another schema version: refused
 //!   with one sentence (a newer packetflow reads older versions; this one reads version 1);
-//! * a line that is not valid JSON, or a trace missing a required field: skipped, counted,
-//!   and reported with its line number;
+//! * a line that is not valid JSON, a trace missing a required field, or one whose stages
+//!   are out of time order or contradict the kernel's order: skipped, counted, and
+//!   reported with its line number;
 //! * a last line cut short (no newline at the end, not valid JSON): skipped and reported
 //!   as truncated;
 //! * fields this version does not know: ignored (a newer writer may add fields without a
@@ -99,6 +100,9 @@ impl TraceRec {
         if stages.windows(2).any(|w| w[1].t_ns < w[0].t_ns) {
             return Err("stages are not in time order".into());
         }
+        if let Some(e) = kernel_order_error(&stages) {
+            return Err(e);
+        }
         Ok(Trace {
             kind,
             flow: Flow {
@@ -125,6 +129,39 @@ impl TraceRec {
             complete: self.complete,
         })
     }
+}
+
+/// Why stages (in time order) cannot be one packet's path, if they cannot: the kernel
+/// passes every sending-side stage (`Stage::is_egress`) before any receiving-side one,
+/// `send_syscall` first and `recv_syscall` last (`Stage::KERNEL_ORDER`; equal times are no
+/// contradiction). Within a side the order may differ from the table order (docs/stages.md).
+fn kernel_order_error(stages: &[StageTime]) -> Option<String> {
+    let contradiction = |a: &StageTime, b: &StageTime| {
+        Some(format!(
+            "stages contradict the kernel's order: {} at {} ns comes after {} at {} ns",
+            b.stage.name(),
+            b.t_ns,
+            a.stage.name(),
+            a.t_ns
+        ))
+    };
+    let (first, last) = (stages.first()?, stages.last()?);
+    // The first receiving-side stage (the earliest: `stages` are in time order).
+    let mut rx: Option<&StageTime> = None;
+    for s in stages {
+        if s.stage == Stage::SendSyscall && s.t_ns > first.t_ns {
+            return contradiction(first, s);
+        }
+        if s.stage == Stage::RecvSyscall && s.t_ns < last.t_ns {
+            return contradiction(s, last);
+        }
+        match rx {
+            Some(r) if s.stage.is_egress() && r.t_ns < s.t_ns => return contradiction(r, s),
+            None if !s.stage.is_egress() => rx = Some(s),
+            _ => {}
+        }
+    }
+    None
 }
 
 pub enum Line {
@@ -322,9 +359,43 @@ mod tests {
             TRACE.replace("\"t_ns\":20", "\"t_ns\":5"),
             TRACE.replace("127.0.0.1", "nope"),
             TRACE.replace("\"sport\":1", "\"sport\":70000"),
+            // A receiving-side stage before a sending-side one.
+            TRACE.replace("dev_queue", "transport_rcv").replace("netif_receive", "nic_xmit"),
         ] {
             let (n, notes) = read_all(&format!("{HEADER}\n{bad}\n")).unwrap();
             assert_eq!((n, notes.skipped), (0, 1), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refuses_stages_against_the_kernel_order_naming_the_line() {
+        // recv_syscall first and send_syscall last, times increasing: once an end-to-end
+        // at the histograms' 100 s ceiling (and a subtraction overflow in debug builds).
+        let swapped = TRACE
+            .replace("\"stage\":\"dev_queue\",\"t_ns\":10", "\"stage\":\"recv_syscall\",\"t_ns\":10")
+            .replace("\"stage\":\"netif_receive\",\"t_ns\":20", "\"stage\":\"send_syscall\",\"t_ns\":20");
+        assert_ne!(swapped, TRACE);
+        let (n, notes) = read_all(&format!("{HEADER}\n{TRACE}\n{swapped}\n{TRACE}\n")).unwrap();
+        assert_eq!((n, notes.skipped), (2, 1));
+        let w = &notes.warnings[0];
+        assert!(w.contains("line 3") && w.contains("contradict the kernel's order"), "{w}");
+        assert!(w.contains("send_syscall at 20 ns comes after recv_syscall at 10 ns"), "{w}");
+
+        let stage = |s: &str, t: u64| StageTime { stage: Stage::from_name(s).unwrap(), t_ns: t, cpu: 0 };
+        let order = |v: &[(&str, u64)]| kernel_order_error(&v.iter().map(|(s, t)| stage(s, *t)).collect::<Vec<_>>());
+        // What the kernel does: within a side the table order may differ (UDP ip_send
+        // before sock_send, generic XDP after netif_receive); equal times are no contradiction.
+        assert_eq!(order(&[("send_syscall", 1), ("ip_send", 2), ("sock_send", 3), ("dev_queue", 4)]), None);
+        assert_eq!(order(&[("dev_queue", 1), ("nic_xmit", 2), ("netif_receive", 3), ("xdp", 4)]), None);
+        assert_eq!(order(&[("transport_rcv", 5), ("nic_xmit", 5), ("recv_syscall", 5)]), None);
+        assert_eq!(order(&[]), None);
+        for bad in [
+            &[("sock_send", 1), ("send_syscall", 2)][..],
+            &[("recv_syscall", 1), ("copy_to_user", 2)],
+            &[("dev_queue", 1), ("netif_receive", 2), ("nic_xmit", 3)],
+            &[("xdp", 1), ("tc_egress", 2), ("recv_syscall", 3)],
+        ] {
+            assert!(order(bad).is_some_and(|e| e.contains("contradict")), "{bad:?}");
         }
     }
 }

@@ -55,7 +55,7 @@ impl Stats {
             p.complete += 1;
         }
         for w in t.stages.windows(2) {
-            let d = w[1].t_ns - w[0].t_ns;
+            let d = w[1].t_ns.saturating_sub(w[0].t_ns);
             let h = p.stages.entry(w[1].stage).or_insert_with(hist);
             h.saturating_record(d.max(1));
         }
@@ -70,7 +70,7 @@ impl Stats {
 /// one of them is missing.
 pub fn end_to_end_ns(t: &Trace) -> u64 {
     match (t.time_of(Stage::SendSyscall), t.time_of(Stage::RecvSyscall)) {
-        (Some(a), Some(b)) => b - a,
+        (Some(a), Some(b)) => b.saturating_sub(a),
         _ => t.total_ns(),
     }
 }
@@ -246,5 +246,25 @@ mod tests {
     fn renders_aligned() {
         let t = render(&["a".into(), "bb".into()], &[vec!["xxx".into(), "1".into()]]);
         assert_eq!(t, "a    bb\n-------\nxxx   1\n");
+    }
+
+    #[test]
+    fn times_out_of_order_never_underflow() {
+        // Whatever a file says (the reader refuses these, but nothing here may rely on
+        // it): recv_syscall before send_syscall, stages out of time order.
+        let t = trace(&[(Stage::RecvSyscall, 1000), (Stage::DevQueue, 500), (Stage::SendSyscall, 3000)]);
+        assert_eq!(end_to_end_ns(&t), 0);
+        assert_eq!(crate::charts::end_to_end(&t), 0);
+        assert_eq!(t.total_ns(), 2000);
+        let mut s = Stats::default();
+        s.record(&t);
+        assert_eq!(s.paths[&PathKind::Loopback].e2e.max(), 1, "clamped to 1 ns, not wrapped to 100 s");
+        assert!(crate::charts::waterfall(&t, "x").contains("dev_queue"));
+        let backwards = trace(&[(Stage::SendSyscall, 3000), (Stage::RecvSyscall, 1000)]);
+        assert_eq!(backwards.total_ns(), 0);
+        assert!(crate::charts::waterfall(&backwards, "x").contains("recv_syscall"));
+        let mut c = crate::chrome::ChromeTrace::new(Box::new(std::io::sink()));
+        crate::session::Sink::trace(&mut c, &t);
+        crate::session::Sink::trace(&mut c, &backwards);
     }
 }

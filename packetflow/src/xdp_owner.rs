@@ -4,11 +4,20 @@
 //! refuses to replace another program unless told to: the kernel reports the program id
 //! over rtnetlink (IFLA_XDP), aya names it, and /proc/*/fdinfo names the processes that
 //! hold it. Removal is rtnetlink (`IFLA_XDP_FD = -1`) for a netlink attachment, or
-//! BPF_LINK_DETACH for a bpf_link one.
+//! BPF_LINK_DETACH for a bpf_link one: only the link on this interface (the same program
+//! may be attached elsewhere too). A link tells its device's index but not its network
+//! namespace, so when links of the program sit on the same index in several namespaces
+//! nothing is detached and the user is told why.
 
-use std::{io, mem::size_of};
+use std::{
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
 
 use anyhow::{Result, anyhow};
+
+use crate::error::user;
 
 /// The XDP program attached to an interface.
 #[derive(Clone, Debug)]
@@ -84,8 +93,9 @@ pub fn holder(ifindex: u32) -> Result<Option<Holder>> {
     Ok(Some(Holder { prog_id, prog_name, mode, processes: processes_holding(prog_id) }))
 }
 
-/// Detaches `h` from `ifindex`: through rtnetlink, or by detaching its bpf_link.
-pub fn remove(ifindex: u32, h: &Holder) -> Result<()> {
+/// Detaches `h` from `ifindex` (interface `ifname`, in the current network namespace):
+/// through rtnetlink, or by detaching its bpf_link there. Other interfaces keep theirs.
+pub fn remove(ifindex: u32, ifname: &str, h: &Holder) -> Result<()> {
     let flags: u32 = match h.mode {
         "native" => 1 << 2,
         "generic" => 1 << 1,
@@ -101,42 +111,74 @@ pub fn remove(ifindex: u32, h: &Holder) -> Result<()> {
         Ok(_) => Ok(()),
         // A bpf_link owns it: netlink may not touch it, but the link can be detached.
         Err(e) if e.downcast_ref::<io::Error>().and_then(io::Error::raw_os_error) == Some(libc::EBUSY) => {
-            detach_link_of(h.prog_id)
+            detach_link_of(h, ifindex, ifname)
         }
         Err(e) => Err(e),
     }
 }
 
-/// BPF_LINK_DETACH on every XDP link running program `prog_id`.
-fn detach_link_of(prog_id: u32) -> Result<()> {
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+/// An fd for bpf_link `id`, closed on drop.
+fn link_fd(id: u32) -> Result<OwnedFd> {
+    // union bpf_attr: { link_id, next_id, open_flags }.
+    let attr = [id, 0, 0, 0];
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_GET_FD_BY_ID, attr.as_ptr(), size_of::<[u32; 4]>()) };
+    if fd < 0 {
+        return Err(anyhow!("opening bpf_link {id}: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: a new fd the kernel just gave us, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The device index of an XDP bpf_link (`bpf_link_info.xdp.ifindex`; 0 once detached).
+fn link_ifindex(fd: i32) -> Result<u32> {
+    // struct bpf_link_info: type, id, prog_id, then the union (8-byte aligned) whose xdp
+    // member starts with ifindex. A larger buffer than the kernel's is fine (zeroed tail).
+    let mut info = [0u32; 64];
+    // union bpf_attr: { bpf_fd, info_len, info (u64) }.
+    let mut attr = [0u64; 2];
+    attr[0] = fd as u32 as u64 | ((size_of::<[u32; 64]>() as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_ptr(), size_of::<[u64; 2]>()) };
+    if r < 0 {
+        return Err(anyhow!("reading bpf_link info: {}", io::Error::last_os_error()));
+    }
+    Ok(info[4])
+}
+
+/// BPF_LINK_DETACH on the XDP link running `h`'s program on `ifindex`, and on no other.
+fn detach_link_of(h: &Holder, ifindex: u32, ifname: &str) -> Result<()> {
     use aya::programs::links::LinkType;
-    const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
-    const BPF_LINK_DETACH: libc::c_long = 34;
-    let ids: Vec<u32> = aya::programs::loaded_links()
-        .filter_map(Result::ok)
-        .filter(|l| l.program_id() == prog_id && l.link_type().ok() == Some(LinkType::Xdp))
-        .map(|l| l.id())
-        .collect();
-    if ids.is_empty() {
-        return Err(anyhow!("no bpf_link holds XDP program {prog_id}"));
-    }
-    for id in ids {
-        // union bpf_attr: { link_id, next_id, open_flags } and { link_fd }.
-        let mut attr = [0u32; 4];
-        attr[0] = id;
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_GET_FD_BY_ID, attr.as_ptr(), size_of::<[u32; 4]>()) };
-        if fd < 0 {
-            return Err(anyhow!("opening bpf_link {id}: {}", io::Error::last_os_error()));
+    let prog_id = h.prog_id;
+    let mut here = Vec::new();
+    for l in aya::programs::loaded_links().filter_map(Result::ok) {
+        if l.program_id() != prog_id || l.link_type().ok() != Some(LinkType::Xdp) {
+            continue;
         }
-        let attr = [fd as u32, 0, 0, 0];
-        let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_ptr(), size_of::<[u32; 4]>()) };
-        let err = io::Error::last_os_error();
-        unsafe { libc::close(fd as i32) };
-        if r < 0 {
-            return Err(anyhow!("detaching bpf_link {id}: {err}"));
+        let fd = link_fd(l.id())?;
+        if link_ifindex(fd.as_raw_fd())? == ifindex {
+            here.push((l.id(), fd));
         }
     }
-    Ok(())
+    match here.len() {
+        0 => Err(anyhow!("no bpf_link holds XDP program {prog_id} on interface index {ifindex}")),
+        1 => {
+            let (id, fd) = &here[0];
+            let attr = [fd.as_raw_fd() as u32, 0, 0, 0];
+            let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_ptr(), size_of::<[u32; 4]>()) };
+            if r < 0 {
+                return Err(anyhow!("detaching bpf_link {id}: {}", io::Error::last_os_error()));
+            }
+            Ok(())
+        }
+        n => Err(user(format!(
+            "interface {ifname} has the {}; --force detaches nothing: that program is attached through {n} bpf_links on interface index {ifindex} in different network namespaces and the kernel does not tell which one is {ifname}'s (stop its holder instead)",
+            h.describe()
+        ))),
+    }
 }
 
 /// (pid, comm) of every process with an fd whose fdinfo says `prog_id: N`.

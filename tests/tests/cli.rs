@@ -135,3 +135,20 @@ fn doctor_tells_the_truth_about_this_kernel() {
         }
     }
 }
+
+#[test]
+fn deeply_nested_capture_filter_gets_one_sentence_and_exit_2() {
+    require_root();
+    // 100,000 '!' once overflowed the parser's stack (SIGSEGV/abort, no message).
+    let deep = format!("{}tcp", "!".repeat(100_000));
+    let o = packetflow(&["capture", "-i", "lo", "-c", "1", &deep]);
+    assert_refused(&o, "filter expression nests deeper than 64 levels");
+    assert!(stderr(&o).len() < 400, "short: {}", stderr(&o));
+    // A long and/or chain, as separate words (one argument may not pass 128 KiB).
+    let mut args = vec!["capture", "-i", "lo", "-c", "1", "port", "80"];
+    for _ in 0..20_000 {
+        args.extend(["or", "port", "80"]);
+    }
+    let o = packetflow(&args);
+    assert_refused(&o, "more than 256 terms");
+}

@@ -568,3 +568,196 @@ fn systemd_unit_verifies() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.trim().is_empty(), "systemd-analyze verify: {text}");
 }
+
+/// Open descriptors of process `pid`.
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn idle_metrics_clients_leave_scrapes_served_and_descriptors_bounded() {
+    require_root();
+    const CLIENTS: usize = 2000;
+    // Room for the clients here (the daemon inherits the limit: without the cap it could
+    // hold them all).
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    let want = (4 * CLIENTS) as libc::rlim_t;
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want.min(lim.rlim_max);
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0, "raising RLIMIT_NOFILE");
+    }
+    assert!(lim.rlim_cur >= (CLIENTS + 500) as libc::rlim_t, "RLIMIT_NOFILE {} is too low", lim.rlim_cur);
+    let metrics = free_port();
+    let (cfg, _) = config("daemon-idle-clients", metrics, "");
+    let d = Daemon::start(&cfg, metrics, &[]);
+    d.scrape();
+    let base = open_fds(d.pid());
+    // 2,000 clients that connect and never send a request (bounded: one pass, 3 s each).
+    let mut idle = Vec::with_capacity(CLIENTS);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics));
+    for i in 0..CLIENTS {
+        let c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("idle client {i} could not connect: {e}"));
+        idle.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut most = open_fds(d.pid());
+    // Scrapes are served, fast, while the idle clients stay connected.
+    for _ in 0..5 {
+        let t = Instant::now();
+        let m = scrape(metrics).expect("scrape with 2,000 idle clients connected");
+        assert!(t.elapsed() < Duration::from_secs(2), "scrape took {:?}", t.elapsed());
+        assert!(m.contains("packetflow_programs_attached "), "{m}");
+        most = most.max(open_fds(d.pid()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("daemon descriptors: {base} before, at most {most} with {CLIENTS} idle clients");
+    assert!(
+        most <= base + 64 + 8,
+        "{most} descriptors open (before the clients: {base}): not capped at 64 connections"
+    );
+    let m = d.scrape();
+    let dropped = |reason: &str| {
+        value(&m, &format!("packetflow_metrics_connections_dropped_total{{reason=\"{reason}\"}}")).unwrap_or(-1.0)
+    };
+    assert!(
+        dropped("idle_evicted") + dropped("timeout") >= (CLIENTS - 64) as f64,
+        "every idle client past the cap was closed, and counted: {}",
+        m.lines().filter(|l| l.starts_with("packetflow_metrics_")).collect::<Vec<_>>().join("\n")
+    );
+    assert_eq!(value(&m, "packetflow_metrics_accept_errors_total"), Some(0.0));
+    drop(idle);
+    drop(d);
+}
+
+/// CPU time (user + system) of process `pid` so far.
+fn cpu_time(pid: i32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command's closing parenthesis: state, ppid, ...; utime and stime are the
+    // 12th and 13th of these (fields 14 and 15 of proc(5)).
+    let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / tick)
+}
+
+#[test]
+fn metrics_accept_errors_back_off_instead_of_spinning() {
+    require_root();
+    let metrics = free_port();
+    let (cfg, _) = config("daemon-emfile", metrics, "");
+    let d = Daemon::start(&cfg, metrics, &[]);
+    d.scrape();
+    // Leave the daemon 10 free descriptors, then queue 40 connections: accept fails with EMFILE.
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    let tight = libc::rlimit { rlim_cur: (open_fds(d.pid()) + 10) as libc::rlim_t, rlim_max: old.rlim_max };
+    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, &tight, std::ptr::null_mut()) }, 0);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics));
+    let idle: Vec<TcpStream> =
+        (0..40).map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("queued")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let cpu0 = cpu_time(d.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_time(d.pid()) - cpu0;
+    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, &old, std::ptr::null_mut()) }, 0);
+    drop(idle);
+    println!("daemon CPU over 2 s with accept failing: {spent:?}");
+    assert!(spent < Duration::from_millis(500), "the accept loop spun: {spent:?} of CPU in 2 s");
+    // Descriptors back: served again, and the failures were counted.
+    let t0 = Instant::now();
+    let m = loop {
+        if let Ok(m) = scrape(metrics) {
+            break m;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "not served again after the limit was restored");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let errors = value(&m, "packetflow_metrics_accept_errors_total").unwrap_or(0.0);
+    assert!((2.0..=40.0).contains(&errors), "about 10 failed accepts a second were counted: {errors}");
+    drop(d);
+}
+
+/// The id of the XDP program on `dev` in namespace `ns` ("prog/xdp id N" in `ip -d link`).
+fn xdp_prog_id(ns: &str, dev: &str) -> Option<u32> {
+    let out = Command::new("ip").args(["-n", ns, "-d", "link", "show", "dev", dev]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rest = text.split("prog/xdp id ").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The interface index of `dev` in namespace `ns`.
+fn ifindex_in(ns: &str, dev: &str) -> u32 {
+    let out = Command::new("ip").args(["-n", ns, "-o", "link", "show", "dev", dev]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).split(':').next().unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn force_detaches_the_holders_xdp_only_from_the_named_interface() {
+    require_root();
+    let h = TestHosts::new("pfdo").expect("test hosts");
+    // A second interface beside veth_b in the same namespace (a veth pair of its own).
+    let (c, d) = (format!("{}c", h.veth_b), format!("{}d", h.veth_b));
+    netns::ip(&["-n", &h.ns_b, "link", "add", &c, "type", "veth", "peer", "name", &d]).unwrap();
+    for dev in [&c, &d] {
+        netns::ip(&["-n", &h.ns_b, "link", "set", dev, "up"]).unwrap();
+    }
+    let json = tmp("daemon-force-holder.json");
+    let (spec_b, spec_c) = (format!("{}@{}", h.veth_b, h.ns_b), format!("{c}@{}", h.ns_b));
+    let mut holder = start_trace(&["-i", &spec_b, "-i", &spec_c, "--port", "1"], &json);
+    let prog = xdp_prog_id(&h.ns_b, &h.veth_b).expect("the holder's XDP program on veth_b");
+    assert_eq!(xdp_prog_id(&h.ns_b, &c), Some(prog), "one program, two interfaces");
+
+    let metrics = free_port();
+    let (cfg, _) = config("daemon-force", metrics, &format!("interfaces = [\"{spec_b}\"]\n"));
+    let d1 = Daemon::start(&cfg, metrics, &["--force"]);
+    assert!(d1.logged(&format!("--force: detached the XDP program {prog}")), "{:?}", d1.lines());
+    let now_b = xdp_prog_id(&h.ns_b, &h.veth_b);
+    assert!(now_b.is_some() && now_b != Some(prog), "the daemon's program replaced the holder's on veth_b: {now_b:?}");
+    assert_eq!(xdp_prog_id(&h.ns_b, &c), Some(prog), "the holder keeps its program on {c}");
+    drop(d1);
+    let _ = holder.interrupt(Duration::from_secs(5));
+}
+
+#[test]
+fn force_detaches_nothing_it_cannot_tell_apart() {
+    require_root();
+    // veth_a and veth_b live in two namespaces, each with its own index space: they may
+    // share an index, and an XDP bpf_link tells the index but not the namespace.
+    let h = TestHosts::new("pfdn").expect("test hosts");
+    let json = tmp("daemon-force-ns-holder.json");
+    let (spec_a, spec_b) = (format!("{}@{}", h.veth_a, h.ns_a), format!("{}@{}", h.veth_b, h.ns_b));
+    let mut holder = start_trace(&["-i", &spec_a, "-i", &spec_b, "--port", "1"], &json);
+    let prog = xdp_prog_id(&h.ns_a, &h.veth_a).expect("the holder's XDP program on veth_a");
+    assert_eq!(xdp_prog_id(&h.ns_b, &h.veth_b), Some(prog));
+    let metrics = free_port();
+    let (cfg, _) = config("daemon-force-ns", metrics, &format!("interfaces = [\"{spec_b}\"]\n"));
+    if ifindex_in(&h.ns_a, &h.veth_a) == ifindex_in(&h.ns_b, &h.veth_b) {
+        let child = Command::new(bin())
+            .args(["daemon", "--force", "--config"])
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut p = Proc(child);
+        // Bounded: a daemon that detached something starts and runs (killed on drop).
+        let code = p.wait(Duration::from_secs(20)).and_then(|s| s.code());
+        if code.is_none() {
+            let _ = p.0.kill();
+        }
+        let mut err = String::new();
+        let _ = p.0.stderr.take().unwrap().read_to_string(&mut err);
+        assert_eq!(code, Some(2), "refused, not started: {err}");
+        assert!(err.contains("--force detaches nothing") && err.contains("network namespaces"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert_eq!(xdp_prog_id(&h.ns_b, &h.veth_b), Some(prog), "veth_b keeps the holder's program");
+    } else {
+        let d = Daemon::start(&cfg, metrics, &["--force"]);
+        assert!(d.logged("--force: detached"), "{:?}", d.lines());
+        drop(d);
+    }
+    assert_eq!(xdp_prog_id(&h.ns_a, &h.veth_a), Some(prog), "the holder keeps its program on veth_a");
+    let _ = holder.interrupt(Duration::from_secs(5));
+}

@@ -365,3 +365,29 @@ fn baseline_comparison_marks_only_the_stage_that_changed() {
     }
     assert!(rows.len() >= 2 * 8, "{} rows compared: {cmp}", rows.len());
 }
+
+#[test]
+fn report_refuses_stages_against_the_kernel_order_naming_the_line() {
+    // recv_syscall first, send_syscall last, times increasing: once an end-to-end of
+    // 100059316 µs in release builds and "attempt to subtract with overflow" in debug ones.
+    let header = r#"{"type":"header","v":1,"packetflow":"0.1.0"}"#;
+    let trace = |first: &str, last: &str| {
+        format!(
+            r#"{{"type":"trace","v":1,"kind":"data","proto":"tcp","family":"ipv4","src":"127.0.0.1","sport":1,"dst":"127.0.0.1","dport":2,"seq":5,"len":10,"path":"loopback","ifname":"lo","complete":true,"stages":[{{"stage":"{first}","t_ns":1000,"cpu":0}},{{"stage":"dev_queue","t_ns":2000,"cpu":0}},{{"stage":"{last}","t_ns":4000,"cpu":1}}],"total_ns":3000}}"#
+        )
+    };
+    let good = trace("send_syscall", "recv_syscall");
+    let bad = trace("recv_syscall", "send_syscall");
+    let p = tmp("rec-kernel-order.json");
+    std::fs::write(&p, format!("{header}\n{good}\n{good}\n{bad}\n{good}\n")).unwrap();
+    let o = packetflow(&["report", p.to_str().unwrap()]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(!err.contains("panicked") && !err.contains("overflow"), "{err}");
+    assert_eq!(o.status.code(), Some(0), "a damaged line is skipped, the rest reported: {err}");
+    assert!(err.contains("line 4: not a valid trace (stages contradict the kernel's order"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // The three good traces alone: 3 µs end to end.
+    assert!(out.contains("loopback path: 3 traces (3 complete)"), "{out}");
+    let e2e = out.lines().rfind(|l| l.starts_with("end-to-end")).unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(e2e.split_whitespace().collect::<Vec<_>>(), ["end-to-end", "3", "3.00", "3.00", "3.00", "3.00", "3.00"]);
+}

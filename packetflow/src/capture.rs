@@ -435,13 +435,7 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     let out: Out = match a.write.as_deref() {
         None => Out::Text(Box::new(std::io::BufWriter::new(std::io::stdout()))),
         Some(path) => {
-            let w: Box<dyn Write + Send> = if path == "-" {
-                Box::new(std::io::BufWriter::new(std::io::stdout()))
-            } else {
-                Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(path).map_err(|e| user(format!("cannot write {path}: {e}")))?,
-                ))
-            };
+            let w = crate::output::writer(path)?;
             let os = format!("Linux {}", sys::kernel_release());
             Out::Pcap(pcapng::Writer::new(w, &format!("packetflow {}", env!("CARGO_PKG_VERSION")), &os)?)
         }

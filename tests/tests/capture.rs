@@ -520,7 +520,7 @@ fn outputs_are_not_written_through_symlinks_and_are_0640() {
     std::fs::write(&victim, "precious").unwrap();
     let link = dir.join("out.pcapng");
     std::os::unix::fs::symlink(&victim, &link).unwrap();
-    let o = packetflow(&["capture", "-i", "lo", "-c", "1", "-w", link.to_str().unwrap()]);
+    let o = packetflow(&["capture", "-i", "lo", "-c", "1", "--duration", "5", "-w", link.to_str().unwrap()]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{e}");
     assert_eq!(

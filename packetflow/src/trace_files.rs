@@ -117,8 +117,9 @@ struct Open {
 /// [`BACKOFF_MAX`], and never longer than `rotate_secs`.
 const BACKOFF_MIN: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// Lines are written in chunks of about this many bytes (and when idle for 500 ms).
+/// Lines are written in chunks of about this many bytes, or at least every [`FLUSH_EVERY`].
 const CHUNK: usize = 64 << 10;
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 struct Writer {
     dir: PathBuf,
@@ -128,6 +129,7 @@ struct Writer {
     /// Lines not yet handed to the kernel, and how many trace lines they hold.
     buf: Vec<u8>,
     buf_lines: u64,
+    last_flush: Instant,
     seq: u64,
     /// After a write error: nothing is written before this instant.
     paused_until: Option<Instant>,
@@ -143,6 +145,7 @@ impl Writer {
             cur: None,
             buf: Vec::with_capacity(CHUNK + 4096),
             buf_lines: 0,
+            last_flush: Instant::now(),
             seq: 0,
             paused_until: None,
             backoff: BACKOFF_MIN,
@@ -151,7 +154,7 @@ impl Writer {
 
     fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            match rx.recv_timeout(Duration::from_millis(500)) {
+            match rx.recv_timeout(FLUSH_EVERY) {
                 Ok(Msg::Line(l)) => self.write(&l, true),
                 Ok(Msg::Finish(summary)) => {
                     self.write(&summary, false);
@@ -189,7 +192,7 @@ impl Writer {
         self.buf.push(b'\n');
         self.buf_lines += u64::from(trace);
         c.bytes += line.len() as u64 + 1;
-        if self.buf.len() >= CHUNK {
+        if self.buf.len() >= CHUNK || self.last_flush.elapsed() >= FLUSH_EVERY {
             self.flush();
         }
     }
@@ -197,6 +200,7 @@ impl Writer {
     /// Hands the queued lines to the kernel. Counts them written, or, when the write
     /// fails, not written (dropped): the file is cut back to its last whole line.
     fn flush(&mut self) {
+        self.last_flush = Instant::now();
         let Some(c) = self.cur.as_mut() else { return };
         if self.buf.is_empty() {
             return;

@@ -595,7 +595,7 @@ fn a_full_trace_disk_is_counted_and_the_daemon_keeps_running() {
     let written = value(&m, "packetflow_trace_lines_written_total").unwrap();
     let dropped = value(&m, "packetflow_trace_lines_dropped_total").unwrap();
     println!("{sent} datagrams; {written} lines written, {dropped} dropped, {errors} write errors");
-    assert!(errors >= 1.0 && errors <= 3.0, "{errors} write errors: one per pause, not one per line");
+    assert!((1.0..=3.0).contains(&errors), "{errors} write errors: one per pause, not one per line");
     assert!(dropped >= 1000.0, "lines not written are counted: {dropped}");
     // Honest: the files hold exactly the lines counted as written (whole lines only).
     let files = packetflow::trace_files::list(&disk.0);

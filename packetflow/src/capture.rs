@@ -160,7 +160,18 @@ struct WriterState {
     traces: HashMap<Key, Trace>,
     stages: bool,
     comment: String,
+    /// Packets written (by `written`) when the output last flushed without error.
+    flushed: u64,
+    /// --stages: packets written without waiting for their trace because [`HELD_MAX`]
+    /// packets were already waiting.
+    held_overflow: u64,
+    /// The write error that ended the capture.
+    error: Option<anyhow::Error>,
 }
+
+/// With `--stages`, at most this many packets wait for their traces; beyond that the
+/// oldest is written at once, without its stages if its trace has not come (counted).
+pub const HELD_MAX: usize = 65_536;
 
 impl WriterState {
     fn emit(&mut self, p: &Packet, comment: &str) -> Result<()> {
@@ -240,6 +251,17 @@ impl WriterState {
         batch.sort_by_key(|p| p.hdr.ts_ns);
         for p in batch {
             if self.stages {
+                if self.held.len() >= HELD_MAX {
+                    let old = self.held.pop_front().expect("held is full");
+                    match packet_key(&old.data).and_then(|k| self.traces.remove(&k)) {
+                        Some(t) => self.emit(&old, &stages_comment(&t))?,
+                        None => {
+                            let before = self.written;
+                            self.emit(&old, "")?;
+                            self.held_overflow += self.written - before;
+                        }
+                    }
+                }
                 self.held.push_back(p);
             } else {
                 self.emit(&p, "")?;
@@ -441,13 +463,7 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     let out: Out = match a.write.as_deref() {
         None => Out::Text(Box::new(std::io::BufWriter::new(std::io::stdout()))),
         Some(path) => {
-            let w: Box<dyn Write + Send> = if path == "-" {
-                Box::new(std::io::BufWriter::new(std::io::stdout()))
-            } else {
-                Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(path).map_err(|e| user(format!("cannot write {path}: {e}")))?,
-                ))
-            };
+            let w = crate::output::writer(path)?;
             let os = format!("Linux {}", sys::kernel_release());
             Out::Pcap(pcapng::Writer::new(w, &format!("packetflow {}", env!("CARGO_PKG_VERSION")), &os)?)
         }
@@ -462,6 +478,9 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         traces: HashMap::new(),
         stages: a.stages,
         comment: String::new(),
+        flushed: 0,
+        held_overflow: 0,
+        error: None,
     };
     for (ns, name, ifindex, is_lo) in &targets {
         let ns_ino = sys::netns_inode(ns.as_deref().unwrap_or(std::path::Path::new("/proc/self/ns/net"))).unwrap_or(0);
@@ -487,7 +506,7 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         if quiet_stdout { "" } else { "; Ctrl-C to stop" }
     );
     let done = state.done.clone();
-    let writer = std::thread::spawn(move || -> Result<WriterState> { write_loop(state, rx, trace_rx) });
+    let writer = std::thread::spawn(move || write_loop(state, rx, trace_rx));
 
     let deadline = a.duration.map(|d| tokio::time::Instant::now() + d);
     loop {
@@ -495,7 +514,8 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
             _ = stop.recv() => break,
             _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
             _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                if done.load(Ordering::Relaxed) {
+                // Done: the count reached, or the writer failed (disk full).
+                if done.load(Ordering::Relaxed) || writer.is_finished() {
                     break;
                 }
             }
@@ -509,26 +529,56 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     if let (Some(r), Some(c)) = (tracing, corr) {
         let _ = r.stop(c).await;
     }
-    let mut state = writer.join().map_err(|_| anyhow::anyhow!("the capture writer panicked"))??;
+    let mut state = writer.join().map_err(|_| anyhow::anyhow!("the capture writer panicked"))?;
     let g = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
     let lost = g(counters::CAP_LOST_XDP) + g(counters::CAP_LOST_TC) + overflow.load(Ordering::Relaxed);
     let end_wall = sys::realtime_ns();
     for (ifindex, i) in state.ifaces.iter_mut() {
         i.lost = if_lost.get(ifindex).copied().unwrap_or(0);
     }
-    if let Out::Pcap(w) = &mut state.out {
-        for i in state.ifaces.values() {
-            w.stats(i.id, start_wall, end_wall, i.captured, i.lost)?;
+    if state.error.is_none() {
+        let stats = match &mut state.out {
+            Out::Pcap(w) => {
+                state.ifaces.values().try_for_each(|i| w.stats(i.id, start_wall, end_wall, i.captured, i.lost))
+            }
+            Out::Text(_) => Ok(()),
+        };
+        if let Err(e) = stats.map_err(anyhow::Error::from).and_then(|()| state.flush()) {
+            state.error = Some(e);
         }
     }
-    state.flush()?;
-    eprintln!("{} packets captured", state.written);
-    eprintln!("{} packets received by filter", g(counters::CAP_MATCHED_XDP) + g(counters::CAP_MATCHED_TC));
+    let received = g(counters::CAP_MATCHED_XDP) + g(counters::CAP_MATCHED_TC);
+    match &state.error {
+        None => eprintln!("{} packets captured", state.written),
+        Some(_) => eprintln!(
+            "{} packets captured ({} of them not written: the write failed)",
+            state.flushed,
+            state.written - state.flushed
+        ),
+    }
+    eprintln!("{received} packets received by filter");
     eprintln!("{lost} packets dropped by packetflow");
-    Ok(())
+    if a.stages {
+        eprintln!(
+            "{} packets written without their stages: more than {HELD_MAX} were waiting for traces",
+            state.held_overflow
+        );
+    }
+    match state.error {
+        None => Ok(()),
+        Some(e) => Err(e.context(format!("writing {} failed", a.write.as_deref().unwrap_or("to stdout")))),
+    }
 }
 
-fn write_loop(mut state: WriterState, rx: Receiver<Vec<Packet>>, traces: Receiver<Trace>) -> Result<WriterState> {
+/// Writes packets until the reader is done; a write error ends it (in `state.error`).
+fn write_loop(mut state: WriterState, rx: Receiver<Vec<Packet>>, traces: Receiver<Trace>) -> WriterState {
+    if let Err(e) = write_all(&mut state, rx, traces) {
+        state.error = Some(e);
+    }
+    state
+}
+
+fn write_all(state: &mut WriterState, rx: Receiver<Vec<Packet>>, traces: Receiver<Trace>) -> Result<()> {
     loop {
         let r = rx.recv_timeout(Duration::from_millis(50));
         if state.stages {
@@ -545,6 +595,7 @@ fn write_loop(mut state: WriterState, rx: Receiver<Vec<Packet>>, traces: Receive
             state.release(sys::realtime_ns(), false)?;
         }
         state.flush()?;
+        state.flushed = state.written;
     }
     if state.stages {
         while let Ok(t) = traces.recv_timeout(Duration::from_millis(200)) {
@@ -552,12 +603,63 @@ fn write_loop(mut state: WriterState, rx: Receiver<Vec<Packet>>, traces: Receive
         }
         state.release(u64::MAX, true)?;
     }
-    Ok(state)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn state(out: Box<dyn Write + Send>, stages: bool) -> WriterState {
+        let mut ifaces = BTreeMap::new();
+        ifaces.insert(1, Iface { id: 0, name: "lo".into(), captured: 0, lost: 0 });
+        WriterState {
+            out: Out::Text(out),
+            ifaces,
+            written: 0,
+            count: None,
+            done: Arc::default(),
+            held: VecDeque::new(),
+            traces: HashMap::new(),
+            stages,
+            comment: String::new(),
+            flushed: 0,
+            held_overflow: 0,
+            error: None,
+        }
+    }
+
+    fn packet(n: u64) -> Packet {
+        let hdr = CapHdr { ifindex: 1, ts_ns: n, ..unsafe { std::mem::zeroed() } };
+        Packet { hdr, wall_ns: n, data: Vec::new() }
+    }
+
+    #[test]
+    fn stages_hold_a_bounded_number_of_packets() {
+        let mut s = state(Box::new(std::io::sink()), true);
+        s.packets((0..HELD_MAX as u64 + 10).map(packet).collect()).unwrap();
+        assert_eq!(s.held.len(), HELD_MAX);
+        assert_eq!((s.written, s.held_overflow), (10, 10));
+        s.release(u64::MAX, true).unwrap();
+        assert_eq!((s.written, s.held_overflow), (HELD_MAX as u64 + 10, 10));
+    }
+
+    #[test]
+    fn a_write_error_ends_the_writer_with_the_error_and_the_counts() {
+        // /dev/full: every write fails with ENOSPC, as on a full disk.
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let s = state(Box::new(full), false);
+        let (tx, rx) = sync_channel(4);
+        let (_ttx, trx) = sync_channel(1);
+        tx.send(vec![packet(1), packet(2)]).unwrap();
+        // The writer stops by itself, with the sender still open.
+        let w = std::thread::spawn(move || write_loop(s, rx, trx));
+        let s = w.join().unwrap();
+        let e = s.error.expect("the write error is kept");
+        assert!(format!("{e:#}").contains("No space left on device"), "{e:#}");
+        assert_eq!((s.written, s.flushed), (1, 0));
+        drop(tx);
+    }
 
     #[test]
     fn packet_keys_match_trace_keys() {

@@ -14,6 +14,21 @@ use serde::{Deserialize, Serialize};
 
 use crate::{error::user, filter::FilterSpec, loader::XdpChoice};
 
+/// Bounds (inclusive) of the numeric keys; dist/packetflow.toml names them too.
+pub const SAMPLE: (u64, u64) = (1, 1_000_000);
+/// 1 ms to 10 minutes.
+pub const TIMEOUT_MS: (u64, u64) = (1, 600_000);
+/// Up to 10 minutes (no trace lasts longer than `timeout_ms` allows).
+pub const SLOW_US: (u64, u64) = (0, 600_000_000);
+/// 1 MiB to 64 GiB.
+pub const ROTATE_MB: (u64, u64) = (1, 65_536);
+/// 1 s to 30 days.
+pub const ROTATE_SECS: (u64, u64) = (1, 2_592_000);
+/// Up to 16 TiB (and at least `rotate_mb`).
+pub const MAX_TOTAL_MB: (u64, u64) = (1, 16 << 20);
+/// 1 to 4194304 (PID_MAX_LIMIT on 64-bit kernels).
+pub const PID: (u32, u32) = (1, 4_194_304);
+
 /// Where the daemon looks for its file when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/packetflow/packetflow.toml";
 
@@ -235,11 +250,25 @@ impl Config {
         if self.sample == 0 {
             return bad("sample", "must be at least 1 (1 = every flow)");
         }
-        if self.rotate_mb == 0 {
-            return bad("rotate_mb", "must be at least 1");
+        for (key, v, (min, max)) in [
+            ("sample", u64::from(self.sample), SAMPLE),
+            ("timeout_ms", self.timeout_ms, TIMEOUT_MS),
+            ("slow_us", self.slow_us, SLOW_US),
+            ("rotate_mb", self.rotate_mb, ROTATE_MB),
+            ("rotate_secs", self.rotate_secs, ROTATE_SECS),
+            ("max_total_mb", self.max_total_mb, MAX_TOTAL_MB),
+        ] {
+            if v < min {
+                return bad(key, &format!("must be at least {min}"));
+            }
+            if v > max {
+                return bad(key, &format!("must be at most {max}"));
+            }
         }
-        if self.rotate_secs == 0 {
-            return bad("rotate_secs", "must be at least 1");
+        if let Some(pid) = self.pid
+            && !(PID.0..=PID.1).contains(&pid)
+        {
+            return bad("pid", &format!("must be between {} and {} (the kernel's largest pid_max)", PID.0, PID.1));
         }
         if self.max_total_mb < self.rotate_mb {
             return bad("max_total_mb", "must be at least rotate_mb (one full file must fit)");
@@ -357,6 +386,29 @@ mod tests {
         assert!(e.starts_with("f.toml:3: trace_dir:"), "{e}");
         let e = err("ports = [70000]\n");
         assert!(e.starts_with("f.toml:1:") && e.contains("ports"), "{e}");
+    }
+
+    #[test]
+    fn numbers_are_bounded() {
+        // 2^44 MiB would wrap to 0 bytes when shifted into bytes.
+        assert_eq!(err("sample = 2\nrotate_mb = 17592186044416\n"), "f.toml:2: rotate_mb: must be at most 65536");
+        assert_eq!(err("rotate_mb = 0\n"), "f.toml:1: rotate_mb: must be at least 1");
+        assert_eq!(err("timeout_ms = 18446744073709551615\n"), "f.toml:1: timeout_ms: must be at most 600000");
+        assert_eq!(err("timeout_ms = 0\n"), "f.toml:1: timeout_ms: must be at least 1");
+        assert_eq!(err("\nslow_us = 18446744073709551\n"), "f.toml:2: slow_us: must be at most 600000000");
+        assert_eq!(err("rotate_secs = 99999999999\n"), "f.toml:1: rotate_secs: must be at most 2592000");
+        assert_eq!(
+            err("max_total_mb = 17592186044416\n"),
+            format!("f.toml:1: max_total_mb: must be at most {}", 16u64 << 20)
+        );
+        assert_eq!(err("sample = 4000000000\n"), "f.toml:1: sample: must be at most 1000000");
+        assert!(err("pid = 0\n").starts_with("f.toml:1: pid: must be between 1 and 4194304"));
+        assert!(err("pid = 5000000\n").starts_with("f.toml:1: pid: must be between"));
+        // The largest values are fine, and do not overflow once turned into bytes and ns.
+        let text = "rotate_mb = 65536\nmax_total_mb = 16777216\ntimeout_ms = 600000\nslow_us = 600000000\nrotate_secs = 2592000\nsample = 1000000\npid = 4194304\n";
+        let c = Config::parse(text, "f").unwrap();
+        c.check(Some("f"), text).unwrap();
+        assert!((c.max_total_mb << 20) > (c.rotate_mb << 20));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use std::{
     io::{Read, Write},
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
@@ -88,7 +88,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         }
     }
     if let Some(dir) = &cfg.trace_dir {
-        std::fs::create_dir_all(dir).map_err(|e| user(format!("cannot create trace_dir {}: {e}", dir.display())))?;
+        crate::output::ensure_dir(dir, "trace_dir")?;
         if let Some((uid, gid)) = drop_to {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid))
                 .map_err(|e| user(format!("cannot hand {} to the --user account: {e}", dir.display())))?;
@@ -186,7 +186,9 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         Ok(Err(e)) => log(format!("stopping: {e:#}")),
         Err(_) => log("stopping took too long; exiting (the kernel detaches what is left)"),
     }
-    let _ = std::fs::remove_file(&cfg.control_socket);
+    if std::fs::symlink_metadata(&cfg.control_socket).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(&cfg.control_socket);
+    }
     Ok(())
 }
 
@@ -413,11 +415,21 @@ fn bind_control(path: &Path) -> Result<UnixListener> {
         std::fs::create_dir_all(dir).map_err(|e| user(format!("cannot create {}: {e}", dir.display())))?;
         let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
     }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            user_bail!("another packetflow daemon is running (it answers on {})", path.display());
+    // Only a socket nobody answers on is removed: never a file, a directory or a symlink
+    // someone put at the path (the daemon runs as root).
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                user_bail!("another packetflow daemon is running (it answers on {})", path.display());
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| user(format!("cannot remove the stale control socket {}: {e}", path.display())))?;
         }
-        let _ = std::fs::remove_file(path);
+        Ok(_) => user_bail!(
+            "control_socket {} exists and is not a socket; packetflow will not replace it (remove it, or choose another path)",
+            path.display()
+        ),
+        Err(_) => {}
     }
     // Created 0600 from the start: no window where others could connect.
     let old = unsafe { libc::umask(0o177) };

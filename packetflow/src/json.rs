@@ -100,10 +100,20 @@ impl JsonSink {
     }
 
     pub fn line(&mut self, v: &impl Serialize) {
-        let ok = serde_json::to_writer(&mut self.out, v).is_ok() && self.out.write_all(b"\n").is_ok();
-        if !ok {
-            self.errors += 1;
+        let r = serde_json::to_writer(&mut self.out, v)
+            .map_err(std::io::Error::from)
+            .and_then(|()| self.out.write_all(b"\n"));
+        if let Err(e) = r {
+            self.failed(e);
         }
+    }
+
+    /// Counts a failed write; says so once (the count comes at the end of the run).
+    fn failed(&mut self, e: std::io::Error) {
+        if self.errors == 0 {
+            eprintln!("packetflow: writing the --json output failed: {e}; lines from now on may be lost");
+        }
+        self.errors += 1;
     }
 }
 
@@ -114,7 +124,12 @@ impl Sink for JsonSink {
     }
     fn finish(&mut self, summary: &serde_json::Value) {
         self.line(summary);
-        let _ = self.out.flush();
+        if let Err(e) = self.out.flush() {
+            self.failed(e);
+        }
+        if self.errors > 0 {
+            eprintln!("packetflow: {} writes of the --json output failed: it is incomplete", self.errors);
+        }
     }
 }
 
@@ -202,4 +217,19 @@ fn hist_json(h: &hdrhistogram::Histogram<u64>) -> serde_json::Value {
         m.insert("min_ns".into(), h.min().into());
     }
     serde_json::Value::Object(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_writes_are_counted() {
+        // /dev/full: every write fails with ENOSPC.
+        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        let mut sink = JsonSink::new(Box::new(full), Names::new(&[]), Vec::new());
+        sink.line(&serde_json::json!({"type": "header"}));
+        sink.finish(&serde_json::json!({"type": "summary"}));
+        assert_eq!(sink.errors, 2);
+    }
 }

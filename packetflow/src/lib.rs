@@ -24,6 +24,7 @@ pub mod loader;
 pub mod metrics;
 pub mod names;
 pub mod netns;
+pub mod output;
 pub mod pcapng;
 pub mod recording;
 pub mod report;

@@ -327,7 +327,7 @@ impl Collector for Exporter {
         counter(
             &mut enc,
             "packetflow_trace_lines_dropped",
-            "Trace lines dropped because the file writer was behind",
+            "Trace lines not written: the file writer was behind, or a write failed (disk full) or was paused after a failure",
             s.trace_lines_dropped,
         )?;
         counter(

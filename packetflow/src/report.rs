@@ -61,7 +61,7 @@ impl Groups {
             By::Stage => return,
             By::Flow => flow_name(&t.flow, t.path),
             By::Pid => match (t.pid, &t.comm) {
-                (Some(p), Some(c)) => format!("{p} {c}"),
+                (Some(p), Some(c)) => format!("{p} {}", crate::output::printable(c)),
                 (Some(p), None) => p.to_string(),
                 _ => "(no sender process)".into(),
             },
@@ -199,7 +199,7 @@ pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dy
 
 fn report_notes(n: &ReadNotes) {
     for w in &n.warnings {
-        eprintln!("warning: {w}");
+        eprintln!("warning: {}", crate::output::printable(w));
     }
     if n.skipped + n.unknown_type > n.warnings.len() as u64 {
         eprintln!("warning: {} lines skipped in all", n.skipped + n.unknown_type);
@@ -293,9 +293,7 @@ pub fn compare(base: &Stats, new: &Stats) -> String {
 
 pub fn run(a: ReportArgs) -> Result<()> {
     let mut chrome = match &a.chrome_trace {
-        Some(p) => Some(ChromeTrace::new(Box::new(std::io::BufWriter::new(
-            File::create(p).map_err(|e| user(format!("cannot write {p}: {e}")))?,
-        )))),
+        Some(p) => Some(ChromeTrace::new(crate::output::writer(p)?)),
         None => None,
     };
     let r = read(&a.file, a.path, a.by, chrome.as_mut().map(|c| c as &mut dyn Sink))?;
@@ -328,16 +326,18 @@ pub fn run(a: ReportArgs) -> Result<()> {
         print!("{}", compare(&base.gathered.stats, stats));
     }
     if let Some(dir) = &a.svg {
-        std::fs::create_dir_all(dir).map_err(|e| user(format!("cannot create {}: {e}", dir.display())))?;
+        crate::output::ensure_dir(dir, "--svg directory")?;
         for (name, svg) in charts::all(&r.gathered) {
             let p = dir.join(format!("{name}.svg"));
-            std::fs::write(&p, svg).map_err(|e| user(format!("cannot write {}: {e}", p.display())))?;
+            crate::output::create(&p)?
+                .write_all(svg.as_bytes())
+                .map_err(|e| user(format!("cannot write {}: {e}", p.display())))?;
         }
     }
     if let Some(p) = &a.html {
         let title = format!("packetflow report: {}", if a.file == "-" { "stdin" } else { &a.file });
         let page = charts::html(&r.gathered, &title, &text);
-        let mut f = File::create(p).map_err(|e| user(format!("cannot write {p}: {e}")))?;
+        let mut f = crate::output::create(std::path::Path::new(p))?;
         f.write_all(page.as_bytes()).with_context(|| format!("writing {p}"))?;
     }
     Ok(())

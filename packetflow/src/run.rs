@@ -3,7 +3,6 @@
 
 use std::{
     collections::BTreeMap,
-    io::Write,
     path::PathBuf,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -203,13 +202,7 @@ impl Running {
         }
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
         if let Some(path) = &o.json {
-            let out: Box<dyn Write + Send> = if path == "-" {
-                Box::new(std::io::BufWriter::new(std::io::stdout()))
-            } else {
-                Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(path).map_err(|e| crate::error::user(format!("cannot write {path}: {e}")))?,
-                ))
-            };
+            let out = crate::output::writer(path)?;
             let mut names = Names::new(&tracer.interfaces);
             for p in &o.netns_names {
                 names.add_netns(p);
@@ -221,8 +214,7 @@ impl Running {
             sinks.push(Box::new(sink));
         }
         if let Some(path) = &o.chrome_trace {
-            let f = std::fs::File::create(path).map_err(|e| crate::error::user(format!("cannot write {path}: {e}")))?;
-            sinks.push(Box::new(crate::chrome::ChromeTrace::new(Box::new(std::io::BufWriter::new(f)))));
+            sinks.push(Box::new(crate::chrome::ChromeTrace::new(crate::output::writer(path)?)));
         }
         if let Some(more) = o.more_sinks {
             sinks.extend(more(&tracer, &filter));

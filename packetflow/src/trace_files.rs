@@ -8,7 +8,7 @@
 
 use std::{
     fs::File,
-    io::{BufWriter, Write},
+    io::Write,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -38,11 +38,13 @@ pub struct Settings {
 #[derive(Default, Debug)]
 pub struct Counters {
     pub lines_written: AtomicU64,
-    /// Lines the writer had no room for (it was behind).
+    /// Trace lines not written: the writer was behind (no room in its queue), or the
+    /// write failed (`write_errors`; disk full) or was paused after a failure.
     pub lines_dropped: AtomicU64,
     /// Traces under the `slow_us` threshold.
     pub below_threshold: AtomicU64,
     pub files_deleted: AtomicU64,
+    /// Failed creates and writes of trace files.
     pub write_errors: AtomicU64,
 }
 
@@ -71,7 +73,7 @@ impl TraceFiles {
         let (s, c) = (settings.clone(), counters.clone());
         let writer = std::thread::Builder::new()
             .name("trace-files".into())
-            .spawn(move || Writer { dir, settings: s, counters: c, cur: None, seq: 0, warned: false }.run(rx))
+            .spawn(move || Writer::new(dir, s, c).run(rx))
             .expect("spawning the trace writer");
         TraceFiles { tx, names, available, settings, counters, writer: Some(writer) }
     }
@@ -102,39 +104,65 @@ impl Sink for TraceFiles {
 
 struct Open {
     path: PathBuf,
-    out: BufWriter<File>,
+    file: File,
+    /// Bytes of the file known to be written (the rest is in `Writer::buf`).
+    flushed: u64,
+    /// Bytes the file will have once `Writer::buf` is written.
     bytes: u64,
     since: Instant,
 }
+
+/// After a failed write, how long the writer stops writing (lines are dropped and
+/// counted) before it tries a new file; doubled after each failure in a row, up to
+/// [`BACKOFF_MAX`], and never longer than `rotate_secs`.
+const BACKOFF_MIN: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Lines are written in chunks of about this many bytes, or at least every [`FLUSH_EVERY`].
+const CHUNK: usize = 64 << 10;
+const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
 struct Writer {
     dir: PathBuf,
     settings: Arc<Mutex<Settings>>,
     counters: Arc<Counters>,
     cur: Option<Open>,
+    /// Lines not yet handed to the kernel, and how many trace lines they hold.
+    buf: Vec<u8>,
+    buf_lines: u64,
+    last_flush: Instant,
     seq: u64,
-    warned: bool,
+    /// After a write error: nothing is written before this instant.
+    paused_until: Option<Instant>,
+    backoff: Duration,
 }
 
 impl Writer {
+    fn new(dir: PathBuf, settings: Arc<Mutex<Settings>>, counters: Arc<Counters>) -> Writer {
+        Writer {
+            dir,
+            settings,
+            counters,
+            cur: None,
+            buf: Vec::with_capacity(CHUNK + 4096),
+            buf_lines: 0,
+            last_flush: Instant::now(),
+            seq: 0,
+            paused_until: None,
+            backoff: BACKOFF_MIN,
+        }
+    }
+
     fn run(mut self, rx: Receiver<Msg>) {
         loop {
-            match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(Msg::Line(l)) => {
-                    self.write(&l);
-                    self.counters.lines_written.fetch_add(1, Ordering::Relaxed);
-                }
+            match rx.recv_timeout(FLUSH_EVERY) {
+                Ok(Msg::Line(l)) => self.write(&l, true),
                 Ok(Msg::Finish(summary)) => {
-                    self.write(&summary);
+                    self.write(&summary, false);
                     self.close();
                     return;
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    // Keep the file readable while idle; rotate by age even without traffic.
-                    if let Some(c) = self.cur.as_mut() {
-                        let _ = c.out.flush();
-                    }
-                }
+                // Keep the file readable while idle; rotate by age even without traffic.
+                Err(RecvTimeoutError::Timeout) => self.flush(),
                 Err(RecvTimeoutError::Disconnected) => {
                     self.close();
                     return;
@@ -147,71 +175,133 @@ impl Writer {
         }
     }
 
-    fn write(&mut self, line: &str) {
+    /// Queues one line (`trace`: a trace line, counted) for the current file.
+    fn write(&mut self, line: &str, trace: bool) {
+        if self.paused_until.is_some_and(|t| Instant::now() < t) {
+            self.counters.lines_dropped.fetch_add(u64::from(trace), Ordering::Relaxed);
+            return;
+        }
         if self.cur.is_none() {
             self.open();
         }
+        let Some(c) = self.cur.as_mut() else {
+            self.counters.lines_dropped.fetch_add(u64::from(trace), Ordering::Relaxed);
+            return;
+        };
+        self.buf.extend_from_slice(line.as_bytes());
+        self.buf.push(b'\n');
+        self.buf_lines += u64::from(trace);
+        c.bytes += line.len() as u64 + 1;
+        if self.buf.len() >= CHUNK || self.last_flush.elapsed() >= FLUSH_EVERY {
+            self.flush();
+        }
+    }
+
+    /// Hands the queued lines to the kernel. Counts them written, or, when the write
+    /// fails, not written (dropped): the file is cut back to its last whole line.
+    fn flush(&mut self) {
+        self.last_flush = Instant::now();
         let Some(c) = self.cur.as_mut() else { return };
-        if c.out.write_all(line.as_bytes()).and_then(|()| c.out.write_all(b"\n")).is_err() {
-            self.failed("writing");
+        if self.buf.is_empty() {
             return;
         }
-        c.bytes += line.len() as u64 + 1;
+        let lines = std::mem::take(&mut self.buf_lines);
+        match c.file.write_all(&self.buf) {
+            Ok(()) => {
+                c.flushed += self.buf.len() as u64;
+                self.counters.lines_written.fetch_add(lines, Ordering::Relaxed);
+                self.backoff = BACKOFF_MIN;
+                self.buf.clear();
+            }
+            Err(e) => {
+                self.buf.clear();
+                self.counters.lines_dropped.fetch_add(lines, Ordering::Relaxed);
+                self.failed("writing", e);
+            }
+        }
     }
 
     fn open(&mut self) {
+        if !self.dir_ok() {
+            return;
+        }
         let s = self.settings.lock().expect("settings lock").clone();
         // Room for one full new file within the cap.
         self.counters
             .files_deleted
             .fetch_add(enforce_cap(&self.dir, s.max_total_bytes.saturating_sub(s.rotate_bytes)), Ordering::Relaxed);
         self.seq += 1;
-        let path = self.dir.join(file_name(crate::sys::realtime_ns() / 1_000_000_000, self.seq));
-        match File::create(&path) {
-            Ok(f) => {
-                let mut out = BufWriter::new(f);
-                let header = s.header.to_string();
-                let ok = out.write_all(header.as_bytes()).and_then(|()| out.write_all(b"\n")).is_ok();
-                self.cur = Some(Open { path, out, bytes: header.len() as u64 + 1, since: Instant::now() });
-                if !ok {
-                    self.failed("writing");
-                }
+        let path = self.dir.join(file_name(crate::sys::realtime_ns(), std::process::id(), self.seq));
+        match crate::output::create_new(&path) {
+            Ok(file) => {
+                self.cur = Some(Open { path, file, flushed: 0, bytes: 0, since: Instant::now() });
+                self.write(&s.header.to_string(), false);
             }
             Err(e) => {
-                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                if !self.warned {
-                    eprintln!("packetflow: cannot create trace file {}: {e}", path.display());
-                    self.warned = true;
-                }
+                self.cur = None;
+                self.failed_at(&path, "creating", e);
+            }
+        }
+    }
+
+    /// The directory is still a directory, not a symlink put in its place.
+    fn dir_ok(&mut self) -> bool {
+        match std::fs::symlink_metadata(&self.dir) {
+            Ok(m) if m.is_dir() => true,
+            _ => {
+                let dir = self.dir.clone();
+                self.failed_at(&dir, "using", std::io::Error::other("not a directory (a symbolic link?)"));
+                false
             }
         }
     }
 
     fn close(&mut self) {
-        if let Some(mut c) = self.cur.take()
-            && c.out.flush().is_err()
-        {
-            self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
-            eprintln!("packetflow: flushing {} failed", c.path.display());
-        }
+        self.flush();
+        self.cur = None;
     }
 
-    fn failed(&mut self, what: &str) {
-        self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
-        if let Some(c) = self.cur.take()
-            && !self.warned
-        {
-            eprintln!("packetflow: {what} {} failed: {}", c.path.display(), std::io::Error::last_os_error());
-            self.warned = true;
+    /// A write to the current file failed: the file is cut back to its last whole line
+    /// (or removed, when nothing of it was written), and writing pauses.
+    fn failed(&mut self, what: &str, e: std::io::Error) {
+        let Some(c) = self.cur.take() else { return };
+        if c.flushed == 0 {
+            drop(c.file);
+            let _ = std::fs::remove_file(&c.path);
+        } else {
+            let _ = c.file.set_len(c.flushed);
         }
+        self.failed_at(&c.path, what, e);
+    }
+
+    fn failed_at(&mut self, path: &Path, what: &str, e: std::io::Error) {
+        self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+        let age = self.settings.lock().expect("settings lock").rotate_age;
+        let pause = self.backoff.min(age);
+        self.paused_until = Some(Instant::now() + pause);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        eprintln!(
+            "packetflow: {what} trace file {} failed: {e}; trace lines are dropped (and counted) for the next {} s",
+            path.display(),
+            pause.as_secs()
+        );
     }
 }
 
-/// `packetflow-20261124T171500Z-000001.ndjson`: names sort in the order they were made.
-fn file_name(unix_secs: u64, seq: u64) -> String {
+/// `packetflow-20261124T171500.123456789Z-4242-000001.ndjson`: names sort in the order
+/// they were made (to the nanosecond), and never repeat: a daemon started again in the
+/// same second, even with the same pid, has a later time, and one process counts up.
+fn file_name(unix_ns: u64, pid: u32, seq: u64) -> String {
+    let unix_secs = unix_ns / 1_000_000_000;
     let (days, rem) = (unix_secs / 86400, unix_secs % 86400);
     let (y, m, d) = civil_from_days(days as i64);
-    format!("packetflow-{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z-{seq:06}.ndjson", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "packetflow-{y:04}{m:02}{d:02}T{:02}{:02}{:02}.{:09}Z-{pid}-{seq:06}.ndjson",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        unix_ns % 1_000_000_000
+    )
 }
 
 /// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's method).
@@ -263,26 +353,110 @@ fn enforce_cap(dir: &Path, budget: u64) -> u64 {
 mod tests {
     use super::*;
 
+    fn settings() -> Settings {
+        Settings {
+            slow_ns: 0,
+            rotate_bytes: 1 << 20,
+            rotate_age: Duration::from_secs(3600),
+            max_total_bytes: 4 << 20,
+            header: serde_json::json!({"type": "header"}),
+        }
+    }
+
+    fn tmp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pf-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     #[test]
     fn names_sort_by_time() {
-        assert_eq!(file_name(0, 1), "packetflow-19700101T000000Z-000001.ndjson");
-        assert_eq!(file_name(1_795_539_300, 7), "packetflow-20261124T165500Z-000007.ndjson");
+        assert_eq!(file_name(0, 7, 1), "packetflow-19700101T000000.000000000Z-7-000001.ndjson");
+        assert_eq!(
+            file_name(1_795_539_300_000_000_042, 4242, 7),
+            "packetflow-20261124T165500.000000042Z-4242-000007.ndjson"
+        );
+        assert!(file_name(1_000_000_001, 9, 1) < file_name(1_000_000_002, 1, 1));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }
 
     #[test]
+    fn two_quick_starts_do_not_reuse_a_name() {
+        // Two writers, as two daemons started in the same second (same pid even, and
+        // each at its first file), each open their first file in the same directory.
+        let dir = tmp_dir("names");
+        let open = || {
+            let mut w = Writer::new(dir.clone(), Arc::new(Mutex::new(settings())), Arc::default());
+            w.write("{}", true);
+            w.close();
+            assert_eq!(w.counters.write_errors.load(Ordering::Relaxed), 0);
+            assert_eq!(w.counters.lines_written.load(Ordering::Relaxed), 1);
+        };
+        open();
+        open();
+        assert_eq!(list(&dir).len(), 2, "{:?}", list(&dir));
+        use std::os::unix::fs::PermissionsExt;
+        for (p, _) in list(&dir) {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & !crate::output::MODE, 0, "{} has mode {mode:o}", p.display());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn after_a_write_error_lines_are_counted_and_writing_pauses() {
+        let dir = tmp_dir("full");
+        let mut w = Writer::new(dir.clone(), Arc::new(Mutex::new(settings())), Arc::default());
+        // A file on a full disk: /dev/full fails every write with ENOSPC.
+        let file = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+        w.cur = Some(Open { path: dir.join("gone.ndjson"), file, flushed: 0, bytes: 0, since: Instant::now() });
+        for _ in 0..10 {
+            w.write("{\"type\":\"trace\"}", true);
+        }
+        w.flush();
+        let c = w.counters.clone();
+        assert_eq!(c.lines_written.load(Ordering::Relaxed), 0);
+        assert_eq!(c.lines_dropped.load(Ordering::Relaxed), 10);
+        assert_eq!(c.write_errors.load(Ordering::Relaxed), 1);
+        // Paused: no new file per line, every line counted.
+        for _ in 0..1000 {
+            w.write("{}", true);
+        }
+        w.close();
+        assert!(list(&dir).is_empty(), "no file opened while paused: {:?}", list(&dir));
+        assert_eq!(c.lines_dropped.load(Ordering::Relaxed), 1010);
+        assert_eq!(c.write_errors.load(Ordering::Relaxed), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_trace_dir_replaced_by_a_symlink_is_not_written() {
+        let dir = tmp_dir("symdir");
+        let real = dir.join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let mut w = Writer::new(link, Arc::new(Mutex::new(settings())), Arc::default());
+        w.write("{}", true);
+        w.close();
+        assert!(list(&real).is_empty());
+        assert_eq!(w.counters.write_errors.load(Ordering::Relaxed), 1);
+        assert_eq!(w.counters.lines_dropped.load(Ordering::Relaxed), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn cap_deletes_oldest_first() {
-        let dir = std::env::temp_dir().join(format!("pf-cap-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = tmp_dir("cap");
         for i in 1..=4 {
-            std::fs::write(dir.join(file_name(100, i)), vec![b'x'; 100]).unwrap();
+            std::fs::write(dir.join(file_name(100, 1, i)), vec![b'x'; 100]).unwrap();
         }
         std::fs::write(dir.join("other.txt"), vec![b'x'; 1000]).unwrap();
         assert_eq!(enforce_cap(&dir, 250), 2);
         let left: Vec<String> =
             list(&dir).iter().map(|(p, _)| p.file_name().unwrap().to_str().unwrap().to_string()).collect();
-        assert_eq!(left, vec![file_name(100, 3), file_name(100, 4)]);
+        assert_eq!(left, vec![file_name(100, 1, 3), file_name(100, 1, 4)]);
         assert!(dir.join("other.txt").exists(), "only trace files are deleted");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -34,11 +34,19 @@ pub struct Holder {
 impl Holder {
     /// "program 42 'xdp_fw' (generic), held by pid 123 (xdpd)".
     pub fn describe(&self) -> String {
-        let name = if self.prog_name.is_empty() { String::new() } else { format!(" '{}'", self.prog_name) };
+        let name = if self.prog_name.is_empty() {
+            String::new()
+        } else {
+            format!(" '{}'", crate::output::printable(&self.prog_name))
+        };
         let who = if self.processes.is_empty() {
             "held by no process (attached through netlink, or pinned)".to_string()
         } else {
-            let p: Vec<String> = self.processes.iter().map(|(pid, comm)| format!("pid {pid} ({comm})")).collect();
+            let p: Vec<String> = self
+                .processes
+                .iter()
+                .map(|(pid, comm)| format!("pid {pid} ({})", crate::output::printable(comm)))
+                .collect();
             format!("held by {}", p.join(", "))
         };
         format!("XDP program {}{name} ({}), {who}", self.prog_id, self.mode)

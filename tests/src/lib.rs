@@ -276,3 +276,31 @@ pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
     v.truncate(n);
     v
 }
+
+/// A small tmpfs mounted on a fresh directory (a disk that fills up on demand); unmounted
+/// on drop.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (mount's syntax: "256k") on `tmp(name)`.
+    pub fn mount(name: &str, size: &str) -> Tmpfs {
+        let dir = tmp(name);
+        let _ = Command::new("umount").arg(&dir).stderr(Stdio::null()).status();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("tmpfs mount point");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(&dir)
+            .status()
+            .expect("mount");
+        assert!(st.success(), "mounting a tmpfs on {}", dir.display());
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}

@@ -506,3 +506,73 @@ fn stages_land_in_packet_comments() {
         assert!(l.contains("packetflow stages") && l.contains("recv_syscall +"), "{l}");
     }
 }
+
+/// Sends `n` UDP datagrams of `size` bytes to 127.0.0.1:`port` (bounded in count).
+fn udp_burst(port: u16, n: usize, size: usize) {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let msg = vec![b'x'; size];
+    for _ in 0..n {
+        let _ = s.send_to(&msg, ("127.0.0.1", port));
+    }
+}
+
+#[test]
+fn a_full_disk_ends_the_capture_with_its_statistics_and_exit_1() {
+    require_root();
+    let port = unique_port();
+    let disk = Tmpfs::mount("capture-full", "256k");
+    let out = disk.0.join("out.pcapng");
+    let mut cap = start_pf(&["-i", "lo", "-w", out.to_str().unwrap(), "udp", "port", &port.to_string()]);
+    std::thread::sleep(Duration::from_millis(500));
+    // 1 MiB of packets for a 256 KiB disk, at most 20 s: the capture must end by itself.
+    let t0 = std::time::Instant::now();
+    let mut status = None;
+    while status.is_none() && t0.elapsed() < Duration::from_secs(20) {
+        udp_burst(port, 50, 1000);
+        status = cap.p.wait(Duration::from_millis(100));
+    }
+    let status = status.expect("the capture stops by itself when the disk is full");
+    let err = cap.err.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("packets captured (") && err.contains("not written: the write failed"), "{err}");
+    assert!(err.contains("packets received by filter") && err.contains("packets dropped by packetflow"), "{err}");
+    let last = err.trim().lines().last().unwrap();
+    assert!(last.starts_with(&format!("packetflow: writing {} failed: ", out.display())), "{err}");
+    assert!(last.contains("No space left on device"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn outputs_are_not_written_through_symlinks_and_are_0640() {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    require_root();
+    let dir = tmp("capture-links");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let victim = dir.join("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    let link = dir.join("out.pcapng");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let o = packetflow(&["capture", "-i", "lo", "-c", "1", "--duration", "5", "-w", link.to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert_eq!(
+        e.trim(),
+        format!("packetflow: refusing to write {}: it is a symbolic link (name the file itself)", link.display())
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    // A new file: mode 0640 (with umask 0, so the mode is the program's own choice).
+    let port = unique_port();
+    let new = dir.join("new.pcapng");
+    let mut c = Command::new(bin());
+    c.args(["capture", "-i", "lo", "--duration", "1", "-w", new.to_str().unwrap(), "port", &port.to_string()]);
+    unsafe {
+        c.pre_exec(|| {
+            libc::umask(0);
+            Ok(())
+        });
+    }
+    let o = c.stdin(Stdio::null()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::metadata(&new).unwrap().permissions().mode() & 0o777, 0o640);
+}

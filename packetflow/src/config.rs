@@ -26,6 +26,8 @@ pub const ROTATE_MB: (u64, u64) = (1, 65_536);
 pub const ROTATE_SECS: (u64, u64) = (1, 2_592_000);
 /// Up to 16 TiB (and at least `rotate_mb`).
 pub const MAX_TOTAL_MB: (u64, u64) = (1, 16 << 20);
+/// 1 MiB to 64 GiB.
+pub const CORRELATOR_BUDGET_MB: (u64, u64) = (1, 65_536);
 /// 1 to 4194304 (PID_MAX_LIMIT on 64-bit kernels).
 pub const PID: (u32, u32) = (1, 4_194_304);
 
@@ -98,6 +100,9 @@ pub struct Config {
     pub sample: u32,
     /// Give up on a packet's missing stages after this many ms (full mode). Default 1000.
     pub timeout_ms: u64,
+    /// The memory the correlator may hold for packets in flight, MiB (full mode;
+    /// docs/daemon.md, "Memory bound"). Default 16.
+    pub correlator_budget_mb: u64,
     /// Write NDJSON traces (the `trace --json` format) into this directory (full mode).
     /// Default: none.
     pub trace_dir: Option<PathBuf>,
@@ -127,6 +132,7 @@ impl Default for Config {
             pid: None,
             sample: 1,
             timeout_ms: 1000,
+            correlator_budget_mb: crate::correlate::DEFAULT_BUDGET_MB as u64,
             trace_dir: None,
             slow_us: 0,
             rotate_mb: 64,
@@ -253,6 +259,7 @@ impl Config {
         for (key, v, (min, max)) in [
             ("sample", u64::from(self.sample), SAMPLE),
             ("timeout_ms", self.timeout_ms, TIMEOUT_MS),
+            ("correlator_budget_mb", self.correlator_budget_mb, CORRELATOR_BUDGET_MB),
             ("slow_us", self.slow_us, SLOW_US),
             ("rotate_mb", self.rotate_mb, ROTATE_MB),
             ("rotate_secs", self.rotate_secs, ROTATE_SECS),
@@ -337,6 +344,9 @@ impl Config {
         if self.timeout_ms != new.timeout_ms {
             v.push("timeout_ms");
         }
+        if self.correlator_budget_mb != new.correlator_budget_mb {
+            v.push("correlator_budget_mb");
+        }
         v
     }
 }
@@ -395,6 +405,11 @@ mod tests {
         assert_eq!(err("rotate_mb = 0\n"), "f.toml:1: rotate_mb: must be at least 1");
         assert_eq!(err("timeout_ms = 18446744073709551615\n"), "f.toml:1: timeout_ms: must be at most 600000");
         assert_eq!(err("timeout_ms = 0\n"), "f.toml:1: timeout_ms: must be at least 1");
+        assert_eq!(err("correlator_budget_mb = 0\n"), "f.toml:1: correlator_budget_mb: must be at least 1");
+        assert_eq!(
+            err("correlator_budget_mb = 17592186044416\n"),
+            "f.toml:1: correlator_budget_mb: must be at most 65536"
+        );
         assert_eq!(err("\nslow_us = 18446744073709551\n"), "f.toml:2: slow_us: must be at most 600000000");
         assert_eq!(err("rotate_secs = 99999999999\n"), "f.toml:1: rotate_secs: must be at most 2592000");
         assert_eq!(

@@ -116,6 +116,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         any_in: trace::any_namespaces(&cfg.interfaces, None),
         xdp: cfg.xdp_mode.into(),
         timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
+        budget_mb: cfg.correlator_budget_mb as usize,
         more_sinks,
         ring_bytes,
         ..Default::default()
@@ -247,6 +248,7 @@ fn reload(a: &DaemonArgs, old: &Config, running: &mut Running, files: &Files) ->
         new.mode = Some(old.mode());
         new.trace_dir = old.trace_dir.clone();
         new.timeout_ms = old.timeout_ms;
+        new.correlator_budget_mb = old.correlator_budget_mb;
     }
     let filter = new.filter();
     let kf = filter.to_kernel(std::process::id())?;

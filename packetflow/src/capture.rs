@@ -509,6 +509,7 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     let writer = std::thread::spawn(move || write_loop(state, rx, trace_rx));
 
     let deadline = a.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut checked = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.recv() => break,
@@ -517,6 +518,13 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
                 // Done: the count reached, or the writer failed (disk full).
                 if done.load(Ordering::Relaxed) || writer.is_finished() {
                     break;
+                }
+                // Interfaces deleted meanwhile: said once; the others go on.
+                if checked.elapsed() >= Duration::from_secs(1) {
+                    checked = tokio::time::Instant::now();
+                    for line in tracer.check_interfaces() {
+                        eprintln!("{line}");
+                    }
                 }
             }
         }

@@ -150,3 +150,18 @@ fn any_attaches_interfaces_that_appear() {
         assert!(t.wait_for(&format!("new interface {name}: attached"), Duration::from_secs(5)), "{name} not attached");
     }
 }
+
+#[test]
+fn capture_says_which_interface_it_lost_and_goes_on() {
+    require_root();
+    let h = TestHosts::new("pfgonc").expect("test hosts");
+    let spec = format!("{}@{}", h.veth_a, h.ns_a);
+    let mut c = Lines::spawn(&["capture", "-i", &spec, "-i", "lo", "--duration", "6", "udp"]);
+    assert!(c.wait_for("capturing on", Duration::from_secs(30)), "capture did not start");
+    netns::ip(&["netns", "del", &h.ns_a]).expect("deleting the namespace");
+    let want = format!("lost interface {}@/run/netns/{}: its stages stop", h.veth_a, h.ns_a);
+    assert!(c.wait_for(&want, Duration::from_secs(5)), "no '{want}' line");
+    let st = c.proc.wait(Duration::from_secs(20)).expect("capture ended at --duration");
+    assert!(st.success(), "capture exited with {st}");
+    assert!(c.wait_for("packets captured", Duration::from_secs(1)), "no statistics at the end");
+}

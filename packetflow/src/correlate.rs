@@ -185,6 +185,9 @@ pub struct CorrStats {
     /// Traces finished before their time because their flow was evicted for the
     /// memory bound (their missing stages may still have come).
     pub traces_finished_early: u64,
+    /// Incomplete traces missing a stage between two they have (`has_gap`): the packet
+    /// passed it, and no record came.
+    pub stage_gaps: u64,
 }
 
 /// Which device stages are observable where: (netns inode, ifindex) pairs with XDP and
@@ -209,6 +212,14 @@ struct Rec {
     aux: u32,
     aux2: u32,
     flags: u8,
+}
+
+impl Rec {
+    /// TCP: do finished traces, which hold every byte below `until`, account for this
+    /// record? (An end-only record marks the bytes below it.)
+    fn used(&self, until: u64) -> bool {
+        if self.end_only { self.lo <= until } else { self.lo < until }
+    }
 }
 
 /// One stage's records of one flow.
@@ -370,7 +381,7 @@ impl Records {
             let at = self.tcp.iter().rposition(|x| x.ts <= r.ts).map_or(0, |i| i + 1);
             self.tcp.insert(at, r);
             if self.tcp.len() > MAX_TCP_PER_STAGE {
-                return self.tcp.pop_front().is_none_or(|old| old.lo < until);
+                return self.tcp.pop_front().is_none_or(|old| old.used(until));
             }
         }
         true
@@ -382,7 +393,7 @@ impl Records {
         let mut unmatched = 0;
         while self.tcp.front().is_some_and(|r| r.ts < keep_from) {
             let r = self.tcp.pop_front().expect("front exists");
-            if r.lo >= until {
+            if !r.used(until) {
                 unmatched += 1;
             }
         }
@@ -463,7 +474,7 @@ impl Records {
     /// (TCP: its bytes are not below `until`), None when the list is empty.
     fn pop_oldest(&mut self, until: u64) -> Option<bool> {
         if let Some(r) = self.tcp.pop_front() {
-            return Some(r.lo >= until);
+            return Some(!r.used(until));
         }
         while self.udp.len > 0 {
             if self.udp.pop_oldest()? {
@@ -711,14 +722,24 @@ impl Correlator {
 
     /// Brings the flows back within the budget after `flow` grew: its own longest list
     /// gives up its oldest records when it is long (a few flows flooding a stage), else
-    /// the least recently active other flows go whole (many small flows). Each step frees
-    /// at least one record's estimate, and each record is freed once: O(1) per record.
+    /// the least recently active other flow does when its list is long (a bulk flow whose
+    /// old records traces have used), else that flow goes whole (many small flows). Each
+    /// step frees at least one record's estimate, and each record is freed once: O(1) per
+    /// record.
     fn shed(&mut self, flow: Flow) {
         while self.held_bytes > self.budget_bytes {
-            let own = self.flows.get(&flow).and_then(|st| st.longest().map(|s| (s, st.list(s).len())));
-            let front_is_other = self.flows.front().is_some_and(|(f, _)| *f != flow);
-            match own {
-                Some((stage, n)) if n >= SHED_MIN || !front_is_other => {
+            let longest = |st: &FlowState| st.longest().map(|s| (s, st.list(s).len()));
+            let own = self.flows.get(&flow).and_then(longest);
+            let front = self.flows.front().filter(|(f, _)| **f != flow).map(|(f, st)| (*f, longest(st)));
+            let front_is_other = front.is_some();
+            let victim = match (own, front) {
+                (Some((stage, n)), _) if n >= SHED_MIN => Some((flow, stage)),
+                (_, Some((f, Some((stage, n))))) if n >= SHED_MIN => Some((f, stage)),
+                (Some((stage, _)), None) => Some((flow, stage)),
+                _ => None,
+            };
+            match victim {
+                Some((flow, stage)) => {
                     let st = self.flows.get_mut(&flow).expect("flow exists");
                     let until = st.anchored_until;
                     if st.list_mut(stage).pop_oldest(until) == Some(true) {
@@ -923,6 +944,9 @@ impl Correlator {
             stats.traces += 1;
             if !trace.complete {
                 stats.incomplete += 1;
+                if has_gap(coverage, &trace) {
+                    stats.stage_gaps += 1;
+                }
             }
             out(trace);
         }
@@ -1177,6 +1201,21 @@ fn partition_point_from_back(list: &VecDeque<Rec>, pred: impl Fn(&Rec) -> bool) 
         }
     }
     lo
+}
+
+/// Does the trace miss a traced stage that lies, in kernel order, between two stages it
+/// has? Then the packet passed that stage and the kernel wrote no record there (a full
+/// ring and a skipped run are counted where they happen; this counts the rest).
+fn has_gap(cov: &Coverage, t: &Trace) -> bool {
+    if matches!(t.kind, TraceKind::Control(_)) {
+        return false;
+    }
+    let pos: Vec<usize> = t.stages.iter().map(|s| s.stage.kernel_pos()).collect();
+    let (Some(lo), Some(hi)) = (pos.iter().min(), pos.iter().max()) else { return false };
+    cov.global.iter().any(|s| {
+        let p = s.kernel_pos();
+        *lo < p && p < *hi && !pos.contains(&p) && !matches!(s, Stage::Xdp | Stage::TcEgress | Stage::TcIngress)
+    })
 }
 
 /// Does this trace have every stage it should have, given where its packet went?
@@ -1706,6 +1745,49 @@ mod budget_tests {
         assert_eq!(c.stats.anchors_evicted, 0);
         assert_eq!(c.stats.records_evicted, 0, "every record of an evicted flow was used by its trace");
         assert_eq!((c.flows(), c.held_bytes()), (0, 0), "nothing left after the flush");
+    }
+
+    #[test]
+    fn a_bulk_flow_over_the_budget_sheds_its_used_records_and_is_not_evicted() {
+        let mut cov = Coverage::default();
+        cov.global.extend(Stage::ALL.iter().filter(|s| !s.is_optional()));
+        let mut c = Correlator::new(cov);
+        c.budget_bytes = 1 << 20;
+        let mut traces = Vec::new();
+        for i in 0..5_000u32 {
+            let t0 = 1_000_000 + i as u64 * 10_000;
+            for (k, s) in Stage::KERNEL_ORDER.iter().filter(|s| !s.is_optional()).enumerate() {
+                let mut e = Event::ZERO;
+                (e.stage, e.ts_ns) = (*s as u8, t0 + k as u64 * 100);
+                (e.seq, e.len) = (i * 1000, 1000);
+                if matches!(s, Stage::SockQueue | Stage::RecvSyscall) {
+                    (e.seq, e.len, e.flags) = (i * 1000 + 1000, 0, F_END);
+                }
+                (e.sport, e.dport, e.saddr[0], e.daddr[0]) = (1, 2, 198, 198);
+                c.push(&e);
+            }
+            // Another flow's packet now and then: it makes the bulk flow the least recently
+            // active one when the budget is passed.
+            if i % 10 == 0 {
+                let mut other = Event::ZERO;
+                (other.stage, other.ts_ns, other.seq, other.len) = (Stage::DevQueue as u8, t0 + 5_000, i, 10);
+                (other.sport, other.dport, other.saddr[0], other.daddr[0]) = (3, 4, 198, 198);
+                c.push(&other);
+            }
+            if i % 50 == 0 {
+                c.advance(t0, &mut |t| traces.push(t));
+            }
+        }
+        c.flush(&mut |t| traces.push(t));
+        let data = traces.iter().filter(|t| t.flow.sport == 1).count();
+        assert_eq!(data, 5_000);
+        assert!(c.stats.records > 60_000 && c.held_bytes() == 0);
+        assert!(traces.iter().filter(|t| t.flow.sport == 1).all(|t| t.complete));
+        // The bulk flow gave up only records its traces had used (an end-only record
+        // marks the bytes below it); what was evicted is the other flow's (500 records
+        // of packets that never get their other stages).
+        assert_eq!(c.stats.flows_evicted, 0, "{:?}", c.stats);
+        assert!(c.stats.records_evicted <= 500, "{:?}", c.stats);
     }
 
     #[test]

@@ -202,6 +202,8 @@ pub fn summary(
             "records_unmatched": corr.records_unmatched,
             "bad_records": corr.bad_records,
             "egress_unanchored": corr.egress_unanchored,
+            "stage_gaps": corr.stage_gaps,
+            "traces_finished_early": corr.traces_finished_early,
         },
     })
 }

@@ -290,6 +290,12 @@ impl Collector for Exporter {
         counter(&mut enc, "packetflow_traces_incomplete", "Traces finished with stages missing", s.corr.incomplete)?;
         counter(
             &mut enc,
+            "packetflow_traces_with_gaps",
+            "Incomplete traces missing a stage between two they have: the packet passed it and the kernel wrote no record there",
+            s.corr.stage_gaps,
+        )?;
+        counter(
+            &mut enc,
             "packetflow_summary_evicted",
             "Summary mode: packets left out of the in-kernel histograms because another packet took their slot",
             s.counters.get(counters::SUMMARY_EVICTED as usize).copied().unwrap_or(0),

@@ -351,6 +351,18 @@ pub fn loss_line(f: &Finished) -> String {
             f.corr.egress_unanchored
         ));
     }
+    if f.corr.stage_gaps > 0 {
+        parts.push(format!(
+            "{} packets passed a stage that wrote no record (a stage missing between two the trace has; docs/stages.md)",
+            f.corr.stage_gaps
+        ));
+    }
+    if f.corr.traces_finished_early > 0 {
+        parts.push(format!(
+            "{} traces finished early (their flow was evicted for the memory budget)",
+            f.corr.traces_finished_early
+        ));
+    }
     let g = |i: u32| f.counters.get(i as usize).copied().unwrap_or(0);
     if g(counters::SUMMARY_EVICTED) > 0 {
         parts.push(format!(

@@ -27,29 +27,36 @@ fn t(tr: &Value, stage: &str) -> u64 {
     opt(tr, stage).unwrap_or_else(|| panic!("{stage} missing in {tr}"))
 }
 
-/// Traces that carry every stage. On this kernel the net_dev_start_xmit program rarely
-/// records nothing for a packet the hooks around it saw (about one CI run in 15: one
-/// datagram of 40, sent late from the qdisc, and the kernel's own `emitted` count one
-/// short; docs/stages.md "From records to traces"). The tracer must then say so: such a
-/// trace is incomplete and names the stage, and a loss counter must account for it (a
-/// full ring, or a run the kernel skipped: `lost` in the summary). The comparisons below
-/// use the complete traces.
+/// Traces that carry every stage. On this kernel a datagram rarely has no record at
+/// some stages the hooks around them saw it pass (about one CI run in 15: nic_xmit; once
+/// nic_xmit, netif_receive and sock_queue of one datagram sent late from the qdisc; the
+/// kernel's own `emitted` counts short by as many, no skipped run counted; cause unknown,
+/// docs/stages.md "From records to traces"). The tracer must then say so: such a trace is
+/// incomplete and names what it misses; the kernel's `emitted` count proves those records
+/// were never written (the tracer lost nothing it was given); and the summary counts it,
+/// as a kernel loss or a stage gap. The comparisons below use the complete traces.
 fn check_incomplete(trs: &[Value], summary: &Value) {
     let partial: Vec<&Value> = trs.iter().filter(|tr| tr["complete"] != true).collect();
+    let mut missing_at = std::collections::BTreeMap::<String, u64>::new();
     for tr in &partial {
         let missing = tr["missing"].as_array().expect("an incomplete trace lists what it misses");
         assert!(!missing.is_empty(), "incomplete without a missing stage: {tr}");
         for m in missing {
             let m = m.as_str().unwrap();
             assert!(opt(tr, m).is_none(), "{m} listed missing but present: {tr}");
-            assert_eq!(m, "nic_xmit", "only nic_xmit may go missing: {tr}");
+            *missing_at.entry(m.to_string()).or_default() += 1;
         }
         println!("tolerated: {tr}");
     }
-    let counted = summary["lost"]["nic_xmit"].as_u64().unwrap_or(0);
+    for (stage, n) in &missing_at {
+        let emitted = summary["counters"]["emitted"][stage].as_u64().unwrap_or(0);
+        assert_eq!(emitted + n, trs.len() as u64, "{stage}: {n} traces miss it, the kernel wrote {emitted} records");
+    }
+    let counted = summary["lost"].as_object().map_or(0, |l| l.values().filter_map(Value::as_u64).sum::<u64>())
+        + summary["correlator"]["stage_gaps"].as_u64().unwrap_or(0);
     assert!(
         partial.len() as u64 <= counted,
-        "{} of {} traces miss nic_xmit, {counted} lost records counted there: {}",
+        "{} of {} traces incomplete, {counted} counted (kernel losses + stage gaps): {}",
         partial.len(),
         trs.len(),
         summary["counters"]

@@ -129,7 +129,15 @@ fn the_daemon_reports_a_lost_interface_in_stage_available() {
     let links = value(&before, "packetflow_programs_attached ").unwrap();
     netns::ip(&["netns", "del", &h.ns_a]).expect("deleting the namespace");
     assert!(d.wait_for(&format!("lost interface {}", h.veth_a), Duration::from_secs(5)), "no 'lost interface' line");
-    let after = scrape(metrics);
+    // The snapshot /metrics serves is taken right after that line: wait for it (at most 3 s).
+    let t0 = Instant::now();
+    let mut after = scrape(metrics);
+    while value(&after, "packetflow_stage_available{stage=\"xdp\"") != Some(0.0)
+        && t0.elapsed() < Duration::from_secs(3)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+        after = scrape(metrics);
+    }
     for stage in ["xdp", "tc_ingress", "tc_egress"] {
         let m = format!("packetflow_stage_available{{stage=\"{stage}\"");
         assert_eq!(value(&after, &m), Some(0.0), "{stage} after the loss:\n{after}");

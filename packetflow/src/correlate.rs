@@ -460,6 +460,8 @@ const SHED_MIN: usize = 256;
 /// Entries in each of the maps that find a UDP flow from a socket's partial view
 /// (`udp_dst`, `udp_queued`): cleared when full, so they hold only recent flows.
 const MAX_UDP_KEYS: usize = 16_384;
+/// Small flows `shed` passes over, at most, before it evicts one.
+const SHED_LOOK: usize = 8;
 /// UDP receive-side records waiting for their flow's destination, at most.
 const MAX_ORPHANS: usize = 16_384;
 
@@ -723,10 +725,13 @@ impl Correlator {
     /// Brings the flows back within the budget after `flow` grew: its own longest list
     /// gives up its oldest records when it is long (a few flows flooding a stage), else
     /// the least recently active other flow does when its list is long (a bulk flow whose
-    /// old records traces have used), else that flow goes whole (many small flows). Each
-    /// step frees at least one record's estimate, and each record is freed once: O(1) per
-    /// record.
+    /// old records traces have used); a short one is passed over (to the back, at most
+    /// `SHED_LOOK` of them), then goes whole (many small flows). Each step frees at least
+    /// one record's estimate or is one of `SHED_LOOK` passes: O(1) per record.
     fn shed(&mut self, flow: Flow) {
+        // Small flows passed over (sent to the back) looking for a long list behind them:
+        // a bulk flow in the middle of the order holds the memory, not they.
+        let mut passed = 0;
         while self.held_bytes > self.budget_bytes {
             let longest = |st: &FlowState| st.longest().map(|s| (s, st.list(s).len()));
             let own = self.flows.get(&flow).and_then(longest);
@@ -748,6 +753,11 @@ impl Correlator {
                     let bytes = st.bytes();
                     self.held_bytes = self.held_bytes + bytes - st.accounted;
                     st.accounted = bytes;
+                }
+                _ if front_is_other && passed < SHED_LOOK && passed < self.flows.len() => {
+                    let f = *self.flows.front().expect("front exists").0;
+                    self.flows.to_back(&f);
+                    passed += 1;
                 }
                 _ if front_is_other => self.evict_front(),
                 _ => break,
@@ -1754,6 +1764,12 @@ mod budget_tests {
         let mut c = Correlator::new(cov);
         c.budget_bytes = 1 << 20;
         let mut traces = Vec::new();
+        // A flow with one stray record, seen first: the least recently active one all
+        // along, with the bulk flow behind it.
+        let mut stray = Event::ZERO;
+        (stray.stage, stray.ts_ns, stray.sport, stray.dport, stray.saddr[0], stray.daddr[0]) =
+            (Stage::TransportRcv as u8, 999_000, 5, 6, 198, 198);
+        c.push(&stray);
         for i in 0..5_000u32 {
             let t0 = 1_000_000 + i as u64 * 10_000;
             for (k, s) in Stage::KERNEL_ORDER.iter().filter(|s| !s.is_optional()).enumerate() {

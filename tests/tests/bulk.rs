@@ -75,14 +75,16 @@ fn fifty_megabytes_over_veth_traced_without_loss_or_change() {
         .map(|t| t["len"].as_u64().expect("len"))
         .sum();
     assert_eq!(traced, BYTES as u64, "traced payload bytes");
-    // With no loss counted, every trace has every stage: an incomplete one is a stage
-    // record that went missing without a counter saying so.
+    // With no loss counted, an incomplete trace is a stage record that went missing: the
+    // tracer must count each one (a stage missing between two the trace has: `stage_gaps`;
+    // seen on 6.1 in QEMU, an `ip_send` kprobe record now and then, docs/stages.md).
     let ours: Vec<_> = traces(&lines).into_iter().filter(|t| t["dport"] == port).collect();
     let incomplete: Vec<_> = ours.iter().filter(|t| t["complete"] != true).collect();
-    println!("{} data traces, {} incomplete", ours.len(), incomplete.len());
+    let gaps = s["correlator"]["stage_gaps"].as_u64().expect("stage_gaps in the summary");
+    println!("{} data traces, {} incomplete, {gaps} counted as stage gaps", ours.len(), incomplete.len());
     assert!(
-        incomplete.is_empty(),
-        "{} of {} traces incomplete, no loss counted; first: {}",
+        incomplete.len() as u64 <= gaps,
+        "{} of {} traces incomplete, {gaps} counted; first: {}",
         incomplete.len(),
         ours.len(),
         incomplete[0]

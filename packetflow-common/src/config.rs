@@ -117,7 +117,14 @@ pub struct Filter {
     /// two endpoints, so both directions of a connection are in or out together.
     pub sample: u32,
     pub sample_seed: u32,
-    pub _pad: u32,
+    /// Bit `1 << stage` set: that stage's records are written (`--stages`). A hook that
+    /// serves an asked stage as a helper (the transport hook writes `send_syscall`) runs
+    /// with its own stage's bit clear.
+    pub stages: u16,
+    /// Summary mode adds a packet up when it reaches this stage: the last asked stage in
+    /// kernel order.
+    pub finish: u8,
+    pub _pad: u8,
     pub ports: [u16; MAX_FILTER_PORTS],
     pub hosts: [[u8; 16]; MAX_FILTER_HOSTS],
     /// 1 where `hosts[i]` is IPv6.
@@ -140,6 +147,8 @@ impl Filter {
         mode: MODE_RECORDS,
         sample: 1,
         sample_seed: 0,
+        stages: (1 << crate::Stage::ALL.len()) - 1,
+        finish: crate::Stage::RecvSyscall as u8,
         _pad: 0,
         ports: [0; MAX_FILTER_PORTS],
         hosts: [[0; 16]; MAX_FILTER_HOSTS],

@@ -106,6 +106,11 @@ impl Stage {
         matches!(self, Stage::IpSend | Stage::IpRcv)
     }
 
+    /// Served by programs on each traced interface (XDP, tcx), not by a global hook.
+    pub const fn is_per_interface(self) -> bool {
+        matches!(self, Stage::Xdp | Stage::TcEgress | Stage::TcIngress)
+    }
+
     /// Position of this stage in `KERNEL_ORDER`.
     pub const fn kernel_pos(self) -> usize {
         let mut i = 0;

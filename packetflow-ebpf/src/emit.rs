@@ -50,9 +50,16 @@ pub fn wake_after(slot: u32, bytes: u64, threshold: &'static u64) -> u64 {
 /// notes it for the in-kernel histograms (summary mode). `ev.ts_ns` must be set.
 #[inline(always)]
 pub fn emit(ev: &mut Event, stage: Stage) {
-    let mode = filter().map_or(MODE_RECORDS, |f| f.mode);
+    let (mode, asked, finish) = match filter() {
+        Some(f) => (f.mode, f.stages, f.finish),
+        None => (MODE_RECORDS, u16::MAX, Stage::RecvSyscall as u8),
+    };
+    // A stage not asked for (`--stages`) whose hook runs for another stage's sake.
+    if asked & (1 << stage as u16) == 0 {
+        return;
+    }
     if mode & MODE_SUMMARY != 0 {
-        crate::summary::update(ev, stage);
+        crate::summary::update(ev, stage, finish);
     }
     if mode & MODE_RECORDS == 0 {
         return;

@@ -1,15 +1,16 @@
 //! Summary mode: stage times gathered per packet in the kernel and, when the packet
-//! reaches `recv_syscall`, turned into per-stage latency histograms (no ring records).
-//! Userspace reads and merges the per-CPU histograms once a second.
+//! reaches its last asked stage (`recv_syscall` by default), turned into per-stage
+//! latency histograms (no ring records). Userspace reads and merges the per-CPU
+//! histograms once a second.
 //!
 //! A packet is keyed by its flow and the end of its bytes (TCP) or its payload key (UDP):
 //! every hook can compute that. Its stage times live in a direct-mapped table (an array
 //! indexed by the key's hash): finding a packet is an inlined array access, where a hash
 //! map took a helper call per hook and an LRU insert per packet, which made summary mode
 //! dearer than full tracing. A packet whose slot another packet takes (a hash collision;
-//! or one that never reaches `recv_syscall`: received on another host, dropped) is counted
+//! or one that never reaches its last stage: received on another host, dropped) is counted
 //! in SUMMARY_EVICTED and left out. Slots are not locked: two packets colliding at the
-//! same instant on two CPUs could mix their times, and `finish` drops any time that runs
+//! same instant on two CPUs could mix their times, and `add_up` drops any time that runs
 //! backwards.
 
 use aya_ebpf::{
@@ -58,9 +59,10 @@ fn key(ev: &Event) -> PktKey {
     PktKey { flow, end, _pad: 0 }
 }
 
-/// Notes `ev` at `stage` for its packet; at `recv_syscall` the packet is added up.
+/// Notes `ev` at `stage` for its packet; at stage `finish` (the last asked stage in
+/// kernel order: `recv_syscall` unless `--stages` leaves it out) the packet is added up.
 #[inline(always)]
-pub fn update(ev: &Event, stage: Stage) {
+pub fn update(ev: &Event, stage: Stage, finish: u8) {
     let k = key(ev);
     let h = (k.flow ^ (k.end as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     let Some(slot) = PKT_STATE.get_ptr_mut((h >> 40) as u32 & (PKT_SLOTS - 1)) else { return };
@@ -81,8 +83,8 @@ pub fn update(ev: &Event, stage: Stage) {
     if ev.flags & F_LOOPBACK != 0 {
         slot.flags |= PATH_LOOPBACK;
     }
-    if stage == Stage::RecvSyscall {
-        finish(slot);
+    if stage as u8 == finish {
+        add_up(slot);
         slot.key.flow = 0;
     }
 }
@@ -104,7 +106,7 @@ fn add(slot: u32, v: u64) {
 /// netif_receive, and UDP's ip_send, seen before sock_send, are taken in the order they
 /// happened), as the full tracer computes them.
 #[inline(never)]
-fn finish(st: &PktSlot) {
+fn add_up(st: &PktSlot) {
     let path = if st.flags & PATH_LOOPBACK != 0 { 0 } else { 1 };
     let base = path * SLOTS_PER_PATH;
     // The order to walk: kernel order, with the two pairs whose order depends on the

@@ -31,7 +31,7 @@ pub struct BenchArgs {
     pub only: Vec<String>,
 }
 
-const SECTIONS: [&str; 5] = ["latency", "throughput", "hooks", "events", "capture"];
+const SECTIONS: [&str; 6] = ["latency", "stages", "throughput", "hooks", "events", "capture"];
 
 struct Cfg {
     rounds: usize,
@@ -105,6 +105,8 @@ enum Mode {
     Summary,
     Full,
     NoMatch,
+    /// Not packetflow: the bpftrace script `Peer::SCRIPT`, a quick tracer's cost.
+    Peer,
 }
 
 impl Mode {
@@ -115,6 +117,7 @@ impl Mode {
             Mode::Summary => "summary",
             Mode::Full => "full",
             Mode::NoMatch => "full, filter matches nothing",
+            Mode::Peer => "peer: bpftrace, 3 tracepoints, 2 intervals",
         }
     }
     fn filter(self, port: u16) -> FilterSpec {
@@ -165,7 +168,19 @@ fn sockperf_server(ns: Option<&Path>, addr: &str, port: u16, tcp: bool) -> Resul
     Ok(k)
 }
 
-/// One sockperf ping-pong run: (p50, p99) one-way latency in µs.
+/// sockperf's message counts: "[Total Run] RunTime=2.100 sec; Warm up time=400 msec;
+/// SentMessages=150001; ReceivedMessages=150000": one-way messages, both directions.
+fn sockperf_messages(out: &str) -> Option<u64> {
+    let line = out.lines().find(|l| l.contains("[Total Run]"))?;
+    let n = |key: &str| -> Option<u64> {
+        let rest = line.split(key).nth(1)?;
+        rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+    };
+    Some(n("SentMessages=")? + n("ReceivedMessages=")?)
+}
+
+/// One sockperf ping-pong run: (p50, p99) one-way latency in µs, and the one-way
+/// messages it exchanged.
 fn ping_pong(
     ns: Option<&Path>,
     addr: &str,
@@ -173,7 +188,7 @@ fn ping_pong(
     tcp: bool,
     secs: u32,
     log: &mut Vec<String>,
-) -> Result<(f64, f64)> {
+) -> Result<(f64, f64, u64)> {
     let mut c = cmd_in(ns, "sockperf");
     pin(&mut c, CLIENT_CPU).args([
         "ping-pong",
@@ -196,8 +211,52 @@ fn ping_pong(
     let o = c.output()?;
     let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     match (sockperf_percentile(&out, "50.000"), sockperf_percentile(&out, "99.000")) {
-        (Some(a), Some(b)) => Ok((a, b)),
+        (Some(a), Some(b)) => Ok((a, b, sockperf_messages(&out).unwrap_or(0))),
         _ => bail!("sockperf ping-pong gave no percentiles: {}", out.lines().last().unwrap_or_default()),
+    }
+}
+
+/// The peer row: a bpftrace script anyone might write for two intervals (queue time,
+/// transmit -> receive) on three tracepoints, skb-keyed maps, in-kernel histograms.
+struct Peer(#[allow(dead_code)] Kid);
+
+impl Peer {
+    const SCRIPT: &str = "\
+tracepoint:net:net_dev_queue { @q[args->skbaddr] = nsecs; }
+tracepoint:net:net_dev_start_xmit /@q[args->skbaddr]/ {
+  @queue_ns = hist(nsecs - @q[args->skbaddr]); delete(@q[args->skbaddr]); @x[args->skbaddr] = nsecs;
+}
+tracepoint:net:netif_receive_skb /@x[args->skbaddr]/ {
+  @xmit_to_rcv_ns = hist(nsecs - @x[args->skbaddr]); delete(@x[args->skbaddr]);
+}
+";
+
+    /// Starts the script and waits until its probes are attached.
+    fn start(log: &mut Vec<String>) -> Result<Peer> {
+        use std::io::{BufRead, BufReader};
+        let path = std::env::temp_dir().join(format!("packetflow-bench-peer-{}.bt", std::process::id()));
+        std::fs::write(&path, Self::SCRIPT)?;
+        let mut c = Command::new("bpftrace");
+        c.arg(&path);
+        let line = format!("{} # {}", show(&c), Self::SCRIPT.replace('\n', " "));
+        if !log.contains(&line) {
+            log.push(line);
+        }
+        let mut kid = Kid(c
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("bpftrace (Debian package bpftrace)")?);
+        let mut out = BufReader::new(kid.0.stdout.take().context("bpftrace stdout")?);
+        let mut first = String::new();
+        out.read_line(&mut first)?;
+        if !first.starts_with("Attaching") {
+            bail!("bpftrace did not attach its probes: {first:?}");
+        }
+        // Its output is read by nobody from here: the maps print only at exit.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Peer(kid))
     }
 }
 
@@ -212,7 +271,7 @@ async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>)
     md.push_str(
         "| path | proto | mode | p50 µs | p99 µs | p50 overhead | p99 overhead |\n|---|---|---|---|---|---|---|\n",
     );
-    let modes = [Mode::Off, Mode::Idle, Mode::Summary, Mode::Full, Mode::NoMatch];
+    let modes = [Mode::Off, Mode::Peer, Mode::Idle, Mode::Summary, Mode::Full, Mode::NoMatch];
     let mut port = 41000u16;
     for path in ["loopback", "nic"] {
         for tcp in [true, false] {
@@ -220,12 +279,18 @@ async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>)
             let (srv_ns, cli_ns, addr, ifaces) = endpoints(path, paths);
             let _srv = sockperf_server(srv_ns.as_deref(), addr, port, tcp)?;
             let mut res: BTreeMap<Mode, Vec<(f64, f64)>> = BTreeMap::new();
+            let run = |log: &mut Vec<String>| {
+                ping_pong(cli_ns.as_deref(), addr, port, tcp, c.secs, log).map(|(p50, p99, _)| (p50, p99))
+            };
             for round in 0..c.rounds {
                 eprintln!("latency: {path} {} round {}/{}", if tcp { "TCP" } else { "UDP" }, round + 1, c.rounds);
-                res.entry(Mode::Off).or_default().push(ping_pong(cli_ns.as_deref(), addr, port, tcp, c.secs, log)?);
+                res.entry(Mode::Off).or_default().push(run(log)?);
+                let peer = Peer::start(log)?;
+                res.entry(Mode::Peer).or_default().push(run(log)?);
+                drop(peer);
                 // Idle programs are a load of their own (the flag is frozen into them).
                 let idle = start_tracer(ifaces.clone(), Mode::Idle, port).await?;
-                res.entry(Mode::Idle).or_default().push(ping_pong(cli_ns.as_deref(), addr, port, tcp, c.secs, log)?);
+                res.entry(Mode::Idle).or_default().push(run(log)?);
                 idle.finish().await?;
                 // One tracer for the traced modes of a round; the filter switches the mode.
                 // Their order turns round by round, so none is always the first after the
@@ -235,7 +300,7 @@ async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>)
                 traced.rotate_left(round % 3);
                 for m in traced {
                     running.tracer.set_filter(&m.filter(port).to_kernel(std::process::id())?)?;
-                    res.entry(m).or_default().push(ping_pong(cli_ns.as_deref(), addr, port, tcp, c.secs, log)?);
+                    res.entry(m).or_default().push(run(log)?);
                 }
                 running.finish().await?;
             }
@@ -399,6 +464,70 @@ async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()
     let cells: Vec<String> = total.iter().map(|x| format!("**{}**", avg(*x))).collect();
     let _ = writeln!(md, "| **all hooks** | {} | {} |", total[0].1, cells.join(" | "));
     let _ = writeln!(md, "\nRecords written during the full run: {full_rate:.0}/s.");
+    Ok(())
+}
+
+/// Cost against the stages attached (`--stages`): sockperf TCP ping-pong on loopback per
+/// named stage set, in summary and full mode (one tracer per set and round; the filter
+/// switches the mode), with the kernel time of every packetflow program per one-way
+/// message (kernel.bpf_stats).
+async fn stage_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()> {
+    const SETS: [&str; 5] = ["all", "receive", "send", "overview", "socket"];
+    let port = 45000u16;
+    let _srv = sockperf_server(None, "127.0.0.1", port, true)?;
+    let filter = |summary: bool, stages| FilterSpec {
+        ports: vec![port],
+        summary,
+        no_records: summary,
+        stages,
+        ..Default::default()
+    };
+    let kernel_ns = |r: &Running| -> u64 { r.tracer.program_costs().unwrap_or_default().iter().map(|p| p.ns).sum() };
+    let mut off = Vec::new();
+    // Per set and mode (summary, full): p50s, ns per one-way message; programs loaded.
+    let mut res: BTreeMap<(usize, bool), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut programs = [0usize; SETS.len()];
+    for round in 0..c.rounds {
+        eprintln!("stages: round {}/{}", round + 1, c.rounds);
+        off.push(ping_pong(None, "127.0.0.1", port, true, c.secs, log)?.0);
+        for (i, name) in SETS.iter().enumerate() {
+            let set = crate::stage_set::StageSet::parse(name)?;
+            let mut running = Running::start(RunOptions {
+                filter: filter(true, set),
+                interfaces: vec![(None, "lo".into())],
+                ..Default::default()
+            })
+            .await?;
+            let mut modes = [true, false];
+            modes.rotate_left(round % 2);
+            for summary in modes {
+                running.tracer.set_filter(&filter(summary, set).to_kernel(std::process::id())?)?;
+                let ns0 = kernel_ns(&running);
+                let (p50, _, msgs) = ping_pong(None, "127.0.0.1", port, true, c.secs, log)?;
+                let per = (kernel_ns(&running) - ns0) as f64 / msgs.max(1) as f64;
+                let e = res.entry((i, summary)).or_default();
+                e.0.push(p50);
+                e.1.push(per);
+            }
+            programs[i] = running.tracer.program_costs().map_or(0, |p| p.len());
+            running.finish().await?;
+        }
+    }
+    let off = median(off);
+    md.push_str("\n## Cost against the stages attached (`--stages`; sockperf TCP ping-pong on loopback, 64 B)\n\n");
+    md.push_str(
+        "Kernel ns per message: every packetflow program's run time (kernel.bpf_stats) over the run, per one-way\nmessage sockperf exchanged (requests and replies). Programs: those that ran.\n\n",
+    );
+    let _ = writeln!(md, "Untraced p50: {off:.2} µs.\n");
+    md.push_str("| stages | programs | summary p50 overhead | summary kernel ns / message | full p50 overhead | full kernel ns / message |\n|---|---|---|---|---|---|\n");
+    for (i, name) in SETS.iter().enumerate() {
+        let cell = |summary: bool| {
+            let (p50s, per) = &res[&(i, summary)];
+            (format!("{:+.1}%", (median(p50s.clone()) / off - 1.0) * 100.0), format!("{:.0}", median(per.clone())))
+        };
+        let ((so, sn), (fo, fne)) = (cell(true), cell(false));
+        let _ = writeln!(md, "| {name} | {} | {so} | {sn} | {fo} | {fne} |", programs[i]);
+    }
     Ok(())
 }
 
@@ -599,7 +728,7 @@ fn cpu_model() -> String {
 
 pub async fn run(a: BenchArgs) -> Result<()> {
     run::preflight("bench")?;
-    for tool in ["sockperf", "iperf3", "tcpdump"] {
+    for tool in ["sockperf", "iperf3", "tcpdump", "bpftrace"] {
         if Command::new(tool).arg("--version").output().is_err() {
             crate::user_bail!("the benchmark needs {tool} (cargo xtask bench installs it)");
         }
@@ -649,6 +778,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     let mut log = Vec::new();
     if want("latency") {
         latency(&c, &paths, &mut md, &mut log).await?;
+    }
+    if want("stages") {
+        stage_cost(&c, &mut md, &mut log).await?;
     }
     if want("throughput") {
         throughput(&c, &mut md, &mut log).await?;

@@ -36,6 +36,7 @@ use crate::{
     loader::{LoadOptions, Role, Tracer, XdpChoice},
     pcapng, run,
     session::{self, Sink},
+    stage_set::StageSet,
     sys,
 };
 
@@ -49,7 +50,8 @@ pub struct CaptureArgs {
     pub duration: Option<Duration>,
     pub xdp: XdpChoice,
     pub expression: Vec<String>,
-    pub stages: bool,
+    /// `--stages`: also trace these stages.
+    pub stages: Option<StageSet>,
 }
 
 /// A captured packet, with its wall-clock time.
@@ -114,7 +116,7 @@ fn trace_key(t: &Trace) -> Key {
 }
 
 /// "stages: send_syscall 0.00 µs, sock_send +0.71 µs, ..." for a packet's comment.
-fn stages_comment(t: &Trace) -> String {
+fn stages_comment(t: &Trace, asked: StageSet) -> String {
     let mut parts = Vec::new();
     let mut prev: Option<u64> = None;
     for s in &t.stages {
@@ -125,7 +127,7 @@ fn stages_comment(t: &Trace) -> String {
         prev = Some(s.t_ns);
     }
     let missing: Vec<&str> =
-        Stage::ALL.iter().filter(|x| !t.stages.iter().any(|s| s.stage == **x)).map(|s| s.name()).collect();
+        asked.stages().filter(|x| !t.stages.iter().any(|s| s.stage == *x)).map(|s| s.name()).collect();
     let mut c = format!("packetflow stages ({} µs in all): {}", crate::stats::us(t.total_ns()), parts.join(", "));
     if !missing.is_empty() {
         c.push_str(&format!("; not seen: {}", missing.join(", ")));
@@ -159,6 +161,8 @@ struct WriterState {
     held: VecDeque<Packet>,
     traces: HashMap<Key, Trace>,
     stages: bool,
+    /// The stages traced (a comment names those of them not seen).
+    asked: StageSet,
     comment: String,
     /// Packets written (by `written`) when the output last flushed without error.
     flushed: u64,
@@ -238,7 +242,7 @@ impl WriterState {
                 break;
             }
             let p = self.held.pop_front().expect("front exists");
-            let comment = trace.as_ref().map(stages_comment).unwrap_or_default();
+            let comment = trace.as_ref().map(|t| stages_comment(t, self.asked)).unwrap_or_default();
             self.emit(&p, &comment)?;
         }
         if self.traces.len() > 100_000 {
@@ -254,7 +258,7 @@ impl WriterState {
                 if self.held.len() >= HELD_MAX {
                     let old = self.held.pop_front().expect("held is full");
                     match packet_key(&old.data).and_then(|k| self.traces.remove(&k)) {
-                        Some(t) => self.emit(&old, &stages_comment(&t))?,
+                        Some(t) => self.emit(&old, &stages_comment(&t, self.asked))?,
                         None => {
                             let before = self.written;
                             self.emit(&old, "")?;
@@ -412,7 +416,7 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     }
 
     let mut tracer = Tracer::load(&LoadOptions {
-        ring_bytes: if a.stages { 4 << 20 } else { 4096 },
+        ring_bytes: if a.stages.is_some() { 4 << 20 } else { 4096 },
         capture_ring_bytes: 8 << 20,
         idle: false,
     })?;
@@ -426,11 +430,15 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     // --stages: the tracer, filtered to TCP/UDP of the interfaces captured.
     let (trace_tx, trace_rx) = sync_channel::<Trace>(65536);
     let mut tracing = None;
-    if a.stages {
+    if let Some(stages) = a.stages {
+        if !stages.contains(Stage::DevQueue) {
+            crate::user_bail!("--stages: capture joins each packet's records at dev_queue; add dev_queue to the list");
+        }
         let trace_rings = tracer.take_rings()?;
         let readers = session::start_readers(trace_rings, Duration::from_millis(10))?;
-        tracer.set_filter(&FilterSpec::default().to_kernel(std::process::id())?)?;
-        tracer.attach_kernel_hooks()?;
+        let spec = FilterSpec { stages, ..FilterSpec::default() };
+        tracer.set_filter(&spec.to_kernel(std::process::id())?)?;
+        tracer.attach_kernel_hooks(stages)?;
         tracing = Some(readers);
     }
     let snaplen = compiled.config.snaplen;
@@ -476,7 +484,8 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         done: Arc::new(AtomicBool::new(false)),
         held: VecDeque::new(),
         traces: HashMap::new(),
-        stages: a.stages,
+        stages: a.stages.is_some(),
+        asked: a.stages.unwrap_or_default(),
         comment: String::new(),
         flushed: 0,
         held_overflow: 0,
@@ -566,7 +575,7 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     }
     eprintln!("{received} packets received by filter");
     eprintln!("{lost} packets dropped by packetflow");
-    if a.stages {
+    if a.stages.is_some() {
         eprintln!(
             "{} packets written without their stages: more than {HELD_MAX} were waiting for traces",
             state.held_overflow
@@ -630,6 +639,7 @@ mod tests {
             held: VecDeque::new(),
             traces: HashMap::new(),
             stages,
+            asked: StageSet::ALL,
             comment: String::new(),
             flushed: 0,
             held_overflow: 0,

@@ -12,7 +12,9 @@ use std::{
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::{error::user, filter::FilterSpec, loader::XdpChoice};
+use packetflow_common::Stage;
+
+use crate::{error::user, filter::FilterSpec, loader::XdpChoice, stage_set::StageSet};
 
 /// Bounds (inclusive) of the numeric keys; dist/packetflow.toml names them too.
 pub const SAMPLE: (u64, u64) = (1, 1_000_000);
@@ -98,6 +100,10 @@ pub struct Config {
     pub pid: Option<u32>,
     /// Trace 1 flow in N. Default 1 (every flow).
     pub sample: u32,
+    /// Stages to trace: names and sets, comma separated, as `trace --stages`
+    /// (docs/stages.md, "Stage sets"). A stage not asked for has no program attached.
+    /// Default "all".
+    pub stages: String,
     /// Give up on a packet's missing stages after this many ms (full mode). Default 1000.
     pub timeout_ms: u64,
     /// The memory the correlator may hold for packets in flight, MiB (full mode;
@@ -131,6 +137,7 @@ impl Default for Config {
             proto: None,
             pid: None,
             sample: 1,
+            stages: "all".into(),
             timeout_ms: 1000,
             correlator_budget_mb: crate::correlate::DEFAULT_BUDGET_MB as u64,
             trace_dir: None,
@@ -289,6 +296,13 @@ impl Config {
         if self.control_socket.as_os_str().is_empty() {
             return bad("control_socket", "must be a path");
         }
+        let stages = match StageSet::parse(&self.stages) {
+            Ok(s) => s,
+            Err(e) => return bad("stages", &e.to_string()),
+        };
+        if self.mode() == Mode::Full && !stages.contains(Stage::DevQueue) {
+            return bad("stages", "needs dev_queue in full mode: each packet's records are joined there");
+        }
         let filter = self.filter();
         filter.to_kernel(0).map_err(|e| {
             let key = if e.to_string().contains("port") { "ports" } else { "hosts" };
@@ -320,6 +334,8 @@ impl Config {
             summary,
             no_records: summary,
             sample: self.sample,
+            // Checked by `validate`.
+            stages: StageSet::parse(&self.stages).unwrap_or_default(),
         }
     }
 
@@ -337,6 +353,9 @@ impl Config {
         }
         if self.mode() != new.mode() {
             v.push("mode");
+        }
+        if self.stages != new.stages {
+            v.push("stages");
         }
         if self.trace_dir != new.trace_dir {
             v.push("trace_dir");

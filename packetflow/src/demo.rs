@@ -35,6 +35,7 @@ pub struct DemoArgs {
     pub json: Option<String>,
     pub chrome_trace: Option<String>,
     pub port: u16,
+    pub stages: crate::stage_set::StageSet,
 }
 
 /// A seed server child process, killed on drop.
@@ -147,6 +148,7 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
         filter: FilterSpec {
             ports: vec![a.port],
             proto: Some(if a.udp { "udp" } else { "tcp" }.into()),
+            stages: a.stages,
             ..Default::default()
         },
         interfaces,

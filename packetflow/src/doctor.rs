@@ -338,7 +338,7 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
 /// The stage → hook table of a real tracer (inert: its filter is never enabled).
 async fn stage_table() -> Result<Vec<Vec<String>>> {
     let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, ..Default::default() })?;
-    t.attach_kernel_hooks()?;
+    t.attach_kernel_hooks(crate::stage_set::StageSet::ALL)?;
     t.attach_interface(None, "lo", XdpChoice::Auto)?;
     let rows = packetflow_common::Stage::KERNEL_ORDER
         .iter()

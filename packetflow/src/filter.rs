@@ -27,6 +27,8 @@ pub struct FilterSpec {
     pub no_records: bool,
     /// Trace 1 flow in N (1: all).
     pub sample: u32,
+    /// The stages whose records are written (`--stages`).
+    pub stages: crate::stage_set::StageSet,
 }
 
 impl FilterSpec {
@@ -75,6 +77,8 @@ impl FilterSpec {
         f.mode = if self.summary { MODE_SUMMARY } else { 0 } | if self.no_records { 0 } else { MODE_RECORDS };
         f.sample = self.sample.max(1);
         f.sample_seed = std::process::id().wrapping_mul(0x9e37_79b9);
+        f.stages = self.stages.mask();
+        f.finish = self.stages.finish() as u8;
         Ok(f)
     }
 }

@@ -31,6 +31,7 @@ pub mod report;
 pub mod run;
 pub mod seed;
 pub mod session;
+pub mod stage_set;
 pub mod stats;
 pub mod sys;
 pub mod trace;

@@ -42,7 +42,7 @@ use packetflow_common::{
     Filter, Offsets, RING_SHARDS, Stage, capture::CaptureConfig, counters::NUM_COUNTERS, summary::HIST_BUCKETS,
 };
 
-use crate::{btf::Btf, error::user, sys};
+use crate::{btf::Btf, error::user, stage_set::StageSet, sys};
 
 /// The compiled `packetflow-ebpf` object, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/packetflow"));
@@ -193,7 +193,10 @@ pub struct Tracer {
     hist: PerCpuArray<MapData, [u64; HIST_BUCKETS]>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub offsets: Offsets,
+    /// The asked stages (`--stages`) and how each is served; a stage not asked for has
+    /// no entry.
     pub stages: BTreeMap<Stage, StageHook>,
+    pub asked: StageSet,
     pub interfaces: Vec<Attached>,
     /// Shards some CPU writes to.
     pub used_shards: Vec<usize>,
@@ -336,6 +339,7 @@ impl Tracer {
             _logger: logger,
             offsets,
             stages: BTreeMap::new(),
+            asked: StageSet::ALL,
             interfaces: Vec::new(),
             used_shards: used,
             links: 0,
@@ -411,7 +415,9 @@ impl Tracer {
             }
             if ps.traces > 0 {
                 // The first stage of every packet has no delta: show it as seen.
-                ps.stages.entry(Stage::SendSyscall).or_insert_with(crate::stats::hist);
+                if let Some(first) = self.asked.stages().next() {
+                    ps.stages.entry(first).or_insert_with(crate::stats::hist);
+                }
                 stats.paths.insert(path, ps);
             }
         }
@@ -555,47 +561,72 @@ impl Tracer {
         Ok(())
     }
 
-    /// Attaches every global hook (tracepoints, tp_btf, cgroup_skb) and records which
-    /// stage each serves. A stage whose hook fails is reported missing, not fatal.
-    pub fn attach_kernel_hooks(&mut self) -> Result<()> {
+    /// Attaches the global hooks (tracepoints, tp_btf, cgroup_skb) that `asked` needs
+    /// (`StageSet::needs`) and records which hook serves each asked stage. A stage whose
+    /// hook fails is reported missing, not fatal; a stage not asked for has no program.
+    pub fn attach_kernel_hooks(&mut self, asked: StageSet) -> Result<()> {
+        self.asked = asked;
         let enter: Vec<String> = SEND_SYSCALLS.iter().map(|s| format!("sys_enter_{s}")).collect();
         let exit_send: Vec<String> = SEND_SYSCALLS.iter().map(|s| format!("sys_exit_{s}")).collect();
         let exit_recv: Vec<String> = RECV_SYSCALLS.iter().map(|s| format!("sys_exit_{s}")).collect();
         fn refs(v: &[String]) -> Vec<&str> {
             v.iter().map(String::as_str).collect()
         }
-
-        let send = self
-            .tracepoint("pf_sys_enter_send", "syscalls", &refs(&enter))
-            .and_then(|()| self.tracepoint("pf_sys_exit_send", "syscalls", &refs(&exit_send)));
+        let skipped = || ("not asked for".to_string(), Err("not asked for (--stages)".to_string()));
         // Each hook: the tracepoint where the kernel has it, else a kprobe where kprobes
         // work (decided by trying; the first that attaches serves the stage).
-        let tcp_send = self.first_of(&[
-            Hook::TpBtf("pf_tcp_sendmsg", "tcp_sendmsg_locked"),
-            Hook::Kprobe("pf_kp_tcp_sendmsg", &["tcp_sendmsg_locked"]),
-        ]);
-        let udp_send = self.first_of(&[
-            Hook::Cgroup("pf_cg_egress", CgroupSkbAttachType::Egress),
-            // Older kernels refuse bpf_get_current_pid_tgid in cgroup_skb programs.
-            Hook::Cgroup("pf_cg_egress_nopid", CgroupSkbAttachType::Egress),
-        ]);
-        let ip_send = self.first_of(&[Hook::Kprobe("pf_kp_ip_send", &["ip_output", "ip6_output"])]);
-        let dev_queue = self.first_of(&[Hook::TpBtf("pf_dev_queue", "net_dev_queue")]);
-        let xmit = self.first_of(&[Hook::TpBtf("pf_start_xmit", "net_dev_start_xmit")]);
-        let rcv = self.first_of(&[Hook::TpBtf("pf_netif_receive", "netif_receive_skb")]);
-        let ip_rcv = self.first_of(&[Hook::Kprobe("pf_kp_ip_rcv", &["ip_local_deliver", "ip6_input"])]);
-        let tcp_rcv = self.first_of(&[Hook::TpBtf("pf_tcp_probe", "tcp_probe")]);
-        let udp_rcv = self.first_of(&[Hook::Cgroup("pf_cg_ingress", CgroupSkbAttachType::Ingress)]);
-        let ready = self.first_of(&[
-            Hook::TpBtf("pf_sk_data_ready", "sk_data_ready"),
-            Hook::Kprobe("pf_kp_sk_data_ready", &["sock_def_readable"]),
-        ]);
-        let tcp_copy = self.first_of(&[Hook::TpBtf("pf_copy_to_user", "skb_copy_datagram_iovec")]);
-        let udp_copy = self.first_of(&[
-            Hook::TpBtf("pf_sock_recv", "sock_recv_length"),
-            Hook::Kprobe("pf_kp_udp_copy", &["skb_consume_udp"]),
-        ]);
-        let recv = self.tracepoint("pf_sys_exit_recv", "syscalls", &refs(&exit_recv));
+        let mut hook = |stage: Stage, hooks: &[Hook]| if asked.needs(stage) { self.first_of(hooks) } else { skipped() };
+        let tcp_send = hook(
+            Stage::SockSend,
+            &[
+                Hook::TpBtf("pf_tcp_sendmsg", "tcp_sendmsg_locked"),
+                Hook::Kprobe("pf_kp_tcp_sendmsg", &["tcp_sendmsg_locked"]),
+            ],
+        );
+        let udp_send = hook(
+            Stage::SockSend,
+            &[
+                Hook::Cgroup("pf_cg_egress", CgroupSkbAttachType::Egress),
+                // Older kernels refuse bpf_get_current_pid_tgid in cgroup_skb programs.
+                Hook::Cgroup("pf_cg_egress_nopid", CgroupSkbAttachType::Egress),
+            ],
+        );
+        let ip_send = hook(Stage::IpSend, &[Hook::Kprobe("pf_kp_ip_send", &["ip_output", "ip6_output"])]);
+        let dev_queue = hook(Stage::DevQueue, &[Hook::TpBtf("pf_dev_queue", "net_dev_queue")]);
+        let xmit = hook(Stage::NicXmit, &[Hook::TpBtf("pf_start_xmit", "net_dev_start_xmit")]);
+        let rcv = hook(Stage::NetifReceive, &[Hook::TpBtf("pf_netif_receive", "netif_receive_skb")]);
+        let ip_rcv = hook(Stage::IpRcv, &[Hook::Kprobe("pf_kp_ip_rcv", &["ip_local_deliver", "ip6_input"])]);
+        let tcp_rcv = if asked.contains(Stage::TransportRcv) {
+            hook(Stage::TransportRcv, &[Hook::TpBtf("pf_tcp_probe", "tcp_probe")])
+        } else {
+            skipped()
+        };
+        // Also UDP's sock_queue source (the datagram handed to the socket).
+        let udp_rcv = hook(Stage::TransportRcv, &[Hook::Cgroup("pf_cg_ingress", CgroupSkbAttachType::Ingress)]);
+        let ready = hook(
+            Stage::SockQueue,
+            &[
+                Hook::TpBtf("pf_sk_data_ready", "sk_data_ready"),
+                Hook::Kprobe("pf_kp_sk_data_ready", &["sock_def_readable"]),
+            ],
+        );
+        let tcp_copy = hook(Stage::CopyToUser, &[Hook::TpBtf("pf_copy_to_user", "skb_copy_datagram_iovec")]);
+        let udp_copy = hook(
+            Stage::CopyToUser,
+            &[Hook::TpBtf("pf_sock_recv", "sock_recv_length"), Hook::Kprobe("pf_kp_udp_copy", &["skb_consume_udp"])],
+        );
+        let send = if asked.contains(Stage::SendSyscall) {
+            self.tracepoint("pf_sys_enter_send", "syscalls", &refs(&enter))
+                .and_then(|()| self.tracepoint("pf_sys_exit_send", "syscalls", &refs(&exit_send)))
+        } else {
+            skipped().1
+        };
+        // Also where UDP's copy_to_user is written.
+        let recv = if asked.needs(Stage::RecvSyscall) {
+            self.tracepoint("pf_sys_exit_recv", "syscalls", &refs(&exit_recv))
+        } else {
+            skipped().1
+        };
 
         // One stage served by a TCP hook and a UDP hook.
         let both = |t: &(String, Result<(), String>), u: &(String, Result<(), String>)| {
@@ -613,7 +644,9 @@ impl Tracer {
             (Ok(()), r) => r,
         };
         let mut put = |s: Stage, (hook, state): (String, Result<(), String>)| {
-            self.stages.insert(s, StageHook { hook, state });
+            if asked.contains(s) {
+                self.stages.insert(s, StageHook { hook, state });
+            }
         };
         put(Stage::SendSyscall, (format!("tracepoint syscalls:sys_enter_{{{}}}", SEND_SYSCALLS.join(",")), send_ok));
         put(Stage::SockSend, both(&tcp_send, &udp_send));
@@ -633,8 +666,10 @@ impl Tracer {
         self.btf = None;
         // SAFETY: malloc_trim only returns free heap pages to the kernel.
         unsafe { libc::malloc_trim(0) };
-        if self.stages.values().all(|h| h.state.is_err()) {
-            let why = self.stages.get(&Stage::DevQueue).and_then(|h| h.state.clone().err()).unwrap_or_default();
+        let global: Vec<&StageHook> =
+            self.stages.iter().filter(|(s, _)| !s.is_per_interface()).map(|(_, h)| h).collect();
+        if !global.is_empty() && global.iter().all(|h| h.state.is_err()) {
+            let why = global[0].state.clone().err().unwrap_or_default();
             crate::user_bail!("no tracing hook could be attached on this kernel ({why}); run `packetflow doctor`");
         }
         Ok(())
@@ -680,7 +715,14 @@ impl Tracer {
         xdp: XdpChoice,
     ) -> Result<&Attached> {
         let [xdp_name, ti_name, te_name] = role.programs();
-        for name in role.programs() {
+        let asked = self.asked;
+        // Capture needs its programs whatever the stages; the tracer only the asked ones
+        // (a stage not asked for has no program loaded).
+        let want = move |s: Stage| role == Role::Capture || asked.contains(s);
+        for (name, stage) in role.programs().into_iter().zip([Stage::Xdp, Stage::TcIngress, Stage::TcEgress]) {
+            if !want(stage) {
+                continue;
+            }
             let prog = self.ebpf_mut().program_mut(name).ok_or_else(|| anyhow!("{name} missing"))?;
             if prog.fd().is_err() {
                 let r = match prog {
@@ -716,14 +758,18 @@ impl Tracer {
                     ns_owned.as_ref().map(|p| format!(" in network namespace {}", p.display())).unwrap_or_default();
                 crate::user_bail!("unknown interface '{name}'{where_}");
             };
-            let xdp_state = attach_xdp(x, ifindex, xdp);
-            let tcx = |p: &mut SchedClassifier, t: TcAttachType| {
+            let not_asked = || "not asked for (--stages)".to_string();
+            let xdp_state = if want(Stage::Xdp) { attach_xdp(x, ifindex, xdp) } else { Err(not_asked()) };
+            let tcx = |p: &mut SchedClassifier, t: TcAttachType, s: Stage| {
+                if !want(s) {
+                    return Err(not_asked());
+                }
                 p.attach_with_options(&name, t, TcAttachOptions::TcxOrder(LinkOrder::default()))
                     .map(|_| ())
                     .map_err(|e| describe(&e))
             };
-            let tc_ingress = tcx(ti, TcAttachType::Ingress);
-            let tc_egress = tcx(te, TcAttachType::Egress);
+            let tc_ingress = tcx(ti, TcAttachType::Ingress, Stage::TcIngress);
+            let tc_egress = tcx(te, TcAttachType::Egress, Stage::TcEgress);
             Ok(Attached {
                 netns: ns_owned,
                 netns_inode,
@@ -759,12 +805,14 @@ impl Tracer {
                 Ok(())
             },
         };
-        let s = mk("XDP", xdp, errs(&|a| a.xdp.as_ref().err().map(|e| format!("{}: {e}", a.ifname))));
-        self.stages.insert(Stage::Xdp, s);
-        let s = mk("tcx ingress", ti, errs(&|a| a.tc_ingress.as_ref().err().map(|e| format!("{}: {e}", a.ifname))));
-        self.stages.insert(Stage::TcIngress, s);
-        let s = mk("tcx egress", te, errs(&|a| a.tc_egress.as_ref().err().map(|e| format!("{}: {e}", a.ifname))));
-        self.stages.insert(Stage::TcEgress, s);
+        let xdp = mk("XDP", xdp, errs(&|a| a.xdp.as_ref().err().map(|e| format!("{}: {e}", a.ifname))));
+        let ti = mk("tcx ingress", ti, errs(&|a| a.tc_ingress.as_ref().err().map(|e| format!("{}: {e}", a.ifname))));
+        let te = mk("tcx egress", te, errs(&|a| a.tc_egress.as_ref().err().map(|e| format!("{}: {e}", a.ifname))));
+        for (s, h) in [(Stage::Xdp, xdp), (Stage::TcIngress, ti), (Stage::TcEgress, te)] {
+            if self.asked.contains(s) {
+                self.stages.insert(s, h);
+            }
+        }
     }
 
     /// Finds attached interfaces that are gone (deleted, renumbered, or their namespace

@@ -2,7 +2,8 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use packetflow::{
-    bench, capture, correlate::PathKind, daemon, demo, doctor, error, loader::XdpChoice, report, seed, trace,
+    bench, capture, correlate::PathKind, daemon, demo, doctor, error, loader::XdpChoice, report, seed,
+    stage_set::StageSet, trace,
 };
 
 #[derive(Parser)]
@@ -124,6 +125,10 @@ enum Cmd {
         /// Trace 1 flow in N (decided per flow in the kernel; sampled flows stay complete).
         #[arg(long, value_name = "N", default_value_t = 1)]
         sample: u32,
+        /// Stages to trace: names and sets (all, overview, send, receive, socket), comma
+        /// separated. A stage not asked for has no program attached: cost scales with it.
+        #[arg(long, value_name = "LIST", default_value = "all")]
+        stages: String,
     },
     /// Capture packets (XDP in, tcx out) to pcapng or tcpdump-like lines; filter in the kernel.
     Capture {
@@ -146,9 +151,10 @@ enum Cmd {
         duration: Option<f64>,
         #[arg(long, value_enum, default_value = "auto")]
         xdp_mode: XdpArg,
-        /// Also trace: put each packet's stage timestamps in its pcapng comment.
-        #[arg(long)]
-        stages: bool,
+        /// Also trace: put each packet's stage timestamps in its pcapng comment
+        /// (`--stages=LIST` for some stages only; see `trace --stages`).
+        #[arg(long, value_name = "LIST", num_args = 0..=1, require_equals = true, default_missing_value = "all")]
+        stages: Option<String>,
         /// Filter, in pcap-filter syntax (host, net, port, portrange, src, dst, tcp, udp, icmp, icmp6, ip, ip6, and/or/not).
         #[arg(value_name = "EXPRESSION", trailing_var_arg = true)]
         expression: Vec<String>,
@@ -223,6 +229,9 @@ enum Cmd {
         chrome_trace: Option<String>,
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Stages to trace (see `trace --stages`).
+        #[arg(long, value_name = "LIST", default_value = "all")]
+        stages: String,
     },
     /// Read a recording (--json output; `-` for stdin): tables, comparison, pictures.
     Report {
@@ -319,7 +328,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             timeout_ms,
             summary,
             sample,
+            stages,
         } => {
+            let stages = StageSet::parse(&stages)?;
             if sample == 0 {
                 packetflow::user_bail!("--sample must be at least 1 (1 = every flow)");
             }
@@ -347,9 +358,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 timeout: Duration::from_millis(timeout_ms.max(1)),
                 summary,
                 sample,
+                stages,
             }))
         }
         Cmd::Capture { ifaces, write, count, snaplen, direction, duration, xdp_mode, stages, expression } => {
+            let stages = stages.as_deref().map(StageSet::parse).transpose()?;
             if let Some(d) = duration
                 && !(d > 0.0 && d.is_finite())
             {
@@ -440,7 +453,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             html,
             svg,
         }),
-        Cmd::Demo { path, count, size, udp, ipv6, json, chrome_trace, port } => {
+        Cmd::Demo { path, count, size, udp, ipv6, json, chrome_trace, port, stages } => {
+            let stages = StageSet::parse(&stages)?;
             runtime()?.block_on(demo::run(demo::DemoArgs {
                 path: match path {
                     PathArg::Loopback => demo::Which::Loopback,
@@ -454,6 +468,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 json,
                 chrome_trace,
                 port,
+                stages,
             }))
         }
         Cmd::Serve { port, bind, udp, verbose, once, count } => {

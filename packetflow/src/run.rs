@@ -174,6 +174,11 @@ pub fn counters_json(c: &[u64], overflow: u64) -> serde_json::Value {
 
 impl Running {
     pub async fn start(o: RunOptions) -> Result<Running> {
+        if !o.filter.no_records && !o.filter.stages.contains(Stage::DevQueue) {
+            crate::user_bail!(
+                "full tracing joins each packet's records at dev_queue: add dev_queue to --stages, or use summary mode"
+            );
+        }
         let dbg = std::env::var_os("PACKETFLOW_DEBUG_LOAD").is_some();
         let t0 = std::time::Instant::now();
         let mut tracer = Tracer::load(&LoadOptions { ring_bytes: o.ring_bytes, capture_ring_bytes: 0, idle: o.idle })?;
@@ -190,7 +195,7 @@ impl Running {
         }
         let kf = filter.to_kernel(std::process::id())?;
         tracer.set_filter(&kf)?;
-        tracer.attach_kernel_hooks()?;
+        tracer.attach_kernel_hooks(filter.stages)?;
         if dbg {
             eprintln!("kernel hooks attached at {:?}", t0.elapsed());
         }

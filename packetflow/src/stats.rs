@@ -170,8 +170,9 @@ pub fn side_by_side(stats: &Stats) -> String {
     };
     let mut rows = Vec::new();
     for s in Stage::KERNEL_ORDER {
-        // The IP-layer stages exist only where kprobes do: no row when no path has them.
-        if s.is_optional() && !stats.paths.values().any(|ps| ps.stages.contains_key(&s)) {
+        // No row for a stage no path has: not asked for (`--stages`), or an IP-layer stage
+        // where kprobes do not work (a stage this kernel cannot serve is reported at start).
+        if !stats.paths.values().any(|ps| ps.stages.contains_key(&s)) {
             continue;
         }
         let mut r = vec![s.name().to_string()];

@@ -29,6 +29,7 @@ pub struct TraceArgs {
     pub timeout: Duration,
     pub summary: bool,
     pub sample: u32,
+    pub stages: crate::stage_set::StageSet,
 }
 
 /// The per-path tables, as printed live and at the end.
@@ -62,6 +63,7 @@ pub async fn run(a: TraceArgs) -> Result<()> {
         summary: a.summary,
         no_records: a.summary,
         sample: a.sample,
+        stages: a.stages,
     };
     if a.summary && (a.json.is_some() || a.chrome_trace.is_some() || a.count.is_some()) {
         crate::user_bail!(
@@ -213,6 +215,9 @@ fn describe_filter(a: &TraceArgs) -> String {
     }
     if a.sample > 1 {
         parts.push(format!("1 flow in {}", a.sample));
+    }
+    if a.stages != crate::stage_set::StageSet::ALL {
+        parts.push(format!("stages {}", a.stages.describe()));
     }
     if a.summary {
         parts.push("summary mode: in-kernel histograms".into());

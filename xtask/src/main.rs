@@ -405,11 +405,11 @@ const FUZZ_SECS_IN_TEST: u64 = 10;
 /// runs every one).
 const VM_KERNEL_IN_TEST: &str = "6.1";
 
-/// Benchmarks (BENCHMARKS.md): release build, sockperf/iperf3/tcpdump from Debian.
+/// Benchmarks (BENCHMARKS.md): release build, sockperf/iperf3/tcpdump/bpftrace from Debian.
 fn bench(args: &[String]) -> Result<ExitCode> {
     setup()?;
     need_root("bench")?;
-    install(&[("sockperf", "sockperf"), ("iperf3", "iperf3"), ("tcpdump", "tcpdump")])?;
+    install(&[("sockperf", "sockperf"), ("iperf3", "iperf3"), ("tcpdump", "tcpdump"), ("bpftrace", "bpftrace")])?;
     run(cargo().args(["build", "--release", "-p", "packetflow"]))?;
     let st = Command::new(target_dir().join("release/packetflow"))
         .arg("bench")

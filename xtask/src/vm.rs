@@ -22,7 +22,7 @@ use crate::{Counts, cargo, install, need_root, output, run, target_dir};
 /// The end-to-end tests that run inside each VM: the demo over loopback and veth, the
 /// filter test, the no-alteration (sha256) test, and summary mode against full traces
 /// (the in-kernel histograms walk the stages in kernel order, IP-layer ones included).
-const VM_TESTS: &[&str] = &["demo", "filter", "bulk", "summary"];
+const VM_TESTS: &[&str] = &["demo", "filter", "bulk", "summary", "stages"];
 
 /// The kernel series we test: name, package name pattern (apt-cache regex), and what the
 /// tests may expect of it (`PACKETFLOW_KERNEL_HAS`, see tests/src/lib.rs): tcx came in

@@ -355,7 +355,15 @@ impl Config {
             v.push("mode");
         }
         if self.stages != new.stages {
-            v.push("stages");
+            // Global stages change live (`Running::set_stages`); per-interface ones (XDP,
+            // tcx) and full mode's (its trace files and traces) need a restart.
+            let (a, b) = (StageSet::parse(&self.stages).ok(), StageSet::parse(&new.stages).ok());
+            let interfaces_same = a.zip(b).is_some_and(|(a, b)| {
+                [Stage::Xdp, Stage::TcEgress, Stage::TcIngress].iter().all(|s| a.contains(*s) == b.contains(*s))
+            });
+            if self.mode() == Mode::Full || !interfaces_same {
+                v.push("stages");
+            }
         }
         if self.trace_dir != new.trace_dir {
             v.push("trace_dir");
@@ -459,5 +467,13 @@ mod tests {
         assert!(a.restart_keys(&b).is_empty());
         let b = Config { interfaces: vec!["eth0".into()], ..Config::default() };
         assert_eq!(a.restart_keys(&b), vec!["interfaces"]);
+        // Global stages reload live in summary mode; XDP/tcx stages and full mode restart.
+        let a = Config { stages: "socket".into(), ..Config::default() };
+        let b = Config { stages: "socket,nic_xmit".into(), ..Config::default() };
+        assert!(a.restart_keys(&b).is_empty());
+        let b = Config { stages: "socket,xdp".into(), ..Config::default() };
+        assert_eq!(a.restart_keys(&b), vec!["stages"]);
+        let full = |stages: &str| Config { stages: stages.into(), mode: Some(Mode::Full), ..Config::default() };
+        assert_eq!(full("socket").restart_keys(&full("all")), vec!["stages"]);
     }
 }

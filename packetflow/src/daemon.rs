@@ -5,7 +5,8 @@
 //!   (`metrics.rs`) and the control socket (`packetflow status`);
 //! - NDJSON trace files with rotation and a disk cap (`trace_files.rs`), full mode only;
 //! - SIGHUP: reload the config; filters, sampling, `slow_us` and rotation apply at once
-//!   (the filter is a map write: nothing is detached); a bad file is rejected and the old
+//!   (the filter is a map write: nothing is detached), and in summary mode `stages`
+//!   (`Running::set_stages`: only the hooks that change); a bad file is rejected and the old
 //!   settings stay; settings that need a restart are named and kept;
 //! - SIGTERM/SIGINT: detach, drain, flush, exit 0 (bounded to 2 s);
 //! - `--user`: after everything is attached, become that user with no capabilities.
@@ -249,8 +250,16 @@ fn reload(a: &DaemonArgs, old: &Config, running: &mut Running, files: &Files) ->
         new.trace_dir = old.trace_dir.clone();
         new.timeout_ms = old.timeout_ms;
         new.correlator_budget_mb = old.correlator_budget_mb;
+        if keep.contains(&"stages") {
+            new.stages = old.stages.clone();
+        }
     }
     let filter = new.filter();
+    if new.stages != old.stages {
+        for line in running.set_stages(filter.stages) {
+            log(format!("stages {}: {line}", filter.stages.describe()));
+        }
+    }
     let kf = filter.to_kernel(std::process::id())?;
     running.tracer.set_filter(&kf).context("writing the new filter")?;
     if let Some((settings, _)) = files.lock().expect("files lock").as_ref() {

@@ -108,6 +108,12 @@ enum Hook {
 }
 
 impl Hook {
+    fn program(&self) -> &'static str {
+        match self {
+            Hook::TpBtf(p, _) | Hook::Kprobe(p, _) | Hook::Cgroup(p, _) => p,
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             Hook::TpBtf(_, tp) => format!("tp_btf {tp}"),
@@ -117,6 +123,105 @@ impl Hook {
             Hook::Cgroup(_, _) => "cgroup_skb/ingress".into(),
         }
     }
+}
+
+/// The global hooks, in groups that attach and detach together: each serves one stage
+/// (for TCP or UDP, or both) and is attached when `StageSet` asks for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Group {
+    SendSyscalls,
+    TcpSend,
+    UdpSend,
+    IpSend,
+    DevQueue,
+    NicXmit,
+    NetifReceive,
+    IpRcv,
+    TcpRcv,
+    UdpRcv,
+    SockQueue,
+    TcpCopy,
+    UdpCopy,
+    RecvSyscalls,
+}
+
+impl Group {
+    const ALL: [Group; 14] = [
+        Group::SendSyscalls,
+        Group::TcpSend,
+        Group::UdpSend,
+        Group::IpSend,
+        Group::DevQueue,
+        Group::NicXmit,
+        Group::NetifReceive,
+        Group::IpRcv,
+        Group::TcpRcv,
+        Group::UdpRcv,
+        Group::SockQueue,
+        Group::TcpCopy,
+        Group::UdpCopy,
+        Group::RecvSyscalls,
+    ];
+
+    fn wanted(self, a: StageSet) -> bool {
+        match self {
+            Group::SendSyscalls => a.contains(Stage::SendSyscall),
+            Group::TcpSend | Group::UdpSend => a.needs(Stage::SockSend),
+            Group::IpSend => a.needs(Stage::IpSend),
+            Group::DevQueue => a.needs(Stage::DevQueue),
+            Group::NicXmit => a.needs(Stage::NicXmit),
+            Group::NetifReceive => a.needs(Stage::NetifReceive),
+            Group::IpRcv => a.needs(Stage::IpRcv),
+            Group::TcpRcv => a.contains(Stage::TransportRcv),
+            // Also UDP's sock_queue source (the datagram handed to the socket).
+            Group::UdpRcv => a.needs(Stage::TransportRcv),
+            Group::SockQueue => a.needs(Stage::SockQueue),
+            Group::TcpCopy | Group::UdpCopy => a.needs(Stage::CopyToUser),
+            // Also where UDP's copy_to_user is written.
+            Group::RecvSyscalls => a.needs(Stage::RecvSyscall),
+        }
+    }
+
+    /// The ways to serve it, in order (the first that attaches serves); tracepoint
+    /// groups (the syscalls) are attached by `Tracer::attach_group`.
+    fn hooks(self) -> &'static [Hook] {
+        match self {
+            Group::SendSyscalls | Group::RecvSyscalls => &[],
+            Group::TcpSend => &[
+                Hook::TpBtf("pf_tcp_sendmsg", "tcp_sendmsg_locked"),
+                Hook::Kprobe("pf_kp_tcp_sendmsg", &["tcp_sendmsg_locked"]),
+            ],
+            Group::UdpSend => &[
+                Hook::Cgroup("pf_cg_egress", CgroupSkbAttachType::Egress),
+                // Older kernels refuse bpf_get_current_pid_tgid in cgroup_skb programs.
+                Hook::Cgroup("pf_cg_egress_nopid", CgroupSkbAttachType::Egress),
+            ],
+            Group::IpSend => &[Hook::Kprobe("pf_kp_ip_send", &["ip_output", "ip6_output"])],
+            Group::DevQueue => &[Hook::TpBtf("pf_dev_queue", "net_dev_queue")],
+            Group::NicXmit => &[Hook::TpBtf("pf_start_xmit", "net_dev_start_xmit")],
+            Group::NetifReceive => &[Hook::TpBtf("pf_netif_receive", "netif_receive_skb")],
+            Group::IpRcv => &[Hook::Kprobe("pf_kp_ip_rcv", &["ip_local_deliver", "ip6_input"])],
+            Group::TcpRcv => &[Hook::TpBtf("pf_tcp_probe", "tcp_probe")],
+            Group::UdpRcv => &[Hook::Cgroup("pf_cg_ingress", CgroupSkbAttachType::Ingress)],
+            Group::SockQueue => &[
+                Hook::TpBtf("pf_sk_data_ready", "sk_data_ready"),
+                Hook::Kprobe("pf_kp_sk_data_ready", &["sock_def_readable"]),
+            ],
+            Group::TcpCopy => &[Hook::TpBtf("pf_copy_to_user", "skb_copy_datagram_iovec")],
+            Group::UdpCopy => {
+                &[Hook::TpBtf("pf_sock_recv", "sock_recv_length"), Hook::Kprobe("pf_kp_udp_copy", &["skb_consume_udp"])]
+            }
+        }
+    }
+}
+
+/// A hook group as attached: its description and outcome, the programs loaded for it
+/// (unloaded when it goes) and the links it made.
+struct AttachedGroup {
+    hook: String,
+    state: Result<(), String>,
+    programs: Vec<&'static str>,
+    links: usize,
 }
 
 /// How one stage is observed on this kernel.
@@ -205,7 +310,9 @@ pub struct Tracer {
     /// Tracepoint (perf event) links, held here so `detach_all` can close them in
     /// parallel: each close waits for an RCU grace period (~75 ms here), and 15 of them
     /// in a row made SIGTERM take over a second.
-    tp_links: Vec<aya::programs::trace_point::TracePointLink>,
+    tp_links: Vec<(&'static str, aya::programs::trace_point::TracePointLink)>,
+    /// The global hook groups attached.
+    groups: BTreeMap<Group, AttachedGroup>,
     /// The kernel's BTF for loading tp_btf programs: tens of MiB parsed, so dropped once
     /// the kernel hooks are attached (and read again if ever needed).
     btf: Option<aya::Btf>,
@@ -344,6 +451,7 @@ impl Tracer {
             used_shards: used,
             links: 0,
             tp_links: Vec::new(),
+            groups: BTreeMap::new(),
             btf: Some(aya_btf),
             // Root (CAP_SYS_ADMIN) only; without it the cost is reported unknown.
             _run_stats: aya::sys::enable_stats(aya::sys::Stats::RunTime).ok(),
@@ -466,7 +574,7 @@ impl Tracer {
         p.try_into().map_err(|e: ProgramError| e.to_string())
     }
 
-    fn tracepoint(&mut self, prog: &str, category: &str, names: &[&str]) -> Result<(), String> {
+    fn tracepoint(&mut self, prog: &'static str, category: &str, names: &[String]) -> Result<(), String> {
         let p: &mut TracePoint = self.program(prog)?;
         p.load().map_err(|e| describe(&e))?;
         let mut links = Vec::new();
@@ -481,7 +589,7 @@ impl Tracer {
             }
         }
         self.links += links.len();
-        self.tp_links.extend(links);
+        self.tp_links.extend(links.into_iter().map(|l| (prog, l)));
         r
     }
 
@@ -565,71 +673,102 @@ impl Tracer {
     /// (`StageSet::needs`) and records which hook serves each asked stage. A stage whose
     /// hook fails is reported missing, not fatal; a stage not asked for has no program.
     pub fn attach_kernel_hooks(&mut self, asked: StageSet) -> Result<()> {
-        self.asked = asked;
-        let enter: Vec<String> = SEND_SYSCALLS.iter().map(|s| format!("sys_enter_{s}")).collect();
-        let exit_send: Vec<String> = SEND_SYSCALLS.iter().map(|s| format!("sys_exit_{s}")).collect();
-        let exit_recv: Vec<String> = RECV_SYSCALLS.iter().map(|s| format!("sys_exit_{s}")).collect();
-        fn refs(v: &[String]) -> Vec<&str> {
-            v.iter().map(String::as_str).collect()
+        self.set_stages(asked);
+        let global: Vec<&StageHook> =
+            self.stages.iter().filter(|(s, _)| !s.is_per_interface()).map(|(_, h)| h).collect();
+        if !global.is_empty() && global.iter().all(|h| h.state.is_err()) {
+            let why = global[0].state.clone().err().unwrap_or_default();
+            crate::user_bail!("no tracing hook could be attached on this kernel ({why}); run `packetflow doctor`");
         }
-        let skipped = || ("not asked for".to_string(), Err("not asked for (--stages)".to_string()));
-        // Each hook: the tracepoint where the kernel has it, else a kprobe where kprobes
-        // work (decided by trying; the first that attaches serves the stage).
-        let mut hook = |stage: Stage, hooks: &[Hook]| if asked.needs(stage) { self.first_of(hooks) } else { skipped() };
-        let tcp_send = hook(
-            Stage::SockSend,
-            &[
-                Hook::TpBtf("pf_tcp_sendmsg", "tcp_sendmsg_locked"),
-                Hook::Kprobe("pf_kp_tcp_sendmsg", &["tcp_sendmsg_locked"]),
-            ],
-        );
-        let udp_send = hook(
-            Stage::SockSend,
-            &[
-                Hook::Cgroup("pf_cg_egress", CgroupSkbAttachType::Egress),
-                // Older kernels refuse bpf_get_current_pid_tgid in cgroup_skb programs.
-                Hook::Cgroup("pf_cg_egress_nopid", CgroupSkbAttachType::Egress),
-            ],
-        );
-        let ip_send = hook(Stage::IpSend, &[Hook::Kprobe("pf_kp_ip_send", &["ip_output", "ip6_output"])]);
-        let dev_queue = hook(Stage::DevQueue, &[Hook::TpBtf("pf_dev_queue", "net_dev_queue")]);
-        let xmit = hook(Stage::NicXmit, &[Hook::TpBtf("pf_start_xmit", "net_dev_start_xmit")]);
-        let rcv = hook(Stage::NetifReceive, &[Hook::TpBtf("pf_netif_receive", "netif_receive_skb")]);
-        let ip_rcv = hook(Stage::IpRcv, &[Hook::Kprobe("pf_kp_ip_rcv", &["ip_local_deliver", "ip6_input"])]);
-        let tcp_rcv = if asked.contains(Stage::TransportRcv) {
-            hook(Stage::TransportRcv, &[Hook::TpBtf("pf_tcp_probe", "tcp_probe")])
-        } else {
-            skipped()
-        };
-        // Also UDP's sock_queue source (the datagram handed to the socket).
-        let udp_rcv = hook(Stage::TransportRcv, &[Hook::Cgroup("pf_cg_ingress", CgroupSkbAttachType::Ingress)]);
-        let ready = hook(
-            Stage::SockQueue,
-            &[
-                Hook::TpBtf("pf_sk_data_ready", "sk_data_ready"),
-                Hook::Kprobe("pf_kp_sk_data_ready", &["sock_def_readable"]),
-            ],
-        );
-        let tcp_copy = hook(Stage::CopyToUser, &[Hook::TpBtf("pf_copy_to_user", "skb_copy_datagram_iovec")]);
-        let udp_copy = hook(
-            Stage::CopyToUser,
-            &[Hook::TpBtf("pf_sock_recv", "sock_recv_length"), Hook::Kprobe("pf_kp_udp_copy", &["skb_consume_udp"])],
-        );
-        let send = if asked.contains(Stage::SendSyscall) {
-            self.tracepoint("pf_sys_enter_send", "syscalls", &refs(&enter))
-                .and_then(|()| self.tracepoint("pf_sys_exit_send", "syscalls", &refs(&exit_send)))
-        } else {
-            skipped().1
-        };
-        // Also where UDP's copy_to_user is written.
-        let recv = if asked.needs(Stage::RecvSyscall) {
-            self.tracepoint("pf_sys_exit_recv", "syscalls", &refs(&exit_recv))
-        } else {
-            skipped().1
-        };
+        Ok(())
+    }
 
+    /// Makes the global hooks match `asked`: attaches the groups it needs that are not
+    /// attached, detaches those it no longer needs, and leaves the others alone (their
+    /// programs keep running: no gap). Per-interface stages (XDP, tcx) follow `asked`
+    /// only for interfaces attached afterwards. Returns one line per change.
+    pub fn set_stages(&mut self, asked: StageSet) -> Vec<String> {
+        let mut lines = Vec::new();
+        for g in Group::ALL {
+            let attached = self.groups.contains_key(&g);
+            if g.wanted(asked) && !attached {
+                let before = self.links;
+                let (hook, state, progs) = self.attach_group(g);
+                lines.push(format!("attached {hook}"));
+                self.groups.insert(g, AttachedGroup { hook, state, programs: progs, links: self.links - before });
+            } else if !g.wanted(asked) && attached {
+                let a = self.groups.remove(&g).expect("attached");
+                for p in a.programs {
+                    self.unload(p);
+                }
+                self.links -= a.links;
+                lines.push(format!("detached {}", a.hook));
+            }
+        }
+        self.asked = asked;
+        self.stage_table();
+        // The parsed BTF (tens of MiB) is only needed while attaching: give it back.
+        self.btf = None;
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe { libc::malloc_trim(0) };
+        lines
+    }
+
+    /// Attaches group `g`: (hook description, outcome, programs loaded for it).
+    fn attach_group(&mut self, g: Group) -> (String, Result<(), String>, Vec<&'static str>) {
+        fn names(prefix: &str, calls: &[&str]) -> Vec<String> {
+            calls.iter().map(|c| format!("{prefix}{c}")).collect()
+        }
+        match g {
+            Group::SendSyscalls => {
+                let enter = names("sys_enter_", SEND_SYSCALLS);
+                let exit = names("sys_exit_", SEND_SYSCALLS);
+                let r = self
+                    .tracepoint("pf_sys_enter_send", "syscalls", &enter)
+                    .and_then(|()| self.tracepoint("pf_sys_exit_send", "syscalls", &exit));
+                let hook = format!("tracepoint syscalls:sys_enter_{{{}}}", SEND_SYSCALLS.join(","));
+                (hook, r, vec!["pf_sys_enter_send", "pf_sys_exit_send"])
+            }
+            Group::RecvSyscalls => {
+                let r = self.tracepoint("pf_sys_exit_recv", "syscalls", &names("sys_exit_", RECV_SYSCALLS));
+                let hook = format!("tracepoint syscalls:sys_exit_{{{}}}", RECV_SYSCALLS.join(","));
+                (hook, r, vec!["pf_sys_exit_recv"])
+            }
+            _ => {
+                let hooks = g.hooks();
+                let (hook, r) = self.first_of(hooks);
+                (hook, r, hooks.iter().map(Hook::program).collect())
+            }
+        }
+    }
+
+    /// Detaches and unloads program `name` (its links go with it).
+    fn unload(&mut self, name: &'static str) {
+        self.tp_links.retain(|(n, _)| *n != name);
+        let Some(p) = self.ebpf.as_mut().and_then(|e| e.program_mut(name)) else { return };
+        if p.fd().is_err() {
+            return;
+        }
+        // Only fails for a program that is not loaded.
+        let _ = match p {
+            aya::programs::Program::TracePoint(p) => p.unload(),
+            aya::programs::Program::BtfTracePoint(p) => p.unload(),
+            aya::programs::Program::KProbe(p) => p.unload(),
+            aya::programs::Program::CgroupSkb(p) => p.unload(),
+            _ => Ok(()),
+        };
+    }
+
+    /// `stages` from the attached groups: each asked global stage and its hook.
+    fn stage_table(&mut self) {
+        let get = |g: Group| -> (String, Result<(), String>) {
+            match self.groups.get(&g) {
+                Some(a) => (a.hook.clone(), a.state.clone()),
+                None => ("not asked for".into(), Err("not asked for (--stages)".into())),
+            }
+        };
         // One stage served by a TCP hook and a UDP hook.
-        let both = |t: &(String, Result<(), String>), u: &(String, Result<(), String>)| {
+        let both = |t: (String, Result<(), String>), u: (String, Result<(), String>)| {
             let hook = format!("{} (TCP), {} (UDP)", t.0, u.0);
             let state = match (&t.1, &u.1) {
                 (Ok(()), Ok(())) => Ok(()),
@@ -639,40 +778,32 @@ impl Tracer {
             };
             (hook, state)
         };
-        let send_ok = match (&send, both(&tcp_send, &udp_send).1) {
+        let send = get(Group::SendSyscalls);
+        let sock_send = both(get(Group::TcpSend), get(Group::UdpSend));
+        let send_ok = match (&send.1, &sock_send.1) {
             (Err(e), _) => Err(e.clone()),
-            (Ok(()), r) => r,
+            (Ok(()), r) => r.clone(),
         };
-        let mut put = |s: Stage, (hook, state): (String, Result<(), String>)| {
-            if asked.contains(s) {
+        let rows = [
+            (Stage::SendSyscall, (send.0, send_ok)),
+            (Stage::SockSend, sock_send),
+            (Stage::IpSend, get(Group::IpSend)),
+            (Stage::DevQueue, get(Group::DevQueue)),
+            (Stage::NicXmit, get(Group::NicXmit)),
+            (Stage::NetifReceive, get(Group::NetifReceive)),
+            (Stage::IpRcv, get(Group::IpRcv)),
+            (Stage::TransportRcv, both(get(Group::TcpRcv), get(Group::UdpRcv))),
+            (Stage::SockQueue, get(Group::SockQueue)),
+            (Stage::CopyToUser, both(get(Group::TcpCopy), get(Group::UdpCopy))),
+            (Stage::RecvSyscall, get(Group::RecvSyscalls)),
+        ];
+        self.stages.retain(|s, _| s.is_per_interface());
+        for (s, (hook, state)) in rows {
+            if self.asked.contains(s) {
                 self.stages.insert(s, StageHook { hook, state });
             }
-        };
-        put(Stage::SendSyscall, (format!("tracepoint syscalls:sys_enter_{{{}}}", SEND_SYSCALLS.join(",")), send_ok));
-        put(Stage::SockSend, both(&tcp_send, &udp_send));
-        put(Stage::IpSend, ip_send);
-        put(Stage::DevQueue, dev_queue);
-        put(Stage::NicXmit, xmit);
-        put(Stage::NetifReceive, rcv);
-        put(Stage::IpRcv, ip_rcv);
-        put(Stage::TransportRcv, both(&tcp_rcv, &udp_rcv));
-        put(Stage::SockQueue, ready);
-        put(Stage::CopyToUser, both(&tcp_copy, &udp_copy));
-        put(Stage::RecvSyscall, (format!("tracepoint syscalls:sys_exit_{{{}}}", RECV_SYSCALLS.join(",")), recv));
-        for s in [Stage::Xdp, Stage::TcEgress, Stage::TcIngress] {
-            put(s, ("per interface (none attached)".into(), Err("no interface attached".into())));
         }
-        // The parsed BTF is no longer needed: give its memory back.
-        self.btf = None;
-        // SAFETY: malloc_trim only returns free heap pages to the kernel.
-        unsafe { libc::malloc_trim(0) };
-        let global: Vec<&StageHook> =
-            self.stages.iter().filter(|(s, _)| !s.is_per_interface()).map(|(_, h)| h).collect();
-        if !global.is_empty() && global.iter().all(|h| h.state.is_err()) {
-            let why = global[0].state.clone().err().unwrap_or_default();
-            crate::user_bail!("no tracing hook could be attached on this kernel ({why}); run `packetflow doctor`");
-        }
-        Ok(())
+        self.refresh_interface_stages();
     }
 
     /// One line per stage this kernel cannot serve, in kernel order; the optional
@@ -811,6 +942,8 @@ impl Tracer {
         for (s, h) in [(Stage::Xdp, xdp), (Stage::TcIngress, ti), (Stage::TcEgress, te)] {
             if self.asked.contains(s) {
                 self.stages.insert(s, h);
+            } else {
+                self.stages.remove(&s);
             }
         }
     }
@@ -919,7 +1052,7 @@ impl Tracer {
     pub fn detach_all(&mut self) {
         let links = std::mem::take(&mut self.tp_links);
         std::thread::scope(|s| {
-            for l in links {
+            for (_, l) in links {
                 s.spawn(move || drop(l));
             }
         });

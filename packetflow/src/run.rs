@@ -240,6 +240,15 @@ impl Running {
         })
     }
 
+    /// Attaches and detaches global hooks so they serve `stages` (the kept ones run on,
+    /// their histograms with no gap); the correlator expects the new set from now on.
+    /// Write the filter with the same set afterwards. One line per hook changed.
+    pub fn set_stages(&mut self, stages: crate::stage_set::StageSet) -> Vec<String> {
+        let lines = self.tracer.set_stages(stages);
+        *self.shared.coverage.lock().expect("coverage lock") = Some(self.tracer.coverage());
+        lines
+    }
+
     /// Notices interfaces deleted since the last call (their stages stop; the run goes
     /// on) and, under `-i any`, attaches interfaces that appeared. One line per change.
     /// Call every second or so.

@@ -160,6 +160,48 @@ fn xdp_on(h: &TestHosts, ns: &str, dev: &str) -> String {
 }
 
 #[test]
+fn a_reload_changes_the_stages_attached_with_no_gap_in_the_stages_kept() {
+    require_root();
+    assert!(pf_programs().is_empty(), "another packetflow is running: {:?}", pf_programs());
+    let port = unique_port();
+    let metrics = free_port();
+    let (cfg, _) = config("daemon-stages", metrics, &format!("ports = [{port}]\nstages = \"socket\"\n"));
+    let mut d = Daemon::start(&cfg, metrics, &[]);
+    let has = |p: &str| pf_programs().iter().any(|n| n == p);
+    assert!(has("pf_dev_queue") && has("pf_copy_to_user"), "{:?}", pf_programs());
+    assert!(!has("pf_start_xmit") && !has("pf_tcp_probe") && !has("pf_xdp"), "{:?}", pf_programs());
+    let _srv = serve(None, "127.0.0.1", port, false);
+    let copied = "packetflow_stage_latency_seconds_count{path=\"loopback\",stage=\"copy_to_user\"}";
+    let xmit = "packetflow_stage_latency_seconds_count{path=\"loopback\",stage=\"nic_xmit\"}";
+    client(None, "127.0.0.1", port, 50, 32, false);
+    let m = d.wait_metric(copied, 100.0);
+    assert_eq!(value(&m, copied), Some(100.0), "50 exchanges, two packets each");
+    assert_eq!(value(&m, xmit), None, "nic_xmit is not asked for");
+
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("stages = \"socket\"", "stages = \"socket,nic_xmit\"");
+    std::fs::write(&cfg, &text).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("configuration reloaded");
+    assert!(d.logged("attached tp_btf net_dev_start_xmit"), "{:?}", d.lines());
+    assert!(has("pf_start_xmit"), "{:?}", pf_programs());
+    client(None, "127.0.0.1", port, 50, 32, false);
+    let m = d.wait_metric(copied, 200.0);
+    assert_eq!(value(&m, copied), Some(200.0), "the kept stages counted every packet across the reload");
+    assert_eq!(value(&m, xmit), Some(100.0), "the added stage, from the reload on");
+
+    std::fs::write(&cfg, text.replace("socket,nic_xmit", "socket")).unwrap();
+    d.signal(libc::SIGHUP);
+    let t0 = Instant::now();
+    while has("pf_start_xmit") && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!has("pf_start_xmit"), "detached at the second reload: {:?}", d.lines());
+    assert!(has("pf_copy_to_user"), "{:?}", pf_programs());
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.proc.wait(Duration::from_secs(5)).and_then(|s| s.code()), Some(0), "{:?}", d.lines());
+}
+
+#[test]
 fn metrics_cover_every_stage_of_both_paths_and_match_the_traffic() {
     require_root();
     assert!(pf_programs().is_empty(), "another packetflow is running: {:?}", pf_programs());

@@ -449,6 +449,14 @@ fn cg_udp(ctx: &SkBuffContext, ev: &mut Event) -> Result<(), ()> {
     let skb = ctx.skb.skb;
     // cgroup_skb's data starts at the IP header.
     let linear = unsafe { ((*skb).data as usize, (*skb).data_end as usize) };
+    // These programs see every TCP segment too: those leave before any parsing (an IPv6
+    // packet with extension headers is parsed in full).
+    let mut ip = [0u8; 10];
+    if super::packet::direct(linear.0, linear.1, 0, &mut ip)
+        && ((ip[0] >> 4 == 4 && ip[9] == IPPROTO_TCP) || (ip[0] >> 4 == 6 && ip[6] == IPPROTO_TCP))
+    {
+        return Err(());
+    }
     let src = CtxSource { linear: Some(linear), ..CtxSource::net(skb.cast(), ctx.len()) };
     parse_l3(&src, ev).map_err(|_| ())?;
     if !ev.is_udp() {

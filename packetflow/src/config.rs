@@ -102,7 +102,9 @@ pub struct Config {
     pub sample: u32,
     /// Stages to trace: names and sets, comma separated, as `trace --stages`
     /// (docs/stages.md, "Stage sets"). A stage not asked for has no program attached.
-    /// Default "all".
+    /// Default "overview": the cheapest set that still separates stack, qdisc/device,
+    /// transmit -> receive and socket/application time (BENCHMARKS.md, "Cost against the
+    /// stages attached").
     pub stages: String,
     /// Give up on a packet's missing stages after this many ms (full mode). Default 1000.
     pub timeout_ms: u64,
@@ -137,7 +139,7 @@ impl Default for Config {
             proto: None,
             pid: None,
             sample: 1,
-            stages: "all".into(),
+            stages: "overview".into(),
             timeout_ms: 1000,
             correlator_budget_mb: crate::correlate::DEFAULT_BUDGET_MB as u64,
             trace_dir: None,

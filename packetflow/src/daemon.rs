@@ -83,7 +83,8 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         .map_err(|e| user(format!("cannot serve metrics on {}: {e}", cfg.metrics_addr)))?;
     let control = bind_control(&cfg.control_socket)?;
     let (interfaces, _) = resolve_interfaces(&cfg.interfaces, None)?;
-    if cfg.xdp_mode != crate::config::XdpMode::Off {
+    // XDP goes on only when the xdp stage is asked for (not in the default `overview`).
+    if cfg.xdp_mode != crate::config::XdpMode::Off && cfg.filter().stages.contains(packetflow_common::Stage::Xdp) {
         for (ns, name) in &interfaces {
             check_xdp(ns.as_deref(), name, a.force)?;
         }

@@ -210,7 +210,9 @@ fn metrics_cover_every_stage_of_both_paths_and_match_the_traffic() {
     let h = TestHosts::new("pfdm").expect("test hosts");
     let port = unique_port();
     let metrics = free_port();
-    let ifaces = format!("interfaces = [\"lo\", \"{}@{}\", \"{}@{}\"]\n", h.veth_a, h.ns_a, h.veth_b, h.ns_b);
+    // Every stage (the daemon's default set is `overview`).
+    let ifaces =
+        format!("stages = \"all\"\ninterfaces = [\"lo\", \"{}@{}\", \"{}@{}\"]\n", h.veth_a, h.ns_a, h.veth_b, h.ns_b);
     let (cfg, socket) = config("daemon-metrics", metrics, &format!("{ifaces}ports = [{port}]\n"));
     let d = Daemon::start(&cfg, metrics, &[]);
     assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600, "control socket is root-only");
@@ -277,8 +279,11 @@ fn sigterm_and_sigkill_leave_nothing_attached() {
     let h = TestHosts::new("pfdk").expect("test hosts");
     for sig in [libc::SIGTERM, libc::SIGKILL] {
         let metrics = free_port();
-        let (cfg, socket) =
-            config("daemon-exit", metrics, &format!("interfaces = [\"lo\", \"{}@{}\"]\n", h.veth_b, h.ns_b));
+        let (cfg, socket) = config(
+            "daemon-exit",
+            metrics,
+            &format!("stages = \"all\"\ninterfaces = [\"lo\", \"{}@{}\"]\n", h.veth_b, h.ns_b),
+        );
         let mut d = Daemon::start(&cfg, metrics, &[]);
         assert!(pf_programs().len() >= 10, "{:?}", pf_programs());
         assert!(xdp_on(&h, &h.ns_b, &h.veth_b).contains("pf_xdp"), "XDP attached while running");
@@ -384,7 +389,7 @@ fn another_programs_xdp_is_not_clobbered_without_force() {
     let spec = format!("{}@{}", h.veth_b, h.ns_b);
     let mut holder = start_trace(&["-i", &spec, "--port", "1"], &json);
     let metrics = free_port();
-    let (cfg, _) = config("daemon-xdp", metrics, &format!("interfaces = [\"{spec}\"]\n"));
+    let (cfg, _) = config("daemon-xdp", metrics, &format!("stages = \"all\"\ninterfaces = [\"{spec}\"]\n"));
     let out = Command::new(bin()).args(["daemon", "--config"]).arg(&cfg).stdin(Stdio::null()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
@@ -754,7 +759,7 @@ fn force_detaches_the_holders_xdp_only_from_the_named_interface() {
     assert_eq!(xdp_prog_id(&h.ns_b, &c), Some(prog), "one program, two interfaces");
 
     let metrics = free_port();
-    let (cfg, _) = config("daemon-force", metrics, &format!("interfaces = [\"{spec_b}\"]\n"));
+    let (cfg, _) = config("daemon-force", metrics, &format!("stages = \"all\"\ninterfaces = [\"{spec_b}\"]\n"));
     let d1 = Daemon::start(&cfg, metrics, &["--force"]);
     assert!(d1.logged(&format!("--force: detached the XDP program {prog}")), "{:?}", d1.lines());
     let now_b = xdp_prog_id(&h.ns_b, &h.veth_b);
@@ -776,7 +781,7 @@ fn force_detaches_nothing_it_cannot_tell_apart() {
     let prog = xdp_prog_id(&h.ns_a, &h.veth_a).expect("the holder's XDP program on veth_a");
     assert_eq!(xdp_prog_id(&h.ns_b, &h.veth_b), Some(prog));
     let metrics = free_port();
-    let (cfg, _) = config("daemon-force-ns", metrics, &format!("interfaces = [\"{spec_b}\"]\n"));
+    let (cfg, _) = config("daemon-force-ns", metrics, &format!("stages = \"all\"\ninterfaces = [\"{spec_b}\"]\n"));
     if ifindex_in(&h.ns_a, &h.veth_a) == ifindex_in(&h.ns_b, &h.veth_b) {
         let child = Command::new(bin())
             .args(["daemon", "--force", "--config"])

@@ -114,7 +114,7 @@ fn the_daemon_reports_a_lost_interface_in_stage_available() {
     std::fs::write(
         &cfg,
         format!(
-            "metrics_addr = \"127.0.0.1:{metrics}\"\ncontrol_socket = \"{}\"\ninterfaces = [\"{}@{}\"]\n",
+            "metrics_addr = \"127.0.0.1:{metrics}\"\ncontrol_socket = \"{}\"\nstages = \"all\"\ninterfaces = [\"{}@{}\"]\n",
             dir.join("ctl.sock").display(),
             h.veth_a,
             h.ns_a

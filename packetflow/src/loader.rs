@@ -690,20 +690,29 @@ impl Tracer {
     pub fn set_stages(&mut self, asked: StageSet) -> Vec<String> {
         let mut lines = Vec::new();
         for g in Group::ALL {
-            let attached = self.groups.contains_key(&g);
-            if g.wanted(asked) && !attached {
-                let before = self.links;
-                let (hook, state, progs) = self.attach_group(g);
-                lines.push(format!("attached {hook}"));
-                self.groups.insert(g, AttachedGroup { hook, state, programs: progs, links: self.links - before });
-            } else if !g.wanted(asked) && attached {
-                let a = self.groups.remove(&g).expect("attached");
+            let working = self.groups.get(&g).map(|a| a.state.is_ok());
+            if working == Some(true) && g.wanted(asked) || working.is_none() && !g.wanted(asked) {
+                continue;
+            }
+            // Wanted and failed before (tried again), or no longer wanted: take it away.
+            if let Some(a) = self.groups.remove(&g) {
                 for p in a.programs {
                     self.unload(p);
                 }
                 self.links -= a.links;
-                lines.push(format!("detached {}", a.hook));
+                if !g.wanted(asked) {
+                    lines.push(format!("detached {}", a.hook));
+                    continue;
+                }
             }
+            let before = self.links;
+            let (hook, state, progs) = self.attach_group(g);
+            lines.push(match &state {
+                Ok(()) => format!("attached {hook}"),
+                // (After `--user` dropped the privileges, say.)
+                Err(e) => format!("could not attach {hook}: {e}"),
+            });
+            self.groups.insert(g, AttachedGroup { hook, state, programs: progs, links: self.links - before });
         }
         self.asked = asked;
         self.stage_table();

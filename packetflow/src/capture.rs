@@ -21,7 +21,6 @@ use std::{
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use packetflow_common::{
-    Stage,
     capture::{CapHdr, DIR_IN, DIR_OUT, HOOK_XDP},
     counters,
 };
@@ -365,6 +364,9 @@ fn netns_path(s: &str) -> PathBuf {
 
 pub async fn run(a: CaptureArgs) -> Result<()> {
     run::preflight("capture")?;
+    if let Some(stages) = a.stages {
+        stages.check_joinable()?;
+    }
     let mut stop = run::StopSignals::new()?;
     if a.ifaces.is_empty() {
         crate::user_bail!(
@@ -431,9 +433,6 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     let (trace_tx, trace_rx) = sync_channel::<Trace>(65536);
     let mut tracing = None;
     if let Some(stages) = a.stages {
-        if !stages.contains(Stage::DevQueue) {
-            crate::user_bail!("--stages: capture joins each packet's records at dev_queue; add dev_queue to the list");
-        }
         let trace_rings = tracer.take_rings()?;
         let readers = session::start_readers(trace_rings, Duration::from_millis(10))?;
         let spec = FilterSpec { stages, ..FilterSpec::default() };

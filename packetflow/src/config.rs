@@ -12,8 +12,6 @@ use std::{
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use packetflow_common::Stage;
-
 use crate::{error::user, filter::FilterSpec, loader::XdpChoice, stage_set::StageSet};
 
 /// Bounds (inclusive) of the numeric keys; dist/packetflow.toml names them too.
@@ -302,8 +300,10 @@ impl Config {
             Ok(s) => s,
             Err(e) => return bad("stages", &e.to_string()),
         };
-        if self.mode() == Mode::Full && !stages.contains(Stage::DevQueue) {
-            return bad("stages", "needs dev_queue in full mode: each packet's records are joined there");
+        if self.mode() == Mode::Full
+            && let Err(e) = stages.check_joinable()
+        {
+            return bad("stages", &e.to_string());
         }
         let filter = self.filter();
         filter.to_kernel(0).map_err(|e| {
@@ -360,9 +360,7 @@ impl Config {
             // Global stages change live (`Running::set_stages`); per-interface ones (XDP,
             // tcx) and full mode's (its trace files and traces) need a restart.
             let (a, b) = (StageSet::parse(&self.stages).ok(), StageSet::parse(&new.stages).ok());
-            let interfaces_same = a.zip(b).is_some_and(|(a, b)| {
-                [Stage::Xdp, Stage::TcEgress, Stage::TcIngress].iter().all(|s| a.contains(*s) == b.contains(*s))
-            });
+            let interfaces_same = a.zip(b).is_some_and(|(a, b)| a.per_interface() == b.per_interface());
             if self.mode() == Mode::Full || !interfaces_same {
                 v.push("stages");
             }

@@ -1224,7 +1224,7 @@ fn has_gap(cov: &Coverage, t: &Trace) -> bool {
     let (Some(lo), Some(hi)) = (pos.iter().min(), pos.iter().max()) else { return false };
     cov.global.iter().any(|s| {
         let p = s.kernel_pos();
-        *lo < p && p < *hi && !pos.contains(&p) && !matches!(s, Stage::Xdp | Stage::TcEgress | Stage::TcIngress)
+        *lo < p && p < *hi && !pos.contains(&p) && !s.is_per_interface()
     })
 }
 

@@ -1038,7 +1038,7 @@ impl Tracer {
     pub fn coverage(&self) -> crate::correlate::Coverage {
         let mut c = crate::correlate::Coverage::default();
         for (s, h) in &self.stages {
-            if h.state.is_ok() && !matches!(s, Stage::Xdp | Stage::TcEgress | Stage::TcIngress) {
+            if h.state.is_ok() && !s.is_per_interface() {
                 c.global.insert(*s);
             }
         }

@@ -174,10 +174,8 @@ pub fn counters_json(c: &[u64], overflow: u64) -> serde_json::Value {
 
 impl Running {
     pub async fn start(o: RunOptions) -> Result<Running> {
-        if !o.filter.no_records && !o.filter.stages.contains(Stage::DevQueue) {
-            crate::user_bail!(
-                "full tracing joins each packet's records at dev_queue: add dev_queue to --stages, or use summary mode"
-            );
+        if !o.filter.no_records {
+            o.filter.stages.check_joinable()?;
         }
         let dbg = std::env::var_os("PACKETFLOW_DEBUG_LOAD").is_some();
         let t0 = std::time::Instant::now();

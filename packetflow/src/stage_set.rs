@@ -85,6 +85,20 @@ impl StageSet {
         Stage::KERNEL_ORDER.into_iter().filter(move |s| self.contains(*s))
     }
 
+    /// Per-packet tracing (full mode, `capture --stages`) joins each packet's records at
+    /// `dev_queue` (docs/stages.md): a set without it cannot be traced that way.
+    pub fn check_joinable(self) -> Result<()> {
+        if !self.contains(Stage::DevQueue) {
+            user_bail!("per-packet tracing joins each packet's records at dev_queue: add dev_queue to the stages");
+        }
+        Ok(())
+    }
+
+    /// The per-interface stages it holds (XDP, tcx).
+    pub fn per_interface(self) -> StageSet {
+        StageSet(self.stages().filter(|s| s.is_per_interface()).fold(0, |m, s| m | 1 << s as u16))
+    }
+
     /// The last stage in kernel order: where summary mode adds a packet up.
     pub fn finish(self) -> Stage {
         self.stages().last().unwrap_or(Stage::RecvSyscall)
@@ -144,6 +158,15 @@ mod tests {
         assert!(s.needs(Stage::SockSend) && s.needs(Stage::CopyToUser) && !s.contains(Stage::SockSend));
         assert!(!s.needs(Stage::TransportRcv) && !s.needs(Stage::NicXmit));
         assert!(StageSet::parse("sock_queue").unwrap().needs(Stage::TransportRcv));
+    }
+
+    #[test]
+    fn joinable_and_per_interface() {
+        assert!(StageSet::parse("socket").unwrap().check_joinable().is_ok());
+        let e = StageSet::parse("sock_queue").unwrap().check_joinable().unwrap_err().to_string();
+        assert!(e.contains("add dev_queue"), "{e}");
+        assert_eq!(StageSet::ALL.per_interface(), StageSet::of(&[Stage::Xdp, Stage::TcEgress, Stage::TcIngress]));
+        assert_eq!(StageSet::parse("overview").unwrap().per_interface(), StageSet::of(&[]));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use packetflow_common::{Stage, counters};
 use crate::{
     filter::FilterSpec,
     netns::{self, TestHosts},
-    run::{self, RunOptions, Running},
+    run::{self, RunOptions, Running, StatsSampling},
     sys,
 };
 
@@ -103,6 +103,9 @@ enum Mode {
     /// before packetflow does any work (the floor under the other modes).
     Idle,
     Summary,
+    /// Summary mode with the kernel's run statistics on, as in `trace` and in the
+    /// daemon's sampling second (`cost_sample_secs`); the other modes have them off.
+    SummaryStats,
     Full,
     NoMatch,
     /// Not packetflow: the bpftrace script `Peer::SCRIPT`, a quick tracer's cost.
@@ -115,6 +118,7 @@ impl Mode {
             Mode::Off => "off",
             Mode::Idle => "hooks attached, programs idle",
             Mode::Summary => "summary",
+            Mode::SummaryStats => "summary, run statistics on",
             Mode::Full => "full",
             Mode::NoMatch => "full, filter matches nothing",
             Mode::Peer => "peer: bpftrace, 3 tracepoints, 2 intervals",
@@ -122,7 +126,9 @@ impl Mode {
     }
     fn filter(self, port: u16) -> FilterSpec {
         match self {
-            Mode::Summary => FilterSpec { ports: vec![port], summary: true, no_records: true, ..Default::default() },
+            Mode::Summary | Mode::SummaryStats => {
+                FilterSpec { ports: vec![port], summary: true, no_records: true, ..Default::default() }
+            }
             Mode::NoMatch => FilterSpec { ports: vec![port.wrapping_add(7)], ..Default::default() },
             _ => FilterSpec { ports: vec![port], ..Default::default() },
         }
@@ -260,9 +266,17 @@ tracepoint:net:netif_receive_skb /@x[args->skbaddr]/ {
     }
 }
 
+/// A tracer for `mode`, with the kernel's run statistics off unless the mode asks for
+/// them (they cost every program run two clock reads; the daemon samples them).
 async fn start_tracer(interfaces: Vec<(Option<PathBuf>, String)>, mode: Mode, port: u16) -> Result<Running> {
-    Running::start(RunOptions { filter: mode.filter(port), interfaces, idle: mode == Mode::Idle, ..Default::default() })
-        .await
+    Running::start(RunOptions {
+        filter: mode.filter(port),
+        interfaces,
+        idle: mode == Mode::Idle,
+        run_stats: if mode == Mode::SummaryStats { StatsSampling::Always } else { StatsSampling::Never },
+        ..Default::default()
+    })
+    .await
 }
 
 /// sockperf ping-pong p50/p99 per path, protocol and mode.
@@ -271,7 +285,7 @@ async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>)
     md.push_str(
         "| path | proto | mode | p50 µs | p99 µs | p50 overhead | p99 overhead |\n|---|---|---|---|---|---|---|\n",
     );
-    let modes = [Mode::Off, Mode::Peer, Mode::Idle, Mode::Summary, Mode::Full, Mode::NoMatch];
+    let modes = [Mode::Off, Mode::Peer, Mode::Idle, Mode::Summary, Mode::SummaryStats, Mode::Full, Mode::NoMatch];
     let mut port = 41000u16;
     for path in ["loopback", "nic"] {
         for tcp in [true, false] {
@@ -303,6 +317,9 @@ async fn latency(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<String>)
                     res.entry(m).or_default().push(run(log)?);
                 }
                 running.finish().await?;
+                let stats = start_tracer(ifaces.clone(), Mode::SummaryStats, port).await?;
+                res.entry(Mode::SummaryStats).or_default().push(run(log)?);
+                stats.finish().await?;
             }
             let off = res
                 .get(&Mode::Off)
@@ -468,11 +485,17 @@ async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()
 }
 
 /// Cost against the stages attached (`--stages`): sockperf TCP ping-pong on loopback per
-/// named stage set, in summary and full mode (one tracer per set and round; the filter
-/// switches the mode), with the kernel time of every packetflow program per one-way
-/// message (kernel.bpf_stats).
+/// named stage set and per single stage: idle (the set's hooks attached, programs
+/// returning at once: what attaching them costs), summary and full mode (one tracer per
+/// set and round; the filter switches the mode), with the kernel time of every
+/// packetflow program per one-way message (kernel.bpf_stats). Full mode needs dev_queue
+/// in the set (`StageSet::check_joinable`): a single stage without it has no full cell.
 async fn stage_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<()> {
-    const SETS: [&str; 5] = ["all", "receive", "send", "overview", "socket"];
+    let sets: Vec<String> = ["all", "overview", "receive", "send", "socket"]
+        .into_iter()
+        .map(String::from)
+        .chain(Stage::KERNEL_ORDER.iter().map(|s| s.name().to_string()))
+        .collect();
     let port = 45000u16;
     let _srv = sockperf_server(None, "127.0.0.1", port, true)?;
     let filter = |summary: bool, stages| FilterSpec {
@@ -484,28 +507,57 @@ async fn stage_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<(
     };
     let kernel_ns = |r: &Running| -> u64 { r.tracer.program_costs().unwrap_or_default().iter().map(|p| p.ns).sum() };
     let mut off = Vec::new();
-    // Per set and mode (summary, full): p50s, ns per one-way message; programs loaded.
-    let mut res: BTreeMap<(usize, bool), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
-    let mut programs = [0usize; SETS.len()];
+    // Per set and mode: p50s and ns per one-way message; programs that ran.
+    #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    enum M {
+        Idle,
+        Summary,
+        Full,
+    }
+    let mut res: BTreeMap<(usize, M), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut programs = vec![0usize; sets.len()];
+    let measure = |r: &Running, log: &mut Vec<String>| -> Result<(f64, f64)> {
+        let ns0 = kernel_ns(r);
+        let (p50, _, msgs) = ping_pong(None, "127.0.0.1", port, true, c.secs, log)?;
+        Ok((p50, (kernel_ns(r) - ns0) as f64 / msgs.max(1) as f64))
+    };
     for round in 0..c.rounds {
-        eprintln!("stages: round {}/{}", round + 1, c.rounds);
-        off.push(ping_pong(None, "127.0.0.1", port, true, c.secs, log)?.0);
-        for (i, name) in SETS.iter().enumerate() {
+        for (i, name) in sets.iter().enumerate() {
+            eprintln!("stages: round {}/{}: {name}", round + 1, c.rounds);
+            if i % 4 == 0 {
+                off.push(ping_pong(None, "127.0.0.1", port, true, c.secs, log)?.0);
+            }
             let set = crate::stage_set::StageSet::parse(name)?;
-            let mut running = Running::start(RunOptions {
-                filter: filter(true, set),
-                interfaces: vec![(None, "lo".into())],
-                ..Default::default()
-            })
-            .await?;
-            let mut modes = [true, false];
-            modes.rotate_left(round % 2);
-            for summary in modes {
-                running.tracer.set_filter(&filter(summary, set).to_kernel(std::process::id())?)?;
-                let ns0 = kernel_ns(&running);
-                let (p50, _, msgs) = ping_pong(None, "127.0.0.1", port, true, c.secs, log)?;
-                let per = (kernel_ns(&running) - ns0) as f64 / msgs.max(1) as f64;
-                let e = res.entry((i, summary)).or_default();
+            let start = |idle: bool| {
+                Running::start(RunOptions {
+                    filter: filter(true, set),
+                    interfaces: vec![(None, "lo".into())],
+                    idle,
+                    ..Default::default()
+                })
+            };
+            // A stage served only by hooks this kernel lacks (kprobes) cannot start.
+            let idle = match start(true).await {
+                Ok(r) => r,
+                Err(e) if i >= 5 => {
+                    eprintln!("stages: {name}: {e:#}");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let (p50, per) = measure(&idle, log)?;
+            let e = res.entry((i, M::Idle)).or_default();
+            e.0.push(p50);
+            e.1.push(per);
+            idle.finish().await?;
+            let mut running = start(false).await?;
+            let mut modes = if set.check_joinable().is_ok() { vec![M::Summary, M::Full] } else { vec![M::Summary] };
+            let n = modes.len();
+            modes.rotate_left(round % n);
+            for m in modes {
+                running.tracer.set_filter(&filter(m == M::Summary, set).to_kernel(std::process::id())?)?;
+                let (p50, per) = measure(&running, log)?;
+                let e = res.entry((i, m)).or_default();
                 e.0.push(p50);
                 e.1.push(per);
             }
@@ -516,17 +568,19 @@ async fn stage_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<(
     let off = median(off);
     md.push_str("\n## Cost against the stages attached (`--stages`; sockperf TCP ping-pong on loopback, 64 B)\n\n");
     md.push_str(
-        "Kernel ns per message: every packetflow program's run time (kernel.bpf_stats) over the run, per one-way\nmessage sockperf exchanged (requests and replies). Programs: those that ran.\n\n",
+        "Idle: the set's hooks attached, every program returning at once (what attaching them costs).\nKernel ns per message: every packetflow program's run time (kernel.bpf_stats) over the run, per one-way\nmessage sockperf exchanged (requests and replies). Programs: those that ran. Full tracing joins a packet's\nrecords at dev_queue, so a set without it has no full cells. The kernel's run statistics are on throughout\n(the kernel ns columns need them; they add two clock reads to every program run, which the latency table\nabove leaves out).\n\n",
     );
     let _ = writeln!(md, "Untraced p50: {off:.2} µs.\n");
-    md.push_str("| stages | programs | summary p50 overhead | summary kernel ns / message | full p50 overhead | full kernel ns / message |\n|---|---|---|---|---|---|\n");
-    for (i, name) in SETS.iter().enumerate() {
-        let cell = |summary: bool| {
-            let (p50s, per) = &res[&(i, summary)];
-            (format!("{:+.1}%", (median(p50s.clone()) / off - 1.0) * 100.0), format!("{:.0}", median(per.clone())))
+    md.push_str("| stages | programs | idle p50 overhead | summary p50 overhead | summary kernel ns / message | full p50 overhead | full kernel ns / message |\n|---|---|---|---|---|---|---|\n");
+    for (i, name) in sets.iter().enumerate() {
+        let cell = |m: M| match res.get(&(i, m)) {
+            Some((p50s, per)) => {
+                (format!("{:+.1}%", (median(p50s.clone()) / off - 1.0) * 100.0), format!("{:.0}", median(per.clone())))
+            }
+            None => ("–".to_string(), "–".to_string()),
         };
-        let ((so, sn), (fo, fne)) = (cell(true), cell(false));
-        let _ = writeln!(md, "| {name} | {} | {so} | {sn} | {fo} | {fne} |", programs[i]);
+        let ((io, _), (so, sn), (fo, fne)) = (cell(M::Idle), cell(M::Summary), cell(M::Full));
+        let _ = writeln!(md, "| {name} | {} | {io} | {so} | {sn} | {fo} | {fne} |", programs[i]);
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ pub const SAMPLE: (u64, u64) = (1, 1_000_000);
 pub const TIMEOUT_MS: (u64, u64) = (1, 600_000);
 /// Up to 10 minutes (no trace lasts longer than `timeout_ms` allows).
 pub const SLOW_US: (u64, u64) = (0, 600_000_000);
+pub const COST_SAMPLE_SECS: (u64, u64) = (0, 3600);
 /// 1 MiB to 64 GiB.
 pub const ROTATE_MB: (u64, u64) = (1, 65_536);
 /// 1 s to 30 days.
@@ -121,6 +122,10 @@ pub struct Config {
     /// Delete the oldest trace files when the directory holds more than this many MiB.
     /// Default 1024.
     pub max_total_mb: u64,
+    /// The tracer's own cost (status, /metrics) comes from the kernel's BPF run
+    /// statistics, which cost every program run two clock reads: they are on for one
+    /// second in every this many. 1: always on; 0: never (no cost figures). Default 10.
+    pub cost_sample_secs: u32,
 }
 
 impl Default for Config {
@@ -145,6 +150,7 @@ impl Default for Config {
             rotate_mb: 64,
             rotate_secs: 3600,
             max_total_mb: 1024,
+            cost_sample_secs: 10,
         }
     }
 }
@@ -271,6 +277,7 @@ impl Config {
             ("rotate_mb", self.rotate_mb, ROTATE_MB),
             ("rotate_secs", self.rotate_secs, ROTATE_SECS),
             ("max_total_mb", self.max_total_mb, MAX_TOTAL_MB),
+            ("cost_sample_secs", u64::from(self.cost_sample_secs), COST_SAMPLE_SECS),
         ] {
             if v < min {
                 return bad(key, &format!("must be at least {min}"));
@@ -367,6 +374,9 @@ impl Config {
         }
         if self.trace_dir != new.trace_dir {
             v.push("trace_dir");
+        }
+        if self.cost_sample_secs != new.cost_sample_secs {
+            v.push("cost_sample_secs");
         }
         if self.timeout_ms != new.timeout_ms {
             v.push("timeout_ms");

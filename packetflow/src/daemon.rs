@@ -121,6 +121,16 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         budget_mb: cfg.correlator_budget_mb as usize,
         more_sinks,
         ring_bytes,
+        // Turning the statistics back on needs CAP_SYS_ADMIN, which --user gives up.
+        run_stats: crate::run::StatsSampling::from_secs(match (&drop_to, cfg.cost_sample_secs) {
+            (Some(_), n) if n > 1 => {
+                log(format!(
+                    "cost_sample_secs = {n}: with --user the run statistics could not be turned back on, so they stay on"
+                ));
+                1
+            }
+            (_, n) => n,
+        }),
         ..Default::default()
     })
     .await?;
@@ -289,6 +299,7 @@ fn snapshot(running: &Running, files: &Files, reloads: (u64, u64), ring_bytes: u
         missed: running.tracer.recursion_misses(),
         programs: running.tracer.program_costs(),
         tracing_for: running.started.elapsed(),
+        stats_sampled: running.tracer.stats_sampled(),
         corr: *sh.corr.lock().expect("corr lock"),
         reader_overflow: sh.overflow_records.load(Ordering::Relaxed),
         reader_overflow_anchors: sh.overflow_anchors.load(Ordering::Relaxed),
@@ -344,10 +355,12 @@ fn render_status(s: &Snapshot, c: &Config, started: Instant) -> String {
             let ns: u64 = progs.iter().map(|p| p.ns).sum();
             out.push_str(&format!(
                 "
-tracing cost: {:.2}% of one CPU since start ({:.1} ms of kernel time)
+tracing cost: {:.2}% of one CPU since start ({:.1} ms of kernel time in {:.0} s of run statistics over {:.0} s: cost_sample_secs)
 ",
-                ns as f64 / s.tracing_for.as_nanos().max(1) as f64 * 100.0,
-                ns as f64 / 1e6
+                ns as f64 / s.stats_sampled.as_nanos().max(1) as f64 * 100.0,
+                ns as f64 / 1e6,
+                s.stats_sampled.as_secs_f64(),
+                s.tracing_for.as_secs_f64(),
             ));
             for p in progs {
                 out.push_str(&format!("  {:<20} {:>12} runs {:>8} ns/run\n", p.name, p.runs, p.ns / p.runs.max(1)));
@@ -355,7 +368,7 @@ tracing cost: {:.2}% of one CPU since start ({:.1} ms of kernel time)
         }
         None => out.push_str(
             "
-tracing cost: unknown (the kernel's BPF run statistics could not be turned on)
+tracing cost: unknown (the kernel's BPF run statistics are off: cost_sample_secs = 0, or could not be turned on)
 ",
         ),
     }

@@ -54,6 +54,9 @@ pub struct Snapshot {
     pub programs: Option<Vec<crate::loader::ProgramCost>>,
     /// Since the programs were attached.
     pub tracing_for: std::time::Duration,
+    /// Of that, how long the run statistics were on (`cost_sample_secs`): `programs`
+    /// counts runs and time in those windows only.
+    pub stats_sampled: std::time::Duration,
     pub corr: CorrStats,
     pub reader_overflow: u64,
     /// Of those, packet anchors (device-queue records).
@@ -241,7 +244,7 @@ impl Collector for Exporter {
             let mut m = metric(
                 &mut enc,
                 "packetflow_program_runs",
-                "Runs of each of the tracer's programs (the kernel's BPF run statistics, on while packetflow runs)",
+                "Runs of each of the tracer's programs while the kernel's BPF run statistics were on (packetflow_program_stats_seconds_total; the daemon samples them, cost_sample_secs)",
                 None,
                 MetricType::Counter,
             )?;
@@ -253,7 +256,7 @@ impl Collector for Exporter {
             let mut m = metric(
                 &mut enc,
                 "packetflow_program_run",
-                "Kernel time spent in each of the tracer's programs",
+                "Kernel time spent in each of the tracer's programs while the run statistics were on (share of one CPU: its rate over packetflow_program_stats_seconds_total's)",
                 Some(&Unit::Seconds),
                 MetricType::Counter,
             )?;
@@ -262,6 +265,13 @@ impl Collector for Exporter {
                 m.encode_family(&[("program", p.name.as_str()), ("stage", stage)])?
                     .encode_counter::<NoLabelSet, _, f64>(&(p.ns as f64 / 1e9), None)?;
             }
+            let mut m = enc.encode_descriptor(
+                "packetflow_program_stats",
+                "Time the kernel's BPF run statistics were on: the windows packetflow_program_runs_total and packetflow_program_run_seconds_total count in",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?;
+            m.encode_counter::<NoLabelSet, _, f64>(&s.stats_sampled.as_secs_f64(), None)?;
         }
         let mut m = metric(
             &mut enc,

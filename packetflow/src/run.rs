@@ -46,6 +46,31 @@ pub struct RunOptions {
     pub idle: bool,
     /// More sinks, made once the programs are attached (the daemon's trace files).
     pub more_sinks: Option<MoreSinks>,
+    /// When the kernel's run statistics are on (`loader::RunStats`).
+    pub run_stats: StatsSampling,
+}
+
+/// When the kernel's per-program run statistics are on: they cost every program run two
+/// clock reads (`loader::RunStats`), so a tracer left running samples them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatsSampling {
+    /// On for the whole run (trace, demo: their cost line is exact).
+    Always,
+    /// Never on: no cost figures.
+    Never,
+    /// On for the first second of every `every` seconds (the daemon).
+    Sampled { every: u32 },
+}
+
+impl StatsSampling {
+    /// The daemon's `cost_sample_secs`: 0 never, 1 always, N one second in N.
+    pub fn from_secs(n: u32) -> StatsSampling {
+        match n {
+            0 => StatsSampling::Never,
+            1 => StatsSampling::Always,
+            every => StatsSampling::Sampled { every },
+        }
+    }
 }
 
 pub type MoreSinks = Box<dyn FnOnce(&Tracer, &FilterSpec) -> Vec<Box<dyn Sink>> + Send>;
@@ -67,6 +92,7 @@ impl Default for RunOptions {
             ring_bytes: LoadOptions::default().ring_bytes,
             idle: false,
             more_sinks: None,
+            run_stats: StatsSampling::Always,
         }
     }
 }
@@ -84,6 +110,8 @@ pub struct Running {
     pub shared: Arc<Shared>,
     summary: bool,
     records: bool,
+    /// Turns the run statistics on and off (`StatsSampling::Sampled`).
+    sampler: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// What a finished run leaves.
@@ -106,38 +134,92 @@ pub struct Finished {
 /// What the tracer's programs cost the kernel over a run.
 #[derive(Clone, Debug)]
 pub struct Cost {
+    /// Kernel time and program runs while the run statistics were on (`sampled`).
     pub kernel_ns: u64,
     pub runs: u64,
     pub elapsed: std::time::Duration,
+    pub sampled: std::time::Duration,
 }
 
 impl Cost {
-    fn of(programs: &[crate::loader::ProgramCost], elapsed: std::time::Duration) -> Cost {
-        Cost { kernel_ns: programs.iter().map(|p| p.ns).sum(), runs: programs.iter().map(|p| p.runs).sum(), elapsed }
+    fn of(programs: &[crate::loader::ProgramCost], elapsed: std::time::Duration, sampled: std::time::Duration) -> Cost {
+        Cost {
+            kernel_ns: programs.iter().map(|p| p.ns).sum(),
+            runs: programs.iter().map(|p| p.runs).sum(),
+            elapsed,
+            sampled: sampled.min(elapsed),
+        }
     }
 
-    /// Share of one CPU, in percent.
+    /// Share of one CPU while measured, in percent.
     pub fn cpu_percent(&self) -> f64 {
-        self.kernel_ns as f64 / self.elapsed.as_nanos().max(1) as f64 * 100.0
+        self.kernel_ns as f64 / self.sampled.as_nanos().max(1) as f64 * 100.0
     }
+
+    /// Were the statistics on for only part of the run?
+    pub fn is_sampled(&self) -> bool {
+        self.sampled.as_secs_f64() < self.elapsed.as_secs_f64() * 0.99
+    }
+
+    /// The kernel time over the whole run: measured, or scaled up from the samples.
+    pub fn whole_run_ns(&self) -> u64 {
+        if self.is_sampled() {
+            (self.kernel_ns as f64 * self.elapsed.as_secs_f64() / self.sampled.as_secs_f64().max(1e-9)) as u64
+        } else {
+            self.kernel_ns
+        }
+    }
+}
+
+/// Starts the sampler `how` asks for (`StatsSampling`); the statistics are on now.
+fn start_sampling(tracer: &Tracer, how: StatsSampling) -> Option<tokio::task::JoinHandle<()>> {
+    let stats = tracer.run_stats();
+    stats.lock().expect("run stats lock").reset_clock();
+    let every = match how {
+        StatsSampling::Always => return None,
+        StatsSampling::Never => {
+            let mut s = stats.lock().expect("run stats lock");
+            s.set(false);
+            s.available = false;
+            return None;
+        }
+        StatsSampling::Sampled { every } => every,
+    };
+    // Weak: the switch goes with the tracer, even if `finish` is never called.
+    let stats = Arc::downgrade(&stats);
+    Some(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some(s) = stats.upgrade() else { return };
+            s.lock().expect("run stats lock").set(false);
+            drop(s);
+            tokio::time::sleep(Duration::from_secs(every as u64 - 1)).await;
+            let Some(s) = stats.upgrade() else { return };
+            s.lock().expect("run stats lock").set(true);
+        }
+    }))
 }
 
 /// "tracing cost: 940 ns of kernel time per traced packet, 3.1% of one CPU ...".
 pub fn cost_line(f: &Finished) -> String {
     let Some(c) = &f.cost else {
-        return "tracing cost: unknown (the kernel's BPF run statistics could not be turned on)".into();
+        return "tracing cost: unknown (the kernel's BPF run statistics are off, or could not be turned on)".into();
     };
     let packets: u64 = f.stats.paths.values().map(|p| p.traces).sum();
     let per = match packets {
         0 => "no packet traced".to_string(),
-        n => format!("{} ns of kernel time per traced packet", c.kernel_ns / n),
+        n => format!("{} ns of kernel time per traced packet", c.whole_run_ns() / n),
+    };
+    let over = if c.is_sampled() {
+        format!("in {:.1} s of run statistics sampled over {:.1} s", c.sampled.as_secs_f64(), c.elapsed.as_secs_f64())
+    } else {
+        format!("in {:.1} s", c.elapsed.as_secs_f64())
     };
     format!(
-        "tracing cost: {per}, {:.1}% of one CPU ({} program runs, {:.1} ms of kernel time in {:.1} s)",
+        "tracing cost: {per}, {:.1}% of one CPU ({} program runs, {:.1} ms of kernel time {over})",
         c.cpu_percent(),
         c.runs,
         c.kernel_ns as f64 / 1e6,
-        c.elapsed.as_secs_f64()
     )
 }
 
@@ -224,7 +306,9 @@ impl Running {
         }
         let corr = readers.start_correlator(tracer.coverage(), o.timeout, o.budget_mb, o.count, sinks);
         let shared = readers.shared.clone();
+        let sampler = start_sampling(&tracer, o.run_stats);
         Ok(Running {
+            sampler,
             tracer,
             started: std::time::Instant::now(),
             any_in: o.any_in,
@@ -295,10 +379,24 @@ impl Running {
     /// Detaches every program, drains the rings, finishes every trace and writes the
     /// summary to the sinks.
     pub async fn finish(self) -> Result<Finished> {
-        let Running { mut tracer, readers, corr, shared, summary, records, started, any_in: _, xdp: _, tried: _ } =
-            self;
+        let Running {
+            mut tracer,
+            readers,
+            corr,
+            shared,
+            summary,
+            records,
+            started,
+            sampler,
+            any_in: _,
+            xdp: _,
+            tried: _,
+        } = self;
+        if let Some(s) = sampler {
+            s.abort();
+        }
         let missed = tracer.recursion_misses();
-        let cost = tracer.program_costs().map(|p| Cost::of(&p, started.elapsed()));
+        let cost = tracer.program_costs().map(|p| Cost::of(&p, started.elapsed(), tracer.stats_sampled()));
         tracer.detach_all();
         let (_corr, mut sinks) = readers.stop(corr).await.context("stopping the pipeline")?;
         let counters = tracer.counters().unwrap_or_default();

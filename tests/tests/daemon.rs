@@ -273,6 +273,47 @@ fn metrics_cover_every_stage_of_both_paths_and_match_the_traffic() {
     drop(d);
 }
 
+/// The daemon samples the kernel's run statistics (`cost_sample_secs`): on for one second
+/// in every N, and /metrics and status say how long they were on; the sysctl is as it
+/// was once the daemon is gone.
+#[test]
+fn the_daemon_samples_its_own_cost() {
+    require_root();
+    let sysctl = || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default();
+    let before = sysctl();
+    let port = unique_port();
+    let metrics = free_port();
+    let (cfg, socket) = config("daemon-cost", metrics, &format!("ports = [{port}]\ncost_sample_secs = 2\n"));
+    let d = Daemon::start(&cfg, metrics, &[]);
+    let _srv = serve(None, "127.0.0.1", port, false);
+    // Traffic for about 5 s: windows on at 0-1 s, 2-3 s and 4-5 s.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        client(None, "127.0.0.1", port, 50, 64, false);
+    }
+    std::thread::sleep(Duration::from_millis(1200)); // the metrics snapshot is once a second
+    let m = d.scrape();
+    let sampled = value(&m, "packetflow_program_stats_seconds_total").expect("packetflow_program_stats_seconds_total");
+    let runs: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("packetflow_program_runs_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let secs: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("packetflow_program_run_seconds_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let up = t0.elapsed().as_secs_f64();
+    assert!(sampled >= 2.0 && sampled <= up * 0.75, "statistics on {sampled} s of about {up} s");
+    assert!(runs > 0.0 && secs > 0.0, "program runs {runs}, kernel time {secs} s");
+    let st = packetflow(&["status", "--socket", socket.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(text.contains("s of run statistics over"), "{text}");
+    drop(d);
+    assert_eq!(sysctl(), before, "kernel.bpf_stats_enabled as it was");
+}
+
 #[test]
 fn sigterm_and_sigkill_leave_nothing_attached() {
     require_root();

@@ -266,12 +266,14 @@ fn reload(a: &DaemonArgs, old: &Config, running: &mut Running, files: &Files) ->
         }
     }
     let filter = new.filter();
-    if new.stages != old.stages {
+    let kf = filter.to_kernel(std::process::id())?;
+    // A protocol's own hooks follow `proto` (`loader::Group::wanted`).
+    if new.stages != old.stages || kf.protos != running.tracer.protos {
+        running.tracer.protos = kf.protos;
         for line in running.set_stages(filter.stages) {
             log(format!("stages {}: {line}", filter.stages.describe()));
         }
     }
-    let kf = filter.to_kernel(std::process::id())?;
     running.tracer.set_filter(&kf).context("writing the new filter")?;
     if let Some((settings, _)) = files.lock().expect("files lock").as_ref() {
         let mut s = settings.lock().expect("settings lock");

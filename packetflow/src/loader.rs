@@ -39,7 +39,11 @@ use aya::{
     },
 };
 use packetflow_common::{
-    Filter, Offsets, RING_SHARDS, Stage, capture::CaptureConfig, counters::NUM_COUNTERS, summary::HIST_BUCKETS,
+    Filter, Offsets, RING_SHARDS, Stage,
+    capture::CaptureConfig,
+    config::{PROTO_TCP, PROTO_UDP},
+    counters::NUM_COUNTERS,
+    summary::HIST_BUCKETS,
 };
 
 use crate::{btf::Btf, error::user, stage_set::StageSet, sys};
@@ -163,7 +167,18 @@ impl Group {
         Group::RecvSyscalls,
     ];
 
-    fn wanted(self, a: StageSet) -> bool {
+    /// Does stage set `a`, tracing protocols `protos` (`PROTO_*`), need this group? A
+    /// protocol's own hooks (TCP's or UDP's) run for every packet of the other one too, so
+    /// `--proto` leaves them off (three programs fewer per TCP message).
+    fn wanted(self, a: StageSet, protos: u32) -> bool {
+        let proto = match self {
+            Group::TcpSend | Group::TcpRcv | Group::TcpCopy => PROTO_TCP,
+            Group::UdpSend | Group::UdpRcv | Group::UdpCopy => PROTO_UDP,
+            _ => PROTO_TCP | PROTO_UDP,
+        };
+        if protos & proto == 0 {
+            return false;
+        }
         match self {
             Group::SendSyscalls => a.contains(Stage::SendSyscall),
             Group::TcpSend | Group::UdpSend => a.needs(Stage::SockSend),
@@ -302,6 +317,9 @@ pub struct Tracer {
     /// no entry.
     pub stages: BTreeMap<Stage, StageHook>,
     pub asked: StageSet,
+    /// The protocols the filter traces (`PROTO_*` bits, from the last `set_filter`): a
+    /// hook only one protocol uses is attached only when that one is traced.
+    pub protos: u32,
     pub interfaces: Vec<Attached>,
     /// Shards some CPU writes to.
     pub used_shards: Vec<usize>,
@@ -504,6 +522,7 @@ impl Tracer {
             offsets,
             stages: BTreeMap::new(),
             asked: StageSet::ALL,
+            protos: PROTO_TCP | PROTO_UDP,
             interfaces: Vec::new(),
             used_shards: used,
             links: 0,
@@ -517,10 +536,12 @@ impl Tracer {
     }
 
     /// Writes the in-kernel filter (`enabled` is set here).
+    /// Global hooks follow its protocols at the next `set_stages`.
     pub fn set_filter(&mut self, f: &Filter) -> Result<()> {
         let mut f = *f;
         f.enabled = 1;
         self.filter.set(0, f, 0)?;
+        self.protos = f.protos;
         Ok(())
     }
 
@@ -748,7 +769,8 @@ impl Tracer {
         let mut lines = Vec::new();
         for g in Group::ALL {
             let working = self.groups.get(&g).map(|a| a.state.is_ok());
-            if working == Some(true) && g.wanted(asked) || working.is_none() && !g.wanted(asked) {
+            let wanted = g.wanted(asked, self.protos);
+            if working == Some(true) && wanted || working.is_none() && !wanted {
                 continue;
             }
             // Wanted and failed before (tried again), or no longer wanted: take it away.
@@ -757,7 +779,7 @@ impl Tracer {
                     self.unload(p);
                 }
                 self.links -= a.links;
-                if !g.wanted(asked) {
+                if !wanted {
                     lines.push(format!("detached {}", a.hook));
                     continue;
                 }
@@ -833,8 +855,15 @@ impl Tracer {
                 None => ("not asked for".into(), Err("not asked for (--stages)".into())),
             }
         };
-        // One stage served by a TCP hook and a UDP hook.
+        // One stage served by a TCP hook and a UDP hook (or by one, `--proto`).
+        let protos = self.protos;
         let both = |t: (String, Result<(), String>), u: (String, Result<(), String>)| {
+            if protos & PROTO_UDP == 0 {
+                return (format!("{} (TCP)", t.0), t.1);
+            }
+            if protos & PROTO_TCP == 0 {
+                return (format!("{} (UDP)", u.0), u.1);
+            }
             let hook = format!("{} (TCP), {} (UDP)", t.0, u.0);
             let state = match (&t.1, &u.1) {
                 (Ok(()), Ok(())) => Ok(()),

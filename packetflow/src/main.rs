@@ -94,6 +94,7 @@ enum Cmd {
         /// Only this process (at the process-context stages).
         #[arg(long)]
         pid: Option<u32>,
+        /// Only this protocol; the other one's own hooks are not attached (cheaper)
         #[arg(long, value_enum)]
         proto: Option<ProtoArg>,
         /// Network namespace (e.g. /run/netns/NAME) whose interfaces -i names.
@@ -194,6 +195,7 @@ enum Cmd {
         hosts: Vec<IpAddr>,
         #[arg(long)]
         pid: Option<u32>,
+        /// Only this protocol; the other one's own hooks are not attached (cheaper)
         #[arg(long, value_enum)]
         proto: Option<ProtoArg>,
         #[arg(long, value_name = "N")]

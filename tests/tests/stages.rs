@@ -162,3 +162,32 @@ fn bad_stage_lists_are_one_sentence_and_exit_2() {
         assert!(err.contains(says) && err.trim().lines().count() == 1, "{args:?}: {err}");
     }
 }
+
+/// `--proto tcp`: UDP's own hooks (cgroup egress and ingress, sock_recv_length) are not
+/// attached, and TCP traces keep every stage.
+#[test]
+fn proto_tcp_leaves_udps_own_hooks_off() {
+    require_root();
+    let port = unique_port();
+    let json = tmp("stages-proto.ndjson");
+    let mut t = start_trace(&["--port", &port.to_string(), "--proto", "tcp", "--duration", "6"], &json);
+    check_programs(
+        t.0.id(),
+        &["pf_tcp_sendmsg", "pf_dev_queue", "pf_tcp_probe", "pf_sk_data_ready", "pf_copy_to_user"],
+        &["pf_cg_egress", "pf_cg_egress_nopid", "pf_cg_ingress", "pf_sock_recv"],
+    );
+    let _srv = serve(None, "127.0.0.1", port, false);
+    client(None, "127.0.0.1", port, 50, 18, false);
+    assert!(t.wait(Duration::from_secs(20)).expect("trace ends at --duration").success());
+    let lines = read_ndjson(&json);
+    let ts = traces(&lines);
+    assert!(ts.len() >= 100, "50 exchanges, both directions: {} traces", ts.len());
+    let complete = ts.iter().filter(|t| t["complete"] == true).count();
+    assert!(complete * 10 >= ts.len() * 9, "{complete} of {} traces complete", ts.len());
+    for t in ts.iter().filter(|t| t["complete"] == true) {
+        let names = stage_names(t);
+        for s in ["send_syscall", "sock_send", "transport_rcv", "sock_queue", "copy_to_user", "recv_syscall"] {
+            assert!(names.iter().any(|n| n == s), "{s} missing: {t}");
+        }
+    }
+}

@@ -349,8 +349,8 @@ pub struct Tracer {
 #[derive(Debug)]
 pub struct RunStats {
     fd: Option<std::os::fd::OwnedFd>,
-    /// They could be turned on (root).
-    pub available: bool,
+    /// They can be turned on (root, and not `disable`d).
+    available: bool,
     done: std::time::Duration,
     since: Option<std::time::Instant>,
 }
@@ -382,6 +382,16 @@ impl RunStats {
             self.fd = None;
             self.done += self.since.take().map_or(std::time::Duration::ZERO, |s| s.elapsed());
         }
+    }
+
+    /// Off for good: no cost figures (`program_costs` is None).
+    pub fn disable(&mut self) {
+        self.set(false);
+        self.available = false;
+    }
+
+    pub fn available(&self) -> bool {
+        self.available
     }
 
     /// Counts time from now (when the programs are attached).
@@ -1106,7 +1116,7 @@ impl Tracer {
     /// Every loaded program's runs and kernel time while the run statistics were on
     /// (`stats_sampled`) since the tracer started (None when they could not be turned on).
     pub fn program_costs(&self) -> Option<Vec<ProgramCost>> {
-        if !self.run_stats.lock().expect("run stats lock").available {
+        if !self.run_stats.lock().expect("run stats lock").available() {
             return None;
         }
         let ebpf = self.ebpf.as_ref()?;

@@ -265,7 +265,8 @@ impl Collector for Exporter {
                 m.encode_family(&[("program", p.name.as_str()), ("stage", stage)])?
                     .encode_counter::<NoLabelSet, _, f64>(&(p.ns as f64 / 1e9), None)?;
             }
-            let mut m = enc.encode_descriptor(
+            let mut m = metric(
+                &mut enc,
                 "packetflow_program_stats",
                 "Time the kernel's BPF run statistics were on: the windows packetflow_program_runs_total and packetflow_program_run_seconds_total count in",
                 Some(&Unit::Seconds),

@@ -178,9 +178,7 @@ fn start_sampling(tracer: &Tracer, how: StatsSampling) -> Option<tokio::task::Jo
     let every = match how {
         StatsSampling::Always => return None,
         StatsSampling::Never => {
-            let mut s = stats.lock().expect("run stats lock");
-            s.set(false);
-            s.available = false;
+            stats.lock().expect("run stats lock").disable();
             return None;
         }
         StatsSampling::Sampled { every } => every,

@@ -13,14 +13,7 @@ use packetflow_common::{
 /// What one record takes in a ring: the record and the ring's 8-byte header.
 const RECORD_BYTES: u64 = core::mem::size_of::<Event>() as u64 + 8;
 
-use crate::maps::{COUNTERS, WAKEUP_BYTES, filter, ring};
-
-#[inline(always)]
-pub fn count(idx: u32) {
-    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
-        unsafe { *p += 1 };
-    }
-}
+use crate::maps::{COUNTERS, WAKEUP_BYTES, count, filter, ring};
 
 #[inline(always)]
 pub fn now() -> u64 {

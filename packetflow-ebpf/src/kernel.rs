@@ -9,8 +9,7 @@ use packetflow_common::{
 };
 
 use crate::{
-    emit::count,
-    maps::off,
+    maps::{count, off},
     parse::{IPPROTO_TCP, IPPROTO_UDP, Source, Unparsed, parse_l3},
 };
 

@@ -38,6 +38,16 @@ pub static FILTER: Array<Filter> = Array::with_max_entries(1, 0);
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS, 0);
 
+/// Adds one to this CPU's counter `idx` (`packetflow_common::counters`).
+#[inline(always)]
+pub fn count(idx: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: a per-CPU slot, written only by this CPU with preemption off (BPF
+        // programs do not migrate), so no other writer races this add.
+        unsafe { *p += 1 };
+    }
+}
+
 #[map]
 pub static SEND_SLOT: PerCpuArray<SendSlot> = PerCpuArray::with_max_entries(1, 0);
 

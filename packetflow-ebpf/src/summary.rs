@@ -24,7 +24,7 @@ use packetflow_common::{
     summary::{E2E_SLOT, HIST_BUCKETS, HIST_SLOTS, PATH_LOOPBACK, PKT_SLOTS, PktKey, PktSlot, SLOTS_PER_PATH, bucket},
 };
 
-use crate::emit::count;
+use crate::maps::count;
 
 #[map]
 static PKT_STATE: Array<PktSlot> = Array::with_max_entries(PKT_SLOTS, 0);

@@ -33,8 +33,8 @@ use packetflow_common::{
 
 use super::packet::{direct, xdp_read};
 use crate::{
-    emit::{count, now, wake_after},
-    maps::{CAP_WAKEUP_BYTES, cap_ring},
+    emit::{now, wake_after},
+    maps::{CAP_WAKEUP_BYTES, cap_ring, count},
 };
 
 #[map]

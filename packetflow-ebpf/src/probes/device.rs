@@ -11,10 +11,10 @@ use packetflow_common::{
 };
 
 use crate::{
-    emit::{count, emit, now},
+    emit::{emit, now},
     filter::{flow_matches, iface_matches, kind_wanted},
     kernel::{Kmem, L3At, Typed, Untyped, device_info, parse_skb, read},
-    maps::{filter, idle, off},
+    maps::{count, filter, idle, off},
     parse::Unparsed,
 };
 

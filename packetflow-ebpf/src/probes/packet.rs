@@ -15,9 +15,9 @@ use packetflow_common::{
 };
 
 use crate::{
-    emit::{count, emit, now},
+    emit::{emit, now},
     filter::{flow_matches, iface_matches, kind_wanted},
-    maps::{filter, idle},
+    maps::{count, filter, idle},
     parse::{ETH_P_IP, ETH_P_IPV6, Source, Unparsed, l2_skip, parse_l3},
 };
 

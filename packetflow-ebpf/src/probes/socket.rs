@@ -20,10 +20,10 @@ use packetflow_common::{
 
 use super::{current, packet::SkbCtxSource as CtxSource};
 use crate::{
-    emit::{count, emit, now},
+    emit::{emit, now},
     filter::{flow_matches, kind_wanted, process_wanted},
     kernel::{Kmem, L3At, Typed, Untyped, parse_skb, read, sock_flow_of, sock_local_port, sock_protocol, user_ptr},
-    maps::{RECV_SLOT, SEND_SLOT, UDP_RX_SLOT, filter, idle, off, send_slot_of},
+    maps::{RECV_SLOT, SEND_SLOT, UDP_RX_SLOT, count, filter, idle, off, send_slot_of},
     parse::{IPPROTO_TCP, IPPROTO_UDP, parse_l3},
 };
 

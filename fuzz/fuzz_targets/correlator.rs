@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use packetflow::correlate::{Correlator, Coverage};
+use packetflow::pipeline::correlate::{Correlator, Coverage};
 use packetflow_common::{Event, NUM_STAGES, Stage};
 
 /// Reads the fuzzer's bytes as small numbers; zeros once they run out.

@@ -9,6 +9,6 @@ fuzz_target!(|data: &[u8]| {
         Some((l, f)) => (u32::from_le_bytes(*l), f),
         None => (data.len() as u32, data),
     };
-    let line = packetflow::decode::summary(frame, len);
+    let line = packetflow::capture::decode::summary(frame, len);
     assert!(!line.is_empty() && !line.contains('\n'), "{line:?}");
 });

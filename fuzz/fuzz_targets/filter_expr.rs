@@ -5,6 +5,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(s) = std::str::from_utf8(data) {
-        let _ = packetflow::expr::compile(s, 65535);
+        let _ = packetflow::capture::expr::compile(s, 65535);
     }
 });

@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use packetflow::pcapng::Writer;
+use packetflow::format::pcapng::Writer;
 
 struct Bytes<'a>(&'a [u8]);
 

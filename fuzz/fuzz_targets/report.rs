@@ -6,12 +6,15 @@ use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
 use packetflow::{
-    charts::{self, Gathered},
-    chrome::ChromeTrace,
-    recording::{Line, Reader},
-    report,
-    session::Sink,
-    stats, trace,
+    format::{
+        chrome::ChromeTrace,
+        recording::{Line, Reader},
+    },
+    pipeline::session::Sink,
+    report::{
+        self,
+        charts::{self, Gathered},
+    },
 };
 use packetflow_common::Stage;
 
@@ -38,8 +41,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     chrome.finish(&serde_json::Value::Null);
-    let _ = stats::side_by_side(&g.stats);
-    let _ = trace::tables(&g.stats, &lost);
+    let _ = report::tables::side_by_side(&g.stats);
+    let _ = report::tables::tables(&g.stats, &lost);
     let _ = report::compare(&g.stats, &g.stats);
     let _ = charts::all(&g);
     let _ = charts::html(&g, "fuzz", "");

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use packetflow::recording::Reader;
+use packetflow::format::recording::Reader;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(mut r) = Reader::new(data, "fuzz") {

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-pub use packetflow::netns::{self, TestHosts};
+pub use packetflow::platform::testhosts::{self, TestHosts};
 use serde_json::Value;
 
 /// The `packetflow` binary: `$PACKETFLOW_BIN` (set by `cargo xtask test`), else the one
@@ -136,7 +136,7 @@ pub fn start_trace(args: &[&str], json: &std::path::Path) -> Proc {
 pub fn serve(ns: Option<&std::path::Path>, bind: &str, port: u16, udp: bool) -> Proc {
     use std::io::{BufRead, BufReader};
     let mut cmd = match ns {
-        Some(p) => netns::netns_command(p, bin()),
+        Some(p) => testhosts::netns_command(p, bin()),
         None => Command::new(bin()),
     };
     cmd.args(["serve", "--port", &port.to_string(), "--bind", bind]);
@@ -155,7 +155,7 @@ pub fn serve(ns: Option<&std::path::Path>, bind: &str, port: u16, udp: bool) -> 
 /// Runs the seed client to completion (inside `ns` when given); returns its stdout.
 pub fn client(ns: Option<&std::path::Path>, addr: &str, port: u16, count: u64, size: usize, udp: bool) -> String {
     let mut cmd = match ns {
-        Some(p) => netns::netns_command(p, bin()),
+        Some(p) => testhosts::netns_command(p, bin()),
         None => Command::new(bin()),
     };
     cmd.args(["client", addr, "--port", &port.to_string(), "--count", &count.to_string(), "--size", &size.to_string()]);

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use packetflow::sys::in_netns;
+use packetflow::platform::netns::in_netns;
 use packetflow_tests::*;
 use sha2::{Digest, Sha256};
 
@@ -29,7 +29,7 @@ fn fifty_megabytes_over_veth_traced_without_loss_or_change() {
 
     let data = pattern(BYTES, 7);
     let sent_hash = Sha256::digest(&data);
-    let listener = in_netns(Some(&h.path_b()), || Ok(TcpListener::bind((netns::ADDR_B, port))?)).expect("listen");
+    let listener = in_netns(Some(&h.path_b()), || Ok(TcpListener::bind((testhosts::ADDR_B, port))?)).expect("listen");
     let receiver = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().expect("accept");
         s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
@@ -46,7 +46,7 @@ fn fifty_megabytes_over_veth_traced_without_loss_or_change() {
         }
         (n, hasher.finalize())
     });
-    let stream = in_netns(Some(&h.path_a()), || Ok(TcpStream::connect((netns::ADDR_B, port))?)).expect("connect");
+    let stream = in_netns(Some(&h.path_a()), || Ok(TcpStream::connect((testhosts::ADDR_B, port))?)).expect("connect");
     let mut stream = stream;
     for chunk in data.chunks(64 << 10) {
         stream.write_all(chunk).expect("write");

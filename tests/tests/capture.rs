@@ -123,7 +123,7 @@ impl Pf {
 /// tcpdump on `iface` (inside `ns` when given), one direction, unfiltered, into `file`.
 fn start_tcpdump(ns: Option<&Path>, iface: &str, dir: &str, file: &Path) -> Proc {
     let mut c = match ns {
-        Some(p) => netns::netns_command(p, "tcpdump"),
+        Some(p) => testhosts::netns_command(p, "tcpdump"),
         None => Command::new("tcpdump"),
     };
     let mut c = c
@@ -158,13 +158,14 @@ fn stop_tcpdump(mut p: Proc) {
 /// Mixed traffic between the test hosts: TCP and UDP seed exchanges over IPv4 and IPv6,
 /// pings both ways. Bounded: a few dozen packets.
 fn mixed_traffic(h: &TestHosts, port: u16) {
-    for (addr, udp) in [(netns::ADDR_B, false), (netns::ADDR_B, true), (netns::ADDR6_B, false), (netns::ADDR6_B, true)]
+    for (addr, udp) in
+        [(testhosts::ADDR_B, false), (testhosts::ADDR_B, true), (testhosts::ADDR6_B, false), (testhosts::ADDR6_B, true)]
     {
         let bind = if addr.contains(':') { "::" } else { "0.0.0.0" };
         let _srv = serve(Some(&h.path_b()), bind, port, udp);
         client(Some(&h.path_a()), addr, port, 3, 100, udp);
     }
-    for target in [netns::ADDR_B, netns::ADDR6_B] {
+    for target in [testhosts::ADDR_B, testhosts::ADDR6_B] {
         let _ = h.command(&h.ns_a, "ping").args(["-c", "2", "-i", "0.2", "-W", "1", target]).output();
     }
 }
@@ -260,9 +261,9 @@ fn each_filter_primitive_selects_what_tcpdump_selects() {
     let hi_port = (port + 5).to_string();
     let range = format!("{lo_port}-{hi_port}");
     let expressions: Vec<Vec<&str>> = vec![
-        vec!["host", netns::ADDR_A],
-        vec!["src", "host", netns::ADDR_B],
-        vec!["dst", "host", netns::ADDR6_B],
+        vec!["host", testhosts::ADDR_A],
+        vec!["src", "host", testhosts::ADDR_B],
+        vec!["dst", "host", testhosts::ADDR6_B],
         vec!["net", "198.18.0.0/24"],
         vec!["net", "fd00::/64"],
         vec!["port", &p],
@@ -277,9 +278,9 @@ fn each_filter_primitive_selects_what_tcpdump_selects() {
         vec!["tcp", "and", "dst", "port", &p],
         vec!["udp", "or", "icmp"],
         vec!["not", "tcp"],
-        vec!["host", netns::ADDR_B, "and", "(", "tcp", "or", "icmp", ")"],
+        vec!["host", testhosts::ADDR_B, "and", "(", "tcp", "or", "icmp", ")"],
         vec!["!udp", "&&", "!icmp6"],
-        vec!["host", netns::ADDR_A, "or", netns::ADDR6_A],
+        vec!["host", testhosts::ADDR_A, "or", testhosts::ADDR6_A],
     ];
     for expr in expressions {
         let text = expr.join(" ");
@@ -349,10 +350,10 @@ fn malformed_frames_are_captured_as_they_are_and_passed_on() {
     ];
     let sent = frames.clone();
     let ifname = h.veth_a.clone();
-    packetflow::sys::in_netns(Some(&h.path_a()), move || {
+    packetflow::platform::netns::in_netns(Some(&h.path_a()), move || {
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32) };
         assert!(fd >= 0, "raw socket");
-        let ifindex = packetflow::sys::ifindex(&ifname).expect("veth");
+        let ifindex = packetflow::platform::interfaces::ifindex(&ifname).expect("veth");
         for f in &sent {
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             sll.sll_family = libc::AF_PACKET as u16;

@@ -218,10 +218,10 @@ fn metrics_cover_every_stage_of_both_paths_and_match_the_traffic() {
     assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o600, "control socket is root-only");
 
     let _lo = serve(None, "127.0.0.1", port, false);
-    let _nic = serve(Some(&h.path_b()), netns::ADDR_B, port, false);
+    let _nic = serve(Some(&h.path_b()), testhosts::ADDR_B, port, false);
     let n = 200u64;
     client(None, "127.0.0.1", port, n, 64, false);
-    client(Some(&h.path_a()), netns::ADDR_B, port, n, 64, false);
+    client(Some(&h.path_a()), testhosts::ADDR_B, port, n, 64, false);
     // Each exchange is two data packets (request and answer).
     let m = d.wait_metric("packetflow_packets_traced_total{path=\"nic\"}", (2 * n) as f64);
     let m = if value(&m, "packetflow_packets_traced_total{path=\"loopback\"}") < Some((2 * n) as f64) {
@@ -480,7 +480,7 @@ fn user_option_drops_every_capability_and_keeps_working() {
     d.signal(libc::SIGTERM);
     assert_eq!(d.proc.wait(Duration::from_secs(5)).and_then(|s| s.code()), Some(0), "{:?}", d.lines());
     assert!(d.logged("configuration reloaded"), "{:?}", d.lines());
-    let files = packetflow::trace_files::list(&dir);
+    let files = packetflow::format::trace_files::list(&dir);
     let traces: usize = files.iter().map(|(p, _)| traces(&read_ndjson(p)).len()).sum();
     assert_eq!(traces, 40, "{files:?}");
     // Each file is a recording `packetflow report` reads.
@@ -610,7 +610,7 @@ fn flood_keeps_memory_bounded_and_metrics_served() {
     };
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.join().unwrap();
-    let on_disk: u64 = packetflow::trace_files::list(&dir).iter().map(|(_, n)| n).sum();
+    let on_disk: u64 = packetflow::format::trace_files::list(&dir).iter().map(|(_, n)| n).sum();
     println!(
         "flood metrics at the end:\n{}",
         m.lines().filter(|l| !l.starts_with('#') && !l.contains("_bucket")).collect::<Vec<_>>().join("\n")
@@ -789,9 +789,9 @@ fn force_detaches_the_holders_xdp_only_from_the_named_interface() {
     let h = TestHosts::new("pfdo").expect("test hosts");
     // A second interface beside veth_b in the same namespace (a veth pair of its own).
     let (c, d) = (format!("{}c", h.veth_b), format!("{}d", h.veth_b));
-    netns::ip(&["-n", &h.ns_b, "link", "add", &c, "type", "veth", "peer", "name", &d]).unwrap();
+    testhosts::ip(&["-n", &h.ns_b, "link", "add", &c, "type", "veth", "peer", "name", &d]).unwrap();
     for dev in [&c, &d] {
-        netns::ip(&["-n", &h.ns_b, "link", "set", dev, "up"]).unwrap();
+        testhosts::ip(&["-n", &h.ns_b, "link", "set", dev, "up"]).unwrap();
     }
     let json = tmp("daemon-force-holder.json");
     let (spec_b, spec_c) = (format!("{}@{}", h.veth_b, h.ns_b), format!("{c}@{}", h.ns_b));
@@ -952,7 +952,7 @@ fn a_full_trace_disk_is_counted_and_the_daemon_keeps_running() {
     assert!((1.0..=3.0).contains(&errors), "{errors} write errors: one per pause, not one per line");
     assert!(dropped >= 1000.0, "lines not written are counted: {dropped}");
     // Honest: the files hold exactly the lines counted as written (whole lines only).
-    let files = packetflow::trace_files::list(&disk.0);
+    let files = packetflow::format::trace_files::list(&disk.0);
     assert!(files.len() <= 2, "no file per line: {files:?}");
     let on_disk: usize = files.iter().map(|(p, _)| traces(&read_ndjson(p)).len()).sum();
     assert_eq!(on_disk as f64, written, "trace lines on disk vs packetflow_trace_lines_written_total");

@@ -14,14 +14,14 @@ fn hosts_talk_over_veth_and_vanish_on_drop_even_after_a_panic() {
         let h = TestHosts::new("pftest").expect("create test hosts");
         assert!(exists(&h.ns_a) && exists(&h.ns_b));
         assert_ne!(h.ns_a, h.ns_b);
-        for target in [netns::ADDR_B, netns::ADDR6_B] {
+        for target in [testhosts::ADDR_B, testhosts::ADDR6_B] {
             // Without ping (cargo xtask setup installs it) this check would not be made: fail.
             let o = h.command(&h.ns_a, "ping").args(["-c", "1", "-W", "2", target]).output().expect("running ping");
             assert!(o.status.success(), "ping {target}: {}", String::from_utf8_lossy(&o.stdout));
         }
         let port = unique_port();
         let _srv = serve(Some(&h.path_b()), "0.0.0.0", port, false);
-        let out = client(Some(&h.path_a()), netns::ADDR_B, port, 3, 64, false);
+        let out = client(Some(&h.path_a()), testhosts::ADDR_B, port, 3, 64, false);
         assert!(out.contains("Server response"), "{out}");
         (h.ns_a.clone(), h.ns_b.clone())
     };

@@ -88,7 +88,7 @@ fn a_deleted_interface_stops_its_stages_and_tracing_goes_on() {
         &json_s,
     ]);
     assert!(t.wait_for("tracing (", Duration::from_secs(30)), "trace did not start");
-    netns::ip(&["netns", "del", &h.ns_a]).expect("deleting the namespace");
+    testhosts::ip(&["netns", "del", &h.ns_a]).expect("deleting the namespace");
     let want = format!("lost interface {}@/run/netns/{}: its stages stop", h.veth_a, h.ns_a);
     assert!(t.wait_for(&want, Duration::from_secs(5)), "no '{want}' line");
     // Tracing goes on: loopback traffic after the loss is traced.
@@ -127,7 +127,7 @@ fn the_daemon_reports_a_lost_interface_in_stage_available() {
     let before = scrape(metrics);
     assert_eq!(value(&before, "packetflow_stage_available{stage=\"xdp\""), Some(1.0), "{before}");
     let links = value(&before, "packetflow_programs_attached ").unwrap();
-    netns::ip(&["netns", "del", &h.ns_a]).expect("deleting the namespace");
+    testhosts::ip(&["netns", "del", &h.ns_a]).expect("deleting the namespace");
     assert!(d.wait_for(&format!("lost interface {}", h.veth_a), Duration::from_secs(5)), "no 'lost interface' line");
     // The snapshot /metrics serves is taken right after that line: wait for it (at most 3 s).
     let t0 = Instant::now();
@@ -153,7 +153,8 @@ fn any_attaches_interfaces_that_appear() {
     let spec = format!("any@{}", h.ns_a);
     let t = Lines::spawn(&["trace", "-i", &spec, "--duration", "8"]);
     assert!(t.wait_for("tracing (", Duration::from_secs(30)), "trace did not start");
-    netns::ip(&["-n", &h.ns_a, "link", "add", "pfnew0", "type", "veth", "peer", "name", "pfnew1"]).expect("new veth");
+    testhosts::ip(&["-n", &h.ns_a, "link", "add", "pfnew0", "type", "veth", "peer", "name", "pfnew1"])
+        .expect("new veth");
     for name in ["pfnew0", "pfnew1"] {
         assert!(t.wait_for(&format!("new interface {name}: attached"), Duration::from_secs(5)), "{name} not attached");
     }
@@ -166,7 +167,7 @@ fn capture_says_which_interface_it_lost_and_goes_on() {
     let spec = format!("{}@{}", h.veth_a, h.ns_a);
     let mut c = Lines::spawn(&["capture", "-i", &spec, "-i", "lo", "--duration", "6", "udp"]);
     assert!(c.wait_for("capturing on", Duration::from_secs(30)), "capture did not start");
-    netns::ip(&["netns", "del", &h.ns_a]).expect("deleting the namespace");
+    testhosts::ip(&["netns", "del", &h.ns_a]).expect("deleting the namespace");
     let want = format!("lost interface {}@/run/netns/{}: its stages stop", h.veth_a, h.ns_a);
     assert!(c.wait_for(&want, Duration::from_secs(5)), "no '{want}' line");
     let st = c.proc.wait(Duration::from_secs(20)).expect("capture ended at --duration");

@@ -4,7 +4,7 @@
 //! byte for byte unchanged, and be counted as parsed or unparsed as it deserves.
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions, Xdp};
-use packetflow::loader::{LoadOptions, Tracer};
+use packetflow::kernel::loader::{LoadOptions, Tracer};
 use packetflow_common::counters::{PARSED_TC, PARSED_XDP, UNPARSED_TC, UNPARSED_XDP};
 use packetflow_tests::require_root;
 
@@ -121,7 +121,7 @@ fn crafted_and_malformed_frames_pass_unchanged_and_are_counted() {
     let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, ..Default::default() }).expect("load");
     // Tracing on (the programs parse nothing while it is off), for a port no crafted frame
     // uses: every frame is parsed and counted, and no record is written.
-    let none = packetflow::filter::FilterSpec { ports: vec![1], ..Default::default() };
+    let none = packetflow::model::filter::FilterSpec { ports: vec![1], ..Default::default() };
     t.set_filter(&none.to_kernel(0).unwrap()).unwrap();
     for name in ["pf_xdp", "pf_tc_ingress", "pf_tc_egress"] {
         match t.ebpf_mut().program_mut(name).expect(name) {
@@ -193,7 +193,7 @@ fn interface_programs_write_a_record_for_a_matching_packet() {
     require_root();
     let mut t = Tracer::load(&LoadOptions { ring_bytes: 1 << 16, ..Default::default() }).expect("load");
     let mut rings = t.take_rings().expect("rings");
-    t.set_filter(&packetflow::filter::FilterSpec::default().to_kernel(0).unwrap()).unwrap();
+    t.set_filter(&packetflow::model::filter::FilterSpec::default().to_kernel(0).unwrap()).unwrap();
     for name in ["pf_xdp", "pf_tc_ingress", "pf_tc_egress"] {
         match t.ebpf_mut().program_mut(name).expect(name) {
             aya::programs::Program::Xdp(p) => p.load().expect("load xdp"),

@@ -5,10 +5,10 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use packetflow::{
-    correlate::PathKind,
-    filter::FilterSpec,
-    run::{RunOptions, Running},
-    stage_set::StageSet,
+    model::filter::FilterSpec,
+    model::stage_set::StageSet,
+    model::trace::PathKind,
+    pipeline::run::{RunOptions, Running},
 };
 use packetflow_common::Stage;
 use packetflow_tests::*;

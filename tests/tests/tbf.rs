@@ -4,7 +4,7 @@
 
 use std::{net::UdpSocket, time::Duration};
 
-use packetflow::sys::in_netns;
+use packetflow::platform::netns::in_netns;
 use packetflow_tests::*;
 use serde_json::Value;
 
@@ -69,14 +69,14 @@ fn burst(h: &TestHosts, port: u16, name: &str) -> Vec<Value> {
     let ia = format!("{}@{}", h.veth_a, h.ns_a);
     let ib = format!("{}@{}", h.veth_b, h.ns_b);
     let mut tracer = start_trace(&["--port", &port.to_string(), "--proto", "udp", "-i", &ia, "-i", &ib], &json);
-    let rx = in_netns(Some(&h.path_b()), || Ok(UdpSocket::bind((netns::ADDR_B, port))?)).expect("bind");
+    let rx = in_netns(Some(&h.path_b()), || Ok(UdpSocket::bind((testhosts::ADDR_B, port))?)).expect("bind");
     rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let tx = in_netns(Some(&h.path_a()), || Ok(UdpSocket::bind((netns::ADDR_A, 0))?)).expect("bind");
+    let tx = in_netns(Some(&h.path_a()), || Ok(UdpSocket::bind((testhosts::ADDR_A, 0))?)).expect("bind");
     // Distinct payloads: datagram i starts with its number.
     for i in 0..PACKETS {
         let mut p = pattern(PAYLOAD, i as u64 + 1);
         p[..8].copy_from_slice(&(i as u64).to_be_bytes());
-        tx.send_to(&p, (netns::ADDR_B, port)).expect("send");
+        tx.send_to(&p, (testhosts::ADDR_B, port)).expect("send");
     }
     let mut buf = [0u8; 2048];
     for _ in 0..PACKETS {

@@ -2,13 +2,7 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
-fn be16(d: &[u8], i: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*d.get(i)?, *d.get(i + 1)?]))
-}
-
-fn be32(d: &[u8], i: usize) -> Option<u32> {
-    Some(u32::from_be_bytes([*d.get(i)?, *d.get(i + 1)?, *d.get(i + 2)?, *d.get(i + 3)?]))
-}
+use super::frame::{self, ETH_ARP, ETH_IP, ETH_IP6, be16, be32};
 
 fn tcp_flags(f: u8) -> String {
     let mut s = String::new();
@@ -25,38 +19,26 @@ fn tcp_flags(f: u8) -> String {
 
 /// "IP 198.18.0.1.40000 > 198.18.0.2.8080: Flags [P.], seq 1:19, ack 7, length 18".
 pub fn summary(d: &[u8], orig_len: u32) -> String {
-    let Some(ethertype) = be16(d, 12) else {
+    let Some(ethertype) = frame::ethertype(d) else {
         return format!("truncated frame, length {orig_len}");
     };
     let (name, src, dst, proto, l4, end) = match ethertype {
-        0x0800 => {
-            let Some(&vihl) = d.get(14) else {
-                return format!("IP truncated, length {orig_len}");
+        ETH_IP | ETH_IP6 => {
+            let name = if ethertype == ETH_IP { "IP" } else { "IP6" };
+            let Some(ip) = frame::ip(d) else {
+                return format!("{name} truncated, length {orig_len}");
             };
-            let ihl = ((vihl & 0x0f) as usize) * 4;
-            let (Some(s), Some(t)) = (d.get(26..30), d.get(30..34)) else {
-                return format!("IP truncated, length {orig_len}");
-            };
-            let tot = be16(d, 16).unwrap_or(0) as usize;
-            let proto = d.get(23).copied().unwrap_or(0);
-            let frag = be16(d, 20).unwrap_or(0) & 0x1fff;
-            let s = IpAddr::from(<[u8; 4]>::try_from(s).expect("4 bytes"));
-            let t = IpAddr::from(<[u8; 4]>::try_from(t).expect("4 bytes"));
-            if frag != 0 {
-                return format!("IP {s} > {t}: fragment (offset {}), length {orig_len}", frag as usize * 8);
+            if ip.frag != 0 {
+                return format!(
+                    "IP {} > {}: fragment (offset {}), length {orig_len}",
+                    ip.src,
+                    ip.dst,
+                    usize::from(ip.frag) * 8
+                );
             }
-            ("IP", s, t, proto, 14 + ihl, 14 + tot.max(ihl))
+            (name, ip.src, ip.dst, ip.proto, ip.l4, ip.end)
         }
-        0x86dd => {
-            let (Some(s), Some(t)) = (d.get(22..38), d.get(38..54)) else {
-                return format!("IP6 truncated, length {orig_len}");
-            };
-            let plen = be16(d, 18).unwrap_or(0) as usize;
-            let s = IpAddr::from(<[u8; 16]>::try_from(s).expect("16 bytes"));
-            let t = IpAddr::from(<[u8; 16]>::try_from(t).expect("16 bytes"));
-            ("IP6", s, t, d.get(20).copied().unwrap_or(0), 54, 54 + plen)
-        }
-        0x0806 => {
+        ETH_ARP => {
             let op = be16(d, 20).unwrap_or(0);
             let spa = d.get(28..32).map(|a| IpAddr::from(<[u8; 4]>::try_from(a).expect("4")));
             let tpa = d.get(38..42).map(|a| IpAddr::from(<[u8; 4]>::try_from(a).expect("4")));

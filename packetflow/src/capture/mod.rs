@@ -5,6 +5,10 @@
 //! With `--stages`, the tracer runs too, and each packet of a finished trace carries its
 //! stage timestamps in its pcapng comment.
 
+pub mod decode;
+pub mod expr;
+pub mod frame;
+
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     io::Write,
@@ -19,39 +23,24 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use aya::maps::{MapData, RingBuf};
 use packetflow_common::{
     capture::{CapHdr, DIR_IN, DIR_OUT, HOOK_XDP},
     counters,
 };
-use tokio::io::unix::AsyncFd;
 
 use crate::{
-    correlate::{Trace, TraceKind},
-    decode,
+    cmd::capture::Args,
     error::user,
-    expr,
-    filter::FilterSpec,
-    loader::{LoadOptions, Role, Tracer, XdpChoice},
-    pcapng, run,
-    session::{self, Sink},
-    stage_set::StageSet,
-    sys,
+    format::pcapng,
+    kernel::loader::{LoadOptions, Role, Tracer, XdpChoice},
+    model::filter::FilterSpec,
+    model::stage_set::StageSet,
+    model::trace::{Trace, TraceKind},
+    pipeline::run,
+    pipeline::session::{self, Sink},
+    pipeline::shards::{self, Shards},
+    platform,
 };
-
-pub struct CaptureArgs {
-    pub ifaces: Vec<String>,
-    pub write: Option<String>,
-    pub count: Option<u64>,
-    pub snaplen: u32,
-    /// DIR_IN | DIR_OUT bits (`-Q`).
-    pub dirs: u8,
-    pub duration: Option<Duration>,
-    pub xdp: XdpChoice,
-    pub expression: Vec<String>,
-    /// `--stages`: also trace these stages.
-    pub stages: Option<StageSet>,
-}
 
 /// A captured packet, with its wall-clock time.
 struct Packet {
@@ -72,34 +61,18 @@ struct Iface {
 type Key = (IpAddr, u16, IpAddr, u16, bool, u32, u32);
 
 fn packet_key(d: &[u8]) -> Option<Key> {
-    let et = u16::from_be_bytes([*d.get(12)?, *d.get(13)?]);
-    let (src, dst, proto, l4, end): (IpAddr, IpAddr, u8, usize, usize) = match et {
-        0x0800 => {
-            let ihl = ((*d.get(14)? & 0x0f) as usize) * 4;
-            let s: [u8; 4] = d.get(26..30)?.try_into().ok()?;
-            let t: [u8; 4] = d.get(30..34)?.try_into().ok()?;
-            let tot = u16::from_be_bytes([*d.get(16)?, *d.get(17)?]) as usize;
-            (s.into(), t.into(), *d.get(23)?, 14 + ihl, 14 + tot)
-        }
-        0x86dd => {
-            let s: [u8; 16] = d.get(22..38)?.try_into().ok()?;
-            let t: [u8; 16] = d.get(38..54)?.try_into().ok()?;
-            let plen = u16::from_be_bytes([*d.get(18)?, *d.get(19)?]) as usize;
-            (s.into(), t.into(), *d.get(20)?, 54, 54 + plen)
-        }
-        _ => return None,
-    };
-    let sport = u16::from_be_bytes([*d.get(l4)?, *d.get(l4 + 1)?]);
-    let dport = u16::from_be_bytes([*d.get(l4 + 2)?, *d.get(l4 + 3)?]);
+    let frame::Ip { src, dst, proto, l4, end, .. } = frame::ip(d)?;
+    let sport = frame::be16(d, l4)?;
+    let dport = frame::be16(d, l4 + 2)?;
     match proto {
         6 => {
-            let seq = u32::from_be_bytes(d.get(l4 + 4..l4 + 8)?.try_into().ok()?);
+            let seq = frame::be32(d, l4 + 4)?;
             let doff = ((*d.get(l4 + 12)? >> 4) as usize) * 4;
             let len = end.checked_sub(l4 + doff)? as u32;
             Some((src, sport, dst, dport, false, seq, len))
         }
         17 => {
-            let len = (u16::from_be_bytes([*d.get(l4 + 4)?, *d.get(l4 + 5)?]) as usize).checked_sub(8)?;
+            let len = usize::from(frame::be16(d, l4 + 4)?).checked_sub(8)?;
             let payload = d.get(l4 + 8..)?;
             let mut head = [0u8; 16];
             let n = len.min(16).min(payload.len());
@@ -127,7 +100,8 @@ fn stages_comment(t: &Trace, asked: StageSet) -> String {
     }
     let missing: Vec<&str> =
         asked.stages().filter(|x| !t.stages.iter().any(|s| s.stage == *x)).map(|s| s.name()).collect();
-    let mut c = format!("packetflow stages ({} µs in all): {}", crate::stats::us(t.total_ns()), parts.join(", "));
+    let mut c =
+        format!("packetflow stages ({} µs in all): {}", crate::report::tables::us(t.total_ns()), parts.join(", "));
     if !missing.is_empty() {
         c.push_str(&format!("; not seen: {}", missing.join(", ")));
     }
@@ -282,34 +256,22 @@ impl WriterState {
     }
 }
 
-/// Reads every capture shard; hands batches (sorted by time) to the writer.
+/// Reads every capture shard; hands batches to the writer (which sorts them by time).
 async fn read_rings(
-    rings: Vec<(usize, RingBuf<MapData>)>,
+    mut shards: Shards,
     tx: std::sync::mpsc::SyncSender<Vec<Packet>>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
     offset: i64,
     overflow: Arc<AtomicU64>,
 ) -> Result<()> {
-    let mut fds = Vec::new();
-    for (_, r) in rings {
-        // SAFETY: the ring owns its fd and keeps it open while the AsyncFd holds it.
-        fds.push(unsafe { AsyncFd::register_with_interest(r, tokio::io::Interest::READABLE)? });
-    }
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
     loop {
-        let last = *stop.borrow();
+        let last = shards.stopping();
         let mut batch = Vec::new();
-        for fd in fds.iter_mut() {
-            let ring = fd.get_mut();
-            while let Some(item) = ring.next() {
-                if item.len() < 32 {
-                    continue;
-                }
-                let hdr: CapHdr = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                let data = item[32..32 + (hdr.caplen as usize).min(item.len() - 32)].to_vec();
-                batch.push(Packet { wall_ns: (hdr.ts_ns as i64 + offset) as u64, hdr, data });
-            }
-        }
+        shards.drain(|_, item| {
+            let Some(hdr) = shards::record::<CapHdr>(item) else { return };
+            let data = &item[size_of::<CapHdr>()..];
+            let data = data[..(hdr.caplen as usize).min(data.len())].to_vec();
+            batch.push(Packet { wall_ns: (hdr.ts_ns as i64 + offset) as u64, hdr, data });
+        });
         if !batch.is_empty() {
             let n = batch.len() as u64;
             if tx.try_send(batch).is_err() {
@@ -319,50 +281,13 @@ async fn read_rings(
         if last {
             return Ok(());
         }
-        let ready = futures_select(&mut fds);
-        tokio::select! {
-            _ = ready => {}
-            _ = tick.tick() => {}
-            _ = stop.changed() => {}
-        }
+        shards.wait().await;
     }
 }
 
-/// Resolves when any shard is readable (and clears its readiness).
-async fn futures_select(fds: &mut [AsyncFd<RingBuf<MapData>>]) {
-    let futs = fds.iter_mut().map(|f| {
-        Box::pin(async move {
-            if let Ok(mut g) = f.readable_mut().await {
-                g.clear_ready();
-            }
-        })
-    });
-    let all: Vec<_> = futs.collect();
-    if all.is_empty() {
-        return std::future::pending().await;
-    }
-    select_any(all).await;
-}
-
-/// The first of several futures to finish.
-async fn select_any<F: std::future::Future<Output = ()> + Unpin>(mut futs: Vec<F>) {
-    std::future::poll_fn(|cx| {
-        for f in futs.iter_mut() {
-            if std::pin::Pin::new(&mut *f).poll(cx).is_ready() {
-                return std::task::Poll::Ready(());
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
-}
-
-/// A namespace given by name (in /run/netns) or by path.
-fn netns_path(s: &str) -> PathBuf {
-    if s.contains('/') { PathBuf::from(s) } else { PathBuf::from("/run/netns").join(s) }
-}
-
-pub async fn run(a: CaptureArgs) -> Result<()> {
+pub async fn run(a: Args) -> Result<()> {
+    let dirs = a.direction.mask();
+    let snaplen = a.snaplen.min(packetflow_common::capture::CAPTURE_MAX as u32);
     run::preflight("capture")?;
     if let Some(stages) = a.stages {
         stages.check_joinable()?;
@@ -374,33 +299,15 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         );
     }
     let expression = a.expression.join(" ");
-    let mut compiled = expr::compile(&expression, a.snaplen).map_err(|e| user(e.to_string()))?;
+    let mut compiled = expr::compile(&expression, snaplen).map_err(|e| user(e.to_string()))?;
     let cfg = &mut compiled.config;
-    cfg.dirs = a.dirs as u32;
+    cfg.dirs = u32::from(dirs);
 
     // Interfaces: (namespace, name, ifindex, loopback).
-    let mut targets: Vec<(Option<PathBuf>, String, u32, bool)> = Vec::new();
-    for spec in &a.ifaces {
-        let (name, ns) = match spec.split_once('@') {
-            Some((n, ns)) => (n.to_string(), Some(netns_path(ns))),
-            None => (spec.clone(), None),
-        };
-        if let Some(p) = &ns
-            && !p.exists()
-        {
-            crate::user_bail!("network namespace {} does not exist", p.display());
-        }
-        let all = sys::in_netns(ns.as_deref(), || Ok(sys::interfaces()))?;
-        if name == "any" {
-            targets.extend(all.into_iter().map(|(i, n, lo)| (ns.clone(), n, i, lo)));
-            continue;
-        }
-        let Some((i, n, lo)) = all.into_iter().find(|(_, n, _)| *n == name) else {
-            let where_ = ns.as_ref().map(|p| format!(" in network namespace {}", p.display())).unwrap_or_default();
-            crate::user_bail!("unknown interface '{name}'{where_}");
-        };
-        targets.push((ns, n, i, lo));
-    }
+    let mut targets: Vec<(Option<PathBuf>, String, u32, bool)> = platform::interfaces::find(&a.ifaces, None)?
+        .into_iter()
+        .map(|n| (n.netns, n.name, n.index, n.loopback))
+        .collect();
     targets.dedup_by(|x, y| x.0 == y.0 && x.1 == y.1);
     for (i, x) in targets.iter().enumerate() {
         if let Some(y) = targets[..i].iter().find(|y| y.2 == x.2 && y.0 != x.0) {
@@ -422,12 +329,13 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         capture_ring_bytes: 8 << 20,
         idle: false,
     })?;
-    let offset = sys::mono_to_wall_offset();
+    let offset = platform::host::mono_to_wall_offset();
     let rings = tracer.take_capture_rings()?;
     let (tx, rx) = sync_channel::<Vec<Packet>>(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let overflow = Arc::new(AtomicU64::new(0));
-    let reader = tokio::spawn(read_rings(rings, tx, stop_rx, offset, overflow.clone()));
+    let shards = Shards::new(rings, Duration::from_millis(10), stop_rx)?;
+    let reader = tokio::spawn(read_rings(shards, tx, offset, overflow.clone()));
 
     // --stages: the tracer, filtered to TCP/UDP of the interfaces captured.
     let (trace_tx, trace_rx) = sync_channel::<Trace>(65536);
@@ -443,14 +351,14 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     let snaplen = compiled.config.snaplen;
     tracer.set_capture(&compiled)?;
     for (ns, name, _, is_lo) in &targets {
-        let xdp = if a.dirs & DIR_IN != 0 { a.xdp } else { XdpChoice::Off };
+        let xdp = if dirs & DIR_IN != 0 { a.xdp } else { XdpChoice::Off };
         let att = tracer.attach_interface_as(Role::Capture, ns.as_deref(), name, xdp)?;
-        if a.dirs & DIR_IN != 0
+        if dirs & DIR_IN != 0
             && let Err(e) = &att.xdp
         {
             crate::user_bail!("cannot capture packets coming in on {name}: XDP would not attach ({e})");
         }
-        if (a.dirs & DIR_OUT != 0 && !is_lo)
+        if (dirs & DIR_OUT != 0 && !is_lo)
             && let Err(e) = &att.tc_egress
         {
             crate::user_bail!("cannot capture packets going out on {name}: tcx egress would not attach ({e})");
@@ -460,7 +368,7 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         r.start_correlator(
             tracer.coverage(),
             Duration::from_secs(1),
-            crate::correlate::DEFAULT_BUDGET_MB,
+            crate::pipeline::correlate::DEFAULT_BUDGET_MB,
             None,
             vec![Box::new(TraceTap(trace_tx))],
         )
@@ -470,8 +378,8 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     let out: Out = match a.write.as_deref() {
         None => Out::Text(Box::new(std::io::BufWriter::new(std::io::stdout()))),
         Some(path) => {
-            let w = crate::output::writer(path)?;
-            let os = format!("Linux {}", sys::kernel_release());
+            let w = crate::format::output::writer(path)?;
+            let os = format!("Linux {}", platform::host::kernel_release());
             Out::Pcap(pcapng::Writer::new(w, &format!("packetflow {}", env!("CARGO_PKG_VERSION")), &os)?)
         }
     };
@@ -491,7 +399,8 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         error: None,
     };
     for (ns, name, ifindex, is_lo) in &targets {
-        let ns_ino = sys::netns_inode(ns.as_deref().unwrap_or(std::path::Path::new("/proc/self/ns/net"))).unwrap_or(0);
+        let ns_ino = platform::netns::netns_inode(ns.as_deref().unwrap_or(std::path::Path::new("/proc/self/ns/net")))
+            .unwrap_or(0);
         let id = match &mut state.out {
             Out::Pcap(w) => w.interface(
                 name,
@@ -505,7 +414,7 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
         };
         state.ifaces.insert(*ifindex, Iface { id, name: name.clone(), captured: 0, lost: 0 });
     }
-    let start_wall = sys::realtime_ns();
+    let start_wall = platform::host::realtime_ns();
     let quiet_stdout = a.write.as_deref() == Some("-");
     eprintln!(
         "capturing on {} ({}){}",
@@ -548,7 +457,7 @@ pub async fn run(a: CaptureArgs) -> Result<()> {
     let mut state = writer.join().map_err(|_| anyhow::anyhow!("the capture writer panicked"))?;
     let g = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
     let lost = g(counters::CAP_LOST_XDP) + g(counters::CAP_LOST_TC) + overflow.load(Ordering::Relaxed);
-    let end_wall = sys::realtime_ns();
+    let end_wall = platform::host::realtime_ns();
     for (ifindex, i) in state.ifaces.iter_mut() {
         i.lost = if_lost.get(ifindex).copied().unwrap_or(0);
     }
@@ -608,7 +517,7 @@ fn write_all(state: &mut WriterState, rx: Receiver<Vec<Packet>>, traces: Receive
             Err(RecvTimeoutError::Disconnected) => break,
         }
         if state.stages {
-            state.release(sys::realtime_ns(), false)?;
+            state.release(platform::host::realtime_ns(), false)?;
         }
         state.flush()?;
         state.flushed = state.written;

@@ -17,17 +17,24 @@ use anyhow::{Context, Result, bail};
 use packetflow_common::{Stage, counters};
 
 use crate::{
-    filter::FilterSpec,
-    netns::{self, TestHosts},
-    run::{self, RunOptions, Running, StatsSampling},
-    sys,
+    model::filter::FilterSpec,
+    pipeline::run::{self, RunOptions, Running, StatsSampling},
+    platform,
+    platform::testhosts::{self, TestHosts},
 };
 
+/// Measure tracing overhead with sockperf, iperf3 and tcpdump (run by `cargo xtask bench`).
+#[derive(clap::Args)]
 pub struct BenchArgs {
+    /// Where to write the markdown report.
+    #[arg(long, default_value = "BENCHMARKS.md")]
     pub out: PathBuf,
-    /// Shorter runs, one round: for checking the bench itself.
+    /// One short round per measurement (to check the benchmark itself).
+    #[arg(long)]
     pub quick: bool,
-    /// Only these sections, and BENCHMARKS.md is left alone; empty: all of them.
+    /// Only these sections (latency, stages, throughput, hooks, events, capture), printed
+    /// and not written to --out: for iterating on one number.
+    #[arg(long, value_delimiter = ',', value_name = "SECTION,...")]
     pub only: Vec<String>,
 }
 
@@ -50,7 +57,7 @@ impl Drop for Kid {
 
 fn cmd_in(ns: Option<&Path>, program: &str) -> Command {
     match ns {
-        Some(p) => netns::netns_command(p, program),
+        Some(p) => testhosts::netns_command(p, program),
         None => Command::new(program),
     }
 }
@@ -65,7 +72,7 @@ const CLIENT_CPU: usize = 0;
 /// Runs `c` on `cpu` only (when the machine has it).
 fn pin(c: &mut Command, cpu: usize) -> &mut Command {
     use std::os::unix::process::CommandExt;
-    if cpu < sys::possible_cpus().len() {
+    if cpu < platform::host::possible_cpus().len() {
         unsafe {
             c.pre_exec(move || {
                 let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -157,7 +164,7 @@ fn endpoints(
         (
             Some(p.hosts.path_b()),
             Some(p.hosts.path_a()),
-            netns::ADDR_B,
+            testhosts::ADDR_B,
             vec![(Some(p.hosts.path_a()), p.hosts.veth_a.clone()), (Some(p.hosts.path_b()), p.hosts.veth_b.clone())],
         )
     }
@@ -532,7 +539,7 @@ async fn stage_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -> Result<(
             if i % 4 == 0 {
                 off.push(ping_pong(None, "127.0.0.1", port, true, c.secs, log)?.0);
             }
-            let set = crate::stage_set::StageSet::parse(name)?;
+            let set = crate::model::stage_set::StageSet::parse(name)?;
             let start = |idle: bool| {
                 Running::start(RunOptions {
                     filter: filter(true, set),
@@ -657,7 +664,7 @@ async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<Str
     const TOOLS: [&str; 3] = ["none", "packetflow", "tcpdump"];
     let port = 45000u16;
     let h = &paths.hosts;
-    let _srv = sockperf_server(Some(&h.path_b()), netns::ADDR_B, port, false)?;
+    let _srv = sockperf_server(Some(&h.path_b()), testhosts::ADDR_B, port, false)?;
     let me = std::env::current_exe()?;
     md.push_str(
         "\n## Capture: highest lossless packet rate (sockperf UDP 64 B over veth, capture at the receiving end)\n\n",
@@ -686,7 +693,7 @@ async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<Str
                     Some(x)
                 }
                 "tcpdump" => {
-                    let mut x = netns::netns_command(&h.path_b(), "tcpdump");
+                    let mut x = testhosts::netns_command(&h.path_b(), "tcpdump");
                     x.args(["-i", &h.veth_b, "-Q", "in", "-n", "-w", "/dev/null"]);
                     Some(x)
                 }
@@ -705,11 +712,11 @@ async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<Str
                 }
                 None => None,
             };
-            let mut cl = netns::netns_command(&h.path_a(), "sockperf");
+            let mut cl = testhosts::netns_command(&h.path_a(), "sockperf");
             cl.args([
                 "tp",
                 "-i",
-                netns::ADDR_B,
+                testhosts::ADDR_B,
                 "-p",
                 &port.to_string(),
                 "-m",
@@ -810,9 +817,9 @@ pub async fn run(a: BenchArgs) -> Result<()> {
     let _ = writeln!(
         md,
         "Run: {date}; kernel {}; CPU {} ({} cores); packetflow {} (release build); {} round(s) of {} s per measurement, medians.",
-        sys::kernel_release(),
+        platform::host::kernel_release(),
         cpu_model(),
-        sys::possible_cpus().len(),
+        platform::host::possible_cpus().len(),
         env!("CARGO_PKG_VERSION"),
         c.rounds,
         c.secs

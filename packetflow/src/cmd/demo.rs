@@ -11,31 +11,51 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 
 use crate::{
-    correlate::PathKind,
-    filter::FilterSpec,
-    loader::XdpChoice,
-    netns::{self, TestHosts},
-    run::{self, Finished, RunOptions, Running},
-    stats,
+    kernel::loader::XdpChoice,
+    model::filter::{FilterSpec, Proto},
+    model::trace::PathKind,
+    pipeline::run::{self, Finished, RunOptions, Running},
+    platform::testhosts::{self, TestHosts},
 };
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// Which paths the demo runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Which {
     Loopback,
     Nic,
     Both,
 }
 
+/// Run the seed exchange over loopback and a veth NIC path, traced, side by side.
+#[derive(clap::Args)]
 pub struct DemoArgs {
+    /// Which paths to run.
+    #[arg(long, value_enum, default_value = "both")]
     pub path: Which,
+    /// Exchanges per path.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 18, value_name = "BYTES")]
     pub size: usize,
+    /// UDP instead of TCP.
+    #[arg(long)]
     pub udp: bool,
+    /// IPv6 instead of IPv4.
+    #[arg(long)]
     pub ipv6: bool,
+    /// Write one JSON object per packet trace to FILE (`-` for stdout).
+    #[arg(long, value_name = "FILE")]
     pub json: Option<String>,
+    /// Write a Chrome/Perfetto trace (open in ui.perfetto.dev).
+    #[arg(long, value_name = "OUT.json")]
     pub chrome_trace: Option<String>,
+    /// Server port (another free one when it is busy).
+    #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    pub stages: crate::stage_set::StageSet,
+    /// Stages to trace (see `trace --stages`).
+    #[arg(long, value_name = "LIST", default_value = "all", value_parser = crate::model::stage_set::StageSet::parse)]
+    pub stages: crate::model::stage_set::StageSet,
 }
 
 /// A seed server child process, killed on drop.
@@ -55,7 +75,7 @@ fn me() -> Result<PathBuf> {
 /// Starts `packetflow serve` (inside `ns` when given) and waits for "Server listening".
 fn start_server(ns: Option<&std::path::Path>, bind: &str, port: u16, udp: bool) -> Result<Server> {
     let mut cmd = match ns {
-        Some(p) => netns::netns_command(p, me()?),
+        Some(p) => testhosts::netns_command(p, me()?),
         None => Command::new(me()?),
     };
     cmd.args(["serve", "--port", &port.to_string(), "--bind", bind]);
@@ -83,7 +103,7 @@ fn start_server(ns: Option<&std::path::Path>, bind: &str, port: u16, udp: bool) 
 /// Runs `packetflow client` to completion; returns its last line (the round-trip summary).
 fn run_client(ns: Option<&std::path::Path>, addr: &str, a: &DemoArgs) -> Result<String> {
     let mut cmd = match ns {
-        Some(p) => netns::netns_command(p, me()?),
+        Some(p) => testhosts::netns_command(p, me()?),
         None => Command::new(me()?),
     };
     cmd.args([
@@ -120,9 +140,6 @@ fn free_port(preferred: u16) -> u16 {
 
 pub async fn run(mut a: DemoArgs) -> Result<()> {
     run::preflight("demo")?;
-    if a.count == 0 {
-        crate::user_bail!("--count must be at least 1");
-    }
     let port = free_port(a.port);
     if port != a.port {
         println!("port {} is busy on 127.0.0.1; using {port}", a.port);
@@ -147,7 +164,7 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
     let running = Running::start(RunOptions {
         filter: FilterSpec {
             ports: vec![a.port],
-            proto: Some(if a.udp { "udp" } else { "tcp" }.into()),
+            proto: Some(if a.udp { Proto::Udp } else { Proto::Tcp }),
             stages: a.stages,
             ..Default::default()
         },
@@ -163,7 +180,7 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
         println!("{line}");
     }
 
-    let (lo_addr, nic_server) = if a.ipv6 { ("::1", netns::ADDR6_B) } else { ("127.0.0.1", netns::ADDR_B) };
+    let (lo_addr, nic_server) = if a.ipv6 { ("::1", testhosts::ADDR6_B) } else { ("127.0.0.1", testhosts::ADDR_B) };
     let mut rtt = Vec::new();
     let mut expected = 0;
     if want_lo {
@@ -178,7 +195,7 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
             "nic: {} exchanges of {} bytes from {} ({}) to {nic_server}:{} ({}) over veth",
             a.count,
             a.size,
-            if a.ipv6 { netns::ADDR6_A } else { netns::ADDR_A },
+            if a.ipv6 { testhosts::ADDR6_A } else { testhosts::ADDR_A },
             h.ns_a,
             a.port,
             h.ns_b
@@ -206,7 +223,7 @@ fn proto(a: &DemoArgs) -> String {
 
 /// The demo's table (stats::side_by_side), then the route each path took and the hooks.
 pub fn side_by_side(f: &Finished, a: &DemoArgs, hosts: Option<&TestHosts>) -> String {
-    let mut out = stats::side_by_side(&f.stats);
+    let mut out = crate::report::tables::side_by_side(&f.stats);
     out.push('\n');
     for p in [PathKind::Loopback, PathKind::Nic] {
         match f.stats.paths.get(&p) {
@@ -222,10 +239,10 @@ pub fn side_by_side(f: &Finished, a: &DemoArgs, hosts: Option<&TestHosts>) -> St
                         .map(|h| {
                             format!(
                                 "; route: {} ({} in {}) → veth → {} ({} in {})",
-                                if a.ipv6 { netns::ADDR6_A } else { netns::ADDR_A },
+                                if a.ipv6 { testhosts::ADDR6_A } else { testhosts::ADDR_A },
                                 h.veth_a,
                                 h.ns_a,
-                                if a.ipv6 { netns::ADDR6_B } else { netns::ADDR_B },
+                                if a.ipv6 { testhosts::ADDR6_B } else { testhosts::ADDR_B },
                                 h.veth_b,
                                 h.ns_b
                             )

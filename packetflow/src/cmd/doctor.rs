@@ -17,11 +17,11 @@ use aya::{
 };
 
 use crate::{
-    btf::Btf,
-    loader::{LoadOptions, Tracer, XdpChoice},
-    netns::TestHosts,
-    stats::render,
-    sys,
+    kernel::btf::Btf,
+    kernel::loader::{LoadOptions, Tracer, XdpChoice},
+    platform,
+    platform::testhosts::TestHosts,
+    report::tables::render,
 };
 
 fn errno_name(e: i32) -> &'static str {
@@ -98,7 +98,7 @@ pub async fn run() -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let push =
         |rows: &mut Vec<Row>, what: &str, ok: bool, detail: String| rows.push(Row { what: what.into(), ok, detail });
-    push(&mut rows, "kernel", true, sys::kernel_release());
+    push(&mut rows, "kernel", true, platform::host::kernel_release());
     let btf_ok = Path::new(Btf::VMLINUX).exists() && Btf::from_sys_fs().is_ok();
     push(
         &mut rows,
@@ -106,29 +106,36 @@ pub async fn run() -> Result<()> {
         btf_ok,
         if btf_ok { format!("{} present", Btf::VMLINUX) } else { format!("{} missing or unreadable", Btf::VMLINUX) },
     );
-    let lockdown = sys::lockdown();
+    let lockdown = platform::mounts::lockdown();
     push(
         &mut rows,
         "lockdown",
         true,
         lockdown.clone().unwrap_or_else(|| "not reported (no securityfs lockdown file)".into()),
     );
-    let caps: Vec<String> = [sys::CAP_BPF, sys::CAP_PERFMON, sys::CAP_NET_ADMIN, sys::CAP_SYS_ADMIN]
-        .iter()
-        .map(|&c| format!("{} {}", sys::cap_name(c), if sys::has_cap(c) { "yes" } else { "NO" }))
-        .collect();
-    let caps_ok = sys::require_caps("doctor", sys::TRACE_CAPS).is_ok();
+    let caps: Vec<String> = [
+        platform::privileges::CAP_BPF,
+        platform::privileges::CAP_PERFMON,
+        platform::privileges::CAP_NET_ADMIN,
+        platform::privileges::CAP_SYS_ADMIN,
+    ]
+    .iter()
+    .map(|&c| {
+        format!("{} {}", platform::privileges::cap_name(c), if platform::privileges::has_cap(c) { "yes" } else { "NO" })
+    })
+    .collect();
+    let caps_ok = platform::privileges::require_caps("doctor", platform::privileges::TRACE_CAPS).is_ok();
     push(&mut rows, "capabilities", caps_ok, caps.join(", "));
-    let fs_row = |st: sys::MountState, path: &str| match st {
-        sys::MountState::Present => (true, format!("mounted at {path}")),
-        sys::MountState::Mounted => (true, format!("was missing; mounted at {path}")),
-        sys::MountState::Failed(e) => (false, e),
+    let fs_row = |st: platform::mounts::MountState, path: &str| match st {
+        platform::mounts::MountState::Present => (true, format!("mounted at {path}")),
+        platform::mounts::MountState::Mounted => (true, format!("was missing; mounted at {path}")),
+        platform::mounts::MountState::Failed(e) => (false, e),
     };
-    let (ok, d) = fs_row(sys::ensure_tracefs(), sys::TRACEFS);
+    let (ok, d) = fs_row(platform::mounts::ensure_tracefs(), platform::mounts::TRACEFS);
     push(&mut rows, "tracefs", ok, d);
-    let (ok, d) = fs_row(sys::ensure_bpffs(), sys::BPFFS);
+    let (ok, d) = fs_row(platform::mounts::ensure_bpffs(), platform::mounts::BPFFS);
     push(&mut rows, "bpffs", ok, d);
-    match sys::ensure_cgroup2() {
+    match platform::mounts::ensure_cgroup2() {
         Ok(p) => push(&mut rows, "cgroup2", true, format!("mounted at {}", p.display())),
         Err(e) => push(&mut rows, "cgroup2", false, format!("{e:#}")),
     }
@@ -156,7 +163,7 @@ pub async fn run() -> Result<()> {
     println!();
 
     if !caps_ok {
-        sys::require_caps("doctor", sys::TRACE_CAPS)?;
+        platform::privileges::require_caps("doctor", platform::privileges::TRACE_CAPS)?;
     }
     if !btf_ok {
         crate::user_bail!(
@@ -292,7 +299,7 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
     let r = (|| -> Result<()> {
         let p: &mut Xdp = program(ebpf, "pf_probe_xdp")?;
         p.load()?;
-        let lo = sys::ifindex("lo").ok_or_else(|| anyhow::anyhow!("no lo interface"))?;
+        let lo = platform::interfaces::ifindex("lo").ok_or_else(|| anyhow::anyhow!("no lo interface"))?;
         p.attach_to_if_index(lo, XdpMode::Skb)?;
         p.unload()?;
         Ok(())
@@ -307,8 +314,8 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
             let r = (|| -> Result<()> {
                 let p: &mut Xdp = program(ebpf, "pf_probe_xdp")?;
                 p.load()?;
-                sys::in_netns(Some(&ns), || {
-                    let i = sys::ifindex(&veth).ok_or_else(|| anyhow::anyhow!("veth vanished"))?;
+                platform::netns::in_netns(Some(&ns), || {
+                    let i = platform::interfaces::ifindex(&veth).ok_or_else(|| anyhow::anyhow!("veth vanished"))?;
                     p.attach_to_if_index(i, XdpMode::Driver)?;
                     Ok(())
                 })
@@ -338,7 +345,7 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
 /// The stage → hook table of a real tracer (inert: its filter is never enabled).
 async fn stage_table() -> Result<Vec<Vec<String>>> {
     let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, ..Default::default() })?;
-    t.attach_kernel_hooks(crate::stage_set::StageSet::ALL)?;
+    t.attach_kernel_hooks(crate::model::stage_set::StageSet::ALL)?;
     t.attach_interface(None, "lo", XdpChoice::Auto)?;
     let rows = packetflow_common::Stage::KERNEL_ORDER
         .iter()

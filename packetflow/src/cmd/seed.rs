@@ -38,14 +38,26 @@ fn shown(msg: &[u8]) -> String {
     String::from_utf8_lossy(msg).trim_end_matches('.').to_string()
 }
 
+/// The seed server: answers each message with "Hello from server!".
+#[derive(clap::Args)]
 pub struct ServeOpts {
+    /// Port to listen on.
+    #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// Address to listen on (an IP address or localhost).
+    #[arg(long, default_value = "0.0.0.0", value_name = "ADDR", value_parser = parse_addr)]
     pub bind: IpAddr,
+    /// UDP instead of TCP.
+    #[arg(long)]
     pub udp: bool,
-    /// Print the seed's lines for every message, not just each connection's first.
+    /// Print the seed's lines for every message (default: each client's first).
+    #[arg(short, long)]
     pub verbose: bool,
-    /// Exit after the first client disconnects (TCP) or after `count` datagrams (UDP).
+    /// Exit after the first client disconnects (UDP: after --count messages).
+    #[arg(long)]
     pub once: bool,
+    /// With --once over UDP: how many messages to answer.
+    #[arg(long, default_value_t = 1)]
     pub count: u64,
 }
 
@@ -130,14 +142,34 @@ fn serve_udp(o: &ServeOpts, addr: SocketAddr) -> Result<()> {
     }
 }
 
+/// The seed client: sends "Hello from client!" and prints the answer.
+#[derive(clap::Args)]
 pub struct ClientOpts {
+    /// Server address (an IP address or localhost).
+    #[arg(value_name = "ADDR", value_parser = parse_addr)]
     pub addr: IpAddr,
+    /// Server port.
+    #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// UDP instead of TCP.
+    #[arg(long)]
     pub udp: bool,
+    /// How many exchanges.
+    #[arg(long, default_value_t = 1)]
     pub count: u64,
+    /// Message size: the greeting padded with '.' (or cut) to this many bytes.
+    #[arg(long, default_value_t = 18, value_name = "BYTES")]
     pub size: usize,
+    /// Pause between exchanges, in ms.
+    #[arg(long, default_value = "0", value_name = "MS", value_parser = pause)]
     pub interval: Duration,
+    /// Print every exchange, not just the first.
+    #[arg(short, long)]
     pub verbose: bool,
+}
+
+fn pause(s: &str) -> Result<Duration, std::num::ParseIntError> {
+    s.parse().map(Duration::from_millis)
 }
 
 fn connect_error(e: io::Error, addr: SocketAddr) -> anyhow::Error {

@@ -12,7 +12,14 @@ use std::{
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
-use crate::{error::user, filter::FilterSpec, loader::XdpChoice, stage_set::StageSet};
+use crate::{
+    error::user,
+    kernel::loader::XdpChoice,
+    model::{
+        filter::{FilterSpec, Proto},
+        stage_set::StageSet,
+    },
+};
 
 /// Bounds (inclusive) of the numeric keys; dist/packetflow.toml names them too.
 pub const SAMPLE: (u64, u64) = (1, 1_000_000);
@@ -35,40 +42,13 @@ pub const PID: (u32, u32) = (1, 4_194_304);
 /// Where the daemon looks for its file when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/packetflow/packetflow.toml";
 
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// In-kernel histograms, no per-packet records (the cheapest; no trace files).
     Summary,
     /// Per-packet records joined into traces in userspace (needed for trace files).
     Full,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Proto {
-    Tcp,
-    Udp,
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum XdpMode {
-    Auto,
-    Native,
-    Generic,
-    Off,
-}
-
-impl From<XdpMode> for XdpChoice {
-    fn from(m: XdpMode) -> XdpChoice {
-        match m {
-            XdpMode::Auto => XdpChoice::Auto,
-            XdpMode::Native => XdpChoice::Native,
-            XdpMode::Generic => XdpChoice::Generic,
-            XdpMode::Off => XdpChoice::Off,
-        }
-    }
 }
 
 /// Every option of the daemon. Field docs give the default.
@@ -86,7 +66,7 @@ pub struct Config {
     /// Interfaces that get XDP and tcx (IFACE, IFACE@NETNS, or "any"). Default ["lo"].
     pub interfaces: Vec<String>,
     /// XDP attach mode: auto, native, generic or off. Default auto.
-    pub xdp_mode: XdpMode,
+    pub xdp_mode: XdpChoice,
     /// summary or full. Default: summary, or full when `trace_dir` is set.
     pub mode: Option<Mode>,
     /// Only flows with one of these ports on either end. Default: all.
@@ -135,7 +115,7 @@ impl Default for Config {
             metrics_public: false,
             control_socket: PathBuf::from("/run/packetflow/packetflow.sock"),
             interfaces: vec!["lo".into()],
-            xdp_mode: XdpMode::Auto,
+            xdp_mode: XdpChoice::Auto,
             mode: None,
             ports: Vec::new(),
             hosts: Vec::new(),
@@ -144,7 +124,7 @@ impl Default for Config {
             sample: 1,
             stages: "overview".into(),
             timeout_ms: 1000,
-            correlator_budget_mb: crate::correlate::DEFAULT_BUDGET_MB as u64,
+            correlator_budget_mb: crate::pipeline::correlate::DEFAULT_BUDGET_MB as u64,
             trace_dir: None,
             slow_us: 0,
             rotate_mb: 64,
@@ -162,7 +142,7 @@ pub struct Overrides {
     pub metrics_public: bool,
     pub control_socket: Option<PathBuf>,
     pub interfaces: Vec<String>,
-    pub xdp_mode: Option<XdpMode>,
+    pub xdp_mode: Option<XdpChoice>,
     pub mode: Option<Mode>,
     pub ports: Vec<u16>,
     pub hosts: Vec<IpAddr>,
@@ -334,10 +314,7 @@ impl Config {
             ports: self.ports.clone(),
             hosts: self.hosts.clone(),
             pid: self.pid,
-            proto: self.proto.map(|p| match p {
-                Proto::Tcp => "tcp".into(),
-                Proto::Udp => "udp".into(),
-            }),
+            proto: self.proto,
             ifindexes: Vec::new(),
             control: false,
             summary,
@@ -417,7 +394,7 @@ mod tests {
         let c = Config::parse("ports = [80, 443]\ntrace_dir = \"/tmp/x\"\nproto = \"udp\"\n", "f").unwrap();
         assert_eq!(c.ports, vec![80, 443]);
         assert_eq!(c.mode(), Mode::Full);
-        assert_eq!(c.filter().proto.as_deref(), Some("udp"));
+        assert_eq!(c.filter().proto, Some(Proto::Udp));
     }
 
     #[test]

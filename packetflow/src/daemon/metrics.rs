@@ -37,9 +37,9 @@ use tokio::{
 };
 
 use crate::{
-    correlate::CorrStats,
-    loader::{Attached, StageHook},
-    stats::Stats,
+    kernel::loader::{Attached, StageHook},
+    model::stats::Stats,
+    pipeline::correlate::CorrStats,
 };
 
 /// Everything the metrics endpoint and `packetflow status` show, as of `taken`.
@@ -51,7 +51,7 @@ pub struct Snapshot {
     /// Per stage, runs of its programs the kernel skipped (`Tracer::recursion_misses`).
     pub missed: BTreeMap<Stage, u64>,
     /// Each program's runs and kernel time (None: run statistics unavailable).
-    pub programs: Option<Vec<crate::loader::ProgramCost>>,
+    pub programs: Option<Vec<crate::kernel::loader::ProgramCost>>,
     /// Since the programs were attached.
     pub tracing_for: std::time::Duration,
     /// Of that, how long the run statistics were on (`cost_sample_secs`): `programs`
@@ -542,7 +542,7 @@ mod tests {
         for w in b.windows(2) {
             assert!(w[1] / w[0] <= 1.1015, "{} / {}", w[1], w[0]);
         }
-        let mut h = crate::stats::hist();
+        let mut h = crate::model::stats::hist();
         for v in 1..=1000u64 {
             h.record(v * 1000).unwrap(); // 1 µs .. 1 ms
         }

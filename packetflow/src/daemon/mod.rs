@@ -14,10 +14,12 @@
 //! Every attachment is a bpf_link and nothing is pinned, so even SIGKILL leaves nothing
 //! attached: the kernel drops the links with the process's fds.
 
+pub mod config;
+pub mod metrics;
+
 use std::{
-    io::{Read, Write},
     os::unix::fs::{FileTypeExt, PermissionsExt},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -30,26 +32,20 @@ use tokio::{
 };
 
 use crate::{
-    config::{Config, Mode, Overrides},
+    cmd::daemon::Args,
+    daemon::config::{Config, Mode},
+    daemon::metrics::Snapshot,
     error::user,
-    json,
-    metrics::{self, Snapshot},
-    names::Names,
-    run::{self, RunOptions, Running},
-    sys,
-    trace::{self, resolve_interfaces},
-    trace_files::{self, TraceFiles},
-    user_bail, xdp_owner,
+    format::ndjson,
+    format::trace_files::{self, TraceFiles},
+    kernel::xdp_owner,
+    pipeline::names::Names,
+    pipeline::run::{self, RunOptions, Running},
+    platform,
+    platform::interfaces,
+    report::tables,
+    user_bail,
 };
-
-pub struct DaemonArgs {
-    pub config: Option<PathBuf>,
-    pub overrides: Overrides,
-    /// Drop to this user once everything is attached.
-    pub user: Option<String>,
-    /// Replace another program's XDP attachment.
-    pub force: bool,
-}
 
 /// How long SIGTERM may take before the daemon exits anyway (the kernel detaches the
 /// links when the process is gone).
@@ -62,11 +58,11 @@ fn log(msg: impl AsRef<str>) {
     eprintln!("packetflow: {}", msg.as_ref());
 }
 
-pub async fn run(a: DaemonArgs) -> Result<()> {
-    let mut cfg = Config::load(a.config.as_deref(), &a.overrides)?;
+pub async fn run(a: Args) -> Result<()> {
+    let mut cfg = Config::load(a.config.as_deref(), &a.overrides())?;
     run::preflight("daemon")?;
     let mut stop = run::StopSignals::new()?;
-    let drop_to = a.user.as_deref().map(sys::lookup_user).transpose()?;
+    let drop_to = a.user.as_deref().map(platform::users::lookup_user).transpose()?;
 
     // Everything that can fail on bad input fails before a program is loaded.
     if !cfg.metrics_addr.ip().is_loopback() {
@@ -82,15 +78,17 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         .await
         .map_err(|e| user(format!("cannot serve metrics on {}: {e}", cfg.metrics_addr)))?;
     let control = bind_control(&cfg.control_socket)?;
-    let (interfaces, _) = resolve_interfaces(&cfg.interfaces, None)?;
+    let (interfaces, _) = interfaces::resolve(&cfg.interfaces, None)?;
     // XDP goes on only when the xdp stage is asked for (not in the default `overview`).
-    if cfg.xdp_mode != crate::config::XdpMode::Off && cfg.filter().stages.contains(packetflow_common::Stage::Xdp) {
+    if cfg.xdp_mode != crate::kernel::loader::XdpChoice::Off
+        && cfg.filter().stages.contains(packetflow_common::Stage::Xdp)
+    {
         for (ns, name) in &interfaces {
             check_xdp(ns.as_deref(), name, a.force)?;
         }
     }
     if let Some(dir) = &cfg.trace_dir {
-        crate::output::ensure_dir(dir, "trace_dir")?;
+        crate::format::output::ensure_dir(dir, "trace_dir")?;
         if let Some((uid, gid)) = drop_to {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid))
                 .map_err(|e| user(format!("cannot hand {} to the --user account: {e}", dir.display())))?;
@@ -103,10 +101,10 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
             let (dir, files, c) = (dir.clone(), files.clone(), cfg.clone());
             Some(Box::new(move |tracer, filter| {
                 let available = tracer.stages.iter().filter(|(_, h)| h.state.is_ok()).map(|(s, _)| *s).collect();
-                let header = json::header(tracer, serde_json::to_value(filter).unwrap_or_default());
+                let header = ndjson::header(tracer, serde_json::to_value(filter).unwrap_or_default());
                 let tf = TraceFiles::new(dir, file_settings(&c, header), Names::new(&tracer.interfaces), available);
                 *files.lock().expect("files lock") = Some((tf.settings.clone(), tf.counters.clone()));
-                vec![Box::new(tf) as Box<dyn crate::session::Sink>]
+                vec![Box::new(tf) as Box<dyn crate::pipeline::session::Sink>]
             }))
         }
         _ => None,
@@ -115,14 +113,14 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
     let mut running = Running::start(RunOptions {
         filter: cfg.filter(),
         interfaces,
-        any_in: trace::any_namespaces(&cfg.interfaces, None),
+        any_in: interfaces::any_namespaces(&cfg.interfaces, None),
         xdp: cfg.xdp_mode.into(),
         timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
         budget_mb: cfg.correlator_budget_mb as usize,
         more_sinks,
         ring_bytes,
         // Turning the statistics back on needs CAP_SYS_ADMIN, which --user gives up.
-        run_stats: crate::run::StatsSampling::from_secs(match (&drop_to, cfg.cost_sample_secs) {
+        run_stats: crate::pipeline::run::StatsSampling::from_secs(match (&drop_to, cfg.cost_sample_secs) {
             (Some(_), n) if n > 1 => {
                 log(format!(
                     "cost_sample_secs = {n}: with --user the run statistics could not be turned back on, so they stay on"
@@ -138,7 +136,7 @@ pub async fn run(a: DaemonArgs) -> Result<()> {
         log(line);
     }
     if let Some((uid, gid)) = drop_to {
-        sys::drop_privileges(uid, gid)?;
+        platform::users::drop_privileges(uid, gid)?;
         log(format!("running as {} (uid {uid}, gid {gid}) with no capabilities", a.user.as_deref().unwrap_or("?")));
     }
 
@@ -213,22 +211,7 @@ fn mode_name(m: Mode) -> &'static str {
 }
 
 fn describe_filter(c: &Config) -> String {
-    let mut parts = Vec::new();
-    if !c.ports.is_empty() {
-        parts.push(format!("port {}", c.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")));
-    }
-    if !c.hosts.is_empty() {
-        parts.push(format!("host {}", c.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>().join(",")));
-    }
-    if let Some(p) = c.pid {
-        parts.push(format!("pid {p}"));
-    }
-    if let Some(p) = c.proto {
-        parts.push(format!("{p:?}").to_lowercase());
-    }
-    if c.sample > 1 {
-        parts.push(format!("1 flow in {}", c.sample));
-    }
+    let mut parts = c.filter().describe();
     if c.slow_us > 0 {
         parts.push(format!("trace files keep packets >= {} µs", c.slow_us));
     }
@@ -247,8 +230,8 @@ fn file_settings(c: &Config, header: serde_json::Value) -> trace_files::Settings
 
 /// Reads the config again and applies what can change while running. Returns the
 /// settings now in force (restart-only keys keep their old values).
-fn reload(a: &DaemonArgs, old: &Config, running: &mut Running, files: &Files) -> Result<Config> {
-    let mut new = Config::load(a.config.as_deref(), &a.overrides)?;
+fn reload(a: &Args, old: &Config, running: &mut Running, files: &Files) -> Result<Config> {
+    let mut new = Config::load(a.config.as_deref(), &a.overrides())?;
     let keep = old.restart_keys(&new);
     if !keep.is_empty() {
         log(format!("{} changed: that needs a restart; keeping the running values", keep.join(", ")));
@@ -351,7 +334,7 @@ fn render_status(s: &Snapshot, c: &Config, started: Instant) -> String {
     }
     out.push('\n');
     let lost = run::with_misses(run::lost_per_stage(&s.counters), &s.missed);
-    out.push_str(&trace::tables(&s.stats, &lost));
+    out.push_str(&tables::tables(&s.stats, &lost));
     match &s.programs {
         Some(progs) => {
             let ns: u64 = progs.iter().map(|p| p.ns).sum();
@@ -404,8 +387,8 @@ tracing cost: unknown (the kernel's BPF run statistics are off: cost_sample_secs
 /// Refuses to replace another program's XDP attachment on `ifname` unless `force`.
 fn check_xdp(ns: Option<&Path>, ifname: &str, force: bool) -> Result<()> {
     let name = ifname.to_string();
-    sys::in_netns(ns, move || {
-        let Some(ifindex) = sys::ifindex(&name) else {
+    platform::netns::in_netns(ns, move || {
+        let Some(ifindex) = platform::interfaces::ifindex(&name) else {
             return Ok(());
         };
         let Some(h) =
@@ -484,22 +467,4 @@ async fn serve_control(l: UnixListener, status: Arc<Mutex<String>>) {
             let _ = w.shutdown().await;
         });
     }
-}
-
-/// `packetflow status`: asks the daemon on `socket` and prints its answer.
-pub fn status(socket: &Path) -> Result<()> {
-    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
-        let hint = match e.kind() {
-            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => " (is the daemon running?)",
-            std::io::ErrorKind::PermissionDenied => " (the control socket is root-only)",
-            _ => "",
-        };
-        user(format!("cannot reach the packetflow daemon at {}: {e}{hint}", socket.display()))
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"status\n")?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).context("reading the daemon's answer")?;
-    print!("{out}");
-    Ok(())
 }

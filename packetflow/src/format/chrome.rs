@@ -12,8 +12,8 @@ use std::{collections::HashMap, io::Write};
 use serde_json::json;
 
 use crate::{
-    correlate::{Flow, PathKind, Trace},
-    session::Sink,
+    model::trace::{Flow, PathKind, Trace},
+    pipeline::session::Sink,
 };
 
 const MAX_LANES: usize = 8;

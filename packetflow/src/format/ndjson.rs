@@ -9,12 +9,13 @@ use packetflow_common::Stage;
 use serde::Serialize;
 
 use crate::{
-    correlate::{CorrStats, Trace},
-    loader::Tracer,
-    names::Names,
-    session::Sink,
-    stats::{PERCENTILES, Stats},
-    sys,
+    kernel::loader::Tracer,
+    model::stats::{PERCENTILES, Stats},
+    model::trace::Trace,
+    pipeline::correlate::CorrStats,
+    pipeline::names::Names,
+    pipeline::session::Sink,
+    platform,
 };
 
 pub const SCHEMA_VERSION: u32 = 1;
@@ -153,10 +154,10 @@ pub fn header(tracer: &Tracer, filters: serde_json::Value) -> serde_json::Value 
         "type": "header",
         "v": SCHEMA_VERSION,
         "packetflow": env!("CARGO_PKG_VERSION"),
-        "kernel": sys::kernel_release(),
-        "hostname": sys::hostname(),
-        "start_wall_ns": sys::realtime_ns(),
-        "mono_to_wall_ns": sys::mono_to_wall_offset(),
+        "kernel": platform::host::kernel_release(),
+        "hostname": platform::host::hostname(),
+        "start_wall_ns": platform::host::realtime_ns(),
+        "mono_to_wall_ns": platform::host::mono_to_wall_offset(),
         "filters": filters,
         "hooks": hooks,
         "stage_order": packetflow_common::Stage::ALL.iter().map(|s| s.name()).collect::<Vec<_>>(),

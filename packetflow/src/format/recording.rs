@@ -23,9 +23,9 @@ use packetflow_common::Stage;
 use serde::Deserialize;
 
 use crate::{
-    correlate::{Flow, PathKind, StageTime, Trace, TraceKind},
     error::user,
-    json::SCHEMA_VERSION,
+    format::ndjson::SCHEMA_VERSION,
+    model::trace::{Flow, PathKind, StageTime, Trace, TraceKind},
 };
 
 #[derive(Deserialize)]

@@ -21,7 +21,10 @@ use std::{
 
 use packetflow_common::Stage;
 
-use crate::{correlate::Trace, json::TraceJson, names::Names, session::Sink, stats::end_to_end_ns};
+use crate::{
+    format::ndjson::TraceJson, model::stats::end_to_end_ns, model::trace::Trace, pipeline::names::Names,
+    pipeline::session::Sink,
+};
 
 /// What SIGHUP may change while the files are being written.
 #[derive(Clone, Debug)]
@@ -231,8 +234,8 @@ impl Writer {
             .files_deleted
             .fetch_add(enforce_cap(&self.dir, s.max_total_bytes.saturating_sub(s.rotate_bytes)), Ordering::Relaxed);
         self.seq += 1;
-        let path = self.dir.join(file_name(crate::sys::realtime_ns(), std::process::id(), self.seq));
-        match crate::output::create_new(&path) {
+        let path = self.dir.join(file_name(crate::platform::host::realtime_ns(), std::process::id(), self.seq));
+        match crate::format::output::create_new(&path) {
             Ok(file) => {
                 self.cur = Some(Open { path, file, flushed: 0, bytes: 0, since: Instant::now() });
                 self.write(&s.header.to_string(), false);
@@ -399,7 +402,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         for (p, _) in list(&dir) {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode & !crate::output::MODE, 0, "{} has mode {mode:o}", p.display());
+            assert_eq!(mode & !crate::format::output::MODE, 0, "{} has mode {mode:o}", p.display());
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -46,7 +46,7 @@ use packetflow_common::{
     summary::HIST_BUCKETS,
 };
 
-use crate::{btf::Btf, error::user, stage_set::StageSet, sys};
+use crate::{error::user, kernel::btf::Btf, model::stage_set::StageSet, platform};
 
 /// The compiled `packetflow-ebpf` object, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/packetflow"));
@@ -279,7 +279,9 @@ impl Role {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How to attach XDP: `--xdp-mode` and the daemon's `xdp_mode` key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum XdpChoice {
     Auto,
     Native,
@@ -451,7 +453,7 @@ fn cap_ring_name(i: usize) -> &'static str {
 
 /// Offset of `ret` in the sys_exit tracepoint records, from tracefs.
 fn sys_exit_ret_offset() -> u32 {
-    let path = format!("{}/events/syscalls/sys_exit_read/format", sys::TRACEFS);
+    let path = format!("{}/events/syscalls/sys_exit_read/format", platform::mounts::TRACEFS);
     std::fs::read_to_string(path)
         .ok()
         .and_then(|f| {
@@ -471,9 +473,9 @@ impl Tracer {
                 Btf::VMLINUX
             );
         }
-        sys::raise_memlock();
-        let tracefs = sys::ensure_tracefs();
-        if let sys::MountState::Failed(why) = &tracefs {
+        platform::privileges::raise_memlock();
+        let tracefs = platform::mounts::ensure_tracefs();
+        if let platform::mounts::MountState::Failed(why) = &tracefs {
             return Err(user(format!("tracefs is needed for the syscall tracepoints: {why}")));
         }
         let btf = Btf::from_sys_fs()?;
@@ -482,7 +484,7 @@ impl Tracer {
         let ring_bytes = opts.ring_bytes.max(4096).next_power_of_two();
         let wake = (ring_bytes / 4) as u64;
         let ret_off = sys_exit_ret_offset();
-        let cpus = sys::possible_cpus();
+        let cpus = platform::host::possible_cpus();
         let nr_cpus: u32 = cpus.iter().max().map_or(1, |c| c + 1);
         let used: Vec<usize> =
             (0..RING_SHARDS).filter(|s| cpus.iter().any(|c| *c as usize % RING_SHARDS == *s)).collect();
@@ -556,7 +558,7 @@ impl Tracer {
     }
 
     /// Writes the capture settings (the filter's primitives and truth table).
-    pub fn set_capture(&mut self, c: &crate::expr::Compiled) -> Result<()> {
+    pub fn set_capture(&mut self, c: &crate::capture::expr::Compiled) -> Result<()> {
         let mut table: Array<_, u8> =
             Array::try_from(self.ebpf_mut().map_mut("CAP_TABLE").ok_or_else(|| anyhow!("CAP_TABLE map missing"))?)?;
         for (i, v) in c.table.iter().enumerate() {
@@ -579,17 +581,18 @@ impl Tracer {
     }
 
     /// The in-kernel histograms (summary mode), summed over CPUs, as statistics.
-    pub fn kernel_stats(&self) -> crate::stats::Stats {
+    pub fn kernel_stats(&self) -> crate::model::stats::Stats {
         use packetflow_common::summary::{E2E_SLOT, SLOTS_PER_PATH, bucket_range};
-        let mut stats = crate::stats::Stats::default();
-        for (p, path) in [crate::correlate::PathKind::Loopback, crate::correlate::PathKind::Nic].into_iter().enumerate()
+        let mut stats = crate::model::stats::Stats::default();
+        for (p, path) in
+            [crate::model::trace::PathKind::Loopback, crate::model::trace::PathKind::Nic].into_iter().enumerate()
         {
-            let mut ps = crate::stats::PathStats::default();
+            let mut ps = crate::model::stats::PathStats::default();
             for slot in 0..SLOTS_PER_PATH {
                 let Ok(per_cpu) = self.hist.get(&(p as u32 * SLOTS_PER_PATH + slot), 0) else {
                     continue;
                 };
-                let mut h = crate::stats::hist();
+                let mut h = crate::model::stats::hist();
                 for buckets in per_cpu.iter() {
                     for (i, &n) in buckets.iter().enumerate() {
                         if n > 0 {
@@ -612,7 +615,7 @@ impl Tracer {
             if ps.traces > 0 {
                 // The first stage of every packet has no delta: show it as seen.
                 if let Some(first) = self.asked.stages().next() {
-                    ps.stages.entry(first).or_insert_with(crate::stats::hist);
+                    ps.stages.entry(first).or_insert_with(crate::model::stats::hist);
                 }
                 stats.paths.insert(path, ps);
             }
@@ -747,7 +750,7 @@ impl Tracer {
     }
 
     fn cgroup(&mut self, prog: &str, kind: CgroupSkbAttachType) -> Result<(), String> {
-        let root = sys::ensure_cgroup2().map_err(|e| format!("{e:#}"))?;
+        let root = platform::mounts::ensure_cgroup2().map_err(|e| format!("{e:#}"))?;
         let fd = std::fs::File::open(&root).map_err(|e| format!("{}: {e}", root.display()))?;
         let p: &mut CgroupSkb = self.program(prog)?;
         p.load().map_err(|e| describe(&e))?;
@@ -969,7 +972,7 @@ impl Tracer {
                 r.map_err(|e| anyhow!("loading {name}: {}", describe(&e)))?;
             }
         }
-        let netns_inode = sys::netns_inode(netns.unwrap_or(Path::new("/proc/self/ns/net"))).unwrap_or(0);
+        let netns_inode = platform::netns::netns_inode(netns.unwrap_or(Path::new("/proc/self/ns/net"))).unwrap_or(0);
         let [x, ti, te] = self.ebpf_mut().programs_mut().fold([None, None, None], |mut acc, (n, p)| {
             if n == xdp_name {
                 acc[0] = Some(p);
@@ -988,8 +991,8 @@ impl Tracer {
         let te: &mut SchedClassifier = te.try_into()?;
         let name = ifname.to_string();
         let ns_owned = netns.map(Path::to_path_buf);
-        let attached = sys::in_netns(netns, move || {
-            let Some(ifindex) = sys::ifindex(&name) else {
+        let attached = platform::netns::in_netns(netns, move || {
+            let Some(ifindex) = platform::interfaces::ifindex(&name) else {
                 let where_ =
                     ns_owned.as_ref().map(|p| format!(" in network namespace {}", p.display())).unwrap_or_default();
                 crate::user_bail!("unknown interface '{name}'{where_}");
@@ -1060,9 +1063,9 @@ impl Tracer {
         let mut lines = Vec::new();
         for a in self.interfaces.iter_mut().filter(|a| !a.lost) {
             let gone = a.netns.as_deref().is_some_and(|p| !p.exists())
-                || match sys::in_netns(a.netns.as_deref(), || {
-                    let inode = sys::netns_inode(Path::new("/proc/thread-self/ns/net")).unwrap_or(0);
-                    Ok((inode, sys::ifindex(&a.ifname)))
+                || match platform::netns::in_netns(a.netns.as_deref(), || {
+                    let inode = platform::netns::netns_inode(Path::new("/proc/thread-self/ns/net")).unwrap_or(0);
+                    Ok((inode, platform::interfaces::ifindex(&a.ifname)))
                 }) {
                     Ok((inode, i)) => i != Some(a.ifindex) || (a.netns_inode != 0 && inode != a.netns_inode),
                     // Cannot look (no privileges left after --user): not known to be gone.
@@ -1143,8 +1146,8 @@ impl Tracer {
     }
 
     /// What the correlator may expect to see, from what is attached.
-    pub fn coverage(&self) -> crate::correlate::Coverage {
-        let mut c = crate::correlate::Coverage::default();
+    pub fn coverage(&self) -> crate::pipeline::correlate::Coverage {
+        let mut c = crate::pipeline::correlate::Coverage::default();
         for (s, h) in &self.stages {
             if h.state.is_ok() && !s.is_per_interface() {
                 c.global.insert(*s);

@@ -37,7 +37,7 @@ impl Holder {
         let name = if self.prog_name.is_empty() {
             String::new()
         } else {
-            format!(" '{}'", crate::output::printable(&self.prog_name))
+            format!(" '{}'", crate::format::output::printable(&self.prog_name))
         };
         let who = if self.processes.is_empty() {
             "held by no process (attached through netlink, or pinned)".to_string()
@@ -45,7 +45,7 @@ impl Holder {
             let p: Vec<String> = self
                 .processes
                 .iter()
-                .map(|(pid, comm)| format!("pid {pid} ({})", crate::output::printable(comm)))
+                .map(|(pid, comm)| format!("pid {pid} ({})", crate::format::output::printable(comm)))
                 .collect();
             format!("held by {}", p.join(", "))
         };

@@ -7,17 +7,34 @@ use packetflow_common::{
     Filter, MAX_FILTER_HOSTS, MAX_FILTER_IFACES, MAX_FILTER_PORTS,
     config::{MODE_RECORDS, MODE_SUMMARY, PROTO_TCP, PROTO_UDP},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::user_bail;
+
+/// A transport protocol, as `--proto` and the daemon's `proto` key name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct FilterSpec {
     pub ports: Vec<u16>,
     pub hosts: Vec<IpAddr>,
     pub pid: Option<u32>,
-    /// "tcp" or "udp"; both when `None`.
-    pub proto: Option<String>,
+    /// Both when `None`.
+    pub proto: Option<Proto>,
     /// Interface indexes for the device stages (names are resolved by the caller).
     pub ifindexes: Vec<u32>,
     pub control: bool,
@@ -28,20 +45,41 @@ pub struct FilterSpec {
     /// Trace 1 flow in N (1: all).
     pub sample: u32,
     /// The stages whose records are written (`--stages`).
-    pub stages: crate::stage_set::StageSet,
+    pub stages: crate::model::stage_set::StageSet,
 }
 
 impl FilterSpec {
+    /// Which traffic, in words ("port 80,443", "tcp", "1 flow in 10"); empty for all of it.
+    pub fn describe(&self) -> Vec<String> {
+        let list = |v: Vec<String>| v.join(",");
+        let mut parts = Vec::new();
+        if !self.ports.is_empty() {
+            parts.push(format!("port {}", list(self.ports.iter().map(u16::to_string).collect())));
+        }
+        if !self.hosts.is_empty() {
+            parts.push(format!("host {}", list(self.hosts.iter().map(IpAddr::to_string).collect())));
+        }
+        if let Some(p) = self.pid {
+            parts.push(format!("pid {p}"));
+        }
+        if let Some(p) = self.proto {
+            parts.push(p.name().into());
+        }
+        if self.sample > 1 {
+            parts.push(format!("1 flow in {}", self.sample));
+        }
+        parts
+    }
+
     /// The kernel's view; fails with a sentence when the spec does not fit.
     pub fn to_kernel(&self, own_tgid: u32) -> Result<Filter> {
         let mut f = Filter::NONE;
         f.own_tgid = own_tgid;
         f.pid = self.pid.unwrap_or(0);
-        f.protos = match self.proto.as_deref() {
+        f.protos = match self.proto {
             None => PROTO_TCP | PROTO_UDP,
-            Some("tcp") => PROTO_TCP,
-            Some("udp") => PROTO_UDP,
-            Some(p) => user_bail!("unknown protocol '{p}' (expected tcp or udp)"),
+            Some(Proto::Tcp) => PROTO_TCP,
+            Some(Proto::Udp) => PROTO_UDP,
         };
         if self.ports.len() > MAX_FILTER_PORTS {
             user_bail!("at most {MAX_FILTER_PORTS} --port filters are supported, got {}", self.ports.len());
@@ -93,7 +131,7 @@ mod tests {
             ports: vec![8080, 53],
             hosts: vec!["127.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap(), "::ffff:1.2.3.4".parse().unwrap()],
             pid: Some(42),
-            proto: Some("udp".into()),
+            proto: Some(Proto::Udp),
             ..Default::default()
         };
         let f = s.to_kernel(7).unwrap();
@@ -109,7 +147,8 @@ mod tests {
     fn refuses_what_does_not_fit() {
         let s = FilterSpec { ports: (1..=9).collect(), ..Default::default() };
         assert!(s.to_kernel(1).is_err());
-        let s = FilterSpec { proto: Some("sctp".into()), ..Default::default() };
-        assert!(s.to_kernel(1).unwrap_err().to_string().contains("sctp"));
+        // An unknown protocol cannot reach a FilterSpec: --proto and the config refuse it.
+        assert!(<Proto as clap::ValueEnum>::from_str("sctp", false).is_err());
+        assert!(toml::from_str::<std::collections::HashMap<String, Proto>>("p = \"sctp\"").is_err());
     }
 }

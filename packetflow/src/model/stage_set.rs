@@ -63,7 +63,7 @@ impl StageSet {
                 let sets: Vec<&str> = NAMED.iter().map(|(n, _, _)| *n).collect();
                 user_bail!(
                     "unknown stage or stage set '{}' (stages: {}; sets: {})",
-                    crate::output::printable(word),
+                    crate::format::output::printable(word),
                     names.join(", "),
                     sets.join(", ")
                 );

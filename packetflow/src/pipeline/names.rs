@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{loader::Attached, sys};
+use crate::{kernel::loader::Attached, platform};
 
 #[derive(Default)]
 pub struct Names {
@@ -16,8 +16,10 @@ pub struct Names {
 
 impl Names {
     pub fn new(attached: &[Attached]) -> Names {
-        let mut n =
-            Names { own_netns: sys::netns_inode(Path::new("/proc/self/ns/net")).unwrap_or(0), ..Default::default() };
+        let mut n = Names {
+            own_netns: platform::netns::netns_inode(Path::new("/proc/self/ns/net")).unwrap_or(0),
+            ..Default::default()
+        };
         for a in attached {
             n.ifnames.insert((a.netns_inode, a.ifindex), a.ifname.clone());
             if let Some(p) = &a.netns {
@@ -29,7 +31,7 @@ impl Names {
 
     /// Registers a named network namespace (e.g. a test host) for name lookups.
     pub fn add_netns(&mut self, path: &Path) {
-        if let Some(i) = sys::netns_inode(path) {
+        if let Some(i) = platform::netns::netns_inode(path) {
             self.netns_paths.insert(i, path.to_path_buf());
         }
     }
@@ -40,7 +42,7 @@ impl Names {
         }
         let dir = std::fs::read_dir("/run/netns").ok()?;
         for e in dir.flatten() {
-            if sys::netns_inode(&e.path()) == Some(inode) {
+            if platform::netns::netns_inode(&e.path()) == Some(inode) {
                 self.netns_paths.insert(inode, e.path());
                 return Some(e.path());
             }
@@ -53,10 +55,11 @@ impl Names {
             return n.clone();
         }
         let name = if netns == 0 || netns == self.own_netns {
-            sys::ifname(ifindex)
+            platform::interfaces::ifname(ifindex)
         } else {
-            self.find_netns(netns)
-                .and_then(|p| sys::in_netns(Some(&p), move || Ok(sys::ifname(ifindex))).ok().flatten())
+            self.find_netns(netns).and_then(|p| {
+                platform::netns::in_netns(Some(&p), move || Ok(platform::interfaces::ifname(ifindex))).ok().flatten()
+            })
         };
         let name = name.unwrap_or_else(|| format!("if{ifindex}"));
         self.ifnames.insert((netns, ifindex), name.clone());

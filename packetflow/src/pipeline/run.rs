@@ -12,14 +12,14 @@ use anyhow::{Context, Result};
 use packetflow_common::{Stage, counters};
 
 use crate::{
-    correlate::CorrStats,
-    filter::FilterSpec,
-    json::{self, JsonSink},
-    loader::{LoadOptions, Tracer, XdpChoice},
-    names::Names,
-    session::{self, CorrelatorHandle, Readers, Shared, Sink},
-    stats::Stats,
-    sys,
+    format::ndjson::{self, JsonSink},
+    kernel::loader::{LoadOptions, Tracer, XdpChoice},
+    model::filter::FilterSpec,
+    model::stats::Stats,
+    pipeline::correlate::CorrStats,
+    pipeline::names::Names,
+    pipeline::session::{self, CorrelatorHandle, Readers, Shared, Sink},
+    platform,
 };
 
 pub struct RunOptions {
@@ -86,7 +86,7 @@ impl Default for RunOptions {
             chrome_trace: None,
             netns_names: Vec::new(),
             timeout: Duration::from_secs(1),
-            budget_mb: crate::correlate::DEFAULT_BUDGET_MB,
+            budget_mb: crate::pipeline::correlate::DEFAULT_BUDGET_MB,
             count: None,
             poll: Duration::from_millis(10),
             ring_bytes: LoadOptions::default().ring_bytes,
@@ -125,8 +125,8 @@ pub struct Finished {
     pub lost: BTreeMap<Stage, u64>,
     pub overflow_records: u64,
     pub summary: serde_json::Value,
-    pub stages: BTreeMap<Stage, crate::loader::StageHook>,
-    pub interfaces: Vec<crate::loader::Attached>,
+    pub stages: BTreeMap<Stage, crate::kernel::loader::StageHook>,
+    pub interfaces: Vec<crate::kernel::loader::Attached>,
     /// The tracer's own kernel time over the run (None: run statistics unavailable).
     pub cost: Option<Cost>,
 }
@@ -142,7 +142,11 @@ pub struct Cost {
 }
 
 impl Cost {
-    fn of(programs: &[crate::loader::ProgramCost], elapsed: std::time::Duration, sampled: std::time::Duration) -> Cost {
+    fn of(
+        programs: &[crate::kernel::loader::ProgramCost],
+        elapsed: std::time::Duration,
+        sampled: std::time::Duration,
+    ) -> Cost {
         Cost {
             kernel_ns: programs.iter().map(|p| p.ns).sum(),
             runs: programs.iter().map(|p| p.runs).sum(),
@@ -285,7 +289,7 @@ impl Running {
         }
         let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
         if let Some(path) = &o.json {
-            let out = crate::output::writer(path)?;
+            let out = crate::format::output::writer(path)?;
             let mut names = Names::new(&tracer.interfaces);
             for p in &o.netns_names {
                 names.add_netns(p);
@@ -293,11 +297,11 @@ impl Running {
             let available: Vec<Stage> =
                 tracer.stages.iter().filter(|(_, h)| h.state.is_ok()).map(|(s, _)| *s).collect();
             let mut sink = JsonSink::new(out, names, available);
-            sink.line(&json::header(&tracer, serde_json::to_value(&filter)?));
+            sink.line(&ndjson::header(&tracer, serde_json::to_value(&filter)?));
             sinks.push(Box::new(sink));
         }
         if let Some(path) = &o.chrome_trace {
-            sinks.push(Box::new(crate::chrome::ChromeTrace::new(crate::output::writer(path)?)));
+            sinks.push(Box::new(crate::format::chrome::ChromeTrace::new(crate::format::output::writer(path)?)));
         }
         if let Some(more) = o.more_sinks {
             sinks.extend(more(&tracer, &filter));
@@ -323,7 +327,7 @@ impl Running {
     /// Attaches and detaches global hooks so they serve `stages` (the kept ones run on,
     /// their histograms with no gap); the correlator expects the new set from now on.
     /// Write the filter with the same set afterwards. One line per hook changed.
-    pub fn set_stages(&mut self, stages: crate::stage_set::StageSet) -> Vec<String> {
+    pub fn set_stages(&mut self, stages: crate::model::stage_set::StageSet) -> Vec<String> {
         let lines = self.tracer.set_stages(stages);
         *self.shared.coverage.lock().expect("coverage lock") = Some(self.tracer.coverage());
         lines
@@ -335,7 +339,9 @@ impl Running {
     pub fn watch_interfaces(&mut self) -> Vec<String> {
         let mut lines = self.tracer.check_interfaces();
         for ns in &self.any_in {
-            let Ok(now) = sys::in_netns(ns.as_deref(), || Ok(sys::interfaces())) else { continue };
+            let Ok(now) = platform::netns::in_netns(ns.as_deref(), || Ok(platform::interfaces::interfaces())) else {
+                continue;
+            };
             for (_, name, _) in now {
                 if self.tracer.has_interface(ns.as_deref(), &name) || !self.tried.insert((ns.clone(), name.clone())) {
                     continue;
@@ -413,7 +419,7 @@ impl Running {
         }
         counts["recursion_misses"] =
             serde_json::json!(missed.iter().map(|(s, n)| (s.name(), *n)).collect::<BTreeMap<_, _>>());
-        let summary = json::summary(&stats, &lost, counts, &corr);
+        let summary = ndjson::summary(&stats, &lost, counts, &corr);
         for s in sinks.iter_mut() {
             s.finish(&summary);
         }
@@ -514,7 +520,7 @@ impl StopSignals {
 
 /// Checks privileges and mounts for any tracing subcommand.
 pub fn preflight(what: &str) -> Result<()> {
-    sys::require_caps(what, sys::TRACE_CAPS)?;
-    let _ = sys::ensure_bpffs();
+    platform::privileges::require_caps(what, platform::privileges::TRACE_CAPS)?;
+    let _ = platform::mounts::ensure_bpffs();
     Ok(())
 }

@@ -23,12 +23,14 @@ use std::{
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use packetflow_common::{Event, RING_SHARDS};
-use tokio::{io::unix::AsyncFd, sync::watch, task::JoinHandle};
+use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
-    correlate::{CorrStats, Correlator, Coverage, Trace},
-    stats::Stats,
-    sys,
+    model::stats::Stats,
+    model::trace::Trace,
+    pipeline::correlate::{CorrStats, Correlator, Coverage},
+    pipeline::shards::{self, Shards},
+    platform,
 };
 
 /// Records waiting for the correlator, at most (64 B each: 4 MiB). Past this, readers
@@ -97,38 +99,24 @@ pub fn start_readers(rings: Vec<(usize, RingBuf<MapData>)>, poll: Duration) -> R
     let mut tasks = Vec::new();
     let mut shards = Vec::new();
     for (shard, ring) in rings {
-        // SAFETY: the ring owns its fd and keeps it open while the AsyncFd holds it.
-        let afd = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
+        let ring = Shards::new(vec![(shard, ring)], poll, stop_rx.clone())?;
         shards.push(shard);
-        tasks.push(tokio::spawn(read_shard(shard, afd, tx.clone(), stop_rx.clone(), poll, shared.clone())));
+        tasks.push(tokio::spawn(read_shard(shard, ring, tx.clone(), shared.clone())));
     }
     Ok(Readers { stop, tasks, rx: Some(rx), shards, shared })
 }
 
-async fn read_shard(
-    shard: usize,
-    mut afd: AsyncFd<RingBuf<MapData>>,
-    tx: SyncSender<Batch>,
-    mut stop: watch::Receiver<bool>,
-    poll: Duration,
-    shared: Arc<Shared>,
-) {
-    let mut tick = tokio::time::interval(poll);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+async fn read_shard(shard: usize, mut ring: Shards, tx: SyncSender<Batch>, shared: Arc<Shared>) {
     loop {
-        let last = *stop.borrow();
-        let watermark = sys::monotonic_ns().saturating_sub(WATERMARK_MARGIN_NS);
+        let last = ring.stopping();
+        let watermark = platform::host::monotonic_ns().saturating_sub(WATERMARK_MARGIN_NS);
         let mut events = Vec::new();
-        {
-            let ring = afd.get_mut();
-            while let Some(item) = ring.next() {
-                if item.len() == std::mem::size_of::<Event>() {
-                    events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
-                } else {
-                    shared.bad_records.fetch_add(1, Ordering::Relaxed);
-                }
+        ring.drain(|_, item| match shards::record::<Event>(item) {
+            Some(e) if item.len() == size_of::<Event>() => events.push(e),
+            _ => {
+                shared.bad_records.fetch_add(1, Ordering::Relaxed);
             }
-        }
+        });
         let n = events.len() as u64;
         // Each record takes its size plus an 8-byte header in the ring.
         shared.ring_backlog_bytes[shard].fetch_max(n * (std::mem::size_of::<Event>() as u64 + 8), Ordering::Relaxed);
@@ -155,15 +143,7 @@ async fn read_shard(
         if last {
             return;
         }
-        tokio::select! {
-            r = afd.readable_mut() => {
-                if let Ok(mut g) = r {
-                    g.clear_ready();
-                }
-            }
-            _ = tick.tick() => {}
-            _ = stop.changed() => {}
-        }
+        ring.wait().await;
     }
 }
 
@@ -216,7 +196,7 @@ impl Readers {
                     for s in sinks.iter_mut() {
                         s.trace(&t);
                     }
-                    if t.kind == crate::correlate::TraceKind::Data {
+                    if t.kind == crate::model::trace::TraceKind::Data {
                         let n = shared.data_traces.fetch_add(1, Ordering::Relaxed) + 1;
                         if count.is_some_and(|c| n >= c) && !shared.count_reached.swap(true, Ordering::Relaxed) {
                             shared.count_notify.notify_one();
@@ -236,9 +216,9 @@ impl Readers {
                                         e.ts_ns,
                                         packetflow_common::Stage::from_u8(e.stage).map_or("?", |s| s.name()),
                                         e.cpu,
-                                        crate::correlate::ip(e.is_v6(), &e.saddr),
+                                        crate::model::trace::ip(e.is_v6(), &e.saddr),
                                         e.sport,
-                                        crate::correlate::ip(e.is_v6(), &e.daddr),
+                                        crate::model::trace::ip(e.is_v6(), &e.daddr),
                                         e.dport,
                                         e.seq,
                                         e.len,

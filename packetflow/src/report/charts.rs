@@ -15,8 +15,9 @@ use std::{collections::BTreeMap, fmt::Write as _};
 use packetflow_common::Stage;
 
 use crate::{
-    correlate::{PathKind, Trace, TraceKind},
-    stats::{self, Stats},
+    model::stats::{self, Stats},
+    model::trace::{PathKind, Trace, TraceKind},
+    report::tables,
 };
 
 const RESERVOIR: usize = 4096;
@@ -127,20 +128,13 @@ impl Default for Gathered {
     }
 }
 
-pub fn end_to_end(t: &Trace) -> u64 {
-    match (t.time_of(Stage::SendSyscall), t.time_of(Stage::RecvSyscall)) {
-        (Some(a), Some(b)) => b.saturating_sub(a),
-        _ => t.total_ns(),
-    }
-}
-
 impl Gathered {
     pub fn add(&mut self, t: &Trace) {
         self.stats.record(t);
         if t.kind != TraceKind::Data || t.stages.is_empty() {
             return;
         }
-        let e2e = end_to_end(t);
+        let e2e = stats::end_to_end_ns(t);
         let t0 = t.stages[0].t_ns;
         let start = *self.start.get_or_insert(t0);
         self.timelines.entry(t.path).or_insert_with(Timeline::new).add(start, t0, e2e);
@@ -164,7 +158,7 @@ impl Gathered {
     /// The sampled trace whose end-to-end latency is nearest the path's quantile `q`.
     pub fn packet_at(&self, path: PathKind, q: f64) -> Option<&Trace> {
         let target = self.stats.paths.get(&path)?.e2e.value_at_quantile(q);
-        self.reservoir.get(&path)?.iter().min_by_key(|t| end_to_end(t).abs_diff(target))
+        self.reservoir.get(&path)?.iter().min_by_key(|t| stats::end_to_end_ns(t).abs_diff(target))
     }
 }
 
@@ -250,9 +244,9 @@ pub fn percentiles(stats: &Stats) -> String {
                 (x(p99) - x(p50)).max(2.0),
                 color(*p),
                 p.name(),
-                stats::us(p50 as u64),
-                stats::us(p90 as u64),
-                stats::us(p99 as u64),
+                tables::us(p50 as u64),
+                tables::us(p90 as u64),
+                tables::us(p99 as u64),
                 x(p90),
                 x(p90),
                 y + 10.0
@@ -295,7 +289,7 @@ pub fn waterfall(t: &Trace, title: &str) -> String {
             s,
             "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{bottom}\" stroke=\"#ddd\"/><text x=\"{xx:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#555\">{} µs</text>",
             bottom + 16.0,
-            stats::us(ns.saturating_sub(t0))
+            tables::us(ns.saturating_sub(t0))
         );
     }
     for (i, st) in t.stages.iter().enumerate() {
@@ -312,7 +306,7 @@ pub fn waterfall(t: &Trace, title: &str) -> String {
             (x(st.t_ns) - x(from)).max(1.5),
             color(t.path),
             st.stage.name(),
-            stats::us(st.t_ns.saturating_sub(from))
+            tables::us(st.t_ns.saturating_sub(from))
         );
     }
     s.push_str("</svg>\n");
@@ -401,7 +395,7 @@ pub fn all(g: &Gathered) -> Vec<(String, String)> {
                 let title = format!(
                     "{} path: the {name} packet ({} µs end to end, {} bytes {})",
                     p.name(),
-                    stats::us(end_to_end(t)),
+                    tables::us(stats::end_to_end_ns(t)),
                     t.len,
                     if t.flow.udp { "UDP" } else { "TCP" }
                 );

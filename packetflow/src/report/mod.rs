@@ -4,48 +4,41 @@
 //! Reading streams: memory holds the statistics (bounded) and one line at a time, never
 //! the file. On a terminal, progress goes to stderr.
 
+pub mod charts;
+pub mod tables;
+
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::{BufReader, IsTerminal, Read, Write},
-    path::PathBuf,
+    io::{BufReader, IsTerminal, Read},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use hdrhistogram::Histogram;
 use packetflow_common::Stage;
 
 use crate::{
-    charts::{self, Gathered},
-    chrome::ChromeTrace,
-    correlate::{Flow, PathKind, Trace},
     error::user,
-    recording::{Line, ReadNotes, Reader},
-    session::Sink,
-    stats::{self, Stats, us},
-    trace::tables,
+    format::recording::{Line, ReadNotes, Reader},
+    model::stats::{self, Stats},
+    model::trace::{Flow, PathKind, Trace},
+    pipeline::session::Sink,
+    report::charts::Gathered,
+    report::tables::tables,
+    report::tables::us,
 };
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// How `report` groups its table: per stage, per flow, per sending process.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum By {
     Stage,
     Flow,
     Pid,
 }
 
-pub struct ReportArgs {
-    pub file: String,
-    pub baseline: Option<String>,
-    pub path: Option<PathKind>,
-    pub by: By,
-    pub chrome_trace: Option<String>,
-    pub html: Option<String>,
-    pub svg: Option<PathBuf>,
-}
-
 /// Groups for `--by flow|pid` (bounded: past the limit, new groups fall into "other").
-struct Groups {
+pub struct Groups {
     by: By,
     map: BTreeMap<String, Histogram<u64>>,
 }
@@ -54,14 +47,14 @@ const MAX_GROUPS: usize = 10_000;
 
 impl Groups {
     fn add(&mut self, t: &Trace) {
-        if t.kind != crate::correlate::TraceKind::Data {
+        if t.kind != crate::model::trace::TraceKind::Data {
             return;
         }
         let key = match self.by {
             By::Stage => return,
             By::Flow => flow_name(&t.flow, t.path),
             By::Pid => match (t.pid, &t.comm) {
-                (Some(p), Some(c)) => format!("{p} {}", crate::output::printable(c)),
+                (Some(p), Some(c)) => format!("{p} {}", crate::format::output::printable(c)),
                 (Some(p), None) => p.to_string(),
                 _ => "(no sender process)".into(),
             },
@@ -70,10 +63,10 @@ impl Groups {
             if self.map.len() >= MAX_GROUPS && !self.map.contains_key(&key) { "(other)".to_string() } else { key };
         let h =
             self.map.entry(key).or_insert_with(|| Histogram::new_with_bounds(1, 100_000_000_000, 3).expect("bounds"));
-        h.saturating_record(charts::end_to_end(t).max(1));
+        h.saturating_record(stats::end_to_end_ns(t).max(1));
     }
 
-    fn table(&self) -> String {
+    pub fn table(&self) -> String {
         let title = if self.by == By::Flow { "flow" } else { "sender (pid comm)" };
         let mut header = vec![title.to_string(), "count".into()];
         header.extend(stats::PERCENTILES.iter().map(|(_, n)| format!("{n} µs")));
@@ -83,7 +76,7 @@ impl Groups {
             .iter()
             .map(|(k, h)| {
                 let mut r = vec![k.clone()];
-                r.extend(stats::row(h));
+                r.extend(tables::row(h));
                 (h.len(), r)
             })
             .collect();
@@ -92,7 +85,7 @@ impl Groups {
         format!(
             "end-to-end latency by {}\n{}",
             if self.by == By::Flow { "flow" } else { "sender" },
-            stats::render(&header, &rows)
+            tables::render(&header, &rows)
         )
     }
 }
@@ -146,7 +139,7 @@ pub struct Read1 {
     pub notes: ReadNotes,
     pub lost: BTreeMap<Stage, u64>,
     pub header: serde_json::Value,
-    groups: Groups,
+    pub groups: Groups,
 }
 
 fn open(name: &str) -> Result<(Box<dyn Read>, Option<u64>)> {
@@ -197,9 +190,9 @@ pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dy
     Ok(Read1 { gathered, notes: std::mem::take(&mut reader.notes), lost, header: reader.header.clone(), groups })
 }
 
-fn report_notes(n: &ReadNotes) {
+pub fn report_notes(n: &ReadNotes) {
     for w in &n.warnings {
-        eprintln!("warning: {}", crate::output::printable(w));
+        eprintln!("warning: {}", crate::format::output::printable(w));
     }
     if n.skipped + n.unknown_type > n.warnings.len() as u64 {
         eprintln!("warning: {} lines skipped in all", n.skipped + n.unknown_type);
@@ -284,61 +277,9 @@ pub fn compare(base: &Stats, new: &Stats) -> String {
             }
         }
         row("end-to-end", &bp.e2e, &np.e2e);
-        out.push_str(&stats::render(&header, &rows));
+        out.push_str(&tables::render(&header, &rows));
         out.push('\n');
     }
     out.push_str("(a change is marked when the 95% intervals of the percentile do not overlap and it exceeds 5%)\n");
     out
-}
-
-pub fn run(a: ReportArgs) -> Result<()> {
-    let mut chrome = match &a.chrome_trace {
-        Some(p) => Some(ChromeTrace::new(crate::output::writer(p)?)),
-        None => None,
-    };
-    let r = read(&a.file, a.path, a.by, chrome.as_mut().map(|c| c as &mut dyn Sink))?;
-    report_notes(&r.notes);
-    if let Some(c) = chrome.as_mut() {
-        c.finish(&serde_json::Value::Null);
-        if c.errors > 0 {
-            return Err(user(format!("writing {} failed", a.chrome_trace.as_deref().unwrap_or(""))));
-        }
-    }
-    let stats = &r.gathered.stats;
-    let mut text = String::new();
-    match a.by {
-        By::Stage => {
-            if stats.paths.is_empty() {
-                text.push_str("no data-packet traces in the recording\n");
-            } else {
-                text.push_str(&stats::side_by_side(stats));
-                text.push('\n');
-                text.push_str(&tables(stats, &r.lost));
-            }
-        }
-        By::Flow | By::Pid => text.push_str(&r.groups.table()),
-    }
-    print!("{text}");
-    if let Some(b) = &a.baseline {
-        let base = read(b, a.path, By::Stage, None)?;
-        report_notes(&base.notes);
-        println!("\ncompared with the baseline {b}:");
-        print!("{}", compare(&base.gathered.stats, stats));
-    }
-    if let Some(dir) = &a.svg {
-        crate::output::ensure_dir(dir, "--svg directory")?;
-        for (name, svg) in charts::all(&r.gathered) {
-            let p = dir.join(format!("{name}.svg"));
-            crate::output::create(&p)?
-                .write_all(svg.as_bytes())
-                .map_err(|e| user(format!("cannot write {}: {e}", p.display())))?;
-        }
-    }
-    if let Some(p) = &a.html {
-        let title = format!("packetflow report: {}", if a.file == "-" { "stdin" } else { &a.file });
-        let page = charts::html(&r.gathered, &title, &text);
-        let mut f = crate::output::create(std::path::Path::new(p))?;
-        f.write_all(page.as_bytes()).with_context(|| format!("writing {p}"))?;
-    }
-    Ok(())
 }

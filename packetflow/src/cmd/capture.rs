@@ -1,0 +1,61 @@
+//! `packetflow capture`: its flags (the capture itself is in `capture/`).
+
+use packetflow_common::capture::{DIR_IN, DIR_OUT};
+
+use crate::{kernel::loader::XdpChoice, model::stage_set::StageSet};
+
+/// Capture packets (XDP in, tcx out) to pcapng or tcpdump-like lines; filter in the kernel.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Interface (repeatable; IFACE@NETNS for another namespace; `any` = all).
+    #[arg(short = 'i', long = "interface", value_name = "IFACE")]
+    pub ifaces: Vec<String>,
+    /// Write pcapng to FILE (`-` for stdout) instead of printing lines.
+    #[arg(short = 'w', value_name = "FILE")]
+    pub write: Option<String>,
+    /// Stop after COUNT packets.
+    #[arg(short = 'c', value_name = "COUNT")]
+    pub count: Option<u64>,
+    /// Bytes to keep of each packet (at most 65535, what the hooks can copy).
+    #[arg(short = 's', value_name = "SNAPLEN", default_value_t = 262144, value_parser = clap::value_parser!(u32).range(1..))]
+    pub snaplen: u32,
+    /// Direction: in (XDP), out (tcx egress) or inout.
+    #[arg(short = 'Q', value_enum, default_value = "inout")]
+    pub direction: Direction,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = super::seconds)]
+    pub duration: Option<std::time::Duration>,
+    /// How to attach XDP: native (driver), generic (skb), auto (native, else generic), off.
+    #[arg(long = "xdp-mode", value_name = "MODE", value_enum, default_value = "auto")]
+    pub xdp: XdpChoice,
+    /// Also trace: put each packet's stage timestamps in its pcapng comment
+    /// (`--stages=LIST` for some stages only; see `trace --stages`).
+    #[arg(long, value_name = "LIST", num_args = 0..=1, require_equals = true, default_missing_value = "all", value_parser = StageSet::parse)]
+    pub stages: Option<StageSet>,
+    /// Filter, in pcap-filter syntax (host, net, port, portrange, src, dst, tcp, udp, icmp, icmp6, ip, ip6, and/or/not).
+    #[arg(value_name = "EXPRESSION", trailing_var_arg = true)]
+    pub expression: Vec<String>,
+}
+
+/// `-Q`: which direction to capture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Direction {
+    In,
+    Out,
+    Inout,
+}
+
+impl Direction {
+    /// The kernel's `DIR_IN`/`DIR_OUT` bits.
+    pub fn mask(self) -> u8 {
+        match self {
+            Direction::In => DIR_IN,
+            Direction::Out => DIR_OUT,
+            Direction::Inout => DIR_IN | DIR_OUT,
+        }
+    }
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    crate::capture::run(a).await
+}

@@ -1,0 +1,91 @@
+//! `packetflow report`: the tables of a recording, a comparison with a baseline, and
+//! Perfetto, HTML and SVG output (the work is in `report/`).
+
+use std::{io::Write, path::PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::{
+    error::user,
+    format::{chrome::ChromeTrace, output},
+    model::trace::PathKind,
+    pipeline::session::Sink,
+    report::{self, By, charts, tables},
+};
+
+/// Read a recording (--json output; `-` for stdin): tables, comparison, pictures.
+#[derive(clap::Args)]
+pub struct Args {
+    #[arg(value_name = "FILE")]
+    pub file: String,
+    /// Compare with this recording: p50/p99 per stage, changes beyond noise marked.
+    #[arg(long, value_name = "OTHER")]
+    pub baseline: Option<String>,
+    /// Only traces of this path.
+    #[arg(long, value_enum)]
+    pub path: Option<PathKind>,
+    /// Group the table per stage, per flow or per sending process.
+    #[arg(long, value_enum, default_value = "stage")]
+    pub by: By,
+    /// Write a Chrome/Perfetto trace (open in ui.perfetto.dev).
+    #[arg(long, value_name = "OUT.json")]
+    pub chrome_trace: Option<String>,
+    /// Write one self-contained HTML page with the tables and charts.
+    #[arg(long, value_name = "OUT.html")]
+    pub html: Option<String>,
+    /// Write the charts as SVG files into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub svg: Option<PathBuf>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let mut chrome = match &a.chrome_trace {
+        Some(p) => Some(ChromeTrace::new(output::writer(p)?)),
+        None => None,
+    };
+    let r = report::read(&a.file, a.path, a.by, chrome.as_mut().map(|c| c as &mut dyn Sink))?;
+    report::report_notes(&r.notes);
+    if let Some(c) = chrome.as_mut() {
+        c.finish(&serde_json::Value::Null);
+        if c.errors > 0 {
+            return Err(user(format!("writing {} failed", a.chrome_trace.as_deref().unwrap_or(""))));
+        }
+    }
+    let stats = &r.gathered.stats;
+    let mut text = String::new();
+    match a.by {
+        By::Stage => {
+            if stats.paths.is_empty() {
+                text.push_str("no data-packet traces in the recording\n");
+            } else {
+                text.push_str(&tables::side_by_side(stats));
+                text.push('\n');
+                text.push_str(&tables::tables(stats, &r.lost));
+            }
+        }
+        By::Flow | By::Pid => text.push_str(&r.groups.table()),
+    }
+    print!("{text}");
+    if let Some(b) = &a.baseline {
+        let base = report::read(b, a.path, By::Stage, None)?;
+        report::report_notes(&base.notes);
+        println!("\ncompared with the baseline {b}:");
+        print!("{}", report::compare(&base.gathered.stats, stats));
+    }
+    if let Some(dir) = &a.svg {
+        output::ensure_dir(dir, "--svg directory")?;
+        for (name, svg) in charts::all(&r.gathered) {
+            let p = dir.join(format!("{name}.svg"));
+            output::create(&p)?
+                .write_all(svg.as_bytes())
+                .map_err(|e| user(format!("cannot write {}: {e}", p.display())))?;
+        }
+    }
+    if let Some(p) = &a.html {
+        let title = format!("packetflow report: {}", if a.file == "-" { "stdin" } else { &a.file });
+        let page = charts::html(&r.gathered, &title, &text);
+        let mut f = output::create(std::path::Path::new(p))?;
+        f.write_all(page.as_bytes()).with_context(|| format!("writing {p}"))?;
+    }
+    Ok(())
+}

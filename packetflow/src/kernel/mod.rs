@@ -1,0 +1,6 @@
+//! The kernel side seen from userspace: loading and attaching the eBPF programs, reading
+//! their maps, this kernel's BTF, and who holds an interface's XDP slot.
+
+pub mod btf;
+pub mod loader;
+pub mod xdp_owner;

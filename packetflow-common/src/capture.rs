@@ -126,6 +126,10 @@ impl CaptureConfig {
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C), integer fields only, padding written out as fields (size pinned by
+    // assert_size!): no uninitialised byte, and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::CaptureConfig {}
+    // SAFETY: repr(C), integer fields only, padding written out as fields (size pinned by
+    // assert_size!): no uninitialised byte, and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::CapHdr {}
 }

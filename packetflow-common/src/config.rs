@@ -159,6 +159,10 @@ impl Filter {
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C), integer fields only, padding written out as fields (size pinned by
+    // assert_size!): no uninitialised byte, and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::Offsets {}
+    // SAFETY: repr(C), integer fields only, padding written out as fields (size pinned by
+    // assert_size!): no uninitialised byte, and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::Filter {}
 }

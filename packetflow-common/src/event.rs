@@ -145,7 +145,7 @@ pub fn payload_key(b: &[u8; 16], n: u32) -> u32 {
     let mut i = 0;
     while i < 16 {
         if (i as u32) < n {
-            h = (h ^ b[i] as u32).wrapping_mul(0x0100_0193);
+            h = (h ^ u32::from(b[i])).wrapping_mul(0x0100_0193);
         }
         i += 1;
     }
@@ -154,7 +154,13 @@ pub fn payload_key(b: &[u8; 16], n: u32) -> u32 {
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C), integer fields only, padding written out as fields (size pinned by
+    // assert_size!): no uninitialised byte, and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::Event {}
+    // SAFETY: repr(C), integer fields only, padding written out as fields (size pinned by
+    // assert_size!): no uninitialised byte, and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::SendSlot {}
+    // SAFETY: repr(C), integer fields only, padding written out as fields (size pinned by
+    // assert_size!): no uninitialised byte, and every bit pattern is a valid value.
     unsafe impl aya::Pod for super::RecvSlot {}
 }

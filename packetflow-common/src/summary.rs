@@ -122,7 +122,7 @@ mod tests {
         let mut v = 1u64;
         while v < 1 << 62 {
             for x in [v, v + 1, v * 2 - 1, v + v / 3] {
-                assert_eq!(octave(x), 63 - x.leading_zeros() as u64, "{x}");
+                assert_eq!(octave(x), 63 - u64::from(x.leading_zeros()), "{x}");
             }
             v *= 2;
         }

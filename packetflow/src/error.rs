@@ -32,10 +32,10 @@ pub fn user(msg: impl Into<String>) -> anyhow::Error {
 
 /// Exit code and the one line to print for `err`.
 pub fn report(err: &anyhow::Error) -> (i32, String) {
-    let is_user = err.chain().any(|e| e.is::<UserError>());
+    let is_user = err.chain().any(<dyn std::error::Error + 'static>::is::<UserError>);
     // The outermost context carries the sentence; inner causes add the detail.
     let mut line = err.to_string();
-    let causes: Vec<String> = err.chain().skip(1).map(|e| e.to_string()).collect();
+    let causes: Vec<String> = err.chain().skip(1).map(std::string::ToString::to_string).collect();
     if !causes.is_empty() && !is_user {
         line = format!("{line}: {}", causes.join(": "));
     }

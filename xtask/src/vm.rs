@@ -248,12 +248,11 @@ fn kernel_package(dir: &Path, pattern: &str) -> Result<(String, PathBuf)> {
                 .is_some_and(|n| n.starts_with(&format!("{pkg}_")) && n.ends_with(".deb"))
         })
     };
-    let deb = match find() {
-        Some(d) => d,
-        None => {
-            run(Command::new("apt-get").args(["download", "-q", &pkg]).current_dir(&debs))?;
-            find().with_context(|| format!("apt-get download {pkg} left no .deb in {}", debs.display()))?
-        }
+    let deb = if let Some(d) = find() {
+        d
+    } else {
+        run(Command::new("apt-get").args(["download", "-q", &pkg]).current_dir(&debs))?;
+        find().with_context(|| format!("apt-get download {pkg} left no .deb in {}", debs.display()))?
     };
     let unpacked = dir.join(&pkg);
     if !unpacked.join("boot").exists() {
@@ -384,7 +383,7 @@ fn build_initramfs(kroot: &Path, tests: &[(String, PathBuf)], repeat: usize, has
     let mut dirs: Vec<String> =
         ["bin", "sbin", "lib", "lib64", "usr", "tests", "modules", "proc", "sys", "dev", "tmp", "run", "var", "etc"]
             .iter()
-            .map(|s| s.to_string())
+            .map(std::string::ToString::to_string)
             .collect();
     let add_file =
         |files: &mut Vec<(String, Vec<u8>, u32)>, dirs: &mut Vec<String>, dest: &str, data: Vec<u8>, mode: u32| {

@@ -79,7 +79,7 @@ pub fn summary(d: &[u8], orig_len: u32) -> String {
             let len = be16(d, l4 + 4).map_or(0, |l| (l as usize).saturating_sub(8));
             let _ = write!(out, "{name} {src}.{sp} > {dst}.{dp}: UDP, length {len}");
         }
-        (1, _) | (58, _) => {
+        (1 | 58, _) => {
             let ty = d.get(l4).copied().unwrap_or(0);
             let what = match (proto, ty) {
                 (1, 8) | (58, 128) => "echo request",

@@ -448,8 +448,8 @@ pub fn compile(s: &str, snaplen: u32) -> Result<Compiled, ExprError> {
     for (i, p) in prims.iter().enumerate() {
         cfg.prims[i] = *p;
     }
-    for mask in 0..(1usize << prims.len()) {
-        table[mask] = eval(&e, &prims, mask) as u8;
+    for (mask, t) in table.iter_mut().enumerate().take(1 << prims.len()) {
+        *t = u8::from(eval(&e, &prims, mask));
     }
     Ok(Compiled { config: cfg, table })
 }

@@ -98,8 +98,11 @@ fn stages_comment(t: &Trace, asked: StageSet) -> String {
         }
         prev = Some(s.t_ns);
     }
-    let missing: Vec<&str> =
-        asked.stages().filter(|x| !t.stages.iter().any(|s| s.stage == *x)).map(|s| s.name()).collect();
+    let missing: Vec<&str> = asked
+        .stages()
+        .filter(|x| !t.stages.iter().any(|s| s.stage == *x))
+        .map(packetflow_common::Stage::name)
+        .collect();
     let mut c =
         format!("packetflow stages ({} µs in all): {}", crate::report::tables::us(t.total_ns()), parts.join(", "));
     if !missing.is_empty() {
@@ -164,9 +167,11 @@ impl WriterState {
             Out::Text(w) => {
                 let t = p.wall_ns;
                 let secs = (t / 1_000_000_000) as i64;
+                // SAFETY: localtime_r writes only into `tm`, a zeroed plain C struct we own; `secs`
+                // outlives the call.
                 let tm = unsafe {
                     let mut tm: libc::tm = std::mem::zeroed();
-                    libc::localtime_r(&secs, &mut tm);
+                    libc::localtime_r(&raw const secs, &raw mut tm);
                     tm
                 };
                 let dir = if p.hdr.dir == DIR_IN { "In " } else { "Out" };
@@ -230,13 +235,12 @@ impl WriterState {
             if self.stages {
                 if self.held.len() >= HELD_MAX {
                     let old = self.held.pop_front().expect("held is full");
-                    match packet_key(&old.data).and_then(|k| self.traces.remove(&k)) {
-                        Some(t) => self.emit(&old, &stages_comment(&t, self.asked))?,
-                        None => {
-                            let before = self.written;
-                            self.emit(&old, "")?;
-                            self.held_overflow += self.written - before;
-                        }
+                    if let Some(t) = packet_key(&old.data).and_then(|k| self.traces.remove(&k)) {
+                        self.emit(&old, &stages_comment(&t, self.asked))?;
+                    } else {
+                        let before = self.written;
+                        self.emit(&old, "")?;
+                        self.held_overflow += self.written - before;
                     }
                 }
                 self.held.push_back(p);
@@ -430,8 +434,8 @@ pub async fn run(a: Args) -> Result<()> {
     loop {
         tokio::select! {
             _ = stop.recv() => break,
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
-            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+            () = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {
                 // Done: the count reached, or the writer failed (disk full).
                 if done.load(Ordering::Relaxed) || writer.is_finished() {
                     break;
@@ -458,7 +462,7 @@ pub async fn run(a: Args) -> Result<()> {
     let g = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
     let lost = g(counters::CAP_LOST_XDP) + g(counters::CAP_LOST_TC) + overflow.load(Ordering::Relaxed);
     let end_wall = platform::host::realtime_ns();
-    for (ifindex, i) in state.ifaces.iter_mut() {
+    for (ifindex, i) in &mut state.ifaces {
         i.lost = if_lost.get(ifindex).copied().unwrap_or(0);
     }
     if state.error.is_none() {
@@ -556,7 +560,7 @@ mod tests {
     }
 
     fn packet(n: u64) -> Packet {
-        let hdr = CapHdr { ifindex: 1, ts_ns: n, ..unsafe { std::mem::zeroed() } };
+        let hdr = CapHdr { ts_ns: n, len: 0, caplen: 0, ifindex: 1, dir: 0, hook: 0, cpu: 0, _pad: [0; 8] };
         Packet { hdr, wall_ns: n, data: Vec::new() }
     }
 

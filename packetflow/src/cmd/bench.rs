@@ -73,11 +73,13 @@ const CLIENT_CPU: usize = 0;
 fn pin(c: &mut Command, cpu: usize) -> &mut Command {
     use std::os::unix::process::CommandExt;
     if cpu < platform::host::possible_cpus().len() {
+        // SAFETY: the pre_exec closure runs in the forked child before exec and calls only
+        // async-signal-safe functions (sched_setaffinity) on a zeroed cpu_set_t it owns.
         unsafe {
             c.pre_exec(move || {
                 let mut set: libc::cpu_set_t = std::mem::zeroed();
                 libc::CPU_SET(cpu, &mut set);
-                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -98,7 +100,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
@@ -153,7 +155,9 @@ struct Paths {
     hosts: TestHosts,
 }
 
-/// Where a path's server runs and its client connects from.
+/// Where a path's server runs and its client connects from: (server netns, client netns,
+/// server address, interfaces to attach to).
+#[allow(clippy::type_complexity)]
 fn endpoints(
     path: &str,
     p: &Paths,
@@ -738,13 +742,15 @@ async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<Str
                 .and_then(|l| l.split("Total of").nth(1)?.split_whitespace().next()?.parse().ok())
                 .unwrap_or(0);
             // What counts is the rate that actually went through, not the rate asked for.
-            let rate = (sent as f64 / c.secs as f64) as u32;
+            let rate = (sent as f64 / f64::from(c.secs)) as u32;
             let Some(mut kid) = kid.take() else {
                 best[i] = best[i].max(rate);
                 row.push(rate.to_string());
                 continue;
             };
             std::thread::sleep(Duration::from_millis(500));
+            // SAFETY: kill(2) has no memory preconditions; the pid is our own child, not yet
+            // reaped.
             unsafe { libc::kill(kid.0.id() as i32, libc::SIGINT) };
             let mut err = String::new();
             if let Some(e) = kid.0.stderr.as_mut() {
@@ -763,7 +769,7 @@ async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &mut Vec<Str
         }
         let _ = writeln!(md, "| {} |", row.join(" | "));
     }
-    let ratio = if best[2] > 0 { format!("{:.2}x", best[1] as f64 / best[2] as f64) } else { "n/a".into() };
+    let ratio = if best[2] > 0 { format!("{:.2}x", f64::from(best[1]) / f64::from(best[2])) } else { "n/a".into() };
     let _ = writeln!(
         md,
         "\nHighest lossless rate: packetflow **{} msg/s**, tcpdump **{} msg/s** (ratio {ratio}): the highest rate sockperf\nachieved while the tool captured every packet it sent and reported no drop; the sender alone reached **{} msg/s**.\nWhere neither tool ever dropped, this is the sender's limit with the tool's CPU use beside it, not the tool's.",

@@ -135,7 +135,7 @@ fn free_port(preferred: u16) -> u16 {
     {
         return preferred;
     }
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(preferred)
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map_or(preferred, |a| a.port())
 }
 
 pub async fn run(mut a: DemoArgs) -> Result<()> {
@@ -267,7 +267,7 @@ pub fn side_by_side(f: &Finished, a: &DemoArgs, hosts: Option<&TestHosts>) -> St
             format!(
                 "{}: xdp {}",
                 i.ifname,
-                i.xdp.as_ref().map(|m| m.to_string()).unwrap_or_else(|e| format!("unavailable ({e})"))
+                i.xdp.as_ref().map_or_else(|e| format!("unavailable ({e})"), std::string::ToString::to_string)
             )
         })
         .collect();

@@ -155,7 +155,7 @@ pub async fn run() -> Result<()> {
 
     let table: Vec<Vec<String>> =
         rows.iter().map(|r| vec![r.what.clone(), if r.ok { "ok" } else { "NO" }.into(), r.detail.clone()]).collect();
-    print!("{}", render(&["check".into(), "".into(), "result".into()], &table));
+    print!("{}", render(&["check".into(), String::new(), "result".into()], &table));
     if !stage_rows.is_empty() {
         println!();
         print!("{}", render(&["stage".into(), "hook on this kernel".into(), "status".into()], &stage_rows));
@@ -224,6 +224,8 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
     match tp {
         Ok(()) => {
             out.push(("tracepoint", true, "works".into()));
+            // SAFETY: getppid(2) takes no arguments and cannot fail: a syscall the probe program
+            // observes.
             unsafe { libc::getppid() };
             let me = std::process::id();
             ring_ok = match ebpf.take_map("PROBE_RB").map(RingBuf::try_from) {
@@ -238,6 +240,8 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
                         if seen {
                             break;
                         }
+                        // SAFETY: getppid(2) takes no arguments and cannot fail: a syscall the
+                        // probe program observes.
                         unsafe { libc::getppid() };
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }

@@ -110,15 +110,15 @@ pub async fn run(a: Args) -> Result<()> {
     for line in running.tracer.unavailable() {
         say(&format!("{line}\n"));
     }
-    say(&format!("tracing ({}); Ctrl-C to stop\n", described));
+    say(&format!("tracing ({described}); Ctrl-C to stop\n"));
     let deadline = a.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let why = loop {
         tokio::select! {
             why = stop.recv() => break why,
-            _ = running.shared.count_notify.notified() => break "count reached",
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break "duration over",
+            () = running.shared.count_notify.notified() => break "count reached",
+            () = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break "duration over",
             _ = tick.tick() => {
                 for line in running.watch_interfaces() {
                     say(&format!("{line}\n"));
@@ -127,7 +127,7 @@ pub async fn run(a: Args) -> Result<()> {
                     let stats = running.stats();
                     let lost = running.lost();
                     let flows = running.shared.flows.load(Ordering::Relaxed);
-                    print!("\x1b[2J\x1b[H{}{} flows tracked, {} records dropped by a slow reader\n",
+                    println!("\x1b[2J\x1b[H{}{} flows tracked, {} records dropped by a slow reader",
                         tables::tables(&stats, &lost), flows, running.shared.overflow_records.load(Ordering::Relaxed));
                 }
             }

@@ -63,7 +63,7 @@ pub struct Config {
     /// Unix socket `packetflow status` talks to (mode 0600). Default
     /// /run/packetflow/packetflow.sock.
     pub control_socket: PathBuf,
-    /// Interfaces that get XDP and tcx (IFACE, IFACE@NETNS, or "any"). Default ["lo"].
+    /// Interfaces that get XDP and tcx (IFACE, IFACE@NETNS, or `any`). Default `["lo"]`.
     pub interfaces: Vec<String>,
     /// XDP attach mode: auto, native, generic or off. Default auto.
     pub xdp_mode: XdpChoice,
@@ -383,7 +383,7 @@ mod tests {
     use super::*;
 
     fn err(text: &str) -> String {
-        Config::parse(text, "f.toml").and_then(|c| c.check(Some("f.toml"), text).map(|_| c)).unwrap_err().to_string()
+        Config::parse(text, "f.toml").and_then(|c| c.check(Some("f.toml"), text).map(|()| c)).unwrap_err().to_string()
     }
 
     #[test]

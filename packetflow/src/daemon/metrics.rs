@@ -210,7 +210,7 @@ impl Collector for Exporter {
         )?;
         for stage in Stage::ALL {
             let n = s.counters.get((counters::LOST + stage as u32) as usize).copied().unwrap_or(0);
-            let hook = s.stages.get(&stage).map(|h| h.hook.as_str()).unwrap_or("");
+            let hook = s.stages.get(&stage).map_or("", |h| h.hook.as_str());
             m.encode_family(&[("stage", stage.name()), ("hook", hook)])?
                 .encode_counter::<NoLabelSet, _, f64>(&n, None)?;
         }
@@ -332,7 +332,7 @@ impl Collector for Exporter {
         )?;
         for (stage, h) in &s.stages {
             m.encode_family(&[("stage", stage.name()), ("hook", h.hook.as_str())])?
-                .encode_gauge(&(h.state.is_ok() as i64))?;
+                .encode_gauge(&i64::from(h.state.is_ok()))?;
         }
 
         counter(
@@ -444,13 +444,10 @@ impl Drop for Slot {
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     let slots = SharedSlots::default();
     loop {
-        let conn = match listener.accept().await {
-            Ok((conn, _)) => conn,
-            Err(_) => {
-                ACCEPT_ERRORS.fetch_add(1, Relaxed);
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-                continue;
-            }
+        let Ok((conn, _)) = listener.accept().await else {
+            ACCEPT_ERRORS.fetch_add(1, Relaxed);
+            tokio::time::sleep(ACCEPT_BACKOFF).await;
+            continue;
         };
         let Some((id, kick)) = slots.lock().expect("slots lock").take() else {
             DROPPED_OVER_LIMIT.fetch_add(1, Relaxed);
@@ -557,7 +554,7 @@ mod tests {
             cum >= 990
         });
         let le = p99.unwrap().0;
-        assert!(le >= 990e-6 && le <= 990e-6 * 1.1, "{le}");
+        assert!((990e-6..=990e-6 * 1.1).contains(&le), "{le}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,7 +95,7 @@ pub async fn run(a: Args) -> Result<()> {
         }
     }
 
-    let files: Arc<Files> = Default::default();
+    let files: Arc<Files> = Arc::default();
     let more_sinks: Option<run::MoreSinks> = match (&cfg.trace_dir, cfg.mode()) {
         (Some(dir), Mode::Full) => {
             let (dir, files, c) = (dir.clone(), files.clone(), cfg.clone());
@@ -114,7 +114,7 @@ pub async fn run(a: Args) -> Result<()> {
         filter: cfg.filter(),
         interfaces,
         any_in: interfaces::any_namespaces(&cfg.interfaces, None),
-        xdp: cfg.xdp_mode.into(),
+        xdp: cfg.xdp_mode,
         timeout: Duration::from_millis(cfg.timeout_ms.max(1)),
         budget_mb: cfg.correlator_budget_mb as usize,
         more_sinks,
@@ -185,7 +185,7 @@ pub async fn run(a: Args) -> Result<()> {
                 for line in running.watch_interfaces() {
                     log(line);
                 }
-                refresh(&running, &cfg, reloads)
+                refresh(&running, &cfg, reloads);
             }
         }
     };
@@ -273,10 +273,10 @@ fn snapshot(running: &Running, files: &Files, reloads: (u64, u64), ring_bytes: u
         .tracer
         .used_shards
         .iter()
-        .map(|&s| (s, sh.ring_backlog_bytes[s].swap(0, Ordering::Relaxed) as f64 / ring_bytes as f64))
+        .map(|&s| (s, sh.ring_backlog_bytes[s].swap(0, Ordering::Relaxed) as f64 / f64::from(ring_bytes)))
         .collect();
     let fc = files.lock().expect("files lock").as_ref().map(|(_, c)| c.clone());
-    let f = |get: fn(&trace_files::Counters) -> u64| fc.as_deref().map(get).unwrap_or(0);
+    let f = |get: fn(&trace_files::Counters) -> u64| fc.as_deref().map_or(0, get);
     Snapshot {
         taken: Instant::now(),
         stats: running.stats(),
@@ -324,7 +324,7 @@ fn render_status(s: &Snapshot, c: &Config, started: Instant) -> String {
             "trace files: {} ({} files, {:.1} MiB of {} MiB; {} lines written, {} dropped, {} files deleted, {} write errors)\n",
             dir.display(),
             files.len(),
-            bytes as f64 / (1 << 20) as f64,
+            bytes as f64 / f64::from(1 << 20),
             c.max_total_mb,
             s.trace_lines_written,
             s.trace_lines_dropped,
@@ -442,8 +442,10 @@ fn bind_control(path: &Path) -> Result<UnixListener> {
         Err(_) => {}
     }
     // Created 0600 from the start: no window where others could connect.
+    // SAFETY: umask(2) has no memory preconditions; the old mask is restored right after bind.
     let old = unsafe { libc::umask(0o177) };
     let l = UnixListener::bind(path);
+    // SAFETY: umask(2) has no memory preconditions.
     unsafe { libc::umask(old) };
     l.map_err(|e| user(format!("cannot create control socket {}: {e}", path.display())))
 }

@@ -48,7 +48,7 @@ fn us(ns: u64) -> f64 {
 
 impl ChromeTrace {
     pub fn new(mut out: Box<dyn Write + Send>) -> ChromeTrace {
-        let errors = out.write_all(b"{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n").is_err() as u64;
+        let errors = u64::from(out.write_all(b"{\"displayTimeUnit\":\"ns\",\"traceEvents\":[\n").is_err());
         ChromeTrace {
             out,
             first: true,

@@ -121,7 +121,7 @@ mod tests {
         let link = d.join("out");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         let e = create(&link).unwrap_err();
-        assert!(e.chain().any(|c| c.is::<crate::error::UserError>()));
+        assert!(e.chain().any(|c| c.downcast_ref::<crate::error::UserError>().is_some()));
         assert_eq!(
             e.to_string(),
             format!("refusing to write {}: it is a symbolic link (name the file itself)", link.display())

@@ -38,7 +38,7 @@ struct Type {
     kind: u32,
     name: u32,
     /// Size for structs/unions/ints, referenced type for pointers/typedefs/modifiers.
-    size_or_type: u32,
+    size_or_target: u32,
     members: Vec<Member>,
 }
 
@@ -77,12 +77,12 @@ impl Btf {
             return Err("type section out of bounds");
         }
         // Type id 0 is void.
-        let mut types = vec![Type { kind: 0, name: 0, size_or_type: 0, members: vec![] }];
+        let mut types = vec![Type { kind: 0, name: 0, size_or_target: 0, members: vec![] }];
         let mut off = start;
         while off < end {
             let name = u32_at(off)?;
             let info = u32_at(off + 4)?;
-            let size_or_type = u32_at(off + 8)?;
+            let size_or_target = u32_at(off + 8)?;
             off += 12;
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
@@ -103,7 +103,7 @@ impl Btf {
                 KIND_DATASEC | KIND_ENUM64 => off += 12 * vlen,
                 _ => {}
             }
-            types.push(Type { kind, name, size_or_type, members });
+            types.push(Type { kind, name, size_or_target, members });
         }
         let mut btf = Btf { types, strings, by_name: HashMap::new() };
         for id in 1..btf.types.len() as u32 {
@@ -125,7 +125,7 @@ impl Btf {
     fn resolve(&self, mut id: u32) -> u32 {
         for _ in 0..32 {
             match self.types.get(id as usize) {
-                Some(t) if matches!(t.kind, KIND_TYPEDEF | 9 | 10 | 11 | 18) => id = t.size_or_type,
+                Some(t) if matches!(t.kind, KIND_TYPEDEF | 9 | 10 | 11 | 18) => id = t.size_or_target,
                 _ => break,
             }
         }

@@ -133,6 +133,7 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 fn link_fd(id: u32) -> Result<OwnedFd> {
     // union bpf_attr: { link_id, next_id, open_flags }.
     let attr = [id, 0, 0, 0];
+    // SAFETY: bpf(2) reads the 16 bytes of `attr` (the size passed), which lives across the call.
     let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_GET_FD_BY_ID, attr.as_ptr(), size_of::<[u32; 4]>()) };
     if fd < 0 {
         return Err(anyhow!("opening bpf_link {id}: {}", io::Error::last_os_error()));
@@ -148,8 +149,10 @@ fn link_ifindex(fd: i32) -> Result<u32> {
     let mut info = [0u32; 64];
     // union bpf_attr: { bpf_fd, info_len, info (u64) }.
     let mut attr = [0u64; 2];
-    attr[0] = fd as u32 as u64 | ((size_of::<[u32; 64]>() as u64) << 32);
+    attr[0] = u64::from(fd as u32) | ((size_of::<[u32; 64]>() as u64) << 32);
     attr[1] = info.as_mut_ptr() as u64;
+    // SAFETY: bpf(2) reads the 16 bytes of `attr` and writes at most info_len (256) bytes
+    // into `info`, which `attr[1]` points to and which outlives the call.
     let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_ptr(), size_of::<[u64; 2]>()) };
     if r < 0 {
         return Err(anyhow!("reading bpf_link info: {}", io::Error::last_os_error()));
@@ -176,6 +179,8 @@ fn detach_link_of(h: &Holder, ifindex: u32, ifname: &str) -> Result<()> {
         1 => {
             let (id, fd) = &here[0];
             let attr = [fd.as_raw_fd() as u32, 0, 0, 0];
+            // SAFETY: bpf(2) reads the 16 bytes of `attr` (the size passed), which lives across
+            // the call.
             let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_ptr(), size_of::<[u32; 4]>()) };
             if r < 0 {
                 return Err(anyhow!("detaching bpf_link {id}: {}", io::Error::last_os_error()));
@@ -242,6 +247,7 @@ fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 /// Sends one rtnetlink link message about `ifindex`; returns the reply's payload (for
 /// RTM_NEWLINK) or an empty vector (for an ACK). Errors carry the kernel's errno.
 fn request(kind: u16, flags: u16, ifindex: u32, attrs_buf: &[u8]) -> Result<Vec<u8>> {
+    // SAFETY: socket(2) has no memory preconditions; the fd is owned by the guard below.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
     if fd < 0 {
         return Err(io::Error::last_os_error().into());
@@ -258,10 +264,12 @@ fn request(kind: u16, flags: u16, ifindex: u32, attrs_buf: &[u8]) -> Result<Vec<
     ifi[4..8].copy_from_slice(&(ifindex as i32).to_ne_bytes());
     msg.extend_from_slice(&ifi);
     msg.extend_from_slice(attrs_buf);
+    // SAFETY: send(2) reads `msg.len()` bytes from `msg`, which is that long.
     if unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) } < 0 {
         return Err(io::Error::last_os_error().into());
     }
     let mut buf = vec![0u8; 64 << 10];
+    // SAFETY: recv(2) writes at most `buf.len()` bytes into `buf`, which we own mutably.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n < 0 {
         return Err(io::Error::last_os_error().into());
@@ -288,6 +296,7 @@ fn scopeguard(fd: i32) -> impl Drop {
     struct Close(i32);
     impl Drop for Close {
         fn drop(&mut self) {
+            // SAFETY: the guard owns this fd and closes it once, on drop.
             unsafe { libc::close(self.0) };
         }
     }

@@ -94,13 +94,14 @@ impl FilterSpec {
         for (i, h) in self.hosts.iter().enumerate() {
             match h {
                 IpAddr::V4(a) => f.hosts[i][..4].copy_from_slice(&a.octets()),
-                IpAddr::V6(a) => match a.to_ipv4_mapped() {
-                    Some(v4) => f.hosts[i][..4].copy_from_slice(&v4.octets()),
-                    None => {
+                IpAddr::V6(a) => {
+                    if let Some(v4) = a.to_ipv4_mapped() {
+                        f.hosts[i][..4].copy_from_slice(&v4.octets());
+                    } else {
                         f.hosts[i] = a.octets();
                         f.host_v6[i] = 1;
                     }
-                },
+                }
             }
         }
         f.nhosts = self.hosts.len() as u32;
@@ -111,7 +112,7 @@ impl FilterSpec {
             f.ifaces[i] = *x;
         }
         f.nifaces = self.ifindexes.len() as u32;
-        f.control = self.control as u32;
+        f.control = u32::from(self.control);
         f.mode = if self.summary { MODE_SUMMARY } else { 0 } | if self.no_records { 0 } else { MODE_RECORDS };
         f.sample = self.sample.max(1);
         f.sample_seed = std::process::id().wrapping_mul(0x9e37_79b9);

@@ -95,6 +95,7 @@ impl StageSet {
     }
 
     /// The per-interface stages it holds (XDP, tcx).
+    #[must_use]
     pub fn per_interface(self) -> StageSet {
         StageSet(self.stages().filter(|s| s.is_per_interface()).fold(0, |m, s| m | 1 << s as u16))
     }

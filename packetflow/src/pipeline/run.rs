@@ -195,7 +195,7 @@ fn start_sampling(tracer: &Tracer, how: StatsSampling) -> Option<tokio::task::Jo
             let Some(s) = stats.upgrade() else { return };
             s.lock().expect("run stats lock").set(false);
             drop(s);
-            tokio::time::sleep(Duration::from_secs(every as u64 - 1)).await;
+            tokio::time::sleep(Duration::from_secs(u64::from(every) - 1)).await;
             let Some(s) = stats.upgrade() else { return };
             s.lock().expect("run stats lock").set(true);
         }
@@ -272,7 +272,7 @@ impl Running {
         let mut filter = o.filter.clone();
         // Interface filter: only when the user named interfaces explicitly.
         if !filter.ifindexes.is_empty() {
-            filter.ifindexes.sort();
+            filter.ifindexes.sort_unstable();
             filter.ifindexes.dedup();
         }
         let kf = filter.to_kernel(std::process::id())?;
@@ -315,7 +315,7 @@ impl Running {
             started: std::time::Instant::now(),
             any_in: o.any_in,
             xdp: o.xdp,
-            tried: Default::default(),
+            tried: std::collections::HashSet::default(),
             readers,
             corr,
             shared,
@@ -420,7 +420,7 @@ impl Running {
         counts["recursion_misses"] =
             serde_json::json!(missed.iter().map(|(s, n)| (s.name(), *n)).collect::<BTreeMap<_, _>>());
         let summary = ndjson::summary(&stats, &lost, counts, &corr);
-        for s in sinks.iter_mut() {
+        for s in &mut sinks {
             s.finish(&summary);
         }
         Ok(Finished {

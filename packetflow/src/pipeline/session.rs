@@ -120,7 +120,6 @@ async fn read_shard(shard: usize, mut ring: Shards, tx: SyncSender<Batch>, share
         let n = events.len() as u64;
         // Each record takes its size plus an 8-byte header in the ring.
         shared.ring_backlog_bytes[shard].fetch_max(n * (std::mem::size_of::<Event>() as u64 + 8), Ordering::Relaxed);
-        let mut events = events;
         if shared.queued_records.load(Ordering::Relaxed) + n > MAX_QUEUED_RECORDS {
             // Over the bound: drop the records, still pass the watermark (and final marker).
             drop_counted(&shared, &events);
@@ -190,10 +189,10 @@ impl Readers {
                 for s in &shards {
                     wms[*s] = 0;
                 }
-                let mut done = vec![false; RING_SHARDS];
+                let mut done = [false; RING_SHARDS];
                 let mut emit = |t: Trace| {
                     shared.stats.lock().expect("stats lock").record(&t);
-                    for s in sinks.iter_mut() {
+                    for s in &mut sinks {
                         s.trace(&t);
                     }
                     if t.kind == crate::model::trace::TraceKind::Data {
@@ -254,7 +253,6 @@ impl Readers {
                 }
                 corr.flush(&mut emit);
                 *shared.corr.lock().expect("corr lock") = corr.stats;
-                drop(emit);
                 (corr, sinks)
             })
             .expect("spawning the correlator thread");

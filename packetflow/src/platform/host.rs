@@ -1,15 +1,21 @@
 //! Facts about this machine: kernel release, host name, clocks, possible CPUs.
 
 pub fn kernel_release() -> String {
+    // SAFETY: a plain C struct of integers and arrays: all-zero bytes are a valid value.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    unsafe { libc::uname(&mut u) };
+    // SAFETY: uname(2) writes into `u`, a utsname we own.
+    unsafe { libc::uname(&raw mut u) };
+    // SAFETY: uname(2) NUL-terminates each field within the struct, which lives on.
     let r = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
     r.to_string_lossy().into_owned()
 }
 
 pub fn hostname() -> String {
+    // SAFETY: a plain C struct of integers and arrays: all-zero bytes are a valid value.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    unsafe { libc::uname(&mut u) };
+    // SAFETY: uname(2) writes into `u`, a utsname we own.
+    unsafe { libc::uname(&raw mut u) };
+    // SAFETY: uname(2) NUL-terminates each field within the struct, which lives on.
     let r = unsafe { std::ffi::CStr::from_ptr(u.nodename.as_ptr()) };
     r.to_string_lossy().into_owned()
 }
@@ -24,8 +30,10 @@ pub fn realtime_ns() -> u64 {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
+    // SAFETY: a plain C struct of integers and arrays: all-zero bytes are a valid value.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    unsafe { libc::clock_gettime(clock, &mut ts) };
+    // SAFETY: clock_gettime(2) writes into `ts`, a timespec we own.
+    unsafe { libc::clock_gettime(clock, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -35,7 +43,7 @@ pub fn mono_to_wall_offset() -> i64 {
     let a = monotonic_ns();
     let w = realtime_ns();
     let b = monotonic_ns();
-    w as i64 - ((a + b) / 2) as i64
+    w as i64 - u64::midpoint(a, b) as i64
 }
 
 /// CPUs the kernel may ever bring online (/sys/devices/system/cpu/possible).

@@ -10,6 +10,7 @@ use crate::user_bail;
 /// Index of interface `name` in the current thread's namespace.
 pub fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: `c` is a NUL-terminated CString that outlives the call.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (i != 0).then_some(i)
 }
@@ -17,10 +18,12 @@ pub fn ifindex(name: &str) -> Option<u32> {
 /// Name of interface `index` in the current thread's namespace.
 pub fn ifname(index: u32) -> Option<String> {
     let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname(3) may write.
     let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
     if p.is_null() {
         return None;
     }
+    // SAFETY: if_indextoname(3) returned `p` = `buf`, NUL-terminated within its IF_NAMESIZE bytes.
     Some(unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned())
 }
 
@@ -28,12 +31,16 @@ pub fn ifname(index: u32) -> Option<String> {
 pub fn interfaces() -> Vec<(u32, String, bool)> {
     let mut out = Vec::new();
     let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-    if unsafe { libc::getifaddrs(&mut ifap) } != 0 {
+    // SAFETY: getifaddrs(3) writes a list head into `ifap`; freed below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&raw mut ifap) } != 0 {
         return out;
     }
     let mut p = ifap;
     while !p.is_null() {
+        // SAFETY: `p` walks the list getifaddrs(3) returned, non-null here, not yet freed.
         let ifa = unsafe { &*p };
+        // SAFETY: each entry of the getifaddrs(3) list has a NUL-terminated name, alive until
+        // freeifaddrs.
         let name = unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
         if !out.iter().any(|(_, n, _): &(u32, String, bool)| *n == name)
             && let Some(i) = ifindex(&name)
@@ -42,6 +49,7 @@ pub fn interfaces() -> Vec<(u32, String, bool)> {
         }
         p = ifa.ifa_next;
     }
+    // SAFETY: `ifap` came from getifaddrs(3) and is freed once; no reference into it survives.
     unsafe { libc::freeifaddrs(ifap) };
     out.sort();
     out

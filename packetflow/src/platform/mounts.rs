@@ -10,14 +10,17 @@ const SECURITYFS_MAGIC: i64 = 0x7365_6375;
 
 fn fs_magic(path: &str) -> Option<i64> {
     let c = std::ffi::CString::new(path).ok()?;
+    // SAFETY: a plain C struct of integers and arrays: all-zero bytes are a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
+    // SAFETY: `c` is NUL-terminated and `st` is a statfs we own.
+    (unsafe { libc::statfs(c.as_ptr(), &raw mut st) } == 0).then_some(st.f_type as i64)
 }
 
 fn mount(fstype: &str, target: &str) -> std::io::Result<()> {
     let _ = std::fs::create_dir_all(target);
     let src = std::ffi::CString::new(fstype).unwrap();
     let tgt = std::ffi::CString::new(target).unwrap();
+    // SAFETY: every string is a NUL-terminated CString that outlives the call; no data argument.
     let r = unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
     if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }

@@ -23,6 +23,8 @@ pub fn in_netns<T: Send>(ns: Option<&Path>, f: impl FnOnce() -> Result<T> + Send
     let file = File::open(ns).map_err(|e| user(format!("cannot open network namespace {}: {e}", ns.display())))?;
     std::thread::scope(|s| {
         s.spawn(move || {
+            // SAFETY: setns(2) on a thread of our own that only runs `f` and ends: the caller's
+            // thread keeps its namespace.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 let e = std::io::Error::last_os_error();
                 return Err(user(format!("cannot enter network namespace {}: {e}", ns.display())));

@@ -56,5 +56,6 @@ pub const TRACE_CAPS: &[u32] = &[CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN];
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory to it (< 5.11).
 pub fn raise_memlock() {
     let lim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+    // SAFETY: setrlimit(2) reads `lim`, an rlimit we own.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const lim) };
 }

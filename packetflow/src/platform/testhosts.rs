@@ -85,6 +85,8 @@ pub fn netns_command(path: &std::path::Path, program: impl AsRef<std::ffi::OsStr
     use std::os::{fd::AsRawFd, unix::process::CommandExt};
     let mut c = Command::new(program);
     match std::fs::File::open(path) {
+        // SAFETY: the pre_exec closure runs in the forked child before exec and only calls setns(2)
+        // (async-signal-safe) on an fd opened here.
         Ok(f) => unsafe {
             c.pre_exec(move || {
                 if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
@@ -93,6 +95,7 @@ pub fn netns_command(path: &std::path::Path, program: impl AsRef<std::ffi::OsStr
                 Ok(())
             });
         },
+        // SAFETY: the pre_exec closure only builds an io::Error from an integer: async-signal-safe.
         Err(e) => unsafe {
             let errno = e.raw_os_error().unwrap_or(libc::ENOENT);
             c.pre_exec(move || Err(std::io::Error::from_raw_os_error(errno)));

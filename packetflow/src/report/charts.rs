@@ -49,7 +49,7 @@ impl LogHist {
         }
     }
     fn count(&self) -> u64 {
-        self.0.iter().map(|&c| c as u64).sum()
+        self.0.iter().map(|&c| u64::from(c)).sum()
     }
     /// The value at quantile `q` (the bin's upper edge).
     fn quantile(&self, q: f64) -> Option<f64> {
@@ -60,7 +60,7 @@ impl LogHist {
         let want = (q * n as f64).ceil().max(1.0) as u64;
         let mut acc = 0;
         for (i, &c) in self.0.iter().enumerate() {
-            acc += c as u64;
+            acc += u64::from(c);
             if acc >= want {
                 return Some(2f64.powf((i + 1) as f64 / 4.0));
             }
@@ -195,8 +195,8 @@ pub fn percentiles(stats: &Stats) -> String {
             vals.push(p.e2e.value_at_quantile(0.99) as f64);
         }
     }
-    let lo = vals.iter().cloned().fold(f64::MAX, f64::min).max(10.0).log10().floor();
-    let hi = vals.iter().cloned().fold(1.0, f64::max).log10().ceil().max(lo + 1.0);
+    let lo = vals.iter().copied().fold(f64::MAX, f64::min).max(10.0).log10().floor();
+    let hi = vals.iter().copied().fold(1.0, f64::max).log10().ceil().max(lo + 1.0);
     let x = |ns: f64| left + (ns.max(1.0).log10() - lo) / (hi - lo) * (width - left - right);
     let mut s = svg_open(width as u32, height as u32, "Latency per stage: p50 to p99 bar, p90 tick (log scale)");
     let bottom = height - 40.0;
@@ -283,7 +283,7 @@ pub fn waterfall(t: &Trace, title: &str) -> String {
     let mut s = svg_open(width as u32, height as u32, title);
     let bottom = height - 40.0;
     for k in 0..=4 {
-        let ns = t0.saturating_add((total * k as f64 / 4.0) as u64);
+        let ns = t0.saturating_add((total * f64::from(k) / 4.0) as u64);
         let xx = x(ns);
         let _ = writeln!(
             s,
@@ -318,6 +318,8 @@ pub fn timeline(g: &Gathered) -> String {
     let (left, right, top) = (70.0, 30.0, 50.0);
     let (width, height) = (900.0, 340.0);
     let bottom = height - 50.0;
+    // Per path: (time, p50, p99) points.
+    #[allow(clippy::type_complexity)]
     let mut pts: Vec<(PathKind, Vec<(f64, f64, f64)>)> = Vec::new();
     let mut max_t: f64 = 1e-3;
     let (mut lo, mut hi) = (f64::MAX, 1.0f64);
@@ -354,7 +356,7 @@ pub fn timeline(g: &Gathered) -> String {
         );
     }
     for k in 0..=4 {
-        let t = max_t * k as f64 / 4.0;
+        let t = max_t * f64::from(k) / 4.0;
         let label = if max_t < 2.0 { format!("{:.0} ms", t * 1e3) } else { format!("{t:.1} s") };
         let _ = writeln!(
             s,

@@ -246,7 +246,7 @@ pub fn compare(base: &Stats, new: &Stats) -> String {
         let header: Vec<String> =
             ["stage", "base p50 µs", "p50 µs", "change", "", "base p99 µs", "p99 µs", "change", ""]
                 .iter()
-                .map(|s| s.to_string())
+                .map(std::string::ToString::to_string)
                 .collect();
         let mut rows = Vec::new();
         let mut row = |name: &str, b: &Histogram<u64>, n: &Histogram<u64>| {

@@ -63,10 +63,17 @@ fn main() {
     }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
+        // --help and --version print in full (and the help when no subcommand is given);
+        // a usage error is one line, exit 2.
+        Err(e) if !e.use_stderr() || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             let _ = e.print();
-            std::process::exit(code);
+            std::process::exit(if e.use_stderr() { 2 } else { 0 });
+        }
+        Err(e) => {
+            let text = e.render().to_string();
+            let line = text.lines().next().unwrap_or_default();
+            eprintln!("packetflow: {}", line.strip_prefix("error: ").unwrap_or(line));
+            std::process::exit(2);
         }
     };
     let code = match std::panic::catch_unwind(|| dispatch(cli)) {

@@ -298,6 +298,21 @@ fn test(args: &[String]) -> Result<ExitCode> {
             }
         }
     }
+    // Style and lints (Cargo.toml [workspace.lints]): each check counts as one test.
+    let mut lint_ok = true;
+    if whole {
+        let mut parts = Vec::new();
+        for (check, ok) in lint()? {
+            lint_ok &= ok;
+            if ok {
+                totals.passed += 1;
+            } else {
+                totals.failed += 1;
+            }
+            parts.push(format!("{check} {}", if ok { "ok" } else { "FAILED (see above)" }));
+        }
+        report.push(format!("lint: {}", parts.join(", ")));
+    }
     // And every fuzz target for a short while (`cargo xtask fuzz` runs them longer); each
     // target counts as one test.
     let mut fuzz_ok = true;
@@ -349,7 +364,20 @@ fn test(args: &[String]) -> Result<ExitCode> {
         totals.failed,
         skips.len() as u64 + totals.ignored
     );
-    Ok(if host_ok && vm_ok && fuzz_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if host_ok && vm_ok && lint_ok && fuzz_ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// `cargo fmt --check` and `cargo clippy -D warnings` over the host crates (the eBPF crate
+/// is built for bpfel by packetflow's build.rs and not linted): (check, passed).
+fn lint() -> Result<Vec<(&'static str, bool)>> {
+    for (tool, component) in [("clippy", "clippy"), ("fmt", "rustfmt")] {
+        if !Command::new("cargo").args([tool, "--version"]).output().is_ok_and(|o| o.status.success()) {
+            run(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+    let fmt = cargo().args(["fmt", "--all", "--check"]).status()?.success();
+    let clippy = cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]).status()?.success();
+    Ok(vec![("cargo fmt --check", fmt), ("cargo clippy --all-targets -D warnings", clippy)])
 }
 
 /// Test counts summed over libtest's `test result:` lines.

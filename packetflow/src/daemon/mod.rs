@@ -15,6 +15,7 @@
 //! attached: the kernel drops the links with the process's fds.
 
 pub mod config;
+pub mod http;
 pub mod metrics;
 
 use std::{
@@ -151,7 +152,7 @@ pub async fn run(a: Args) -> Result<()> {
     };
     refresh(&running, &cfg, reloads);
     let registry = Arc::new(metrics::registry(snap.clone()));
-    let metrics_task = tokio::spawn(metrics::serve(metrics_listener, registry));
+    let metrics_task = tokio::spawn(http::serve(metrics_listener, registry));
     let control_task = tokio::spawn(serve_control(control, status.clone()));
     log(format!(
         "ready: {} programs attached, mode {}, {}; metrics on http://{}/metrics; control socket {}",

@@ -14,6 +14,7 @@ use crate::{
     kernel::loader::XdpChoice,
     model::filter::{FilterSpec, Proto},
     model::trace::PathKind,
+    pipeline::accounting,
     pipeline::run::{self, Finished, RunOptions, Running},
     platform::testhosts::{self, TestHosts},
 };
@@ -212,8 +213,8 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
     for (p, line) in rtt {
         println!("{p} client: {line}");
     }
-    println!("{}", run::loss_line(&f));
-    println!("{}", run::cost_line(&f));
+    println!("{}", accounting::loss_line(&f));
+    println!("{}", accounting::cost_line(&f));
     Ok(())
 }
 

@@ -8,6 +8,7 @@ use super::FilterArgs;
 use crate::{
     kernel::loader::XdpChoice,
     model::{filter::FilterSpec, stage_set::StageSet, trace::PathKind},
+    pipeline::accounting,
     pipeline::run::{self, RunOptions, Running},
     platform::{interfaces, netns},
     report::tables,
@@ -148,8 +149,8 @@ pub async fn run(a: Args) -> Result<()> {
         }
     }
     say(&tables::tables(&f.stats, &f.lost));
-    say(&format!("{}\n", run::loss_line(&f)));
-    say(&format!("{}\n", run::cost_line(&f)));
+    say(&format!("{}\n", accounting::loss_line(&f)));
+    say(&format!("{}\n", accounting::cost_line(&f)));
     Ok(())
 }
 

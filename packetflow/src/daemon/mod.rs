@@ -40,6 +40,7 @@ use crate::{
     format::ndjson,
     format::trace_files::{self, TraceFiles},
     kernel::xdp_owner,
+    pipeline::accounting,
     pipeline::names::Names,
     pipeline::run::{self, RunOptions, Running},
     platform,
@@ -194,7 +195,7 @@ pub async fn run(a: Args) -> Result<()> {
     metrics_task.abort();
     control_task.abort();
     match tokio::time::timeout(STOP_BUDGET, running.finish()).await {
-        Ok(Ok(f)) => log(format!("stopped; {}", run::loss_line(&f))),
+        Ok(Ok(f)) => log(format!("stopped; {}", accounting::loss_line(&f))),
         Ok(Err(e)) => log(format!("stopping: {e:#}")),
         Err(_) => log("stopping took too long; exiting (the kernel detaches what is left)"),
     }
@@ -334,7 +335,7 @@ fn render_status(s: &Snapshot, c: &Config, started: Instant) -> String {
         ));
     }
     out.push('\n');
-    let lost = run::with_misses(run::lost_per_stage(&s.counters), &s.missed);
+    let lost = accounting::with_misses(accounting::lost_per_stage(&s.counters), &s.missed);
     out.push_str(&tables::tables(&s.stats, &lost));
     match &s.programs {
         Some(progs) => {

@@ -4,7 +4,7 @@
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -16,6 +16,7 @@ use crate::{
     model::trace::PathKind,
     pipeline::accounting,
     pipeline::run::{self, Finished, RunOptions, Running},
+    platform::process::Proc,
     platform::testhosts::{self, TestHosts},
 };
 
@@ -59,22 +60,12 @@ pub struct DemoArgs {
     pub stages: crate::model::stage_set::StageSet,
 }
 
-/// A seed server child process, killed on drop.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn me() -> Result<PathBuf> {
     std::env::current_exe().context("locating the packetflow binary")
 }
 
 /// Starts `packetflow serve` (inside `ns` when given) and waits for "Server listening".
-fn start_server(ns: Option<&std::path::Path>, bind: &str, port: u16, udp: bool) -> Result<Server> {
+fn start_server(ns: Option<&std::path::Path>, bind: &str, port: u16, udp: bool) -> Result<Proc> {
     let mut cmd = match ns {
         Some(p) => testhosts::netns_command(p, me()?),
         None => Command::new(me()?),
@@ -98,7 +89,7 @@ fn start_server(ns: Option<&std::path::Path>, bind: &str, port: u16, udp: bool) 
         let _ = child.kill();
         return Err(crate::error::user(format!("the seed server did not start: {}", err.trim())));
     }
-    Ok(Server(child))
+    Ok(Proc(child))
 }
 
 /// Runs `packetflow client` to completion; returns its last line (the round-trip summary).

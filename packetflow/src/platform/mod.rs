@@ -5,5 +5,6 @@ pub mod interfaces;
 pub mod mounts;
 pub mod netns;
 pub mod privileges;
+pub mod process;
 pub mod testhosts;
 pub mod users;

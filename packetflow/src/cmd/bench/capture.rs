@@ -53,7 +53,7 @@ pub(super) async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &
                     if !log.contains(&line) {
                         log.push(line);
                     }
-                    let k = Kid(x.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?);
+                    let k = Proc(x.stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?);
                     std::thread::sleep(Duration::from_millis(if tool == "packetflow" { 2500 } else { 800 }));
                     Some(k)
                 }
@@ -92,9 +92,7 @@ pub(super) async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &
                 continue;
             };
             std::thread::sleep(Duration::from_millis(500));
-            // SAFETY: kill(2) has no memory preconditions; the pid is our own child, not yet
-            // reaped.
-            unsafe { libc::kill(kid.0.id() as i32, libc::SIGINT) };
+            kid.sigint();
             let mut err = String::new();
             if let Some(e) = kid.0.stderr.as_mut() {
                 let _ = std::io::Read::read_to_string(e, &mut err);

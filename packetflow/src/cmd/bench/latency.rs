@@ -78,12 +78,14 @@ pub(super) async fn throughput(c: &Cfg, md: &mut String, log: &mut Vec<String>) 
         for m in [Mode::Off, Mode::Idle, Mode::Full] {
             let running =
                 if m == Mode::Off { None } else { Some(start_tracer(vec![(None, "lo".into())], m, port).await?) };
-            let _srv = Kid(pin(&mut Command::new("iperf3"), SERVER_CPU)
-                .args(["-s", "-1", "-p", &port.to_string()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("iperf3")?);
+            let _srv = Proc(
+                pin(&mut Command::new("iperf3"), SERVER_CPU)
+                    .args(["-s", "-1", "-p", &port.to_string()])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .context("iperf3")?,
+            );
             std::thread::sleep(Duration::from_millis(300));
             let mut cl = Command::new("iperf3");
             pin(&mut cl, CLIENT_CPU).args([

@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -24,12 +24,13 @@ mod tools;
 use capture::capture_rate;
 use cost::{event_rate, hook_cost, stage_cost};
 use latency::{latency, throughput};
-use tools::{CLIENT_CPU, Kid, Peer, SERVER_CPU, pin, ping_pong, show, sockperf_server};
+use tools::{CLIENT_CPU, Peer, SERVER_CPU, pin, ping_pong, show, sockperf_server};
 
 use crate::{
     model::filter::FilterSpec,
     pipeline::run::{self, RunOptions, Running, StatsSampling},
     platform,
+    platform::process::Proc,
     platform::testhosts::{self, TestHosts},
 };
 

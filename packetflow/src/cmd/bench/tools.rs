@@ -1,17 +1,7 @@
 //! The load generators and the peer tracer the bench measures with: sockperf and bpftrace
 //! processes (killed on drop), pinned to fixed CPUs, and the parsing of what they print.
 
-use super::{Child, Command, Context, Duration, Path, Result, Stdio, bail, platform, testhosts};
-
-/// A child killed on drop.
-pub(super) struct Kid(pub(super) Child);
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use super::{Command, Context, Duration, Path, Proc, Result, Stdio, bail, platform, testhosts};
 
 pub(super) fn cmd_in(ns: Option<&Path>, program: &str) -> Command {
     match ns {
@@ -62,13 +52,13 @@ pub(super) fn sockperf_percentile(out: &str, p: &str) -> Option<f64> {
         .and_then(|l| l.rsplit('=').next()?.trim().parse().ok())
 }
 
-pub(super) fn sockperf_server(ns: Option<&Path>, addr: &str, port: u16, tcp: bool) -> Result<Kid> {
+pub(super) fn sockperf_server(ns: Option<&Path>, addr: &str, port: u16, tcp: bool) -> Result<Proc> {
     let mut c = cmd_in(ns, "sockperf");
     pin(&mut c, SERVER_CPU).args(["server", "-i", addr, "-p", &port.to_string()]);
     if tcp {
         c.arg("--tcp");
     }
-    let k = Kid(c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("sockperf (Debian package sockperf)")?);
+    let k = Proc(c.stdout(Stdio::null()).stderr(Stdio::null()).spawn().context("sockperf (Debian package sockperf)")?);
     std::thread::sleep(Duration::from_millis(300));
     Ok(k)
 }
@@ -123,7 +113,7 @@ pub(super) fn ping_pong(
 
 /// The peer row: a bpftrace script anyone might write for two intervals (queue time,
 /// transmit -> receive) on three tracepoints, skb-keyed maps, in-kernel histograms.
-pub(super) struct Peer(#[allow(dead_code)] Kid);
+pub(super) struct Peer(#[allow(dead_code)] Proc);
 
 impl Peer {
     const SCRIPT: &str = "\
@@ -147,11 +137,8 @@ tracepoint:net:netif_receive_skb /@x[args->skbaddr]/ {
         if !log.contains(&line) {
             log.push(line);
         }
-        let mut kid = Kid(c
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("bpftrace (Debian package bpftrace)")?);
+        let mut kid =
+            Proc(c.stdout(Stdio::piped()).stderr(Stdio::null()).spawn().context("bpftrace (Debian package bpftrace)")?);
         let mut out = BufReader::new(kid.0.stdout.take().context("bpftrace stdout")?);
         let mut first = String::new();
         out.read_line(&mut first)?;

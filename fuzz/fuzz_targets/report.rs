@@ -42,7 +42,7 @@ fuzz_target!(|data: &[u8]| {
     }
     chrome.finish(&serde_json::Value::Null);
     let _ = report::tables::side_by_side(&g.stats);
-    let _ = report::tables::tables(&g.stats, &lost);
+    let _ = report::tables::path_tables(&g.stats, &lost);
     let _ = report::compare(&g.stats, &g.stats);
     let _ = charts::all(&g);
     let _ = charts::html(&g, "fuzz", "");

@@ -60,7 +60,7 @@ pub fn run(a: Args) -> Result<()> {
             } else {
                 text.push_str(&tables::side_by_side(stats));
                 text.push('\n');
-                text.push_str(&tables::tables(stats, &r.lost));
+                text.push_str(&tables::path_tables(stats, &r.lost));
             }
         }
         By::Flow | By::Pid => text.push_str(&r.groups.table()),

@@ -129,7 +129,7 @@ pub async fn run(a: Args) -> Result<()> {
                     let lost = running.lost();
                     let flows = running.shared.flows.load(Ordering::Relaxed);
                     println!("\x1b[2J\x1b[H{}{} flows tracked, {} records dropped by a slow reader",
-                        tables::tables(&stats, &lost), flows, running.shared.overflow_records.load(Ordering::Relaxed));
+                        tables::path_tables(&stats, &lost), flows, running.shared.overflow_records.load(Ordering::Relaxed));
                 }
             }
         }
@@ -148,7 +148,7 @@ pub async fn run(a: Args) -> Result<()> {
             say(&format!("{} path: no traces\n", p.name()));
         }
     }
-    say(&tables::tables(&f.stats, &f.lost));
+    say(&tables::path_tables(&f.stats, &f.lost));
     say(&format!("{}\n", accounting::loss_line(&f)));
     say(&format!("{}\n", accounting::cost_line(&f)));
     Ok(())

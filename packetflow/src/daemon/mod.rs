@@ -336,7 +336,7 @@ fn render_status(s: &Snapshot, c: &Config, started: Instant) -> String {
     }
     out.push('\n');
     let lost = accounting::with_misses(accounting::lost_per_stage(&s.counters), &s.missed);
-    out.push_str(&tables::tables(&s.stats, &lost));
+    out.push_str(&tables::path_tables(&s.stats, &lost));
     match &s.programs {
         Some(progs) => {
             let ns: u64 = progs.iter().map(|p| p.ns).sum();

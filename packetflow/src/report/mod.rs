@@ -25,7 +25,6 @@ use crate::{
     model::trace::{Flow, PathKind, Trace},
     pipeline::session::Sink,
     report::charts::Gathered,
-    report::tables::tables,
     report::tables::us,
 };
 

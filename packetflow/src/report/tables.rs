@@ -130,7 +130,7 @@ pub fn side_by_side(stats: &Stats) -> String {
 }
 
 /// The per-path tables, as printed live and at the end.
-pub fn tables(stats: &Stats, lost: &BTreeMap<Stage, u64>) -> String {
+pub fn path_tables(stats: &Stats, lost: &BTreeMap<Stage, u64>) -> String {
     if stats.paths.is_empty() {
         return "no packet traces yet\n".into();
     }

@@ -2,7 +2,7 @@
 
 use packetflow_common::capture::{DIR_IN, DIR_OUT};
 
-use crate::{kernel::loader::XdpChoice, model::stage_set::StageSet};
+use crate::{kernel::interfaces::XdpChoice, model::stage_set::StageSet};
 
 /// Capture packets (XDP in, tcx out) to pcapng or tcpdump-like lines; filter in the kernel.
 #[derive(clap::Args)]

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use super::FilterArgs;
 use crate::{
     daemon::config::{Mode, Overrides},
-    kernel::loader::XdpChoice,
+    kernel::interfaces::XdpChoice,
 };
 
 /// Run as a service: always-on tracing, Prometheus /metrics, rotated trace files,

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 
 use crate::{
-    kernel::loader::XdpChoice,
+    kernel::interfaces::XdpChoice,
     model::filter::{FilterSpec, Proto},
     model::trace::PathKind,
     pipeline::accounting,

@@ -18,7 +18,8 @@ use aya::{
 
 use crate::{
     kernel::btf::Btf,
-    kernel::loader::{LoadOptions, Tracer, XdpChoice},
+    kernel::interfaces::XdpChoice,
+    kernel::loader::{LoadOptions, Tracer},
     platform,
     platform::testhosts::TestHosts,
     report::tables::render,

@@ -6,7 +6,7 @@ use anyhow::Result;
 
 use super::FilterArgs;
 use crate::{
-    kernel::loader::XdpChoice,
+    kernel::interfaces::XdpChoice,
     model::{filter::FilterSpec, stage_set::StageSet, trace::PathKind},
     pipeline::accounting,
     pipeline::run::{self, RunOptions, Running},

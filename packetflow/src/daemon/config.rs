@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     error::user,
-    kernel::loader::XdpChoice,
+    kernel::interfaces::XdpChoice,
     model::{
         filter::{FilterSpec, Proto},
         stage_set::StageSet,

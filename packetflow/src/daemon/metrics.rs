@@ -22,7 +22,7 @@ use prometheus_client::{
 
 use super::http::{ACCEPT_ERRORS, DROPPED_IDLE, DROPPED_OVER_LIMIT, DROPPED_TIMEOUT};
 use crate::{
-    kernel::loader::{Attached, StageHook},
+    kernel::{hooks::StageHook, interfaces::Attached},
     model::stats::Stats,
     pipeline::correlate::CorrStats,
 };
@@ -36,7 +36,7 @@ pub struct Snapshot {
     /// Per stage, runs of its programs the kernel skipped (`Tracer::recursion_misses`).
     pub missed: BTreeMap<Stage, u64>,
     /// Each program's runs and kernel time (None: run statistics unavailable).
-    pub programs: Option<Vec<crate::kernel::loader::ProgramCost>>,
+    pub programs: Option<Vec<crate::kernel::run_stats::ProgramCost>>,
     /// Since the programs were attached.
     pub tracing_for: std::time::Duration,
     /// Of that, how long the run statistics were on (`cost_sample_secs`): `programs`

@@ -82,7 +82,7 @@ pub async fn run(a: Args) -> Result<()> {
     let control = bind_control(&cfg.control_socket)?;
     let (interfaces, _) = interfaces::resolve(&cfg.interfaces, None)?;
     // XDP goes on only when the xdp stage is asked for (not in the default `overview`).
-    if cfg.xdp_mode != crate::kernel::loader::XdpChoice::Off
+    if cfg.xdp_mode != crate::kernel::interfaces::XdpChoice::Off
         && cfg.filter().stages.contains(packetflow_common::Stage::Xdp)
     {
         for (ns, name) in &interfaces {
@@ -252,7 +252,7 @@ fn reload(a: &Args, old: &Config, running: &mut Running, files: &Files) -> Resul
     }
     let filter = new.filter();
     let kf = filter.to_kernel(std::process::id())?;
-    // A protocol's own hooks follow `proto` (`loader::Group::wanted`).
+    // A protocol's own hooks follow `proto` (`hooks::Group::wanted`).
     if new.stages != old.stages || kf.protos != running.tracer.protos {
         running.tracer.protos = kf.protos;
         for line in running.set_stages(filter.stages) {

@@ -19,7 +19,7 @@ pub struct Cost {
 
 impl Cost {
     pub(crate) fn of(
-        programs: &[crate::kernel::loader::ProgramCost],
+        programs: &[crate::kernel::run_stats::ProgramCost],
         elapsed: std::time::Duration,
         sampled: std::time::Duration,
     ) -> Cost {

@@ -5,7 +5,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{kernel::loader::Attached, platform};
+use crate::{kernel::interfaces::Attached, platform};
 
 #[derive(Default)]
 pub struct Names {

@@ -13,7 +13,8 @@ use packetflow_common::Stage;
 
 use crate::{
     format::ndjson::{self, JsonSink},
-    kernel::loader::{LoadOptions, Tracer, XdpChoice},
+    kernel::interfaces::XdpChoice,
+    kernel::loader::{LoadOptions, Tracer},
     model::filter::FilterSpec,
     model::stats::Stats,
     pipeline::accounting::{Cost, counters_json, lost_per_stage, with_misses},
@@ -47,12 +48,12 @@ pub struct RunOptions {
     pub idle: bool,
     /// More sinks, made once the programs are attached (the daemon's trace files).
     pub more_sinks: Option<MoreSinks>,
-    /// When the kernel's run statistics are on (`loader::RunStats`).
+    /// When the kernel's run statistics are on (`run_stats::RunStats`).
     pub run_stats: StatsSampling,
 }
 
 /// When the kernel's per-program run statistics are on: they cost every program run two
-/// clock reads (`loader::RunStats`), so a tracer left running samples them.
+/// clock reads (`run_stats::RunStats`), so a tracer left running samples them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StatsSampling {
     /// On for the whole run (trace, demo: their cost line is exact).
@@ -126,8 +127,8 @@ pub struct Finished {
     pub lost: BTreeMap<Stage, u64>,
     pub overflow_records: u64,
     pub summary: serde_json::Value,
-    pub stages: BTreeMap<Stage, crate::kernel::loader::StageHook>,
-    pub interfaces: Vec<crate::kernel::loader::Attached>,
+    pub stages: BTreeMap<Stage, crate::kernel::hooks::StageHook>,
+    pub interfaces: Vec<crate::kernel::interfaces::Attached>,
     /// The tracer's own kernel time over the run (None: run statistics unavailable).
     pub cost: Option<Cost>,
 }

@@ -1,5 +1,6 @@
 //! From ring buffers to traces: shard readers, the correlator, sinks, one tracing run.
 
+mod comm;
 pub mod correlate;
 pub mod names;
 pub mod run;

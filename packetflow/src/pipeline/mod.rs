@@ -1,6 +1,7 @@
 //! From ring buffers to traces: shard readers, the correlator, sinks, one tracing run.
 
 pub mod accounting;
+mod comm;
 pub mod correlate;
 pub mod names;
 pub mod run;

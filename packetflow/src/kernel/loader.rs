@@ -157,7 +157,7 @@ impl Tracer {
         let offsets = btf.offsets();
         let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
         let ring_bytes = opts.ring_bytes.max(4096).next_power_of_two();
-        let wake = (ring_bytes / 4) as u64;
+        let wake = u64::from(ring_bytes / 4);
         let ret_off = sys_exit_ret_offset();
         let cpus = platform::host::possible_cpus();
         let nr_cpus: u32 = cpus.iter().max().map_or(1, |c| c + 1);
@@ -177,7 +177,7 @@ impl Tracer {
         // The capture shards wake their reader by their own size: with the trace rings'
         // threshold (1 KiB when `capture` runs without --stages) every seventh small
         // packet was a wake-up, and the reader's wake-ups starved the traffic it captured.
-        let cap_wake = (cap_bytes / 4) as u64;
+        let cap_wake = u64::from(cap_bytes / 4);
         loader.override_global("CAP_WAKEUP_BYTES", &cap_wake, true);
         for s in 0..RING_SHARDS {
             loader.map_max_entries(ring_name(s), if used.contains(&s) { ring_bytes } else { 4096 });

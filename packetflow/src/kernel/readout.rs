@@ -76,10 +76,10 @@ impl Tracer {
     /// Capture losses per ifindex (records that did not fit the ring).
     pub fn capture_losses(&self) -> std::collections::HashMap<u32, u64> {
         let Some(m) = self.ebpf.as_ref().and_then(|e| e.map("CAP_IF_LOST")) else {
-            return Default::default();
+            return std::collections::HashMap::default();
         };
         let Ok(h) = aya::maps::HashMap::<_, u32, u64>::try_from(m) else {
-            return Default::default();
+            return std::collections::HashMap::default();
         };
         h.iter().filter_map(Result::ok).collect()
     }

@@ -114,7 +114,7 @@ mod tests {
             for (k, s) in Stage::KERNEL_ORDER.iter().filter(|s| !s.is_optional()).enumerate() {
                 let mut e = Event::ZERO;
                 e.stage = *s as u8;
-                e.ts_ns = 1_000_000 + i as u64 * 100_000 + k as u64 * 100;
+                e.ts_ns = 1_000_000 + u64::from(i) * 100_000 + k as u64 * 100;
                 (e.seq, e.len, e.flags) = (i, 4, F_UDP);
                 (e.sport, e.dport) = ((i % 60_000) as u16, 9);
                 (e.saddr[0], e.saddr[1], e.daddr[0]) = (127, (i / 60_000) as u8, 127);
@@ -122,7 +122,7 @@ mod tests {
                 assert!(c.held_bytes() <= c.budget_bytes, "{} over {}", c.held_bytes(), c.budget_bytes);
             }
             if i % 50 == 0 {
-                c.advance(1_000_000 + i as u64 * 100_000, &mut |_| traces += 1);
+                c.advance(1_000_000 + u64::from(i) * 100_000, &mut |_| traces += 1);
             }
         }
         c.flush(&mut |_| traces += 1);
@@ -159,7 +159,7 @@ mod tests {
             (Stage::TransportRcv as u8, 999_000, 5, 6, 198, 198);
         c.push(&stray);
         for i in 0..5_000u32 {
-            let t0 = 1_000_000 + i as u64 * 10_000;
+            let t0 = 1_000_000 + u64::from(i) * 10_000;
             for (k, s) in Stage::KERNEL_ORDER.iter().filter(|s| !s.is_optional()).enumerate() {
                 let mut e = Event::ZERO;
                 (e.stage, e.ts_ns) = (*s as u8, t0 + k as u64 * 100);

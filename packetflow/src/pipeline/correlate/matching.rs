@@ -23,7 +23,7 @@ enum Side {
 
 /// Where the record of `stage` sits in time relative to an anchor recorded at `anchor`.
 fn side(stage: Stage, anchor: Stage) -> Side {
-    use Stage::*;
+    use Stage::{DevQueue, IpSend, NetifReceive, NicXmit, SendSyscall, SockSend, TcEgress, Xdp};
     // Kernel order (docs/stages.md): tcx egress runs before the net_dev_queue tracepoint,
     // the driver after it. Native XDP runs before netif_receive_skb, generic XDP after it.
     match (anchor, stage) {
@@ -167,7 +167,8 @@ pub(super) fn build(flow: &Flow, st: &FlowState, anchor: &Anchor, cov: &Coverage
     stages.sort_unstable_by_key(|s| (s.t_ns, s.stage));
     let seq_raw = if flow.udp { anchor.rec.lo as u32 } else { raw_seq(st, anchor.rec.lo) };
     let len = if flow.udp { anchor.rec.hi as u32 } else { (anchor.rec.hi - anchor.rec.lo) as u32 };
-    let trace = Trace {
+
+    Trace {
         kind: anchor.kind,
         flow: *flow,
         seq: seq_raw,
@@ -184,8 +185,7 @@ pub(super) fn build(flow: &Flow, st: &FlowState, anchor: &Anchor, cov: &Coverage
         rx_comm: None,
         stages,
         complete,
-    };
-    trace
+    }
 }
 
 /// A UDP datagram that reached the transport but was never queued on its socket (a full

@@ -199,26 +199,25 @@ impl Correlator {
 
     fn push_to(&mut self, flow: Flow, stage: Stage, ev: &Event) {
         // One lookup for a known flow (which becomes the most recently active).
-        let st = match self.flows.to_back(&flow) {
-            Some(st) => st,
-            None => {
-                if self.flows.len() >= self.max_flows {
-                    self.evict_front();
-                }
-                let st = FlowState::default();
-                self.held_bytes += st.bytes();
-                self.flows.entry(flow).or_insert(FlowState { accounted: st.bytes(), ..st })
+        let st = if let Some(st) = self.flows.to_back(&flow) {
+            st
+        } else {
+            if self.flows.len() >= self.max_flows {
+                self.evict_front();
             }
+            let st = FlowState::default();
+            self.held_bytes += st.bytes();
+            self.flows.entry(flow).or_insert(FlowState { accounted: st.bytes(), ..st })
         };
         st.last_ts = st.last_ts.max(ev.ts_ns);
         let rec = if ev.is_udp() {
-            Rec { lo: ev.seq as u64, hi: ev.len as u64, end_only: false, ..rec_base(ev) }
+            Rec { lo: u64::from(ev.seq), hi: u64::from(ev.len), end_only: false, ..rec_base(ev) }
         } else if ev.flags & F_END != 0 {
             let end = st.unwrap_seq(ev.seq);
             Rec { lo: end, hi: end, end_only: true, ..rec_base(ev) }
         } else {
             let lo = st.unwrap_seq(ev.seq);
-            Rec { lo, hi: lo + ev.len.max(control_len(ev)) as u64, end_only: false, ..rec_base(ev) }
+            Rec { lo, hi: lo + u64::from(ev.len.max(control_len(ev))), end_only: false, ..rec_base(ev) }
         };
         let until = st.anchored_until;
         // Accounted by difference: only this list and the pending anchors change.
@@ -391,7 +390,7 @@ impl Correlator {
         }
         if flow.udp {
             // Datagrams' records leave with their traces: free the lists they emptied.
-            for slot in st.stages.iter_mut() {
+            for slot in &mut st.stages {
                 if slot.as_ref().is_some_and(|l| l.len() == 0) {
                     *slot = None;
                 }
@@ -404,7 +403,7 @@ impl Correlator {
             // A TCP record is accounted for when its bytes belong to finished traces (a
             // segment of a GSO packet, a read of several packets); a UDP one when used.
             let until = st.anchored_until;
-            for slot in st.stages.iter_mut() {
+            for slot in &mut st.stages {
                 if let Some(list) = slot {
                     stats.records_unmatched += list.prune(keep_from, until);
                     if list.len() == 0 {

@@ -85,7 +85,7 @@ impl Recs {
     fn position(&self, ts: u64, strict: bool) -> usize {
         let below = |r: &Rec| if strict { r.ts <= ts } else { r.ts < ts };
         match self {
-            Recs::One(r) => below(r) as usize,
+            Recs::One(r) => usize::from(below(r)),
             Recs::Many(l) => partition_point_from_back(l, below),
         }
     }
@@ -196,12 +196,11 @@ impl Records {
                 self.udp.order = order;
             }
             return !evicted;
-        } else {
-            let at = self.tcp.iter().rposition(|x| x.ts <= r.ts).map_or(0, |i| i + 1);
-            self.tcp.insert(at, r);
-            if self.tcp.len() > MAX_TCP_PER_STAGE {
-                return self.tcp.pop_front().is_none_or(|old| old.used(until));
-            }
+        }
+        let at = self.tcp.iter().rposition(|x| x.ts <= r.ts).map_or(0, |i| i + 1);
+        self.tcp.insert(at, r);
+        if self.tcp.len() > MAX_TCP_PER_STAGE {
+            return self.tcp.pop_front().is_none_or(|old| old.used(until));
         }
         true
     }
@@ -372,7 +371,7 @@ impl FlowState {
                 pos
             }
             Some((raw, pos)) => {
-                let d = seq.wrapping_sub(raw) as i32 as i64;
+                let d = i64::from(seq.wrapping_sub(raw) as i32);
                 let p = (pos as i64 + d) as u64;
                 if d > 0 {
                     self.seq_ref = Some((seq, p));

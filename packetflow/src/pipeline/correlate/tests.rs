@@ -28,8 +28,10 @@ fn ev(stage: Stage, ts: u64, seq: u32, len: u32) -> Event {
 
 /// Every hook of a kernel without kprobes (no IP-layer stages).
 fn all_global() -> Coverage {
-    let mut c = Coverage::default();
-    c.global = Stage::ALL.into_iter().filter(|s| !matches!(s, Stage::IpSend | Stage::IpRcv)).collect();
+    let mut c = Coverage {
+        global: Stage::ALL.into_iter().filter(|s| !matches!(s, Stage::IpSend | Stage::IpRcv)).collect(),
+        ..Coverage::default()
+    };
     c.xdp.insert((7, 1));
     c.tc_ingress.insert((7, 1));
     c.tc_egress.insert((7, 1));

@@ -1,5 +1,5 @@
 //! Builds `packetflow-ebpf` for the BPF target and leaves the object in OUT_DIR, where
-//! `loader.rs` embeds it, so `cargo build -p packetflow` yields one self-contained binary.
+//! `kernel/loader.rs` embeds it, so `cargo build -p packetflow` yields one self-contained binary.
 //!
 //! This does what `aya_build::build_ebpf` does (a nested `cargo +nightly build -Z
 //! build-std=core --target bpfel-unknown-none`, linked by bpf-linker), but stays quiet

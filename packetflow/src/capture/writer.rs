@@ -37,9 +37,19 @@ pub(super) struct Iface {
     pub(super) lost: u64,
 }
 
-/// The packet's trace key: (src, sport, dst, dport, udp, seq/key, len) — as the tracer
-/// would have anchored it.
-type Key = (IpAddr, u16, IpAddr, u16, bool, u32, u32);
+/// What pairs a captured packet with its trace: its flow, and where its bytes sit in the
+/// flow, as the tracer anchored it (TCP: sequence number; UDP: payload key) with its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Key {
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    udp: bool,
+    /// TCP: the sequence number of the first byte; UDP: `payload_key` of the payload.
+    seq: u32,
+    len: u32,
+}
 
 fn packet_key(d: &[u8]) -> Option<Key> {
     let frame::Ip { src, dst, proto, l4, end, .. } = frame::ip(d)?;
@@ -50,7 +60,7 @@ fn packet_key(d: &[u8]) -> Option<Key> {
             let seq = frame::be32(d, l4 + 4)?;
             let doff = ((*d.get(l4 + 12)? >> 4) as usize) * 4;
             let len = end.checked_sub(l4 + doff)? as u32;
-            Some((src, sport, dst, dport, false, seq, len))
+            Some(Key { src, sport, dst, dport, udp: false, seq, len })
         }
         17 => {
             let len = usize::from(frame::be16(d, l4 + 4)?).checked_sub(8)?;
@@ -58,14 +68,16 @@ fn packet_key(d: &[u8]) -> Option<Key> {
             let mut head = [0u8; 16];
             let n = len.min(16).min(payload.len());
             head[..n].copy_from_slice(&payload[..n]);
-            Some((src, sport, dst, dport, true, packetflow_common::payload_key(&head, n as u32), len as u32))
+            let seq = packetflow_common::payload_key(&head, n as u32);
+            Some(Key { src, sport, dst, dport, udp: true, seq, len: len as u32 })
         }
         _ => None,
     }
 }
 
 fn trace_key(t: &Trace) -> Key {
-    (t.flow.src_ip(), t.flow.sport, t.flow.dst_ip(), t.flow.dport, t.flow.udp, t.seq, t.len)
+    let f = &t.flow;
+    Key { src: f.src_ip(), sport: f.sport, dst: f.dst_ip(), dport: f.dport, udp: f.udp, seq: t.seq, len: t.len }
 }
 
 /// "stages: send_syscall 0.00 µs, sock_send +0.71 µs, ..." for a packet's comment.
@@ -334,7 +346,7 @@ mod tests {
         let k = packet_key(&f).unwrap();
         let mut head = [0u8; 16];
         head.copy_from_slice(&b"Hello from client!"[..16]);
-        assert_eq!(k.5, packetflow_common::payload_key(&head, 16));
-        assert_eq!((k.1, k.3, k.4, k.6), (40000, 8080, true, 18));
+        assert_eq!(k.seq, packetflow_common::payload_key(&head, 16));
+        assert_eq!((k.sport, k.dport, k.udp, k.len), (40000, 8080, true, 18));
     }
 }

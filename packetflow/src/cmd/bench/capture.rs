@@ -60,23 +60,7 @@ pub(super) async fn capture_rate(c: &Cfg, paths: &Paths, md: &mut String, log: &
                 None => None,
             };
             let mut cl = testhosts::netns_command(&h.path_a(), "sockperf");
-            cl.args([
-                "tp",
-                "-i",
-                testhosts::ADDR_B,
-                "-p",
-                &port.to_string(),
-                "-m",
-                "64",
-                &format!("--mps={mps}"),
-                "-t",
-                &c.secs.to_string(),
-            ]);
-            let line = show(&cl);
-            if !log.contains(&line) {
-                log.push(line);
-            }
-            let o = cl.output()?;
+            let o = sockperf_tp(&mut cl, testhosts::ADDR_B, port, mps, c.secs, log)?;
             let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
             // "Total of 200048 messages sent in 2.000 sec"
             let sent: u64 = out

@@ -210,23 +210,7 @@ pub(super) async fn event_rate(c: &Cfg, md: &mut String, log: &mut Vec<String>) 
         let c0 = running.tracer.counters()?;
         let t0 = Instant::now();
         let mut cl = Command::new("sockperf");
-        pin(&mut cl, CLIENT_CPU).args([
-            "tp",
-            "-i",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-m",
-            "64",
-            &format!("--mps={mps}"),
-            "-t",
-            &c.secs.to_string(),
-        ]);
-        let line = show(&cl);
-        if !log.contains(&line) {
-            log.push(line);
-        }
-        let o = cl.stdin(Stdio::null()).output()?;
+        let o = sockperf_tp(pin(&mut cl, CLIENT_CPU), "127.0.0.1", port, mps, c.secs, log)?;
         // The sending window sockperf reports ("Total of N messages sent in 3.000 sec"):
         // the run takes two seconds more (start-up, warm-up, wind-down), all but idle.
         let out = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);

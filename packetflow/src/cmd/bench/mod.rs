@@ -24,7 +24,7 @@ mod tools;
 use capture::capture_rate;
 use cost::{event_rate, hook_cost, stage_cost};
 use latency::{latency, throughput};
-use tools::{CLIENT_CPU, Peer, SERVER_CPU, pin, ping_pong, show, sockperf_server};
+use tools::{CLIENT_CPU, Peer, SERVER_CPU, pin, ping_pong, show, sockperf_server, sockperf_tp};
 
 use crate::{
     model::filter::FilterSpec,

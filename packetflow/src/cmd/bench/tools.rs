@@ -151,3 +151,21 @@ tracepoint:net:netif_receive_skb /@x[args->skbaddr]/ {
         Ok(Peer(kid))
     }
 }
+
+/// A sockperf throughput client: 64-byte messages to `addr:port` at `mps` for `secs`,
+/// its command line logged once; its output.
+pub(super) fn sockperf_tp(
+    cl: &mut Command,
+    addr: &str,
+    port: u16,
+    mps: u32,
+    secs: u32,
+    log: &mut Vec<String>,
+) -> Result<std::process::Output> {
+    cl.args(["tp", "-i", addr, "-p", &port.to_string(), "-m", "64", &format!("--mps={mps}"), "-t", &secs.to_string()]);
+    let line = show(cl);
+    if !log.contains(&line) {
+        log.push(line);
+    }
+    Ok(cl.stdin(Stdio::null()).output()?)
+}

@@ -4,8 +4,10 @@
 //!   against the nightly's own LLVM) and the Debian packages the tests use. Idempotent and
 //!   fast when everything is there; `demo` and `test` run it first.
 //! * `demo [ARGS]` — build, then `packetflow demo ARGS` (the README's main job).
-//! * `test [ARGS]` — build, then the whole test suite (the README's test command); without
-//!   ARGS it ends with the VM suite on Debian's 6.1 kernel.
+//! * `test [ARGS] [-- TEST-ARGS]` — build, then the whole test suite (the README's test
+//!   command); without ARGS it ends with the VM suite on Debian's 6.1 kernel. ARGS go to
+//!   cargo test, TEST-ARGS to the test binaries: `test -p packetflow-tests --test e2e --
+//!   demo::` runs one area of the end-to-end tests.
 //! * `vm-test [--kernel 6.1|6.12|all]` — the end-to-end tests on Debian kernels in QEMU
 //!   (xtask/src/vm.rs).
 //! * `fuzz [SECONDS]` — every cargo-fuzz target under fuzz/ (cargo-fuzz installed on demand).
@@ -240,30 +242,49 @@ fn test(args: &[String]) -> Result<ExitCode> {
     // line in this file; libtest counts them as passed, the closing line as skipped.
     let skip_file = target_dir().join("packetflow-skips.txt");
     let _ = std::fs::remove_file(&skip_file);
+    // ARGS before a `--` go to cargo test, those after it to the test binaries (after
+    // --test-threads=1): `cargo xtask test -p packetflow-tests --test e2e -- demo::`.
+    let (cargo_args, test_args) = match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (args, &[][..]),
+    };
     // The end-to-end tests share the kernel's global hooks and the machine's two cores:
     // one at a time keeps their numbers honest.
     let mut child = cargo()
         .args(["test", "--no-fail-fast"])
-        .args(args)
+        .args(cargo_args)
         .args(["--", "--test-threads=1"])
+        .args(test_args)
         .env("PACKETFLOW_BIN", &bin)
         .env("PACKETFLOW_SKIP_FILE", &skip_file)
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let out = child.stdout.take().context("cargo test stdout")?;
     let mut host = Counts::default();
+    let mut runs = Runs::default();
     for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
         let line = line?;
         println!("{line}");
         host.add_result_line(&line);
+        runs.add_line(&line);
     }
     let st = child.wait()?;
     let host_skips = parse_skips(&std::fs::read_to_string(&skip_file).unwrap_or_default());
     host.passed = host.passed.saturating_sub(host_skips.len() as u64);
     let host_ok = st.success() && host.failed == 0 && host.passed > 0;
-    if !st.success() && host.failed == 0 {
+    let crashed = runs.unfinished();
+    if crashed > 0 {
+        // The end-to-end tests are one binary (tests/tests/e2e): a test that kills it
+        // (an abort, a signal) takes every test after it along. Counted as one failure,
+        // as a guest that stops early is in the VM suite.
+        eprintln!(
+            "xtask: {crashed} test binary(ies) stopped before their closing `test result:` line; the last test started: {}",
+            runs.last_started.as_deref().unwrap_or("(none)")
+        );
+    } else if !st.success() && host.failed == 0 {
         eprintln!("xtask: cargo test failed ({st}) with no failing test: a test crate did not build (see above)");
     }
+    host.failed += crashed;
     let mut totals = host;
     let mut skips = host_skips;
     let mut report = vec![format!(
@@ -273,6 +294,12 @@ fn test(args: &[String]) -> Result<ExitCode> {
         skips.len(),
         host.ignored
     )];
+    if crashed > 0 {
+        report.push(format!(
+            "  {crashed} test binary(ies) crashed, counted as failed; the last test started: {}",
+            runs.last_started.as_deref().unwrap_or("(none)")
+        ));
+    }
     let whole = args.is_empty();
     // The whole suite (no arguments) also runs the end-to-end tests on another kernel:
     // Debian's 6.1, the oldest we support, under QEMU (`vm-test`; PACKETFLOW_NO_VM=1
@@ -352,8 +379,8 @@ fn test(args: &[String]) -> Result<ExitCode> {
     if totals.ignored > 0 {
         report.push(format!("ignored by cargo (#[ignore]): {}", totals.ignored));
     }
-    // One closing block for the whole suite (cargo prints one line per test binary); the
-    // last line alone is what CI reads.
+    // One closing block for the whole suite (cargo prints one result line per test
+    // binary); the last line alone is what CI reads.
     println!();
     for l in &report {
         println!("{l}");
@@ -396,6 +423,34 @@ impl Counts {
             self.failed += count_before(rest, "failed");
             self.ignored += count_before(rest, "ignored");
         }
+    }
+}
+
+/// Which test binaries finished: libtest opens each run with "running N tests" and
+/// closes it with "test result: ..."; a binary that dies in between prints no result.
+#[derive(Default, Debug)]
+pub struct Runs {
+    pub started: u64,
+    pub finished: u64,
+    /// The test named by the last "test NAME ... " line (with --test-threads=1 libtest
+    /// prints it before the test runs).
+    pub last_started: Option<String>,
+}
+
+impl Runs {
+    pub fn add_line(&mut self, line: &str) {
+        if line.starts_with("running ") && (line.ends_with(" tests") || line.ends_with(" test")) {
+            self.started += 1;
+        } else if line.starts_with("test result: ") {
+            self.finished += 1;
+        } else if let Some((name, _)) = line.strip_prefix("test ").and_then(|rest| rest.split_once(" ...")) {
+            self.last_started = Some(name.to_string());
+        }
+    }
+
+    /// Binaries that started and printed no result.
+    pub fn unfinished(&self) -> u64 {
+        self.started.saturating_sub(self.finished)
     }
 }
 
@@ -546,5 +601,27 @@ mod tests {
         c.add_result_line("test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out");
         c.add_result_line("running 7 tests");
         assert_eq!(c, Counts { passed: 7, failed: 3, ignored: 1 });
+    }
+
+    #[test]
+    fn a_binary_that_dies_mid_run_is_noticed() {
+        let mut r = Runs::default();
+        for l in [
+            "running 2 tests",
+            "test cli::a ... ok",
+            "test cli::b ... ok",
+            "test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 63 filtered out; finished in 1.00s",
+            "running 65 tests",
+            "test bulk::x ... ok",
+            "test capture::y ... ",
+        ] {
+            r.add_line(l);
+        }
+        assert_eq!(r.unfinished(), 1);
+        assert_eq!(r.last_started.as_deref(), Some("capture::y"));
+        let mut one = Runs::default();
+        one.add_line("running 1 test");
+        one.add_line("test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out");
+        assert_eq!(one.unfinished(), 0);
     }
 }

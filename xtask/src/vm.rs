@@ -2,11 +2,12 @@
 //!
 //! For each kernel series: the newest Debian `linux-image-<series>*-cloud-amd64-unsigned`
 //! package in the apt index (downloaded once into target/vm/), an initramfs holding
-//! busybox, `ip`, the packetflow binary, the chosen test binaries, the shared libraries
-//! they link and the kernel modules they need (veth), and an `/init` that mounts proc,
-//! sys, devtmpfs, tracefs, bpffs and cgroup2, runs `packetflow doctor` and each test
-//! binary, and powers off. QEMU boots it (TCG; `PACKETFLOW_VM_ACCEL=kvm` to try KVM) and
-//! the serial console says how each step went: `PF-VM-RESULT <name> <exit code>`.
+//! busybox, `ip`, the packetflow binary, the end-to-end test binary (`e2e`), the shared
+//! libraries they link and the kernel modules they need (veth), and an `/init` that
+//! mounts proc, sys, devtmpfs, tracefs, bpffs and cgroup2, runs `packetflow doctor`, then
+//! the test binary once per chosen area (module: `e2e --test-threads=1 demo::`), and
+//! powers off. QEMU boots it (TCG; `PACKETFLOW_VM_ACCEL=kvm` to try KVM) and the serial
+//! console says how each step went: `PF-VM-RESULT <name> <exit code>`.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -19,10 +20,14 @@ use anyhow::{Context, Result, bail};
 
 use crate::{Counts, cargo, install, need_root, output, run, target_dir};
 
-/// The end-to-end tests that run inside each VM: the demo over loopback and veth, the
-/// filter test, the no-alteration (sha256) test, and summary mode against full traces
-/// (the in-kernel histograms walk the stages in kernel order, IP-layer ones included).
+/// The areas (modules of the `e2e` test binary, tests/tests/e2e/) that run inside each
+/// VM: the demo over loopback and veth, the filter test, the no-alteration (sha256) test,
+/// and summary mode against full traces (the in-kernel histograms walk the stages in
+/// kernel order, IP-layer ones included).
 const VM_TESTS: &[&str] = &["demo", "filter", "bulk", "summary", "stages"];
+
+/// The end-to-end test binary (tests/tests/e2e/main.rs).
+const E2E: &str = "e2e";
 
 /// The kernel series we test: name, package name pattern (apt-cache regex), and what the
 /// tests may expect of it (`PACKETFLOW_KERNEL_HAS`, see tests/src/lib.rs): tcx came in
@@ -54,13 +59,14 @@ pub fn vm_test(args: &[String]) -> Result<ExitCode> {
     Ok(if outcomes.iter().all(|o| o.passed) { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-/// One step the guest ran (doctor, or a test binary): its exit code, its tests.
+/// One step the guest ran (doctor, or one area of the test binary): its exit code, its
+/// tests.
 #[derive(Clone, Debug, Default)]
 pub struct Step {
     pub name: String,
     pub rc: i32,
     pub counts: Counts,
-    /// Each test the binary ran: (name, "ok" | "FAILED" | "ignored").
+    /// Each test the step ran: (name, "ok" | "FAILED" | "ignored").
     pub tests: Vec<(String, String)>,
 }
 
@@ -79,17 +85,17 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// The lines for the suite's closing block: the verdict, then each test binary the
-    /// guest ran with its tests.
+    /// The lines for the suite's closing block: the verdict, then each area the guest
+    /// ran with its tests.
     pub fn describe(&self) -> Vec<String> {
-        let binaries: Vec<&Step> = self.steps.iter().filter(|s| s.name != "doctor").collect();
-        let names: Vec<&str> = binaries.iter().map(|s| s.name.as_str()).collect();
+        let areas: Vec<&Step> = self.steps.iter().filter(|s| s.name != "doctor").collect();
+        let names: Vec<&str> = areas.iter().map(|s| s.name.as_str()).collect();
         let mut v = vec![format!(
-            "kernel {} in QEMU: {} in {:.0} s: {} test binaries ({}): {} passed, {} failed, {} skipped, {} ignored",
+            "kernel {} in QEMU: {} in {:.0} s: {} areas of {E2E} ({}): {} passed, {} failed, {} skipped, {} ignored",
             self.kernel,
             if self.passed { "passed" } else { "FAILED" },
             self.secs,
-            binaries.len(),
+            areas.len(),
             names.join(", "),
             self.counts.passed,
             self.counts.failed,
@@ -105,8 +111,16 @@ impl Outcome {
                 v.push(format!("  doctor: {rc}"));
                 continue;
             }
-            let tests: Vec<String> =
-                s.tests.iter().map(|(n, r)| if r == "ok" { n.clone() } else { format!("{n} {r}") }).collect();
+            // "demo::tcp_ipv4" in the demo line: "tcp_ipv4".
+            let prefix = format!("{}::", s.name);
+            let tests: Vec<String> = s
+                .tests
+                .iter()
+                .map(|(n, r)| {
+                    let n = n.strip_prefix(&prefix).unwrap_or(n);
+                    if r == "ok" { n.to_string() } else { format!("{n} {r}") }
+                })
+                .collect();
             v.push(format!("  {}: {rc}, {} tests: {}", s.name, s.tests.len(), tests.join(", ")));
         }
         v
@@ -121,7 +135,7 @@ pub fn run_kernels(which: &str) -> Result<Vec<Outcome>> {
     if series.is_empty() {
         bail!("unknown kernel '{which}': choose 6.1, 6.12 or all");
     }
-    // Flake hunting: PACKETFLOW_VM_ONLY=demo,bulk keeps only those test binaries, and
+    // Flake hunting: PACKETFLOW_VM_ONLY=demo,bulk keeps only those areas, and
     // PACKETFLOW_VM_REPEAT=N runs the list N times in one boot.
     let only = match std::env::var("PACKETFLOW_VM_ONLY") {
         Ok(v) => Some(vm_only(&v)?),
@@ -138,16 +152,20 @@ pub fn run_kernels(which: &str) -> Result<Vec<Outcome>> {
     };
     install(&[("qemu-system-x86_64", "qemu-system-x86"), ("busybox", "busybox-static"), ("ip", "iproute2")])?;
     run(cargo().args(["build", "-p", "packetflow"]))?;
-    let mut tests = test_binaries()?;
+    let e2e = e2e_binary()?;
+    let mut areas: Vec<&str> = VM_TESTS.to_vec();
     if let Some(only) = only {
-        tests.retain(|(n, _)| only.contains(&n.as_str()));
+        areas.retain(|a| only.contains(a));
     }
+    // Each area runs as the libtest filter `area::`, which selects every test whose name
+    // contains it: the binary's own list says that is exactly the area's tests.
+    check_area_filters(&areas, &list_tests(&e2e)?)?;
     let dir = target_dir().join("vm");
     std::fs::create_dir_all(&dir)?;
     let mut outcomes = Vec::new();
     for (name, pattern, has) in series {
         let t0 = Instant::now();
-        let mut o = match one_kernel(&dir, name, pattern, has, &tests, repeat) {
+        let mut o = match one_kernel(&dir, name, pattern, has, &e2e, &areas, repeat) {
             Ok(o) => o,
             Err(e) => Outcome {
                 kernel: String::new(),
@@ -163,7 +181,7 @@ pub fn run_kernels(which: &str) -> Result<Vec<Outcome>> {
         o.secs = t0.elapsed().as_secs_f64();
         o.passed = o.error.is_none()
             && o.steps.iter().all(|s| s.rc == 0)
-            && o.steps.len() == tests.len() * repeat + 1
+            && o.steps.len() == areas.len() * repeat + 1
             && o.counts.failed == 0;
         outcomes.push(o);
     }
@@ -175,47 +193,61 @@ pub fn run_kernels(which: &str) -> Result<Vec<Outcome>> {
     Ok(outcomes)
 }
 
-/// The VM test binaries `PACKETFLOW_VM_ONLY` names (comma-separated), each one checked.
+/// The VM areas `PACKETFLOW_VM_ONLY` names (comma-separated), each one checked.
 fn vm_only(v: &str) -> Result<Vec<&'static str>> {
     let mut out = Vec::new();
     for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
         match VM_TESTS.iter().find(|t| **t == name) {
             Some(t) => out.push(*t),
             None => bail!(
-                "PACKETFLOW_VM_ONLY names '{name}', which is not a VM test binary: choose from {}",
+                "PACKETFLOW_VM_ONLY names '{name}', which is not an area the VM suite runs: choose from {}",
                 VM_TESTS.join(", ")
             ),
         }
     }
     if out.is_empty() {
-        bail!("PACKETFLOW_VM_ONLY is empty: name test binaries from {}", VM_TESTS.join(", "));
+        bail!("PACKETFLOW_VM_ONLY is empty: name areas from {}", VM_TESTS.join(", "));
     }
     Ok(out)
 }
 
-/// The test executables cargo built for `VM_TESTS`: (name, path).
-fn test_binaries() -> Result<Vec<(String, PathBuf)>> {
-    let mut cmd = cargo();
-    cmd.args(["test", "-p", "packetflow-tests", "--no-run", "--message-format=json"]);
-    for t in VM_TESTS {
-        cmd.args(["--test", t]);
-    }
-    let json = output(&mut cmd)?;
-    let mut out = Vec::new();
+/// The test executable cargo built for `E2E`.
+fn e2e_binary() -> Result<PathBuf> {
+    let json = output(
+        cargo().args(["test", "-p", "packetflow-tests", "--no-run", "--message-format=json"]).args(["--test", E2E]),
+    )?;
     for line in json.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
         if v["reason"] != "compiler-artifact" || v["profile"]["test"] != true {
             continue;
         }
-        let (Some(name), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) else { continue };
-        if VM_TESTS.contains(&name) {
-            out.push((name.to_string(), PathBuf::from(exe)));
+        if let (Some(E2E), Some(exe)) = (v["target"]["name"].as_str(), v["executable"].as_str()) {
+            return Ok(PathBuf::from(exe));
         }
     }
-    if out.len() != VM_TESTS.len() {
-        bail!("cargo built {} of the {} VM test binaries", out.len(), VM_TESTS.len());
+    bail!("cargo built no {E2E} test binary")
+}
+
+/// The names of the tests in test binary `exe` (`--list`, run on the host; it runs no
+/// test).
+fn list_tests(exe: &Path) -> Result<Vec<String>> {
+    let list = output(Command::new(exe).args(["--list", "--format=terse"]))?;
+    Ok(list.lines().filter_map(|l| l.strip_suffix(": test")).map(str::to_string).collect())
+}
+
+/// Checks that the libtest filter `area::` (a substring match) selects exactly the tests
+/// of `area`, and at least one, for each area.
+fn check_area_filters(areas: &[&str], tests: &[String]) -> Result<()> {
+    for area in areas {
+        let filter = format!("{area}::");
+        if !tests.iter().any(|t| t.starts_with(&filter)) {
+            bail!("the {E2E} test binary has no tests in an area '{area}' (no module tests/tests/{E2E}/{area}.rs?)");
+        }
+        if let Some(t) = tests.iter().find(|t| t.contains(&filter) && !t.starts_with(&filter)) {
+            bail!("the filter '{filter}' would also select {t}, outside the {area} area");
+        }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The newest package matching `pattern` in the apt index.
@@ -271,7 +303,8 @@ fn one_kernel(
     name: &str,
     pattern: &str,
     has: &str,
-    tests: &[(String, PathBuf)],
+    e2e: &Path,
+    areas: &[&str],
     repeat: usize,
 ) -> Result<Outcome> {
     let (pkg, kroot) = kernel_package(dir, pattern)?;
@@ -282,7 +315,7 @@ fn one_kernel(
         .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("vmlinuz-")))
         .context("no vmlinuz in the kernel package")?;
     let initrd = dir.join(format!("{pkg}.initrd"));
-    build_initramfs(&kroot, tests, repeat, has, &initrd)?;
+    build_initramfs(&kroot, e2e, areas, repeat, has, &initrd)?;
 
     let log_path = dir.join(format!("{pkg}.console.log"));
     let mut log = std::fs::File::create(&log_path)?;
@@ -322,7 +355,7 @@ fn one_kernel(
         }
     });
     let mut steps: Vec<Step> = Vec::new();
-    // The test binary now running: its counts and tests, until its PF-VM-RESULT line.
+    // The step now running: its counts and tests, until its PF-VM-RESULT line.
     let mut cur = Step::default();
     let mut skips = Vec::new();
     let mut done = false;
@@ -378,7 +411,7 @@ fn kill9(pid: u32) {
 }
 
 /// Writes the initramfs (a "newc" cpio archive, uncompressed) to `out`.
-fn build_initramfs(kroot: &Path, tests: &[(String, PathBuf)], repeat: usize, has: &str, out: &Path) -> Result<()> {
+fn build_initramfs(kroot: &Path, e2e: &Path, areas: &[&str], repeat: usize, has: &str, out: &Path) -> Result<()> {
     let mut files: Vec<(String, Vec<u8>, u32)> = Vec::new();
     let mut dirs: Vec<String> =
         ["bin", "sbin", "lib", "lib64", "usr", "tests", "modules", "proc", "sys", "dev", "tmp", "run", "var", "etc"]
@@ -397,15 +430,13 @@ fn build_initramfs(kroot: &Path, tests: &[(String, PathBuf)], repeat: usize, has
             }
             files.push((dest.to_string(), data, mode));
         };
-    let mut binaries: Vec<(String, PathBuf)> = vec![
+    let binaries: Vec<(String, PathBuf)> = vec![
         ("bin/busybox".into(), which("busybox")?),
         // In /bin before busybox links itself there: busybox's own `ip` is too small.
         ("bin/ip".into(), which("ip")?),
         ("bin/packetflow".into(), target_dir().join("debug/packetflow")),
+        (format!("tests/{E2E}"), e2e.to_path_buf()),
     ];
-    for (name, exe) in tests {
-        binaries.push((format!("tests/{name}"), exe.clone()));
-    }
     let mut libs: Vec<PathBuf> = Vec::new();
     for (dest, src) in &binaries {
         add_file(&mut files, &mut dirs, dest, stripped(src)?, 0o755);
@@ -445,8 +476,8 @@ fn build_initramfs(kroot: &Path, tests: &[(String, PathBuf)], repeat: usize, has
         order.push(name.clone());
         add_file(&mut files, &mut dirs, &format!("modules/{name}"), data, 0o644);
     }
-    let test_names: Vec<&str> = (0..repeat).flat_map(|_| tests.iter().map(|(n, _)| n.as_str())).collect();
-    add_file(&mut files, &mut dirs, "init", init_script(&order, &test_names, has).into_bytes(), 0o755);
+    let steps: Vec<&str> = (0..repeat).flat_map(|_| areas.iter().copied()).collect();
+    add_file(&mut files, &mut dirs, "init", init_script(&order, &steps, has).into_bytes(), 0o755);
 
     let mut w = std::io::BufWriter::new(std::fs::File::create(out)?);
     let mut ino = 1u32;
@@ -506,8 +537,9 @@ fn cpio_entry(w: &mut impl Write, ino: &mut u32, name: &str, mode: u32, data: &[
     Ok(())
 }
 
-/// The guest's /init: mounts, modules, then doctor and each test binary.
-fn init_script(modules: &[String], tests: &[&str], has: &str) -> String {
+/// The guest's /init: mounts, modules, then doctor and the test binary once per area
+/// (each run its own process, as each area was its own binary before they were one).
+fn init_script(modules: &[String], areas: &[&str], has: &str) -> String {
     let mut s = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox --install -s /bin\n\
@@ -527,12 +559,12 @@ fn init_script(modules: &[String], tests: &[&str], has: &str) -> String {
     }
     s.push_str("echo \"PF-VM-BEGIN $(uname -r)\"\n");
     s.push_str("/bin/packetflow doctor\necho \"PF-VM-RESULT doctor $?\"\n");
-    for t in tests {
-        // Each skip marker the binary wrote, on the console for the host to count.
+    for a in areas {
+        // Each skip marker the run wrote, on the console for the host to count.
         s.push_str(&format!(
-            "cd /tmp && /tests/{t} --test-threads=1\nrc=$?\n\
+            "cd /tmp && /tests/{E2E} --test-threads=1 {a}::\nrc=$?\n\
              [ -f /run/pf-skips ] && sed 's/^/PF-VM-SKIP /' /run/pf-skips && rm -f /run/pf-skips\n\
-             echo \"PF-VM-RESULT {t} $rc\"\n"
+             echo \"PF-VM-RESULT {a} $rc\"\n"
         ));
     }
     s.push_str("echo PF-VM-DONE\npoweroff -f\n");
@@ -569,6 +601,48 @@ mod tests {
     fn the_guest_reports_skips() {
         let s = init_script(&[], &["demo"], "kprobes");
         assert!(s.contains("PACKETFLOW_SKIP_FILE=/run/pf-skips") && s.contains("PF-VM-SKIP "), "{s}");
+    }
+
+    #[test]
+    fn the_guest_runs_each_area_as_a_filter() {
+        let s = init_script(&[], &["demo", "bulk"], "kprobes");
+        assert!(s.contains("/tests/e2e --test-threads=1 demo::\n"), "{s}");
+        assert!(s.contains("PF-VM-RESULT bulk $rc"), "{s}");
+    }
+
+    #[test]
+    fn area_filters_must_select_exactly_their_area() {
+        let tests: Vec<String> =
+            ["demo::tcp", "demo::udp", "bulk::fifty", "recording::demo::x"].iter().map(|s| s.to_string()).collect();
+        assert!(check_area_filters(&["bulk"], &tests).is_ok());
+        let e = check_area_filters(&["demo"], &tests).unwrap_err().to_string();
+        assert!(e.contains("recording::demo::x"), "{e}");
+        let e = check_area_filters(&["filter"], &tests).unwrap_err().to_string();
+        assert!(e.contains("'filter'"), "{e}");
+    }
+
+    #[test]
+    fn the_areas_line_names_tests_without_their_area() {
+        let o = Outcome {
+            kernel: "6.1".into(),
+            passed: true,
+            counts: Counts { passed: 2, failed: 0, ignored: 0 },
+            skips: Vec::new(),
+            steps: vec![
+                Step { name: "doctor".into(), ..Step::default() },
+                Step {
+                    name: "demo".into(),
+                    rc: 0,
+                    counts: Counts::default(),
+                    tests: vec![("demo::tcp".into(), "ok".into()), ("demo::udp".into(), "FAILED".into())],
+                },
+            ],
+            error: None,
+            secs: 1.0,
+        };
+        let d = o.describe();
+        assert!(d[0].contains("1 areas of e2e (demo)"), "{d:?}");
+        assert_eq!(d[2], "  demo: ok, 2 tests: tcp, udp FAILED");
     }
 
     #[test]

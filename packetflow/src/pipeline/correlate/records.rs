@@ -11,7 +11,7 @@ use packetflow_common::{Event, Kind, Stage};
 use crate::model::trace::{Flow, TraceKind};
 
 /// TCP records are compact (a VecDeque of 48-byte `Rec`s) and a bulk transfer keeps tens
-/// of thousands in flight per stage (tests/tests/bulk.rs).
+/// of thousands in flight per stage (tests/tests/e2e/bulk.rs).
 const MAX_TCP_PER_STAGE: usize = 1 << 16;
 /// UDP records (a hash entry and an arrival-order entry each, `UDP_REC_BYTES`); a flood
 /// of identical datagrams fills every stage of a flow up to this cap, or the budget.

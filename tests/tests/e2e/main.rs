@@ -1,0 +1,25 @@
+//! packetflow's end-to-end tests, as one test binary (`e2e`) with a module per area: one
+//! link instead of one per area (the areas share the harness, packetflow and aya, so
+//! each binary linked nearly the same code). Test names are `area::test`; select an area
+//! with a libtest filter, e.g. `cargo test -p packetflow-tests --test e2e -- demo::`.
+//!
+//! The harness is the crate's library, tests/src/lib.rs (`packetflow_tests`). Every test
+//! loads the real programs into this kernel, so they run as root and one at a time
+//! (`--test-threads=1`; `cargo xtask test` does both). `cargo xtask vm-test` runs some of
+//! these areas in QEMU guests (xtask/src/vm.rs `VM_TESTS`).
+
+mod bulk;
+mod capture;
+mod cli;
+mod cost;
+mod daemon;
+mod demo;
+mod filter;
+mod fixture;
+mod interfaces;
+mod parse;
+mod pipeline;
+mod recording;
+mod stages;
+mod summary;
+mod tbf;

@@ -7,12 +7,15 @@
 
 use std::{
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::atomic::{AtomicU16, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-pub use packetflow::platform::testhosts::{self, TestHosts};
+pub use packetflow::platform::{
+    process::Proc,
+    testhosts::{self, TestHosts},
+};
 use serde_json::Value;
 
 /// The `packetflow` binary: `$PACKETFLOW_BIN` (set by `cargo xtask test`), else the one
@@ -30,6 +33,7 @@ pub fn bin() -> PathBuf {
 /// End-to-end tests load eBPF programs: they need root. Failing (not skipping) keeps a
 /// run without privileges from looking green.
 pub fn require_root() {
+    // SAFETY: geteuid(2) takes no arguments and cannot fail.
     assert!(unsafe { libc::geteuid() } == 0, "end-to-end tests load eBPF programs and must run as root");
 }
 
@@ -64,35 +68,6 @@ pub fn unique_port() -> u16 {
     // Below the ephemeral range (32768+), so no client socket lands on a test port.
     let base = 10000 + (std::process::id() % 1000) as u16 * 20;
     base + NEXT_PORT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// A child process killed (and reaped) on drop.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    /// Sends SIGINT and waits (at most `max`) for the exit status.
-    pub fn interrupt(&mut self, max: Duration) -> Option<std::process::ExitStatus> {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
-        self.wait(max)
-    }
-
-    pub fn wait(&mut self, max: Duration) -> Option<std::process::ExitStatus> {
-        let t0 = Instant::now();
-        while t0.elapsed() < max {
-            if let Ok(Some(st)) = self.0.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
 }
 
 /// `packetflow ARGS` with output captured.

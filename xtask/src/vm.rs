@@ -612,8 +612,10 @@ mod tests {
 
     #[test]
     fn area_filters_must_select_exactly_their_area() {
-        let tests: Vec<String> =
-            ["demo::tcp", "demo::udp", "bulk::fifty", "recording::demo::x"].iter().map(|s| s.to_string()).collect();
+        let tests: Vec<String> = ["demo::tcp", "demo::udp", "bulk::fifty", "recording::demo::x"]
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
         assert!(check_area_filters(&["bulk"], &tests).is_ok());
         let e = check_area_filters(&["demo"], &tests).unwrap_err().to_string();
         assert!(e.contains("recording::demo::x"), "{e}");

@@ -209,7 +209,7 @@ fn lo_capture_matches_tcpdump_packet_for_packet() {
     let td = tmp("lo-td.pcap");
     let cap = start_pf(&["-i", "lo", "-w", pf.to_str().unwrap(), "port", &port.to_string()]);
     let dump = start_tcpdump(None, "lo", "in", &td);
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_secs(1));
     let _srv = serve(None, "127.0.0.1", port, false);
     client(None, "127.0.0.1", port, 10, 200, false);
     std::thread::sleep(Duration::from_millis(300));
@@ -234,7 +234,7 @@ fn veth_capture_matches_tcpdump_in_both_directions() {
     let cap = start_pf(&["-i", &format!("{}@{}", h.veth_b, h.ns_b), "-w", pf.to_str().unwrap()]);
     let d_in = start_tcpdump(Some(&h.path_b()), &h.veth_b, "in", &tin);
     let d_out = start_tcpdump(Some(&h.path_b()), &h.veth_b, "out", &tout);
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_secs(1));
     mixed_traffic(&h, port);
     std::thread::sleep(Duration::from_millis(300));
     stop_tcpdump(d_in);
@@ -288,7 +288,7 @@ fn each_filter_primitive_selects_what_tcpdump_selects() {
         let (tin, tout) = (tmp("flt-in.pcap"), tmp("flt-out.pcap"));
         let mut args =
             vec!["-i".to_string(), format!("{}@{}", h.veth_b, h.ns_b), "-w".into(), pf.to_str().unwrap().into()];
-        args.extend(expr.iter().map(|s| s.to_string()));
+        args.extend(expr.iter().map(std::string::ToString::to_string));
         let cap = start_pf(&args.iter().map(String::as_str).collect::<Vec<_>>());
         let d_in = start_tcpdump(Some(&h.path_b()), &h.veth_b, "in", &tin);
         let d_out = start_tcpdump(Some(&h.path_b()), &h.veth_b, "out", &tout);
@@ -331,7 +331,7 @@ fn malformed_frames_are_captured_as_they_are_and_passed_on() {
     let td = tmp("bad-td.pcap");
     let cap = start_pf(&["-i", &format!("{}@{}", h.veth_b, h.ns_b), "-Q", "in", "-w", pf.to_str().unwrap()]);
     let dump = start_tcpdump(Some(&h.path_b()), &h.veth_b, "in", &td);
-    std::thread::sleep(Duration::from_millis(1000));
+    std::thread::sleep(Duration::from_secs(1));
     let dst = [0xffu8; 6];
     let src = [0x02u8, 0, 0, 0, 0, 0xaa];
     let frame = |ethertype: u16, body: &[u8]| {
@@ -351,26 +351,31 @@ fn malformed_frames_are_captured_as_they_are_and_passed_on() {
     let sent = frames.clone();
     let ifname = h.veth_a.clone();
     packetflow::platform::netns::in_netns(Some(&h.path_a()), move || {
-        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, (libc::ETH_P_ALL as u16).to_be() as i32) };
+        // SAFETY: socket(2) has no memory preconditions; the fd is closed below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from((libc::ETH_P_ALL as u16).to_be())) };
         assert!(fd >= 0, "raw socket");
         let ifindex = packetflow::platform::interfaces::ifindex(&ifname).expect("veth");
         for f in &sent {
+            // SAFETY: a plain C struct of integers and arrays: all-zero bytes are a valid value.
             let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
             sll.sll_family = libc::AF_PACKET as u16;
             sll.sll_ifindex = ifindex as i32;
             sll.sll_halen = 6;
+            // SAFETY: sendto(2) reads `f.len()` bytes of `f` and the sockaddr_ll `sll`, both alive
+            // across the call.
             let r = unsafe {
                 libc::sendto(
                     fd,
                     f.as_ptr().cast(),
                     f.len(),
                     0,
-                    (&sll as *const libc::sockaddr_ll).cast(),
+                    (&raw const sll).cast(),
                     std::mem::size_of::<libc::sockaddr_ll>() as u32,
                 )
             };
             assert_eq!(r, f.len() as isize, "sending a crafted frame");
         }
+        // SAFETY: `fd` is the raw socket opened above, closed once.
         unsafe { libc::close(fd) };
         Ok(())
     })
@@ -396,7 +401,12 @@ fn malformed_frames_are_captured_as_they_are_and_passed_on() {
     let ours = bytes(&pf);
     let theirs = bytes(&td);
     assert_eq!(ours, theirs, "captured bytes differ from what tcpdump saw after XDP");
-    let hex = |f: &[u8]| f.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let hex = |f: &[u8]| {
+        f.iter().fold(String::new(), |mut s, b| {
+            let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{b:02x}"));
+            s
+        })
+    };
     for f in &frames {
         assert!(ours.contains(&hex(f)), "frame {} not captured as sent", hex(f));
     }
@@ -567,6 +577,8 @@ fn outputs_are_not_written_through_symlinks_and_are_0640() {
     let new = dir.join("new.pcapng");
     let mut c = Command::new(bin());
     c.args(["capture", "-i", "lo", "--duration", "1", "-w", new.to_str().unwrap(), "port", &port.to_string()]);
+    // SAFETY: the pre_exec closure runs in the forked child before exec and calls only umask(2),
+    // async-signal-safe.
     unsafe {
         c.pre_exec(|| {
             libc::umask(0);

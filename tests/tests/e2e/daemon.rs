@@ -93,6 +93,7 @@ impl Daemon {
     }
 
     fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) has no memory preconditions; the pid is the daemon child, not yet reaped.
         unsafe { libc::kill(self.pid(), sig) };
     }
 
@@ -543,7 +544,7 @@ fn flood_keeps_memory_bounded_and_metrics_served() {
                         break;
                     }
                     if i % 200 < 2 {
-                        let due = start + Duration::from_secs_f64(i as f64 / RATE as f64);
+                        let due = start + Duration::from_secs_f64(f64::from(i) / f64::from(RATE));
                         std::thread::sleep(due.saturating_duration_since(Instant::now()));
                     }
                     let a = i / PER_ADDR;
@@ -619,13 +620,13 @@ fn flood_keeps_memory_bounded_and_metrics_served() {
         "flood: {sent} datagrams from {sent} flows sent; {traced} traced, lost: {ring} in the kernel's ring, {reader_lost} by a reader behind, {evicted} evicted with their flow; flows evicted {}, records evicted {}; correlator {:.1} MiB of {:.0}; max RSS {} MiB; {scrapes} scrapes; {} files deleted, {:.1} MiB on disk",
         value(&m, "packetflow_correlation_evictions_total{what=\"flows\"}").unwrap(),
         value(&m, "packetflow_correlation_evictions_total{what=\"records\"}").unwrap(),
-        value(&m, "packetflow_correlator_bytes").unwrap() / (1 << 20) as f64,
-        value(&m, "packetflow_correlator_budget_bytes").unwrap() / (1 << 20) as f64,
+        value(&m, "packetflow_correlator_bytes").unwrap() / f64::from(1 << 20),
+        value(&m, "packetflow_correlator_budget_bytes").unwrap() / f64::from(1 << 20),
         max_rss_kib / 1024,
         value(&m, "packetflow_trace_files_deleted_total").unwrap(),
-        on_disk as f64 / (1 << 20) as f64
+        on_disk as f64 / f64::from(1 << 20)
     );
-    assert!(sent >= FLOWS as u64 * 9 / 10, "the flood was sent: {sent} of {FLOWS}");
+    assert!(sent >= u64::from(FLOWS) * 9 / 10, "the flood was sent: {sent} of {FLOWS}");
     assert_eq!(traced + ring + reader_lost + evicted, sent as f64, "sent = traced + each counted loss");
     let complete = value(&m, "packetflow_packets_complete_total{path=\"loopback\"}").unwrap();
     assert!(complete > 50_000.0, "the read half of the flood was traced whole: {complete} complete");
@@ -661,7 +662,7 @@ fn systemd_unit_verifies() {
 
 /// Open descriptors of process `pid`.
 fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, std::iter::Iterator::count)
 }
 
 #[test]
@@ -671,11 +672,13 @@ fn idle_metrics_clients_leave_scrapes_served_and_descriptors_bounded() {
     // Room for the clients here (the daemon inherits the limit: without the cap it could
     // hold them all).
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    // SAFETY: getrlimit(2) writes into `lim`, an rlimit we own.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) }, 0);
     let want = (4 * CLIENTS) as libc::rlim_t;
     if lim.rlim_cur < want {
         lim.rlim_cur = want.min(lim.rlim_max);
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0, "raising RLIMIT_NOFILE");
+        // SAFETY: setrlimit(2) reads `lim`, an rlimit we own.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) }, 0, "raising RLIMIT_NOFILE");
     }
     assert!(lim.rlim_cur >= (CLIENTS + 500) as libc::rlim_t, "RLIMIT_NOFILE {} is too low", lim.rlim_cur);
     let metrics = free_port();
@@ -728,6 +731,7 @@ fn cpu_time(pid: i32) -> Duration {
     // 12th and 13th of these (fields 14 and 15 of proc(5)).
     let f: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
     let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf(3) has no memory preconditions.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Duration::from_millis(ticks * 1000 / tick)
 }
@@ -741,17 +745,21 @@ fn metrics_accept_errors_back_off_instead_of_spinning() {
     d.scrape();
     // Leave the daemon 10 free descriptors, then queue 40 connections: accept fails with EMFILE.
     let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    // SAFETY: prlimit(2) writes the old limit into `old`, an rlimit we own; the new-limit pointer
+    // is null (no change).
+    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, std::ptr::null(), &raw mut old) }, 0);
     let tight = libc::rlimit { rlim_cur: (open_fds(d.pid()) + 10) as libc::rlim_t, rlim_max: old.rlim_max };
-    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, &tight, std::ptr::null_mut()) }, 0);
+    // SAFETY: prlimit(2) reads the new limit from an rlimit we own; the old-limit pointer is null.
+    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, &raw const tight, std::ptr::null_mut()) }, 0);
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], metrics));
     let idle: Vec<TcpStream> =
         (0..40).map(|_| TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("queued")).collect();
     std::thread::sleep(Duration::from_millis(200));
     let cpu0 = cpu_time(d.pid());
     std::thread::sleep(Duration::from_secs(2));
-    let spent = cpu_time(d.pid()) - cpu0;
-    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, &old, std::ptr::null_mut()) }, 0);
+    let spent = cpu_time(d.pid()).checked_sub(cpu0).unwrap();
+    // SAFETY: prlimit(2) reads the new limit from an rlimit we own; the old-limit pointer is null.
+    assert_eq!(unsafe { libc::prlimit(d.pid(), libc::RLIMIT_NOFILE, &raw const old, std::ptr::null_mut()) }, 0);
     drop(idle);
     println!("daemon CPU over 2 s with accept failing: {spent:?}");
     assert!(spent < Duration::from_millis(500), "the accept loop spun: {spent:?} of CPU in 2 s");

@@ -216,13 +216,13 @@ fn interface_programs_write_a_record_for_a_matching_packet() {
     use packetflow_common::Stage;
     assert_eq!((stage_of(Stage::Xdp), stage_of(Stage::TcIngress), stage_of(Stage::TcEgress)), (1, 1, 1));
     let mut seen = Vec::new();
-    for (_, r) in rings.iter_mut() {
+    for (_, r) in &mut rings {
         while let Some(item) = r.next() {
-            let ev: packetflow_common::Event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let ev: packetflow_common::Event = packetflow::pipeline::shards::record(&item).expect("a whole record");
             seen.push((ev.stage, ev.sport, ev.dport, ev.len));
         }
     }
-    seen.sort();
+    seen.sort_unstable();
     let s = |x: Stage| (x as u8, 40000u16, 8080u16, 18u32);
     assert_eq!(seen, vec![s(Stage::TcEgress), s(Stage::Xdp), s(Stage::TcIngress)]);
 }

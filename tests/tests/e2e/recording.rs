@@ -182,7 +182,7 @@ fn damaged_recordings_get_a_sentence_with_the_line_number() {
         String::from_utf8_lossy(&o.stderr)
     );
     // A corrupt line in the middle: skipped and named.
-    let mut corrupt: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+    let mut corrupt: Vec<String> = lines.iter().map(std::string::ToString::to_string).collect();
     corrupt[10] = "{\"type\":\"trace\", this is not json".into();
     let o = run(&write("corrupt.json", &(corrupt.join("\n") + "\n")));
     no_panic(&o);
@@ -295,8 +295,10 @@ fn report_streams_big_recordings_in_bounded_memory() {
         .spawn()
         .unwrap();
     let mut status = 0;
+    // SAFETY: a plain C struct of integers and arrays: all-zero bytes are a valid value.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    // SAFETY: wait4(2) writes into `status` and `usage`, both ours; the pid is our child.
+    let pid = unsafe { libc::wait4(child.id() as i32, &raw mut status, 0, &raw mut usage) };
     assert_eq!(pid, child.id() as i32);
     assert_eq!(status, 0, "report exit status");
     let rss_mb = usage.ru_maxrss / 1024;
@@ -354,7 +356,7 @@ fn baseline_comparison_marks_only_the_stage_that_changed() {
         match name {
             "copy_to_user" | "end-to-end" => assert!(line.contains("slower"), "{line}"),
             _ if line.contains('%') => {
-                assert!(!line.contains("slower") && !line.contains("faster"), "noise marked as change: {line}")
+                assert!(!line.contains("slower") && !line.contains("faster"), "noise marked as change: {line}");
             }
             _ => {}
         }

@@ -76,7 +76,7 @@ fn a_stage_subset_traces_exactly_those_stages_and_loads_only_their_programs() {
     let asked = ["dev_queue", "nic_xmit", "sock_queue", "copy_to_user", "recv_syscall"];
     let mut available = available_stages(&lines);
     available.sort();
-    let mut want: Vec<String> = asked.iter().map(|s| s.to_string()).collect();
+    let mut want: Vec<String> = asked.iter().map(std::string::ToString::to_string).collect();
     want.sort();
     assert_eq!(available, want, "the header lists the asked stages only");
     let ts = traces(&lines);

@@ -110,7 +110,7 @@ fn model(enq: &[u64]) -> Vec<f64> {
 }
 
 fn median(mut v: Vec<u64>) -> u64 {
-    v.sort();
+    v.sort_unstable();
     v[v.len() / 2]
 }
 

@@ -289,6 +289,8 @@ fn report_streams_big_recordings_in_bounded_memory() {
             }
         }
     }
+    // Reaped by wait4 below, which also gives its resource usage.
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(bin())
         .args(["report", big.to_str().unwrap()])
         .stdout(std::process::Stdio::null())

@@ -21,19 +21,12 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+mod results;
+mod setup;
 mod vm;
 
-/// Debian packages the tests (and benchmarks) use, by the command each provides.
-const PACKAGES: &[(&str, &str)] = &[
-    ("ip", "iproute2"),
-    ("tc", "iproute2"),
-    ("ping", "iputils-ping"),
-    ("setpriv", "util-linux"),
-    ("chromium", "chromium"),
-    ("tcpdump", "tcpdump"),
-    ("tshark", "tshark"),
-    ("systemd-analyze", "systemd"),
-];
+use results::{Counts, Runs, group_reasons, parse_skips};
+use setup::{install, nightly, setup};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -105,109 +98,6 @@ fn is_root() -> bool {
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| v.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
-}
-
-fn setup() -> Result<ExitCode> {
-    nightly()?;
-    bpf_linker()?;
-    packages()?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// The nightly toolchain with rust-src (the eBPF crate is built with -Z build-std=core).
-fn nightly() -> Result<()> {
-    let list = output(Command::new("rustup").args(["toolchain", "list"]))?;
-    if !list.lines().any(|l| l.starts_with("nightly")) {
-        run(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-            "--component",
-            "rust-src",
-        ]))?;
-    }
-    let comps = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
-    if !comps.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
-    }
-    Ok(())
-}
-
-/// The nightly's LLVM: (major version, directory holding its shared library, the
-/// library's link name, e.g. "LLVM-22-rust-1.97.0-nightly").
-fn nightly_llvm() -> Result<(u32, PathBuf, String)> {
-    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
-    let major: u32 = vv
-        .lines()
-        .find_map(|l| l.strip_prefix("LLVM version: "))
-        .and_then(|v| v.split('.').next())
-        .and_then(|m| m.trim().parse().ok())
-        .context("`rustc +nightly -vV` names no LLVM version")?;
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
-    let lib = PathBuf::from(sysroot.trim()).join("lib");
-    let name = std::fs::read_dir(&lib)?
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .find(|n| n.starts_with("libLLVM-") && n.ends_with(".so"))
-        .with_context(|| format!("no libLLVM-*.so in {}", lib.display()))?;
-    let link = name.trim_start_matches("lib").trim_end_matches(".so").to_string();
-    if !link.starts_with(&format!("LLVM-{major}")) {
-        bail!("{name} in {} does not match the nightly's LLVM {major}", lib.display());
-    }
-    Ok((major, lib, link))
-}
-
-/// bpf-linker whose LLVM major equals the nightly's. No Debian LLVM of that version
-/// exists, so it is built from crates.io against the nightly's own libLLVM.
-fn bpf_linker() -> Result<()> {
-    let (major, lib, link) = nightly_llvm()?;
-    if let Ok(path) = output(Command::new("sh").args(["-c", "command -v bpf-linker"])) {
-        let path = path.trim().to_string();
-        let works = Command::new(&path).arg("--version").output().is_ok_and(|o| o.status.success());
-        let ldd = output(Command::new("ldd").arg(&path)).unwrap_or_default();
-        let linked: Vec<&str> = ldd.lines().filter(|l| l.contains("libLLVM")).collect();
-        let same_major = linked.is_empty()
-            || linked
-                .iter()
-                .any(|l| l.contains(&format!("libLLVM.so.{major}")) || l.contains(&format!("libLLVM-{major}")));
-        if works && same_major {
-            return Ok(());
-        }
-        eprintln!("bpf-linker at {path} does not match the nightly's LLVM {major}; rebuilding it");
-    }
-    eprintln!("building bpf-linker against the nightly's LLVM {major} ({link}); this takes about a minute");
-    let s = lib.display().to_string();
-    run(Command::new("cargo")
-        .args(["install", "bpf-linker", "--locked", "--force", "--no-default-features"])
-        .args(["--features", &format!("llvm-{major},no-llvm-linking")])
-        .env("RUSTFLAGS", format!("-L native={s} -l dylib={link} -C link-arg=-Wl,-rpath,{s}")))
-}
-
-/// Debian packages for the tests, installed only when a command they provide is missing.
-fn packages() -> Result<()> {
-    install(PACKAGES)
-}
-
-/// Installs the packages of `(command, package)` pairs whose command is missing.
-fn install(wanted: &[(&str, &str)]) -> Result<()> {
-    let have = |c: &str| {
-        Command::new("sh").args(["-c", &format!("command -v {c}")]).output().is_ok_and(|o| o.status.success())
-    };
-    let mut missing: Vec<&str> = wanted.iter().filter(|(c, _)| !have(c)).map(|(_, p)| *p).collect();
-    missing.dedup();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !is_root() {
-        bail!("the tests need the Debian packages {}: run as root, or install them", missing.join(" "));
-    }
-    run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn cargo() -> Command {
@@ -407,77 +297,6 @@ fn lint() -> Result<Vec<(&'static str, bool)>> {
     Ok(vec![("cargo fmt --check", fmt), ("cargo clippy --all-targets -D warnings", clippy)])
 }
 
-/// Test counts summed over libtest's `test result:` lines.
-#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
-pub struct Counts {
-    pub passed: u64,
-    pub failed: u64,
-    pub ignored: u64,
-}
-
-impl Counts {
-    /// Adds a "test result: ok. 5 passed; 0 failed; 1 ignored; ..." line (others are ignored).
-    pub fn add_result_line(&mut self, line: &str) {
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            self.passed += count_before(rest, "passed");
-            self.failed += count_before(rest, "failed");
-            self.ignored += count_before(rest, "ignored");
-        }
-    }
-}
-
-/// Which test binaries finished: libtest opens each run with "running N tests" and
-/// closes it with "test result: ..."; a binary that dies in between prints no result.
-#[derive(Default, Debug)]
-pub struct Runs {
-    pub started: u64,
-    pub finished: u64,
-    /// The test named by the last "test NAME ... " line (with --test-threads=1 libtest
-    /// prints it before the test runs).
-    pub last_started: Option<String>,
-}
-
-impl Runs {
-    pub fn add_line(&mut self, line: &str) {
-        if line.starts_with("running ") && (line.ends_with(" tests") || line.ends_with(" test")) {
-            self.started += 1;
-        } else if line.starts_with("test result: ") {
-            self.finished += 1;
-        } else if let Some((name, _)) = line.strip_prefix("test ").and_then(|rest| rest.split_once(" ...")) {
-            self.last_started = Some(name.to_string());
-        }
-    }
-
-    /// Binaries that started and printed no result.
-    pub fn unfinished(&self) -> u64 {
-        self.started.saturating_sub(self.finished)
-    }
-}
-
-/// (test name, reason) of each `PACKETFLOW-SKIP: <test name>: <reason>` line in `text`.
-pub fn parse_skips(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix(SKIP_MARKER))
-        .map(|rest| match rest.split_once(": ") {
-            Some((name, reason)) => (name.to_string(), reason.to_string()),
-            None => (rest.to_string(), "no reason given".to_string()),
-        })
-        .collect()
-}
-
-/// "kprobes unavailable (2), ping missing (1)": the reasons, most frequent first.
-pub fn group_reasons(skips: &[(String, String)]) -> String {
-    let mut by: Vec<(&str, usize)> = Vec::new();
-    for (_, r) in skips {
-        match by.iter_mut().find(|(x, _)| *x == r) {
-            Some(e) => e.1 += 1,
-            None => by.push((r, 1)),
-        }
-    }
-    by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
-    by.iter().map(|(r, n)| format!("{r} ({n})")).collect::<Vec<_>>().join(", ")
-}
-
 /// The marker tests/src/lib.rs `skip` writes.
 pub const SKIP_MARKER: &str = "PACKETFLOW-SKIP: ";
 
@@ -568,13 +387,6 @@ fn fuzz_cmd() -> Command {
     let mut c = Command::new("cargo");
     c.args(["+nightly", "fuzz"]).current_dir(root()).env("PACKETFLOW_SKIP_EBPF", "1");
     c
-}
-
-/// The number in front of `word` in "ok. 5 passed; 0 failed; 1 ignored; ...".
-fn count_before(s: &str, word: &str) -> u64 {
-    let words: Vec<&str> =
-        s.split(|c: char| c == ';' || c == '.' || c.is_whitespace()).filter(|w| !w.is_empty()).collect();
-    words.windows(2).find(|w| w[1] == word).and_then(|w| w[0].parse().ok()).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -8,6 +8,9 @@
 //! the test binary once per chosen area (module: `e2e --test-threads=1 demo::`), and
 //! powers off. QEMU boots it (TCG; `PACKETFLOW_VM_ACCEL=kvm` to try KVM) and the serial
 //! console says how each step went: `PF-VM-RESULT <name> <exit code>`.
+//!
+//! One file (~570 lines of code, then its tests): the image, the guest's `/init` and the
+//! reading of its console are one protocol, and each half changes with the other.
 
 use std::{
     io::{BufRead, BufReader, Write},

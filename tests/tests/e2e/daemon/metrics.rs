@@ -143,7 +143,7 @@ fn flood_keeps_memory_bounded_and_metrics_served() {
             let mut n = 0;
             while !done.load(std::sync::atomic::Ordering::Relaxed) && n < 100_000 {
                 // recv: an unconnected socket that names no sender; its records join
-                // their flow by payload (correlate.rs `resolve`).
+                // their flow by payload (pipeline/correlate/udp_flow.rs `resolve`).
                 if rx.recv(&mut buf).is_ok() {
                     n += 1;
                 }

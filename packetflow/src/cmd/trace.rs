@@ -62,7 +62,7 @@ pub struct Args {
 pub async fn run(a: Args) -> Result<()> {
     run::preflight("trace")?;
     let mut stop = run::StopSignals::new()?;
-    let (interfaces, ifindexes) = interfaces::resolve(&a.ifaces, a.netns.as_deref())?;
+    let (attach_to, ifindexes) = interfaces::resolve(&a.ifaces, a.netns.as_deref())?;
     let filter = FilterSpec {
         ports: a.filter.ports.clone(),
         hosts: a.filter.hosts.clone(),
@@ -84,7 +84,7 @@ pub async fn run(a: Args) -> Result<()> {
     let json_to_stdout = a.json.as_deref() == Some("-");
     let mut running = Running::start(RunOptions {
         filter,
-        interfaces,
+        interfaces: attach_to,
         any_in: interfaces::any_namespaces(&a.ifaces, a.netns.as_deref()),
         xdp: a.xdp,
         json: a.json.clone(),

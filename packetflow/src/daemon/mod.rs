@@ -80,12 +80,12 @@ pub async fn run(a: Args) -> Result<()> {
         .await
         .map_err(|e| user(format!("cannot serve metrics on {}: {e}", cfg.metrics_addr)))?;
     let control = bind_control(&cfg.control_socket)?;
-    let (interfaces, _) = interfaces::resolve(&cfg.interfaces, None)?;
+    let (attach_to, _) = interfaces::resolve(&cfg.interfaces, None)?;
     // XDP goes on only when the xdp stage is asked for (not in the default `overview`).
     if cfg.xdp_mode != crate::kernel::interfaces::XdpChoice::Off
         && cfg.filter().stages.contains(packetflow_common::Stage::Xdp)
     {
-        for (ns, name) in &interfaces {
+        for (ns, name) in &attach_to {
             check_xdp(ns.as_deref(), name, a.force)?;
         }
     }
@@ -114,7 +114,7 @@ pub async fn run(a: Args) -> Result<()> {
     let ring_bytes = RunOptions::default().ring_bytes;
     let mut running = Running::start(RunOptions {
         filter: cfg.filter(),
-        interfaces,
+        interfaces: attach_to,
         any_in: interfaces::any_namespaces(&cfg.interfaces, None),
         xdp: cfg.xdp_mode,
         timeout: Duration::from_millis(cfg.timeout_ms.max(1)),

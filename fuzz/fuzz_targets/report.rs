@@ -29,12 +29,10 @@ fuzz_target!(|data: &[u8]| {
                 g.add(&t);
                 chrome.trace(&t);
             }
-            Line::Summary(v) => {
-                if let Some(l) = v.get("lost").and_then(|l| l.as_object()) {
-                    for (k, n) in l {
-                        if let (Some(s), Some(n)) = (Stage::from_name(k), n.as_u64()) {
-                            lost.insert(s, n);
-                        }
+            Line::Summary(summary) => {
+                for (k, n) in &summary.lost {
+                    if let Some(s) = Stage::from_name(k) {
+                        lost.insert(s, *n);
                     }
                 }
             }

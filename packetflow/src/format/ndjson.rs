@@ -1,16 +1,28 @@
-//! NDJSON trace output (format documented in docs/trace-format.md).
+//! The NDJSON recording format (docs/trace-format.md, schema/trace.schema.json): one serde
+//! type per line kind, `HeaderJson`, `TraceJson` and `SummaryJson`, which the writer here
+//! (`JsonSink`, `header`, `summary`) writes and the reader (`format::recording`) reads, so
+//! the two cannot name a field differently.
 //!
 //! Line 1 is a `header`; then one `trace` object per finished packet trace; the last line
-//! is a `summary`. Every line carries `"v"`, the schema version.
+//! is a `summary`. Every line carries `"v"`, the schema version. The header and summary
+//! are handed on as `serde_json::Value`s, whose keys come out sorted (as they always have);
+//! a trace line is written straight from `TraceJson`, in its field order.
+//!
+//! Reading: a trace field the reader uses must have the right type (else the line is
+//! damaged, see `format::recording`); the trace fields it does not need are not read
+//! (`skip_deserializing`: they cost nothing); header and summary fields read leniently
+//! (`or_default`, `counts_or_skip`), so damage there spoils nothing (a header `v` that is
+//! not a number reads as 0: another version). Fields these types do not name are ignored.
 
-use std::{collections::BTreeMap, io::Write};
+use std::{borrow::Cow, collections::BTreeMap, io::Write, net::IpAddr};
 
+use hdrhistogram::Histogram;
 use packetflow_common::Stage;
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
 
 use crate::{
     kernel::loader::Tracer,
-    model::stats::{PERCENTILES, Stats},
+    model::stats::{PERCENTILES, PathStats, Stats},
     model::trace::Trace,
     pipeline::correlate::CorrStats,
     pipeline::names::Names,
@@ -18,59 +30,133 @@ use crate::{
     platform,
 };
 
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u64 = 1;
 
-#[derive(Serialize)]
-pub struct StageJson {
-    pub stage: &'static str,
-    pub t_ns: u64,
-    pub cpu: u16,
+/// A name from a fixed table: borrowed when written (no allocation per trace), owned when
+/// read.
+pub type Name = Cow<'static, str>;
+
+/// For a field the reader does not use: a value of the wrong type reads as the default
+/// instead of spoiling the line.
+fn or_default<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(d: D) -> Result<T, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).unwrap_or_default())
 }
 
-#[derive(Serialize)]
+/// For a map of counts: an entry whose value is not a count is left out (the others are
+/// kept); anything but an object reads as an empty map.
+fn counts_or_skip<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u64>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    let entries = v.as_object().into_iter().flatten();
+    Ok(entries.filter_map(|(k, n)| Some((k.clone(), n.as_u64()?))).collect())
+}
+
+/// The `header` line: who wrote the file, where, when, with which filters and hooks.
+#[derive(Serialize, Deserialize)]
+pub struct HeaderJson {
+    #[serde(rename = "type")]
+    pub ty: Name,
+    /// The schema version; 0 when absent or not a number.
+    #[serde(default, deserialize_with = "or_default")]
+    pub v: u64,
+    /// The packetflow version that wrote the file.
+    #[serde(default, deserialize_with = "or_default")]
+    pub packetflow: String,
+    #[serde(default, deserialize_with = "or_default")]
+    pub kernel: String,
+    #[serde(default, deserialize_with = "or_default")]
+    pub hostname: String,
+    #[serde(default, deserialize_with = "or_default")]
+    pub start_wall_ns: u64,
+    #[serde(default, deserialize_with = "or_default")]
+    pub mono_to_wall_ns: i64,
+    /// The filters as given (`model::filter::Filter`'s own serialization).
+    #[serde(default)]
+    pub filters: serde_json::Value,
+    /// Per stage name: which kernel hook served it.
+    #[serde(default, deserialize_with = "or_default")]
+    pub hooks: BTreeMap<String, HookJson>,
+    /// The stage names by stage number.
+    #[serde(default, deserialize_with = "or_default")]
+    pub stage_order: Vec<String>,
+}
+
+/// How one stage is served here: the kernel hook, and why it is not, if it is not.
+#[derive(Serialize, Deserialize)]
+pub struct HookJson {
+    pub hook: String,
+    pub available: bool,
+    pub error: Option<String>,
+}
+
+/// A `trace` line: one finished packet trace. `TraceJson::new` (here) makes one from a
+/// `Trace`; `to_trace` (`format::recording`) checks one and makes the `Trace` again. The
+/// fields `to_trace` does not need are written, not read (they stay at their defaults).
+#[derive(Serialize, Deserialize)]
 pub struct TraceJson {
     #[serde(rename = "type")]
-    pub ty: &'static str,
-    pub v: u32,
-    pub kind: &'static str,
-    pub proto: &'static str,
-    pub family: &'static str,
-    pub src: String,
+    pub ty: Name,
+    #[serde(skip_deserializing)]
+    pub v: u64,
+    pub kind: Name,
+    pub proto: Name,
+    pub family: Name,
+    pub src: IpAddr,
     pub sport: u16,
-    pub dst: String,
+    pub dst: IpAddr,
     pub dport: u16,
     pub seq: u32,
     pub len: u32,
-    pub path: &'static str,
+    pub path: Name,
+    #[serde(default)]
     pub ifname: String,
+    #[serde(default)]
     pub ifindex: u32,
+    #[serde(skip_deserializing)]
     pub rx_ifname: Option<String>,
+    #[serde(default)]
     pub pid: Option<u32>,
+    #[serde(skip_deserializing)]
     pub tid: Option<u32>,
+    #[serde(default)]
     pub comm: Option<String>,
+    #[serde(default)]
     pub rx_pid: Option<u32>,
+    #[serde(default)]
     pub rx_comm: Option<String>,
     pub complete: bool,
-    pub missing: Vec<&'static str>,
+    /// Available stages not in `stages`.
+    #[serde(skip_deserializing)]
+    pub missing: Vec<Name>,
     pub stages: Vec<StageJson>,
+    #[serde(skip_deserializing)]
     pub total_ns: u64,
+}
+
+/// One stage of a trace line.
+#[derive(Serialize, Deserialize)]
+pub struct StageJson {
+    pub stage: Name,
+    pub t_ns: u64,
+    #[serde(default)]
+    pub cpu: u16,
 }
 
 impl TraceJson {
     pub fn new(t: &Trace, names: &mut Names, available: &[Stage]) -> TraceJson {
         TraceJson {
-            ty: "trace",
+            ty: "trace".into(),
             v: SCHEMA_VERSION,
-            kind: t.kind.name(),
-            proto: if t.flow.udp { "udp" } else { "tcp" },
-            family: if t.flow.v6 { "ipv6" } else { "ipv4" },
-            src: t.flow.src_ip().to_string(),
+            kind: t.kind.name().into(),
+            proto: if t.flow.udp { "udp" } else { "tcp" }.into(),
+            family: if t.flow.v6 { "ipv6" } else { "ipv4" }.into(),
+            src: t.flow.src_ip(),
             sport: t.flow.sport,
-            dst: t.flow.dst_ip().to_string(),
+            dst: t.flow.dst_ip(),
             dport: t.flow.dport,
             seq: t.seq,
             len: t.len,
-            path: t.path.name(),
+            path: t.path.name().into(),
             ifname: names.ifname(t.netns, t.ifindex),
             ifindex: t.ifindex,
             rx_ifname: t.rx_ifindex.map(|(i, ns)| names.ifname(ns, i)),
@@ -80,11 +166,100 @@ impl TraceJson {
             rx_pid: t.rx_pid,
             rx_comm: t.rx_comm.clone(),
             complete: t.complete,
-            missing: available.iter().filter(|s| !t.stages.iter().any(|x| x.stage == **s)).map(|s| s.name()).collect(),
-            stages: t.stages.iter().map(|s| StageJson { stage: s.stage.name(), t_ns: s.t_ns, cpu: s.cpu }).collect(),
+            missing: available
+                .iter()
+                .filter(|s| !t.stages.iter().any(|x| x.stage == **s))
+                .map(|s| s.name().into())
+                .collect(),
+            stages: t
+                .stages
+                .iter()
+                .map(|s| StageJson { stage: s.stage.name().into(), t_ns: s.t_ns, cpu: s.cpu })
+                .collect(),
             total_ns: t.total_ns(),
         }
     }
+}
+
+/// The `summary` line: per path and stage percentiles, and every loss counter. The
+/// reader uses only `lost`.
+#[derive(Serialize, Deserialize)]
+pub struct SummaryJson {
+    #[serde(rename = "type")]
+    pub ty: Name,
+    #[serde(default, deserialize_with = "or_default")]
+    pub v: u64,
+    /// Per path name.
+    #[serde(default, deserialize_with = "or_default")]
+    pub paths: BTreeMap<String, PathJson>,
+    /// Traces not counted in the statistics, by kind name.
+    #[serde(default, deserialize_with = "or_default")]
+    pub other_kinds: BTreeMap<String, u64>,
+    /// Per stage name: records lost to a full ring buffer.
+    #[serde(default, deserialize_with = "counts_or_skip")]
+    pub lost: BTreeMap<String, u64>,
+    /// The kernel counters as the run gathered them (docs/trace-format.md lists them).
+    #[serde(default)]
+    pub counters: serde_json::Value,
+    #[serde(default, deserialize_with = "or_default")]
+    pub correlator: CorrelatorJson,
+}
+
+/// One path's statistics in the summary.
+#[derive(Serialize, Deserialize)]
+pub struct PathJson {
+    pub traces: u64,
+    pub complete: u64,
+    /// Per stage name: the time since the previous stage.
+    pub stages: BTreeMap<String, HistJson>,
+    pub end_to_end: HistJson,
+}
+
+/// A latency histogram: its count and, unless empty, its percentiles, min and max.
+#[derive(Serialize, Deserialize)]
+pub struct HistJson {
+    pub count: u64,
+    /// `p50_ns`, `p90_ns`, … (`model::stats::PERCENTILES`).
+    #[serde(flatten)]
+    pub percentiles: BTreeMap<String, u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_ns: Option<u64>,
+}
+
+impl HistJson {
+    fn new(h: &Histogram<u64>) -> HistJson {
+        if h.is_empty() {
+            return HistJson { count: 0, percentiles: BTreeMap::new(), max_ns: None, min_ns: None };
+        }
+        HistJson {
+            count: h.len(),
+            percentiles: PERCENTILES
+                .iter()
+                .map(|(p, name)| (format!("{name}_ns"), h.value_at_percentile(*p)))
+                .collect(),
+            max_ns: Some(h.max()),
+            min_ns: Some(h.min()),
+        }
+    }
+}
+
+/// The correlator's counters (`CorrStats`) a recording keeps; older files lack the later
+/// ones.
+#[derive(Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct CorrelatorJson {
+    pub records: u64,
+    pub traces: u64,
+    pub incomplete: u64,
+    pub flows_evicted: u64,
+    pub records_evicted: u64,
+    pub records_unmatched: u64,
+    pub bad_records: u64,
+    pub egress_unanchored: u64,
+    pub stage_gaps: u64,
+    pub traces_finished_early: u64,
 }
 
 /// Writes one line per trace to any writer.
@@ -134,105 +309,66 @@ impl Sink for JsonSink {
     }
 }
 
-#[derive(Serialize)]
-pub struct HookJson {
-    pub hook: String,
-    pub available: bool,
-    pub error: Option<String>,
-}
-
-/// The header line: who wrote the file, where, when, with which filters and hooks.
+/// The header line (`HeaderJson`) of a run with this tracer and these filters.
 pub fn header(tracer: &Tracer, filters: serde_json::Value) -> serde_json::Value {
-    let hooks: BTreeMap<&str, HookJson> = tracer
+    let hooks = tracer
         .stages
         .iter()
         .map(|(s, h)| {
-            (s.name(), HookJson { hook: h.hook.clone(), available: h.state.is_ok(), error: h.state.clone().err() })
+            let hook = HookJson { hook: h.hook.clone(), available: h.state.is_ok(), error: h.state.clone().err() };
+            (s.name().to_string(), hook)
         })
         .collect();
-    serde_json::json!({
-        "type": "header",
-        "v": SCHEMA_VERSION,
-        "packetflow": env!("CARGO_PKG_VERSION"),
-        "kernel": platform::host::kernel_release(),
-        "hostname": platform::host::hostname(),
-        "start_wall_ns": platform::host::realtime_ns(),
-        "mono_to_wall_ns": platform::host::mono_to_wall_offset(),
-        "filters": filters,
-        "hooks": hooks,
-        "stage_order": packetflow_common::Stage::ALL.iter().map(|s| s.name()).collect::<Vec<_>>(),
-    })
+    let header = HeaderJson {
+        ty: "header".into(),
+        v: SCHEMA_VERSION,
+        packetflow: env!("CARGO_PKG_VERSION").into(),
+        kernel: platform::host::kernel_release(),
+        hostname: platform::host::hostname(),
+        start_wall_ns: platform::host::realtime_ns(),
+        mono_to_wall_ns: platform::host::mono_to_wall_offset(),
+        filters,
+        hooks,
+        stage_order: Stage::ALL.iter().map(|s| s.name().to_string()).collect(),
+    };
+    serde_json::to_value(header).expect("a header has only string map keys")
 }
 
-/// The summary line: per path and stage percentiles, and every loss counter.
+/// The summary line (`SummaryJson`) of a run.
 pub fn summary(
     stats: &Stats,
     lost: &BTreeMap<Stage, u64>,
     counters: serde_json::Value,
     corr: &CorrStats,
 ) -> serde_json::Value {
-    let mut paths = serde_json::Map::new();
-    for (p, ps) in &stats.paths {
-        let mut stages = serde_json::Map::new();
-        for (s, h) in &ps.stages {
-            stages.insert(s.name().into(), hist_json(h));
-        }
-        paths.insert(
-            p.name().into(),
-            serde_json::json!({
-                "traces": ps.traces,
-                "complete": ps.complete,
-                "stages": stages,
-                "end_to_end": hist_json(&ps.e2e),
-            }),
-        );
-    }
-    serde_json::json!({
-        "type": "summary",
-        "v": SCHEMA_VERSION,
-        "paths": paths,
-        "other_kinds": stats.other_kinds,
-        "lost": lost.iter().map(|(s, n)| (s.name(), *n)).collect::<BTreeMap<_, _>>(),
-        "counters": counters,
-        "correlator": {
-            "records": corr.records,
-            "traces": corr.traces,
-            "incomplete": corr.incomplete,
-            "flows_evicted": corr.flows_evicted,
-            "records_evicted": corr.records_evicted,
-            "records_unmatched": corr.records_unmatched,
-            "bad_records": corr.bad_records,
-            "egress_unanchored": corr.egress_unanchored,
-            "stage_gaps": corr.stage_gaps,
-            "traces_finished_early": corr.traces_finished_early,
+    let path = |ps: &PathStats| PathJson {
+        traces: ps.traces,
+        complete: ps.complete,
+        stages: ps.stages.iter().map(|(s, h)| (s.name().to_string(), HistJson::new(h))).collect(),
+        end_to_end: HistJson::new(&ps.e2e),
+    };
+    let summary = SummaryJson {
+        ty: "summary".into(),
+        v: SCHEMA_VERSION,
+        paths: stats.paths.iter().map(|(p, ps)| (p.name().to_string(), path(ps))).collect(),
+        other_kinds: stats.other_kinds.iter().map(|(k, n)| (k.to_string(), *n)).collect(),
+        lost: lost.iter().map(|(s, n)| (s.name().to_string(), *n)).collect(),
+        counters,
+        correlator: CorrelatorJson {
+            records: corr.records,
+            traces: corr.traces,
+            incomplete: corr.incomplete,
+            flows_evicted: corr.flows_evicted,
+            records_evicted: corr.records_evicted,
+            records_unmatched: corr.records_unmatched,
+            bad_records: corr.bad_records,
+            egress_unanchored: corr.egress_unanchored,
+            stage_gaps: corr.stage_gaps,
+            traces_finished_early: corr.traces_finished_early,
         },
-    })
-}
-
-fn hist_json(h: &hdrhistogram::Histogram<u64>) -> serde_json::Value {
-    let mut m = serde_json::Map::new();
-    m.insert("count".into(), h.len().into());
-    if !h.is_empty() {
-        for (p, name) in PERCENTILES {
-            m.insert(format!("{name}_ns"), h.value_at_percentile(p).into());
-        }
-        m.insert("max_ns".into(), h.max().into());
-        m.insert("min_ns".into(), h.min().into());
-    }
-    serde_json::Value::Object(m)
+    };
+    serde_json::to_value(summary).expect("a summary has only string map keys")
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn failed_writes_are_counted() {
-        // /dev/full: every write fails with ENOSPC.
-        let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
-        let mut sink = JsonSink::new(Box::new(full), Names::new(&[]), Vec::new());
-        sink.line(&serde_json::json!({"type": "header"}));
-        sink.finish(&serde_json::json!({"type": "summary"}));
-        assert_eq!(sink.errors, 2);
-    }
-}
+pub(crate) mod tests;

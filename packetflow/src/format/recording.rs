@@ -1,4 +1,5 @@
-//! Reading recordings (the NDJSON packetflow writes) back, one line at a time.
+//! Reading recordings (the NDJSON packetflow writes) back, one line at a time, into the
+//! types the writer writes (`format::ndjson`).
 //!
 //! Memory does not grow with the file: lines are read and handed on one by one. What the
 //! reader does with damaged input (docs/trace-format.md, "Reading"):
@@ -20,55 +21,18 @@ use std::{
 
 use anyhow::Result;
 use packetflow_common::Stage;
-use serde::Deserialize;
 
 use crate::{
     error::user,
-    format::ndjson::SCHEMA_VERSION,
+    format::ndjson::{HeaderJson, SCHEMA_VERSION, SummaryJson, TraceJson},
     model::trace::{Flow, PathKind, StageTime, Trace, TraceKind},
 };
 
-#[derive(Deserialize)]
-pub struct StageRec {
-    pub stage: String,
-    pub t_ns: u64,
-    #[serde(default)]
-    pub cpu: u16,
-}
-
-/// A `trace` line. Unknown fields are ignored.
-#[derive(Deserialize)]
-pub struct TraceRec {
-    pub kind: String,
-    pub proto: String,
-    pub family: String,
-    pub src: IpAddr,
-    pub sport: u16,
-    pub dst: IpAddr,
-    pub dport: u16,
-    pub seq: u32,
-    pub len: u32,
-    pub path: String,
-    #[serde(default)]
-    pub ifname: String,
-    #[serde(default)]
-    pub ifindex: u32,
-    #[serde(default)]
-    pub pid: Option<u32>,
-    #[serde(default)]
-    pub comm: Option<String>,
-    #[serde(default)]
-    pub rx_pid: Option<u32>,
-    #[serde(default)]
-    pub rx_comm: Option<String>,
-    pub complete: bool,
-    pub stages: Vec<StageRec>,
-}
-
-impl TraceRec {
-    /// The trace as the live pipeline had it (for identical statistics).
+impl TraceJson {
+    /// The trace as the live pipeline had it (for identical statistics), if the line
+    /// holds a possible one.
     pub fn to_trace(&self) -> Result<Trace, String> {
-        let kind = match self.kind.as_str() {
+        let kind = match &*self.kind {
             "data" => TraceKind::Data,
             "retrans" => TraceKind::Retrans,
             "ack" => TraceKind::Control(packetflow_common::Kind::Ack),
@@ -77,7 +41,7 @@ impl TraceRec {
             "rst" => TraceKind::Control(packetflow_common::Kind::Rst),
             k => return Err(format!("unknown kind '{k}'")),
         };
-        let path = match self.path.as_str() {
+        let path = match &*self.path {
             "loopback" => PathKind::Loopback,
             "nic" => PathKind::Nic,
             p => return Err(format!("unknown path '{p}'")),
@@ -166,7 +130,7 @@ fn kernel_order_error(stages: &[StageTime]) -> Option<String> {
 
 pub enum Line {
     Trace(Box<Trace>),
-    Summary(serde_json::Value),
+    Summary(Box<SummaryJson>),
 }
 
 /// Problems met and survived while reading.
@@ -193,7 +157,7 @@ pub struct Reader<R: BufRead> {
     r: R,
     name: String,
     buf: Vec<u8>,
-    pub header: serde_json::Value,
+    pub header: HeaderJson,
     pub notes: ReadNotes,
     /// Bytes read so far (for progress).
     pub bytes: u64,
@@ -207,15 +171,17 @@ impl<R: BufRead> Reader<R> {
         if n == 0 {
             return Err(user(format!("{name} is empty: not a packetflow recording")));
         }
-        let header: serde_json::Value = serde_json::from_slice(&buf).map_err(|_| {
+        let line: serde_json::Value = serde_json::from_slice(&buf).map_err(|_| {
             user(format!("{name}, line 1: not a packetflow recording (the first line is not a JSON header)"))
         })?;
-        if header.get("type").and_then(|t| t.as_str()) != Some("header") {
-            return Err(user(format!("{name}, line 1: not a packetflow recording (no header line)")));
+        let no_header = || user(format!("{name}, line 1: not a packetflow recording (no header line)"));
+        if line.get("type").and_then(|t| t.as_str()) != Some("header") {
+            return Err(no_header());
         }
-        let v = header.get("v").and_then(|v| v.as_u64()).unwrap_or(0);
-        if v != SCHEMA_VERSION as u64 {
-            let hint = if v > SCHEMA_VERSION as u64 { "upgrade packetflow to read it" } else { "it cannot be read" };
+        let header: HeaderJson = serde_json::from_value(line).map_err(|_| no_header())?;
+        let v = header.v;
+        if v != SCHEMA_VERSION {
+            let hint = if v > SCHEMA_VERSION { "upgrade packetflow to read it" } else { "it cannot be read" };
             return Err(user(format!(
                 "{name} is a schema version {v} recording; this packetflow reads version {SCHEMA_VERSION} ({hint})"
             )));
@@ -267,7 +233,7 @@ impl<R: BufRead> Reader<R> {
             };
             match v.get("type").and_then(|t| t.as_str()) {
                 Some("trace") => {
-                    match serde_json::from_value::<TraceRec>(v).map_err(|e| e.to_string()).and_then(|t| t.to_trace()) {
+                    match serde_json::from_value::<TraceJson>(v).map_err(|e| e.to_string()).and_then(|t| t.to_trace()) {
                         Ok(t) => return Ok(Some(Line::Trace(Box::new(t)))),
                         Err(e) => {
                             self.notes.skipped += 1;
@@ -275,7 +241,14 @@ impl<R: BufRead> Reader<R> {
                         }
                     }
                 }
-                Some("summary") => return Ok(Some(Line::Summary(v))),
+                // Every summary field but `type` reads leniently, so this does not fail.
+                Some("summary") => match serde_json::from_value::<SummaryJson>(v) {
+                    Ok(s) => return Ok(Some(Line::Summary(Box::new(s)))),
+                    Err(e) => {
+                        self.notes.skipped += 1;
+                        self.notes.warn(format!("{}, line {no}: not a valid summary ({e}), skipped", self.name));
+                    }
+                },
                 Some("header") => {
                     self.notes.skipped += 1;
                     self.notes
@@ -312,6 +285,66 @@ mod tests {
             }
         }
         Ok((n, r.notes))
+    }
+
+    /// A writer whose bytes the test reads once the sink is done.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn reads_back_what_the_writer_wrote() {
+        use crate::{
+            format::ndjson::{self, JsonSink, tests::*},
+            model::stats::Stats,
+            pipeline::{correlate::CorrStats, session::Sink},
+        };
+        let out = Shared::default();
+        let mut sink = JsonSink::new(Box::new(out.clone()), sample_names(), SAMPLE_AVAILABLE.to_vec());
+        sink.line(&serde_json::to_value(sample_header()).unwrap());
+        let traces = sample_traces();
+        let mut stats = Stats::default();
+        for t in &traces {
+            sink.trace(t);
+            stats.record(t);
+        }
+        let lost = std::collections::BTreeMap::from([(Stage::DevQueue, 3)]);
+        let corr = CorrStats { records: 7, egress_unanchored: 2, ..Default::default() };
+        sink.finish(&ndjson::summary(&stats, &lost, serde_json::json!({"parsed_xdp": 1}), &corr));
+        assert_eq!(sink.errors, 0);
+
+        let bytes = out.0.lock().unwrap().clone();
+        let mut r = Reader::new(&bytes[..], "test").unwrap();
+        assert_eq!((r.header.v, r.header.hostname.as_str()), (SCHEMA_VERSION, "box"));
+        assert_eq!(r.header.hooks["xdp"].error.as_deref(), Some("no \"driver\""));
+        for mut want in traces {
+            // What a recording does not carry back: namespaces, device indexes beyond the
+            // first, thread ids.
+            (want.netns, want.rx_ifindex, want.tid, want.rx_tid) = (0, None, None, None);
+            match r.next_line().unwrap() {
+                Some(Line::Trace(t)) => assert_eq!(format!("{t:?}"), format!("{want:?}")),
+                _ => panic!("expected a trace"),
+            }
+        }
+        match r.next_line().unwrap() {
+            Some(Line::Summary(s)) => {
+                assert_eq!(s.lost, [("dev_queue".to_string(), 3)].into());
+                assert_eq!((s.correlator.records, s.correlator.egress_unanchored), (7, 2));
+                assert_eq!(s.paths["loopback"].traces, 1);
+                assert_eq!(s.counters, serde_json::json!({"parsed_xdp": 1}));
+            }
+            _ => panic!("expected the summary"),
+        }
+        assert!(r.next_line().unwrap().is_none());
+        assert_eq!((r.notes.lines, r.notes.skipped, r.notes.unknown_type), (5, 0, 0));
     }
 
     #[test]

@@ -20,6 +20,7 @@ use packetflow_common::Stage;
 
 use crate::{
     error::user,
+    format::ndjson::HeaderJson,
     format::recording::{Line, ReadNotes, Reader},
     model::stats::{self, Stats},
     model::trace::{Flow, PathKind, Trace},
@@ -137,7 +138,7 @@ pub struct Read1 {
     pub gathered: Gathered,
     pub notes: ReadNotes,
     pub lost: BTreeMap<Stage, u64>,
-    pub header: serde_json::Value,
+    pub header: HeaderJson,
     pub groups: Groups,
 }
 
@@ -172,12 +173,10 @@ pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dy
                     s.trace(&t);
                 }
             }
-            Line::Summary(v) => {
-                if let Some(l) = v.get("lost").and_then(|l| l.as_object()) {
-                    for (k, n) in l {
-                        if let (Some(s), Some(n)) = (Stage::from_name(k), n.as_u64()) {
-                            lost.insert(s, n);
-                        }
+            Line::Summary(summary) => {
+                for (k, n) in &summary.lost {
+                    if let Some(s) = Stage::from_name(k) {
+                        lost.insert(s, *n);
                     }
                 }
             }
@@ -186,7 +185,7 @@ pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dy
     if show {
         eprint!("\r\x1b[K");
     }
-    Ok(Read1 { gathered, notes: std::mem::take(&mut reader.notes), lost, header: reader.header.clone(), groups })
+    Ok(Read1 { gathered, notes: std::mem::take(&mut reader.notes), lost, header: reader.header, groups })
 }
 
 pub fn report_notes(n: &ReadNotes) {

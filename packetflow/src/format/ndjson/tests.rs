@@ -6,7 +6,7 @@ use packetflow_common::Kind;
 
 use super::*;
 use crate::{
-    kernel::loader::Attached,
+    kernel::interfaces::Attached,
     model::trace::{Flow, PathKind, StageTime, TraceKind},
 };
 
@@ -144,7 +144,9 @@ fn lines_keep_their_bytes() {
     );
 
     let mut stats = Stats::default();
-    traces.iter().for_each(|t| stats.record(t));
+    for t in &traces {
+        stats.record(t);
+    }
     let lost = BTreeMap::from([(Stage::DevQueue, 3), (Stage::Xdp, 0)]);
     let counters = serde_json::json!({"emitted": {"dev_queue": 5}, "parsed_xdp": 1, "summary_evicted": 2});
     let corr = CorrStats {

@@ -4,7 +4,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use packetflow::pipeline::correlate::{Correlator, Coverage};
+use packetflow::{
+    model::trace::Device,
+    pipeline::correlate::{Correlator, Coverage},
+};
 use packetflow_common::{Event, NUM_STAGES, Stage};
 
 /// Reads the fuzzer's bytes as small numbers; zeros once they run out.
@@ -49,13 +52,14 @@ fuzz_target!(|data: &[u8]| {
             cov.global.insert(s);
         }
     }
-    for ns_if in [(0u32, 1u32), (7, 2), (7, 3)] {
+    for (netns, ifindex) in [(0u32, 1u32), (7, 2), (7, 3)] {
+        let dev = Device { netns, ifindex };
         if cfg & 2 != 0 {
-            cov.xdp.insert(ns_if);
+            cov.xdp.insert(dev);
         }
         if cfg & 4 != 0 {
-            cov.tc_ingress.insert(ns_if);
-            cov.tc_egress.insert(ns_if);
+            cov.tc_ingress.insert(dev);
+            cov.tc_egress.insert(dev);
         }
     }
     let mut c = Correlator::new(cov);

@@ -25,7 +25,7 @@ use packetflow_common::Stage;
 use crate::{
     error::user,
     format::ndjson::{HeaderJson, SCHEMA_VERSION, SummaryJson, TraceJson},
-    model::trace::{Flow, PathKind, StageTime, Trace, TraceKind},
+    model::trace::{Device, Flow, PathKind, StageTime, Trace, TraceKind},
 };
 
 impl TraceJson {
@@ -80,9 +80,8 @@ impl TraceJson {
             seq: self.seq,
             len: self.len,
             path,
-            ifindex: self.ifindex,
-            netns: 0,
-            rx_ifindex: None,
+            device: Device { netns: 0, ifindex: self.ifindex },
+            rx_device: None,
             pid: self.pid,
             tid: None,
             rx_pid: self.rx_pid,
@@ -328,7 +327,7 @@ mod tests {
         for mut want in traces {
             // What a recording does not carry back: namespaces, device indexes beyond the
             // first, thread ids.
-            (want.netns, want.rx_ifindex, want.tid, want.rx_tid) = (0, None, None, None);
+            (want.device.netns, want.rx_device, want.tid, want.rx_tid) = (0, None, None, None);
             match r.next_line().unwrap() {
                 Some(Line::Trace(t)) => assert_eq!(format!("{t:?}"), format!("{want:?}")),
                 _ => panic!("expected a trace"),

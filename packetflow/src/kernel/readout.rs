@@ -121,7 +121,7 @@ impl Tracer {
             }
         }
         for a in &self.interfaces {
-            let key = (a.netns_inode, a.ifindex);
+            let key = crate::model::trace::Device { netns: a.netns_inode, ifindex: a.ifindex };
             if a.xdp.is_ok() {
                 c.xdp.insert(key);
             }

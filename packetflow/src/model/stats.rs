@@ -78,7 +78,7 @@ pub fn end_to_end_ns(t: &Trace) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::trace::{Flow, StageTime};
+    use crate::model::trace::{Device, Flow, StageTime};
 
     fn trace(times: &[(Stage, u64)]) -> Trace {
         Trace {
@@ -87,9 +87,8 @@ mod tests {
             seq: 0,
             len: 1,
             path: PathKind::Loopback,
-            ifindex: 1,
-            netns: 0,
-            rx_ifindex: None,
+            device: Device { netns: 0, ifindex: 1 },
+            rx_device: None,
             pid: None,
             tid: None,
             rx_pid: None,

@@ -76,6 +76,14 @@ pub struct StageTime {
     pub cpu: u16,
 }
 
+/// A network device: its namespace (the namespace file's inode) and its index there.
+/// Indexes repeat across namespaces, so only the pair names one device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Device {
+    pub netns: u32,
+    pub ifindex: u32,
+}
+
 /// One packet's way through the stages.
 #[derive(Clone, Debug)]
 pub struct Trace {
@@ -86,10 +94,9 @@ pub struct Trace {
     pub len: u32,
     pub path: PathKind,
     /// Device of the anchor (dev_queue, or netif_receive on a receive-only host).
-    pub ifindex: u32,
-    pub netns: u32,
+    pub device: Device,
     /// Device the packet arrived on (netif_receive), when seen.
-    pub rx_ifindex: Option<(u32, u32)>,
+    pub rx_device: Option<Device>,
     pub pid: Option<u32>,
     pub tid: Option<u32>,
     pub rx_pid: Option<u32>,

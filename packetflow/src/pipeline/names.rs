@@ -5,11 +5,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{kernel::interfaces::Attached, platform};
+use crate::{kernel::interfaces::Attached, model::trace::Device, platform};
 
 #[derive(Default)]
 pub struct Names {
-    ifnames: HashMap<(u32, u32), String>,
+    ifnames: HashMap<Device, String>,
     own_netns: u32,
     netns_paths: HashMap<u32, PathBuf>,
 }
@@ -21,7 +21,7 @@ impl Names {
             ..Default::default()
         };
         for a in attached {
-            n.ifnames.insert((a.netns_inode, a.ifindex), a.ifname.clone());
+            n.ifnames.insert(Device { netns: a.netns_inode, ifindex: a.ifindex }, a.ifname.clone());
             if let Some(p) = &a.netns {
                 n.netns_paths.insert(a.netns_inode, p.clone());
             }
@@ -50,8 +50,9 @@ impl Names {
         None
     }
 
-    pub fn ifname(&mut self, netns: u32, ifindex: u32) -> String {
-        if let Some(n) = self.ifnames.get(&(netns, ifindex)) {
+    pub fn ifname(&mut self, dev: Device) -> String {
+        let Device { netns, ifindex } = dev;
+        if let Some(n) = self.ifnames.get(&dev) {
             return n.clone();
         }
         let name = if netns == 0 || netns == self.own_netns {
@@ -62,7 +63,7 @@ impl Names {
             })
         };
         let name = name.unwrap_or_else(|| format!("if{ifindex}"));
-        self.ifnames.insert((netns, ifindex), name.clone());
+        self.ifnames.insert(dev, name.clone());
         name
     }
 }

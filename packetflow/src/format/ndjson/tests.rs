@@ -7,7 +7,7 @@ use packetflow_common::Kind;
 use super::*;
 use crate::{
     kernel::interfaces::Attached,
-    model::trace::{Flow, PathKind, StageTime, TraceKind},
+    model::trace::{Device, Flow, PathKind, StageTime, TraceKind},
 };
 
 /// Names for ifindex 1 ("lo") and 2 ("eth0"), without asking the system.
@@ -44,9 +44,8 @@ pub(crate) fn sample_traces() -> Vec<Trace> {
         seq: 0,
         len: 0,
         path: PathKind::Nic,
-        ifindex: 2,
-        netns: 0,
-        rx_ifindex: None,
+        device: Device { netns: 0, ifindex: 2 },
+        rx_device: None,
         pid: None,
         tid: None,
         rx_pid: None,
@@ -62,8 +61,8 @@ pub(crate) fn sample_traces() -> Vec<Trace> {
             seq: 4_000_000_000,
             len: 1448,
             path: PathKind::Loopback,
-            ifindex: 1,
-            rx_ifindex: Some((1, 0)),
+            device: Device { netns: 0, ifindex: 1 },
+            rx_device: Some(Device { netns: 0, ifindex: 1 }),
             pid: Some(1234),
             tid: Some(1235),
             rx_pid: Some(99),
@@ -94,7 +93,7 @@ pub(crate) fn sample_traces() -> Vec<Trace> {
         },
         Trace {
             kind: TraceKind::Control(Kind::Syn),
-            rx_ifindex: Some((2, 0)),
+            rx_device: Some(Device { netns: 0, ifindex: 2 }),
             pid: Some(0),
             comm: Some(String::new()),
             stages: vec![st(Stage::TcEgress, 7, 2)],

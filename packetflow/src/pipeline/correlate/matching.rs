@@ -9,7 +9,7 @@ use super::{
     Coverage,
     records::{Anchor, FlowState, NSTAGES, Rec, partition_point_from_back, raw_seq},
 };
-use crate::model::trace::{Flow, PathKind, StageTime, Trace, TraceKind};
+use crate::model::trace::{Device, Flow, PathKind, StageTime, Trace, TraceKind};
 
 /// Records examined on each side of the best candidate.
 const SCAN: usize = 24;
@@ -119,8 +119,8 @@ pub(super) fn has_gap(cov: &Coverage, t: &Trace) -> bool {
 }
 
 /// Does this trace have every stage it should have, given where its packet went?
-fn complete(cov: &Coverage, anchor: &Anchor, rx_dev: Option<(u32, u32)>, found: &[Option<Rec>; NSTAGES]) -> bool {
-    let dev = (anchor.rec.aux2, anchor.rec.aux);
+fn complete(cov: &Coverage, anchor: &Anchor, rx_dev: Option<Device>, found: &[Option<Rec>; NSTAGES]) -> bool {
+    let dev = Device { netns: anchor.rec.aux2, ifindex: anchor.rec.aux };
     for s in Stage::ALL {
         let want = match s {
             Stage::TcEgress => {
@@ -155,7 +155,7 @@ pub(super) fn build(flow: &Flow, st: &FlowState, anchor: &Anchor, cov: &Coverage
     for s in Stage::ALL {
         found[s as usize] = if s == anchor.stage { Some(anchor.rec) } else { best(flow, st, s, anchor) };
     }
-    let rx = found[Stage::NetifReceive as usize].map(|r| (r.aux2, r.aux));
+    let rx = found[Stage::NetifReceive as usize].map(|r| Device { netns: r.aux2, ifindex: r.aux });
     let complete = complete(cov, anchor, rx, &found);
     let proc_of = |stage: Stage| found[stage as usize].map(|r| (r.aux, r.aux2));
     let tx = proc_of(Stage::SendSyscall).or(proc_of(Stage::SockSend));
@@ -174,9 +174,8 @@ pub(super) fn build(flow: &Flow, st: &FlowState, anchor: &Anchor, cov: &Coverage
         seq: seq_raw,
         len,
         path: if anchor.rec.flags & F_LOOPBACK != 0 { PathKind::Loopback } else { PathKind::Nic },
-        ifindex: anchor.rec.aux,
-        netns: anchor.rec.aux2,
-        rx_ifindex: rx.map(|(ns, i)| (i, ns)),
+        device: Device { netns: anchor.rec.aux2, ifindex: anchor.rec.aux },
+        rx_device: rx,
         pid: tx.map(|p| p.0),
         tid: tx.map(|p| p.1),
         rx_pid: rxp.map(|p| p.0),

@@ -71,7 +71,7 @@ use self::{
     udp_flow::MAX_ORPHANS,
 };
 use crate::{
-    model::trace::{Flow, Trace, TraceKind},
+    model::trace::{Device, Flow, Trace, TraceKind},
     pipeline::comm::CommCache,
 };
 
@@ -100,14 +100,14 @@ pub struct CorrStats {
     pub stage_gaps: u64,
 }
 
-/// Which device stages are observable where: (netns inode, ifindex) pairs with XDP and
+/// Which device stages are observable where: the devices with XDP and
 /// TC attached. Tracepoint stages are global and listed in `global`.
 #[derive(Clone, Debug, Default)]
 pub struct Coverage {
     pub global: HashSet<Stage>,
-    pub xdp: HashSet<(u32, u32)>,
-    pub tc_ingress: HashSet<(u32, u32)>,
-    pub tc_egress: HashSet<(u32, u32)>,
+    pub xdp: HashSet<Device>,
+    pub tc_ingress: HashSet<Device>,
+    pub tc_egress: HashSet<Device>,
 }
 
 pub struct Correlator {

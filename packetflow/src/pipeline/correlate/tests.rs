@@ -8,7 +8,7 @@ use packetflow_common::{
 };
 
 use super::{Correlator, Coverage, records::MAX_UDP_PER_STAGE};
-use crate::model::trace::{PathKind, Trace, TraceKind};
+use crate::model::trace::{Device, PathKind, Trace, TraceKind};
 
 fn ev(stage: Stage, ts: u64, seq: u32, len: u32) -> Event {
     let mut e = Event::ZERO;
@@ -32,9 +32,9 @@ fn all_global() -> Coverage {
         global: Stage::ALL.into_iter().filter(|s| !matches!(s, Stage::IpSend | Stage::IpRcv)).collect(),
         ..Coverage::default()
     };
-    c.xdp.insert((7, 1));
-    c.tc_ingress.insert((7, 1));
-    c.tc_egress.insert((7, 1));
+    c.xdp.insert(Device { netns: 7, ifindex: 1 });
+    c.tc_ingress.insert(Device { netns: 7, ifindex: 1 });
+    c.tc_egress.insert(Device { netns: 7, ifindex: 1 });
     c
 }
 

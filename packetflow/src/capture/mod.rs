@@ -64,7 +64,7 @@ async fn read_rings(
     loop {
         let last = shards.stopping();
         let mut batch = Vec::new();
-        shards.drain(|_, item| {
+        shards.drain(|item| {
             let Some(hdr) = shards::record::<CapHdr>(item) else { return };
             let data = &item[size_of::<CapHdr>()..];
             let data = data[..(hdr.caplen as usize).min(data.len())].to_vec();
@@ -132,7 +132,7 @@ pub async fn run(a: Args) -> Result<()> {
     let (tx, rx) = sync_channel::<Vec<Packet>>(1024);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let overflow = Arc::new(AtomicU64::new(0));
-    let shards = Shards::new(rings, Duration::from_millis(10), stop_rx)?;
+    let shards = Shards::new(rings.into_iter().map(|(_, r)| r).collect(), Duration::from_millis(10), stop_rx)?;
     let reader = tokio::spawn(read_rings(shards, tx, offset, overflow.clone()));
 
     // --stages: the tracer, filtered to TCP/UDP of the interfaces captured.

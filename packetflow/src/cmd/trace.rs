@@ -135,13 +135,6 @@ pub async fn run(a: Args) -> Result<()> {
         }
     };
     let f = running.finish().await?;
-    let say = |s: &str| {
-        if json_to_stdout {
-            eprint!("{s}");
-        } else {
-            print!("{s}");
-        }
-    };
     say(&format!("\nstopped ({why}); final summary:\n"));
     for p in [PathKind::Loopback, PathKind::Nic] {
         if !f.stats.paths.contains_key(&p) {

@@ -99,7 +99,7 @@ pub fn start_readers(rings: Vec<(usize, RingBuf<MapData>)>, poll: Duration) -> R
     let mut tasks = Vec::new();
     let mut shards = Vec::new();
     for (shard, ring) in rings {
-        let ring = Shards::new(vec![(shard, ring)], poll, stop_rx.clone())?;
+        let ring = Shards::new(vec![ring], poll, stop_rx.clone())?;
         shards.push(shard);
         tasks.push(tokio::spawn(read_shard(shard, ring, tx.clone(), shared.clone())));
     }
@@ -111,7 +111,7 @@ async fn read_shard(shard: usize, mut ring: Shards, tx: SyncSender<Batch>, share
         let last = ring.stopping();
         let watermark = platform::host::monotonic_ns().saturating_sub(WATERMARK_MARGIN_NS);
         let mut events = Vec::new();
-        ring.drain(|_, item| match shards::record::<Event>(item) {
+        ring.drain(|item| match shards::record::<Event>(item) {
             Some(e) if item.len() == size_of::<Event>() => events.push(e),
             _ => {
                 shared.bad_records.fetch_add(1, Ordering::Relaxed);

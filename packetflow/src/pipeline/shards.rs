@@ -9,18 +9,18 @@ use aya::maps::{MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::watch, time::Interval};
 
 pub struct Shards {
-    rings: Vec<(usize, AsyncFd<RingBuf<MapData>>)>,
+    rings: Vec<AsyncFd<RingBuf<MapData>>>,
     tick: Interval,
     stop: watch::Receiver<bool>,
 }
 
 impl Shards {
-    /// `rings`: (shard number, ring). Must be called inside the tokio runtime.
-    pub fn new(rings: Vec<(usize, RingBuf<MapData>)>, poll: Duration, stop: watch::Receiver<bool>) -> Result<Shards> {
+    /// Must be called inside the tokio runtime.
+    pub fn new(rings: Vec<RingBuf<MapData>>, poll: Duration, stop: watch::Receiver<bool>) -> Result<Shards> {
         let mut fds = Vec::with_capacity(rings.len());
-        for (shard, ring) in rings {
+        for ring in rings {
             // SAFETY: the ring owns its fd and keeps it open as long as the AsyncFd holds the ring.
-            fds.push((shard, unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? }));
+            fds.push(unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? });
         }
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -32,12 +32,12 @@ impl Shards {
         *self.stop.borrow()
     }
 
-    /// Hands every record waiting in every shard to `f`, with its shard number.
-    pub fn drain(&mut self, mut f: impl FnMut(usize, &[u8])) {
-        for (shard, fd) in &mut self.rings {
+    /// Hands every record waiting in every shard to `f`.
+    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) {
+        for fd in &mut self.rings {
             let ring = fd.get_mut();
             while let Some(item) = ring.next() {
-                f(*shard, &item);
+                f(&item);
             }
         }
     }
@@ -46,7 +46,7 @@ impl Shards {
     pub async fn wait(&mut self) {
         let Shards { rings, tick, stop } = self;
         let readable = std::future::poll_fn(|cx| {
-            for (_, fd) in rings.iter_mut() {
+            for fd in rings.iter_mut() {
                 if let std::task::Poll::Ready(r) = fd.poll_read_ready_mut(cx) {
                     if let Ok(mut g) = r {
                         g.clear_ready();

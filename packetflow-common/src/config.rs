@@ -46,8 +46,23 @@ pub struct Offsets {
     /// a packet will leave by, before IP output has copied it into `skb->dev`.
     pub skb_refdst: u32,
     pub dst_dev: u32,
+    // Connection establishment (`conn.rs`): a socket's state and error, a listener's
+    // queues, its netns's tcp_syncookies, and the path from a task's fd to its socket.
+    pub sk_state: u32,
+    pub sk_err: u32,
+    pub sk_ack_backlog: u32,
+    pub sk_max_ack_backlog: u32,
+    /// `inet_connection_sock.icsk_accept_queue.qlen`: request sockets (the SYN queue).
+    pub icsk_syn_qlen: u32,
+    pub sk_net: u32,
+    pub net_syncookies: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
 }
-assert_size!(Offsets, 104);
+assert_size!(Offsets, 152);
 
 impl Offsets {
     pub const MISSING: u32 = u32::MAX;
@@ -78,6 +93,18 @@ impl Offsets {
         msg_iter_count: u32::MAX,
         skb_refdst: u32::MAX,
         dst_dev: u32::MAX,
+        sk_state: u32::MAX,
+        sk_err: u32::MAX,
+        sk_ack_backlog: u32::MAX,
+        sk_max_ack_backlog: u32::MAX,
+        icsk_syn_qlen: u32::MAX,
+        sk_net: u32::MAX,
+        net_syncookies: u32::MAX,
+        task_files: u32::MAX,
+        files_fdt: u32::MAX,
+        fdt_fd: u32::MAX,
+        file_private_data: u32::MAX,
+        socket_sk: u32::MAX,
     };
 }
 

@@ -44,3 +44,6 @@ pub const SUMMARY_EVICTED: u32 = PARSED_XDP + 16;
 /// Not a count to report: capture bytes this CPU wrote since it last woke its capture
 /// ring's reader.
 pub const UNWOKEN_CAPTURE_BYTES: u32 = PARSED_XDP + 17;
+/// Connection records (`ConnStage`) written, and lost to a full ring shard.
+pub const CONN_EMITTED: u32 = PARSED_XDP + 18;
+pub const CONN_LOST: u32 = PARSED_XDP + 19;

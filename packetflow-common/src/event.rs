@@ -52,6 +52,8 @@ pub enum Kind {
     Syn = 2,
     Fin = 3,
     Rst = 4,
+    /// SYN with ACK: the server's half of the handshake.
+    SynAck = 5,
 }
 
 impl Kind {
@@ -62,6 +64,7 @@ impl Kind {
             Kind::Syn => "syn",
             Kind::Fin => "fin",
             Kind::Rst => "rst",
+            Kind::SynAck => "synack",
         }
     }
     pub const fn from_u8(v: u8) -> Kind {
@@ -70,6 +73,7 @@ impl Kind {
             2 => Kind::Syn,
             3 => Kind::Fin,
             4 => Kind::Rst,
+            5 => Kind::SynAck,
             _ => Kind::Data,
         }
     }

@@ -7,12 +7,14 @@
 
 pub mod capture;
 pub mod config;
+pub mod conn;
 pub mod counters;
 pub mod event;
 pub mod stage;
 pub mod summary;
 
 pub use config::{Filter, MAX_FILTER_HOSTS, MAX_FILTER_IFACES, MAX_FILTER_PORTS, Offsets};
+pub use conn::ConnStage;
 pub use event::{Event, Kind, RecvSlot, SendSlot, payload_key};
 pub use stage::{NUM_STAGES, Stage};
 

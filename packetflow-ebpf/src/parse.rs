@@ -178,6 +178,8 @@ fn parse_tcp(t: &[u8; 20], ev: &mut Event, l4: u32, end: u32) -> Result<(), Unpa
     let fl = t[13];
     let kind = if ev.len > 0 {
         Kind::Data
+    } else if fl & 0x12 == 0x12 {
+        Kind::SynAck
     } else if fl & 0x02 != 0 {
         Kind::Syn
     } else if fl & 0x04 != 0 {

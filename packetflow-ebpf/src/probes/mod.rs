@@ -2,6 +2,7 @@
 //! outcome of its `try_*` body and lets the packet or the call go on.
 
 mod capture;
+mod connect;
 mod device;
 mod doctor;
 mod packet;

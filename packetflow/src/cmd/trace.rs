@@ -44,6 +44,11 @@ pub struct Args {
     /// Also trace segments without payload (ACK, SYN, FIN, RST) as their own kinds.
     #[arg(long)]
     pub control: bool,
+    /// Also trace TCP connection set-up: connect, SYN, SYN queue, SYN-ACK, ACK, accept
+    /// queue, accept, with queue lengths and drops; a table per listener at the end,
+    /// one `connection` line each with --json. With `--stages none`: connections only.
+    #[arg(long)]
+    pub connections: bool,
     /// Give up waiting for a packet's missing stages after this many ms.
     #[arg(long = "timeout-ms", value_name = "MS", default_value = "1000", value_parser = super::millis)]
     pub timeout: Duration,
@@ -75,7 +80,7 @@ pub async fn run(a: Args) -> Result<()> {
         sample: a.sample,
         stages: a.stages,
     };
-    let described = describe(&filter);
+    let described = describe(&filter, a.connections);
     if a.summary && (a.json.is_some() || a.chrome_trace.is_some() || a.count.is_some()) {
         crate::user_bail!(
             "--summary keeps no per-packet records: --json, --chrome-trace and --count need full tracing"
@@ -97,6 +102,7 @@ pub async fn run(a: Args) -> Result<()> {
             .collect(),
         timeout: a.timeout,
         count: a.count,
+        connections: a.connections,
         ..Default::default()
     })
     .await?;
@@ -108,7 +114,7 @@ pub async fn run(a: Args) -> Result<()> {
             print!("{s}");
         }
     };
-    for line in running.tracer.unavailable() {
+    for line in running.tracer.unavailable().into_iter().chain(running.tracer.conn_unavailable()) {
         say(&format!("{line}\n"));
     }
     say(&format!("tracing ({described}); Ctrl-C to stop\n"));
@@ -128,7 +134,12 @@ pub async fn run(a: Args) -> Result<()> {
                     let stats = running.stats();
                     let lost = running.lost();
                     let flows = running.shared.flows.load(Ordering::Relaxed);
-                    println!("\x1b[2J\x1b[H{}{} flows tracked, {} records dropped by a slow reader",
+                    let conns = if a.connections {
+                        tables::connection_table(&running.shared.conns.lock().expect("conns lock"))
+                    } else {
+                        String::new()
+                    };
+                    println!("\x1b[2J\x1b[H{}{conns}{} flows tracked, {} records dropped by a slow reader",
                         tables::path_tables(&stats, &lost), flows, running.shared.overflow_records.load(Ordering::Relaxed));
                 }
             }
@@ -136,25 +147,33 @@ pub async fn run(a: Args) -> Result<()> {
     };
     let f = running.finish().await?;
     say(&format!("\nstopped ({why}); final summary:\n"));
-    for p in [PathKind::Loopback, PathKind::Nic] {
-        if !f.stats.paths.contains_key(&p) {
-            say(&format!("{} path: no traces\n", p.name()));
+    if !a.stages.is_empty() {
+        for p in [PathKind::Loopback, PathKind::Nic] {
+            if !f.stats.paths.contains_key(&p) {
+                say(&format!("{} path: no traces\n", p.name()));
+            }
         }
+        say(&tables::path_tables(&f.stats, &f.lost));
     }
-    say(&tables::path_tables(&f.stats, &f.lost));
+    if a.connections {
+        say(&format!("connection set-up per listener:\n{}", tables::connection_table(&f.conns)));
+    }
     say(&format!("{}\n", accounting::loss_line(&f)));
     say(&format!("{}\n", accounting::cost_line(&f)));
     Ok(())
 }
 
 /// The filter and mode in words, for the start line.
-fn describe(f: &FilterSpec) -> String {
+fn describe(f: &FilterSpec, connections: bool) -> String {
     let mut parts = f.describe();
     if f.stages != StageSet::ALL {
         parts.push(format!("stages {}", f.stages.describe()));
     }
     if f.summary {
         parts.push("summary mode: in-kernel histograms".into());
+    }
+    if connections {
+        parts.push("connection set-up".into());
     }
     if parts.is_empty() { "all TCP and UDP".into() } else { parts.join(", ") }
 }

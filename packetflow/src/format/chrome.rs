@@ -5,6 +5,7 @@
 //! `packet` slice from its first to its last stage, holding one slice per stage: the slice
 //! named after a stage spans from the stage before it to it, so its duration is that
 //! stage's latency. A flow arrow joins the packet's `send_syscall` to its `recv_syscall`.
+//! Connections (`trace --connections`) are a third process, one track per connection.
 //! Times are kernel CLOCK_MONOTONIC, in µs with ns precision.
 
 use std::{collections::HashMap, io::Write};
@@ -12,6 +13,7 @@ use std::{collections::HashMap, io::Write};
 use serde_json::json;
 
 use crate::{
+    model::connection::Connection,
     model::trace::{Flow, PathKind, Trace},
     pipeline::session::Sink,
 };
@@ -32,8 +34,13 @@ pub struct ChromeTrace {
     next_tid: u32,
     processes: Vec<PathKind>,
     next_arrow: u64,
+    /// The "connections" process is named.
+    conn_process: bool,
     pub errors: u64,
 }
+
+/// The process that holds one track per connection.
+const CONN_PID: u32 = 3;
 
 fn pid(p: PathKind) -> u32 {
     match p {
@@ -56,6 +63,7 @@ impl ChromeTrace {
             next_tid: 1,
             processes: Vec::new(),
             next_arrow: 1,
+            conn_process: false,
             errors,
         }
     }
@@ -137,6 +145,39 @@ impl Sink for ChromeTrace {
                 json!({"ph": "s", "pid": p, "tid": tid, "cat": "flow", "name": "send→receive", "id": id, "ts": us(s)}),
             );
             self.event(json!({"ph": "f", "bp": "e", "pid": p, "tid": tid, "cat": "flow", "name": "send→receive", "id": id, "ts": us(r)}));
+        }
+    }
+
+    /// One track per connection in a "connections" process: a slice over the whole
+    /// set-up, one slice per step from the step before it, an instant at each drop.
+    fn connection(&mut self, c: &Connection) {
+        let (Some(first), Some(last)) = (c.steps.first(), c.steps.last()) else { return };
+        if !self.conn_process {
+            self.conn_process = true;
+            self.event(json!({"ph": "M", "pid": CONN_PID, "name": "process_name", "args": {"name": "connections"}}));
+            self.event(
+                json!({"ph": "M", "pid": CONN_PID, "name": "process_sort_index", "args": {"sort_index": CONN_PID}}),
+            );
+        }
+        let tid = self.next_tid;
+        self.next_tid += 1;
+        self.event(json!({"ph": "M", "pid": CONN_PID, "tid": tid, "name": "thread_name",
+            "args": {"name": format!("{} → {}", c.client, c.server)}}));
+        self.event(json!({
+            "ph": "X", "pid": CONN_PID, "tid": tid, "cat": "connection", "name": format!("connection {}", c.outcome().name()),
+            "ts": us(first.ts_ns), "dur": us(last.ts_ns.saturating_sub(first.ts_ns)),
+            "args": {"handshake_ns": c.handshake_ns(), "accept_wait_ns": c.accept_wait_ns()},
+        }));
+        for w in c.steps.windows(2) {
+            self.event(json!({
+                "ph": "X", "pid": CONN_PID, "tid": tid, "cat": "step", "name": w[1].stage.name(),
+                "ts": us(w[0].ts_ns), "dur": us(w[1].ts_ns.saturating_sub(w[0].ts_ns)),
+                "args": {"from": w[0].stage.name(), "ns": w[1].ts_ns.saturating_sub(w[0].ts_ns)},
+            }));
+        }
+        for (s, q) in c.overflows() {
+            self.event(json!({"ph": "i", "s": "t", "pid": CONN_PID, "tid": tid, "cat": "drop",
+                "name": format!("accept queue full ({} waiting, limit {})", q.accept, q.limit), "ts": us(s.ts_ns)}));
         }
     }
 

@@ -30,6 +30,9 @@ use crate::{
     platform,
 };
 
+mod connection;
+pub use connection::ConnectionJson;
+
 pub const SCHEMA_VERSION: u64 = 1;
 
 /// A name from a fixed table: borrowed when written (no allocation per trace), owned when
@@ -79,6 +82,9 @@ pub struct HeaderJson {
     /// The stage names by stage number.
     #[serde(default, deserialize_with = "or_default")]
     pub stage_order: Vec<String>,
+    /// Per connection step (`trace --connections`): which kernel hook served it.
+    #[serde(default, deserialize_with = "or_default", skip_serializing_if = "BTreeMap::is_empty")]
+    pub connection_hooks: BTreeMap<String, HookJson>,
 }
 
 /// How one stage is served here: the kernel hook, and why it is not, if it is not.
@@ -298,6 +304,9 @@ impl Sink for JsonSink {
         let j = TraceJson::new(t, &mut self.names, &self.available);
         self.line(&j);
     }
+    fn connection(&mut self, c: &crate::model::connection::Connection) {
+        self.line(&ConnectionJson::new(c));
+    }
     fn finish(&mut self, summary: &serde_json::Value) {
         self.line(summary);
         if let Err(e) = self.out.flush() {
@@ -330,6 +339,14 @@ pub fn header(tracer: &Tracer, filters: serde_json::Value) -> serde_json::Value 
         filters,
         hooks,
         stage_order: Stage::ALL.iter().map(|s| s.name().to_string()).collect(),
+        connection_hooks: tracer
+            .conn_hooks
+            .iter()
+            .map(|h| {
+                let hook = HookJson { hook: h.hook.clone(), available: h.state.is_ok(), error: h.state.clone().err() };
+                (h.stage.name().to_string(), hook)
+            })
+            .collect(),
     };
     serde_json::to_value(header).expect("a header has only string map keys")
 }

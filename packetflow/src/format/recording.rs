@@ -37,6 +37,7 @@ impl TraceJson {
             "retrans" => TraceKind::Retrans,
             "ack" => TraceKind::Control(packetflow_common::Kind::Ack),
             "syn" => TraceKind::Control(packetflow_common::Kind::Syn),
+            "synack" => TraceKind::Control(packetflow_common::Kind::SynAck),
             "fin" => TraceKind::Control(packetflow_common::Kind::Fin),
             "rst" => TraceKind::Control(packetflow_common::Kind::Rst),
             k => return Err(format!("unknown kind '{k}'")),

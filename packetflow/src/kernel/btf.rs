@@ -210,6 +210,18 @@ impl Btf {
             },
             skb_refdst: o("sk_buff", "_skb_refdst"),
             dst_dev: o("dst_entry", "dev"),
+            sk_state: o("sock_common", "skc_state"),
+            sk_err: o("sock", "sk_err"),
+            sk_ack_backlog: o("sock", "sk_ack_backlog"),
+            sk_max_ack_backlog: o("sock", "sk_max_ack_backlog"),
+            icsk_syn_qlen: o("inet_connection_sock", "icsk_accept_queue.qlen"),
+            sk_net: o("sock_common", "skc_net.net"),
+            net_syncookies: o("net", "ipv4.sysctl_tcp_syncookies"),
+            task_files: o("task_struct", "files"),
+            files_fdt: o("files_struct", "fdt"),
+            fdt_fd: o("fdtable", "fd"),
+            file_private_data: o("file", "private_data"),
+            socket_sk: o("socket", "sk"),
         }
     }
 }

@@ -89,6 +89,9 @@ pub struct Tracer {
     pub(super) btf: Option<aya::Btf>,
     /// The kernel's per-program run statistics, on while the tracer lives or sampled.
     pub(super) run_stats: std::sync::Arc<std::sync::Mutex<RunStats>>,
+    /// The connection hooks (`attach_connections`), per handshake step; empty when
+    /// connections are not traced.
+    pub conn_hooks: Vec<crate::kernel::connections::ConnHookState>,
 }
 
 /// A program error with its causes, or a load error with the verifier log's last lines.
@@ -218,6 +221,7 @@ impl Tracer {
             btf: Some(aya_btf),
             // Root (CAP_SYS_ADMIN) only; without it the cost is reported unknown.
             run_stats: std::sync::Arc::new(std::sync::Mutex::new(RunStats::start())),
+            conn_hooks: Vec::new(),
         };
         Ok(t)
     }

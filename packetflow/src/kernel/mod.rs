@@ -2,6 +2,7 @@
 //! their maps, this kernel's BTF, and who holds an interface's XDP slot.
 
 pub mod btf;
+pub mod connections;
 pub mod hook_kinds;
 pub mod hooks;
 pub mod interfaces;

@@ -1,5 +1,6 @@
 //! What live and offline code share: traces, histograms, stage sets, traffic filters.
 
+pub mod connection;
 pub mod filter;
 pub mod stage_set;
 pub mod stats;

@@ -13,7 +13,7 @@ use crate::user_bail;
 pub struct StageSet(u16);
 
 /// The named sets: (name, what it answers, stages).
-pub const NAMED: [(&str, &str, &[Stage]); 5] = [
+pub const NAMED: [(&str, &str, &[Stage]); 6] = [
     ("all", "every stage", &Stage::KERNEL_ORDER),
     (
         "overview",
@@ -34,6 +34,7 @@ pub const NAMED: [(&str, &str, &[Stage]); 5] = [
         "the socket-queue wait (queued -> copied -> returned)",
         &[Stage::DevQueue, Stage::SockQueue, Stage::CopyToUser, Stage::RecvSyscall],
     ),
+    ("none", "no packet stage (with --connections: connection set-up only)", &[]),
 ];
 
 impl Default for StageSet {
@@ -70,6 +71,10 @@ impl StageSet {
             }
         }
         Ok(set)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
     }
 
     pub fn contains(self, s: Stage) -> bool {
@@ -125,6 +130,9 @@ impl StageSet {
     pub fn describe(self) -> String {
         if self == StageSet::ALL {
             return "all".into();
+        }
+        if self.is_empty() {
+            return "none".into();
         }
         self.stages().map(Stage::name).collect::<Vec<_>>().join(",")
     }

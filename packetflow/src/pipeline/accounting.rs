@@ -101,6 +101,8 @@ pub fn counters_json(c: &[u64], overflow: u64) -> serde_json::Value {
         "kernel_reads_failed": g(counters::READ_FAILED),
         "summary_evicted": g(counters::SUMMARY_EVICTED),
         "reader_overflow_records": overflow,
+        "connection_records": g(counters::CONN_EMITTED),
+        "connection_records_lost": g(counters::CONN_LOST),
         "emitted": Stage::ALL.iter().map(|s| (s.name(), g(counters::EMITTED + *s as u32))).collect::<BTreeMap<_, _>>(),
     })
 }
@@ -145,6 +147,9 @@ pub fn loss_line(f: &Finished) -> String {
         ));
     }
     let g = |i: u32| f.counters.get(i as usize).copied().unwrap_or(0);
+    if g(counters::CONN_LOST) > 0 {
+        parts.push(format!("lost {} connection records (ring full)", g(counters::CONN_LOST)));
+    }
     if g(counters::SUMMARY_EVICTED) > 0 {
         parts.push(format!(
             "{} packets left out of the in-kernel histograms (their slot went to another packet first)",

@@ -2,6 +2,7 @@
 
 pub mod accounting;
 mod comm;
+pub mod connections;
 pub mod correlate;
 pub mod names;
 pub mod run;

@@ -50,6 +50,8 @@ pub struct RunOptions {
     pub more_sinks: Option<MoreSinks>,
     /// When the kernel's run statistics are on (`run_stats::RunStats`).
     pub run_stats: StatsSampling,
+    /// Also trace TCP connection establishment (`kernel::connections`).
+    pub connections: bool,
 }
 
 /// When the kernel's per-program run statistics are on: they cost every program run two
@@ -95,6 +97,7 @@ impl Default for RunOptions {
             idle: false,
             more_sinks: None,
             run_stats: StatsSampling::Always,
+            connections: false,
         }
     }
 }
@@ -131,6 +134,10 @@ pub struct Finished {
     pub interfaces: Vec<crate::kernel::interfaces::Attached>,
     /// The tracer's own kernel time over the run (None: run statistics unavailable).
     pub cost: Option<Cost>,
+    /// Connection traces per listener (`RunOptions::connections`).
+    pub conns: crate::model::connection::ConnStats,
+    /// How each handshake step was observed (empty without `connections`).
+    pub conn_hooks: Vec<crate::kernel::connections::ConnHookState>,
 }
 
 /// Starts the sampler `how` asks for (`StatsSampling`); the statistics are on now.
@@ -162,7 +169,11 @@ fn start_sampling(tracer: &Tracer, how: StatsSampling) -> Option<tokio::task::Jo
 
 impl Running {
     pub async fn start(o: RunOptions) -> Result<Running> {
-        if !o.filter.no_records {
+        if o.connections && o.filter.no_records {
+            crate::user_bail!("connection tracing writes records: it does not go with summary mode");
+        }
+        let packets = !(o.connections && o.filter.stages.is_empty());
+        if !o.filter.no_records && packets {
             o.filter.stages.check_joinable()?;
         }
         let dbg = std::env::var_os("PACKETFLOW_DEBUG_LOAD").is_some();
@@ -181,11 +192,18 @@ impl Running {
         }
         let kf = filter.to_kernel(std::process::id())?;
         tracer.set_filter(&kf)?;
-        tracer.attach_kernel_hooks(filter.stages)?;
+        if o.connections {
+            // First: the kernel's BTF is still at hand (set_stages lets it go).
+            tracer.attach_connections()?;
+        }
+        if packets {
+            tracer.attach_kernel_hooks(filter.stages)?;
+        }
         if dbg {
             eprintln!("kernel hooks attached at {:?}", t0.elapsed());
         }
-        for (ns, name) in &o.interfaces {
+        // Connections only (`--stages none`): no program on any interface.
+        for (ns, name) in o.interfaces.iter().filter(|_| packets) {
             tracer.attach_interface(ns.as_deref(), name, o.xdp)?;
         }
         if dbg {
@@ -217,7 +235,7 @@ impl Running {
             sampler,
             tracer,
             started: std::time::Instant::now(),
-            any_in: o.any_in,
+            any_in: if packets { o.any_in } else { Vec::new() },
             xdp: o.xdp,
             tried: std::collections::HashSet::default(),
             readers,
@@ -338,6 +356,8 @@ impl Running {
             stages: tracer.stages.clone(),
             interfaces: tracer.interfaces.clone(),
             cost,
+            conns: shared.conns.lock().expect("conns lock").clone(),
+            conn_hooks: tracer.conn_hooks.clone(),
         })
     }
 }

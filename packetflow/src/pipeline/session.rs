@@ -26,8 +26,10 @@ use packetflow_common::{Event, RING_SHARDS};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
+    model::connection::{ConnStats, Connection},
     model::stats::Stats,
     model::trace::Trace,
+    pipeline::connections::Tracker,
     pipeline::correlate::{CorrStats, Correlator, Coverage},
     pipeline::shards::{self, Shards},
     platform,
@@ -50,6 +52,8 @@ struct Batch {
 /// Where finished traces go (besides the statistics, which every session keeps).
 pub trait Sink: Send {
     fn trace(&mut self, t: &Trace);
+    /// A finished connection trace (`trace --connections`).
+    fn connection(&mut self, _c: &Connection) {}
     /// Called once, after the last trace, with the run's summary.
     fn finish(&mut self, _summary: &serde_json::Value) {}
 }
@@ -58,6 +62,12 @@ pub trait Sink: Send {
 #[derive(Default)]
 pub struct Shared {
     pub stats: Mutex<Stats>,
+    /// Connection traces per listener (`trace --connections`).
+    pub conns: Mutex<ConnStats>,
+    /// Connection records taken, and connections handed on before they were done
+    /// because too many were open (`Tracker::evicted`).
+    pub conn_records: AtomicU64,
+    pub conns_evicted: AtomicU64,
     pub corr: Mutex<CorrStats>,
     /// Records dropped because the correlator was behind (reader never blocks).
     pub overflow_records: AtomicU64,
@@ -166,7 +176,7 @@ impl Readers {
         timeout: Duration,
         budget_mb: usize,
         count: Option<u64>,
-        mut sinks: Vec<Box<dyn Sink>>,
+        sinks: Vec<Box<dyn Sink>>,
     ) -> CorrelatorHandle {
         let rx = self.rx.take().expect("correlator started once");
         let shared = self.shared.clone();
@@ -190,9 +200,17 @@ impl Readers {
                     wms[*s] = 0;
                 }
                 let mut done = [false; RING_SHARDS];
+                let mut conns = Tracker::default();
+                let sinks = std::cell::RefCell::new(sinks);
+                let mut emit_conn = |c: Connection| {
+                    shared.conns.lock().expect("conns lock").record(&c);
+                    for s in sinks.borrow_mut().iter_mut() {
+                        s.connection(&c);
+                    }
+                };
                 let mut emit = |t: Trace| {
                     shared.stats.lock().expect("stats lock").record(&t);
-                    for s in &mut sinks {
+                    for s in sinks.borrow_mut().iter_mut() {
                         s.trace(&t);
                     }
                     if t.kind == crate::model::trace::TraceKind::Data {
@@ -209,24 +227,32 @@ impl Readers {
                             for e in &b.events {
                                 if let Some(d) = dump.as_mut() {
                                     use std::io::Write;
-                                    let _ = writeln!(
-                                        d,
-                                        "{} {} cpu{} {}:{}>{}:{} seq={} len={} flags={:#x} aux={} aux2={}",
-                                        e.ts_ns,
-                                        packetflow_common::Stage::from_u8(e.stage).map_or("?", |s| s.name()),
-                                        e.cpu,
-                                        crate::model::trace::ip(e.is_v6(), &e.saddr),
-                                        e.sport,
-                                        crate::model::trace::ip(e.is_v6(), &e.daddr),
-                                        e.dport,
-                                        e.seq,
-                                        e.len,
-                                        e.flags,
-                                        e.aux,
-                                        e.aux2
-                                    );
+                                    let _ =
+                                        writeln!(
+                                            d,
+                                            "{} {} cpu{} {}:{}>{}:{} seq={} len={} flags={:#x} aux={} aux2={}",
+                                            e.ts_ns,
+                                            packetflow_common::Stage::from_u8(e.stage)
+                                                .map(|s| s.name())
+                                                .or_else(
+                                                    || packetflow_common::ConnStage::from_u8(e.stage).map(|s| s.name())
+                                                )
+                                                .unwrap_or("?"),
+                                            e.cpu,
+                                            crate::model::trace::ip(e.is_v6(), &e.saddr),
+                                            e.sport,
+                                            crate::model::trace::ip(e.is_v6(), &e.daddr),
+                                            e.dport,
+                                            e.seq,
+                                            e.len,
+                                            e.flags,
+                                            e.aux,
+                                            e.aux2
+                                        );
                                 }
-                                corr.push(e);
+                                if !conns.push(e, &mut emit_conn) {
+                                    corr.push(e);
+                                }
                             }
                             wms[b.shard] = wms[b.shard].max(b.watermark);
                             if b.last {
@@ -244,6 +270,9 @@ impl Readers {
                     }
                     let wm = wms.iter().copied().min().unwrap_or(0);
                     corr.advance(wm, &mut emit);
+                    conns.advance(wm, &mut emit_conn);
+                    shared.conn_records.store(conns.records, Ordering::Relaxed);
+                    shared.conns_evicted.store(conns.evicted, Ordering::Relaxed);
                     *shared.corr.lock().expect("corr lock") = corr.stats;
                     shared.flows.store(corr.flows() as u64, Ordering::Relaxed);
                     shared.corr_bytes.store(corr.held_bytes() as u64, Ordering::Relaxed);
@@ -252,8 +281,11 @@ impl Readers {
                     }
                 }
                 corr.flush(&mut emit);
+                conns.flush(&mut emit_conn);
+                shared.conn_records.store(conns.records, Ordering::Relaxed);
+                shared.conns_evicted.store(conns.evicted, Ordering::Relaxed);
                 *shared.corr.lock().expect("corr lock") = corr.stats;
-                (corr, sinks)
+                (corr, sinks.into_inner())
             })
             .expect("spawning the correlator thread");
         CorrelatorHandle { thread }

@@ -6,6 +6,7 @@ use hdrhistogram::Histogram;
 use packetflow_common::Stage;
 
 use crate::{
+    model::connection::{ConnStats, Outcome},
     model::stats::{PERCENTILES, PathStats, Stats},
     model::trace::PathKind,
 };
@@ -155,4 +156,78 @@ mod tests {
         let t = render(&["a".into(), "bb".into()], &[vec!["xxx".into(), "1".into()]]);
         assert_eq!(t, "a    bb\n-------\nxxx   1\n");
     }
+}
+
+/// Milliseconds with three decimals (connection set-up spans µs to seconds).
+fn ms(ns: u64) -> String {
+    format!("{:.3}", ns as f64 / 1e6)
+}
+
+/// Connection establishment per listener (`trace --connections`, `demo --connections`):
+/// outcomes, handshake and accept-queue wait (ms), the highest queue lengths seen, and
+/// the drops and retransmissions set-up took.
+pub fn connection_table(c: &ConnStats) -> String {
+    let header: Vec<String> = [
+        "listener",
+        "conns",
+        "accepted",
+        "refused",
+        "other",
+        "handshake p50 ms",
+        "p99",
+        "accept wait p50 ms",
+        "p99",
+        "accept queue max/limit",
+        "SYN queue max",
+        "overflows",
+        "SYN rtx",
+        "SYN-ACK rtx",
+        "cookies",
+    ]
+    .map(String::from)
+    .to_vec();
+    let pct = |h: &Histogram<u64>, p: f64| if h.is_empty() { "-".to_string() } else { ms(h.value_at_percentile(p)) };
+    let rows: Vec<Vec<String>> = c
+        .listeners
+        .iter()
+        .map(|(addr, l)| {
+            let n = |o: Outcome| l.outcomes.get(&o).copied().unwrap_or(0);
+            let other = l.connections() - n(Outcome::Accepted) - n(Outcome::Refused);
+            vec![
+                addr.to_string(),
+                l.connections().to_string(),
+                n(Outcome::Accepted).to_string(),
+                n(Outcome::Refused).to_string(),
+                other.to_string(),
+                pct(&l.handshake, 50.0),
+                pct(&l.handshake, 99.0),
+                pct(&l.accept_wait, 50.0),
+                pct(&l.accept_wait, 99.0),
+                if l.limit == 0 && l.max_accept == 0 { "-".into() } else { format!("{}/{}", l.max_accept, l.limit) },
+                l.max_syn.to_string(),
+                l.overflows.to_string(),
+                l.syn_retransmits.to_string(),
+                l.synack_retransmits.to_string(),
+                l.cookies.to_string(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return "connections: none seen\n".into();
+    }
+    let mut out = render(&header, &rows);
+    let others: BTreeMap<&str, u64> = c
+        .listeners
+        .values()
+        .flat_map(|l| l.outcomes.iter())
+        .filter(|(o, _)| !matches!(o, Outcome::Accepted | Outcome::Refused))
+        .fold(BTreeMap::new(), |mut m, (o, n)| {
+            *m.entry(o.name()).or_default() += n;
+            m
+        });
+    if !others.is_empty() {
+        let list: Vec<String> = others.iter().map(|(o, n)| format!("{n} {o}")).collect();
+        out.push_str(&format!("other: {}\n", list.join(", ")));
+    }
+    out
 }

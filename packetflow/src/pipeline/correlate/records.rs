@@ -389,7 +389,7 @@ pub(super) fn rec_base(ev: &Event) -> Rec {
 /// SYN and FIN occupy one sequence number each.
 pub(super) fn control_len(ev: &Event) -> u32 {
     match ev.kind() {
-        Kind::Syn | Kind::Fin => 1,
+        Kind::Syn | Kind::SynAck | Kind::Fin => 1,
         _ => 0,
     }
 }

@@ -1,0 +1,449 @@
+//! A TCP connection's establishment, as `trace --connections` joins it: every step seen
+//! on either end (`ConnStage`, records described in packetflow-common/src/conn.rs), and
+//! what follows from them: the outcome, the handshake time, the accept-queue wait, queue
+//! overflows. `ConnStats` adds connections up per listener.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use hdrhistogram::Histogram;
+use packetflow_common::{ConnStage, Event};
+
+use crate::model::trace::ip;
+
+const EINPROGRESS: i32 = 115;
+const ECONNREFUSED: i32 = 111;
+const ETIMEDOUT: i32 = 110;
+
+/// A listener's queues when a SYN or handshake ACK reached it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Queues {
+    /// Request sockets waiting for their handshake ACK (the SYN queue).
+    pub syn: u32,
+    /// Established connections waiting for accept() (`ss -lnt` Recv-Q).
+    pub accept: u32,
+    /// The listen() backlog as the kernel applies it (`ss -lnt` Send-Q).
+    pub limit: u32,
+    /// The listener's network namespace's net.ipv4.tcp_syncookies.
+    pub syncookies: u8,
+}
+
+impl Queues {
+    /// The kernel drops a SYN or handshake ACK that finds more than `limit` connections
+    /// waiting (`sk_acceptq_is_full`): so a backlog of 4 holds 5.
+    pub fn accept_full(&self) -> bool {
+        self.accept > self.limit
+    }
+
+    /// A SYN answered with a cookie instead of a request socket: always with
+    /// tcp_syncookies=2, and with 1 once the SYN queue is full.
+    pub fn cookie(&self) -> bool {
+        self.syncookies == 2 || (self.syncookies == 1 && self.syn >= self.limit)
+    }
+}
+
+/// What a step carries besides its time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    None,
+    /// connect() or accept(): the process and thread.
+    Task {
+        pid: u32,
+        tid: u32,
+    },
+    /// connect()'s return value.
+    Ret(i32),
+    /// The client socket's error when it gave up (errno).
+    Error(i32),
+    Queues(Queues),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    pub stage: ConnStage,
+    pub ts_ns: u64,
+    pub detail: Detail,
+}
+
+impl Step {
+    /// The step a connection record describes.
+    pub fn of(e: &Event, stage: ConnStage) -> Step {
+        let detail = match stage {
+            ConnStage::Connect | ConnStage::Accepted => Detail::Task { pid: e.aux, tid: e.aux2 },
+            ConnStage::ConnectReturn => Detail::Ret(e.seq as i32),
+            ConnStage::Failed => Detail::Error(e.seq as i32),
+            ConnStage::SynRcvd | ConnStage::AckRcvd => {
+                Detail::Queues(Queues { syn: e.seq, accept: e.len, limit: e.aux, syncookies: e.aux2 as u8 })
+            }
+            _ => Detail::None,
+        };
+        Step { stage, ts_ns: e.ts_ns, detail }
+    }
+
+    /// A SYN or handshake ACK the kernel dropped because the accept queue was full.
+    pub fn overflow(&self) -> Option<Queues> {
+        match self.detail {
+            Detail::Queues(q) if q.accept_full() => Some(q),
+            _ => None,
+        }
+    }
+}
+
+/// How a connection ended, as far as the trace saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Outcome {
+    /// accept() returned it to the server application.
+    Accepted,
+    /// The client's socket is established; the server end was not seen (another host,
+    /// or the listener's traffic not traced).
+    Established,
+    /// Established and on the accept queue, never accepted while traced.
+    NotAccepted,
+    /// A RST answered the SYN: no listener on that port.
+    Refused,
+    /// The client gave up after its SYN retransmissions.
+    TimedOut,
+    /// connect() failed otherwise (the error is on the trace).
+    Failed,
+    /// Not one of the above when the trace ended (the run stopped, or steps are missing).
+    Incomplete,
+}
+
+impl Outcome {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "accepted",
+            Outcome::Established => "established",
+            Outcome::NotAccepted => "not_accepted",
+            Outcome::Refused => "refused",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Failed => "failed",
+            Outcome::Incomplete => "incomplete",
+        }
+    }
+}
+
+/// One connection: its two ends and every step seen, in time order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub steps: Vec<Step>,
+    pub connect_comm: Option<String>,
+    pub accept_comm: Option<String>,
+}
+
+impl Connection {
+    pub fn new(e: &Event) -> Connection {
+        Connection {
+            client: SocketAddr::new(ip(e.is_v6(), &e.saddr), e.sport),
+            server: SocketAddr::new(ip(e.is_v6(), &e.daddr), e.dport),
+            steps: Vec::new(),
+            connect_comm: None,
+            accept_comm: None,
+        }
+    }
+
+    /// Adds a step, keeping time order (records from different CPUs arrive out of order).
+    pub fn add(&mut self, s: Step) {
+        let at = self.steps.partition_point(|x| x.ts_ns <= s.ts_ns);
+        self.steps.insert(at, s);
+    }
+
+    pub fn first(&self, stage: ConnStage) -> Option<&Step> {
+        self.steps.iter().find(|s| s.stage == stage)
+    }
+
+    pub fn has(&self, stage: ConnStage) -> bool {
+        self.first(stage).is_some()
+    }
+
+    pub fn count(&self, stage: ConnStage) -> usize {
+        self.steps.iter().filter(|s| s.stage == stage).count()
+    }
+
+    fn last_ts(&self) -> u64 {
+        self.steps.last().map_or(0, |s| s.ts_ns)
+    }
+
+    pub fn start_ns(&self) -> u64 {
+        self.steps.first().map_or(0, |s| s.ts_ns)
+    }
+
+    /// (pid, tid) of a connect or accept step.
+    pub fn task(&self, stage: ConnStage) -> Option<(u32, u32)> {
+        match self.first(stage)?.detail {
+            Detail::Task { pid, tid } => Some((pid, tid)),
+            _ => None,
+        }
+    }
+
+    pub fn connect_ret(&self) -> Option<i32> {
+        match self.first(ConnStage::ConnectReturn)?.detail {
+            Detail::Ret(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// The client's error: from its socket, or connect()'s return value.
+    pub fn error(&self) -> Option<i32> {
+        if let Some(Step { detail: Detail::Error(e), .. }) = self.first(ConnStage::Failed) {
+            return Some(*e);
+        }
+        self.connect_ret().filter(|r| *r < 0 && *r != -EINPROGRESS).map(|r| -r)
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        if self.has(ConnStage::Accepted) {
+            return Outcome::Accepted;
+        }
+        match self.error() {
+            Some(ECONNREFUSED) => return Outcome::Refused,
+            Some(ETIMEDOUT) => return Outcome::TimedOut,
+            Some(_) => return Outcome::Failed,
+            None => {}
+        }
+        if self.has(ConnStage::Queued) {
+            Outcome::NotAccepted
+        } else if self.has(ConnStage::Established) {
+            Outcome::Established
+        } else {
+            Outcome::Incomplete
+        }
+    }
+
+    fn client_seen(&self) -> bool {
+        self.steps.iter().any(|s| s.stage.is_client() && s.stage != ConnStage::SynSent)
+    }
+
+    fn server_seen(&self) -> bool {
+        self.steps.iter().any(|s| {
+            matches!(s.stage, ConnStage::SynRcvd | ConnStage::AckRcvd | ConnStage::Queued | ConnStage::Accepted)
+        })
+    }
+
+    /// Nothing more is expected: each end seen has reached its last step (the client's
+    /// connect() returned with an answer, the server's accept() returned or the client
+    /// gave up).
+    pub fn done(&self) -> bool {
+        let answered = self.has(ConnStage::Established) || self.has(ConnStage::Failed);
+        let client_done = !self.client_seen()
+            || match self.connect_ret() {
+                Some(r) if r == -EINPROGRESS => answered,
+                Some(_) => true,
+                None => !self.has(ConnStage::Connect) && answered,
+            };
+        let server_done = !self.server_seen() || self.has(ConnStage::Accepted) || self.has(ConnStage::Failed);
+        (self.client_seen() || self.server_seen()) && client_done && server_done
+    }
+
+    /// From the first SYN (sent, or received where the client was not seen) to the
+    /// connection on the server's accept queue, or else to the client established:
+    /// retransmissions and drops included, as the application waits them out.
+    pub fn handshake_ns(&self) -> Option<u64> {
+        let start = [ConnStage::Connect, ConnStage::SynSent, ConnStage::SynRcvd]
+            .iter()
+            .filter_map(|s| self.first(*s).map(|x| x.ts_ns))
+            .min()?;
+        let end = self.first(ConnStage::Queued).or_else(|| self.first(ConnStage::Established))?.ts_ns;
+        end.checked_sub(start)
+    }
+
+    /// From the child socket queued to accept() returning it.
+    pub fn accept_wait_ns(&self) -> Option<u64> {
+        let q = self.first(ConnStage::Queued)?.ts_ns;
+        self.first(ConnStage::Accepted)?.ts_ns.checked_sub(q)
+    }
+
+    /// The SYNs and handshake ACKs of this connection the kernel dropped for a full
+    /// accept queue.
+    pub fn overflows(&self) -> impl Iterator<Item = (&Step, Queues)> {
+        self.steps.iter().filter_map(|s| s.overflow().map(|q| (s, q)))
+    }
+
+    /// The listener's accept-queue length when this connection's handshake ACK got in
+    /// (the connections ahead of it).
+    pub fn queue_position(&self) -> Option<u32> {
+        let q = self.first(ConnStage::Queued)?.ts_ns;
+        self.steps.iter().rev().find_map(|s| match (s.stage, s.detail) {
+            (ConnStage::AckRcvd, Detail::Queues(x)) if s.ts_ns <= q && !x.accept_full() => Some(x.accept),
+            _ => None,
+        })
+    }
+
+    pub fn cookie(&self) -> bool {
+        self.steps.iter().any(|s| matches!((s.stage, s.detail), (ConnStage::SynRcvd, Detail::Queues(q)) if q.cookie()))
+    }
+
+    /// Idle since `ts_ns`: no step after it.
+    pub fn idle_since(&self, ts_ns: u64) -> bool {
+        self.last_ts() <= ts_ns
+    }
+}
+
+/// The name of an errno a connection can end with.
+pub fn errno_name(e: i32) -> String {
+    match e {
+        ECONNREFUSED => "ECONNREFUSED".into(),
+        ETIMEDOUT => "ETIMEDOUT".into(),
+        101 => "ENETUNREACH".into(),
+        113 => "EHOSTUNREACH".into(),
+        104 => "ECONNRESET".into(),
+        99 => "EADDRNOTAVAIL".into(),
+        e => format!("errno {e}"),
+    }
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// One listener's connections, added up.
+#[derive(Clone, Debug)]
+pub struct ListenerStats {
+    pub outcomes: BTreeMap<Outcome, u64>,
+    pub handshake: Histogram<u64>,
+    pub accept_wait: Histogram<u64>,
+    /// Highest accept-queue and SYN-queue lengths seen, and the latest.
+    pub max_accept: u32,
+    pub max_syn: u32,
+    pub last: Option<Queues>,
+    pub limit: u32,
+    pub overflows: u64,
+    pub syn_retransmits: u64,
+    pub synack_retransmits: u64,
+    pub cookies: u64,
+}
+
+impl Default for ListenerStats {
+    fn default() -> Self {
+        ListenerStats {
+            outcomes: BTreeMap::new(),
+            handshake: hist(),
+            accept_wait: hist(),
+            max_accept: 0,
+            max_syn: 0,
+            last: None,
+            limit: 0,
+            overflows: 0,
+            syn_retransmits: 0,
+            synack_retransmits: 0,
+            cookies: 0,
+        }
+    }
+}
+
+impl ListenerStats {
+    pub fn connections(&self) -> u64 {
+        self.outcomes.values().sum()
+    }
+}
+
+/// Connections per listener (the server's address as the clients named it).
+#[derive(Clone, Debug, Default)]
+pub struct ConnStats {
+    pub listeners: BTreeMap<SocketAddr, ListenerStats>,
+}
+
+impl ConnStats {
+    pub fn record(&mut self, c: &Connection) {
+        let l = self.listeners.entry(c.server).or_default();
+        *l.outcomes.entry(c.outcome()).or_default() += 1;
+        if let Some(h) = c.handshake_ns() {
+            l.handshake.saturating_record(h.max(1));
+        }
+        if let Some(w) = c.accept_wait_ns() {
+            l.accept_wait.saturating_record(w.max(1));
+        }
+        for s in &c.steps {
+            if let Detail::Queues(q) = s.detail {
+                l.max_accept = l.max_accept.max(q.accept);
+                l.max_syn = l.max_syn.max(q.syn);
+                l.limit = q.limit;
+                l.last = Some(q);
+            }
+        }
+        l.overflows += c.overflows().count() as u64;
+        l.syn_retransmits += c.count(ConnStage::SynRetrans) as u64;
+        l.synack_retransmits += c.count(ConnStage::SynAckRetrans) as u64;
+        l.cookies += u64::from(c.cookie());
+    }
+
+    pub fn connections(&self) -> u64 {
+        self.listeners.values().map(ListenerStats::connections).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(stage: ConnStage, ts: u64) -> (Event, ConnStage) {
+        let mut e = Event::ZERO;
+        e.saddr[..4].copy_from_slice(&[198, 18, 0, 1]);
+        e.daddr[..4].copy_from_slice(&[198, 18, 0, 2]);
+        e.sport = 40000;
+        e.dport = 8080;
+        e.ts_ns = ts;
+        (e, stage)
+    }
+
+    fn conn(steps: &[(ConnStage, u64, u32, u32, u32)]) -> Connection {
+        let (e, _) = ev(ConnStage::Connect, 0);
+        let mut c = Connection::new(&e);
+        for &(stage, ts, seq, len, aux) in steps {
+            let (mut e, _) = ev(stage, ts);
+            (e.seq, e.len, e.aux) = (seq, len, aux);
+            c.add(Step::of(&e, stage));
+        }
+        c
+    }
+
+    #[test]
+    fn accepted_connection_times() {
+        use ConnStage::*;
+        let c = conn(&[
+            (Connect, 100, 0, 0, 7),
+            (SynSent, 110, 0, 0, 0),
+            (SynRcvd, 120, 0, 2, 4),
+            (Established, 140, 0, 0, 0),
+            (ConnectReturn, 150, 0, 0, 7),
+            (AckRcvd, 145, 0, 2, 4),
+            (Queued, 148, 0, 0, 0),
+            (Accepted, 1148, 0, 0, 9),
+        ]);
+        assert!(c.done());
+        assert_eq!(c.outcome(), Outcome::Accepted);
+        assert_eq!(c.handshake_ns(), Some(48));
+        assert_eq!(c.accept_wait_ns(), Some(1000));
+        assert_eq!(c.queue_position(), Some(2));
+        assert_eq!(c.overflows().count(), 0);
+        assert_eq!(c.steps.iter().map(|s| s.ts_ns).collect::<Vec<_>>(), [100, 110, 120, 140, 145, 148, 150, 1148]);
+    }
+
+    #[test]
+    fn refused_and_overflow() {
+        use ConnStage::*;
+        let r = conn(&[(Connect, 1, 0, 0, 7), (SynSent, 2, 0, 0, 0), (Failed, 3, 111, 0, 0)]);
+        assert!(!r.done(), "connect() has not returned yet");
+        let mut r2 = r.clone();
+        r2.add(Step::of(
+            &{
+                let (mut e, _) = ev(ConnectReturn, 4);
+                e.seq = (-111i32) as u32;
+                e
+            },
+            ConnectReturn,
+        ));
+        assert!(r2.done());
+        assert_eq!(r2.outcome(), Outcome::Refused);
+
+        let o = conn(&[(SynRcvd, 1, 0, 5, 4), (SynRcvd, 1_000_000_001, 0, 3, 4), (Queued, 1_000_000_100, 0, 0, 0)]);
+        assert_eq!(o.overflows().count(), 1, "5 waiting over a backlog of 4: dropped");
+        assert!(!o.done(), "not accepted yet");
+        assert_eq!(o.outcome(), Outcome::NotAccepted);
+        let mut s = ConnStats::default();
+        s.record(&o);
+        let l = &s.listeners[&o.server];
+        assert_eq!((l.overflows, l.max_accept, l.limit), (1, 5, 4));
+    }
+}

@@ -34,15 +34,29 @@ const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: u32 = 10;
 
-/// connect() calls in progress, by thread: entry time and process, and the connection's
-/// ends once its first SYN has named them (`sport != 0`).
-#[map]
-static CONNECTS: LruHashMap<u32, Event> = LruHashMap::with_max_entries(4096, 0);
+/// A connect() call in progress: entry time and process in `ev`, and its socket once
+/// the call has put it in SYN_SENT.
+#[derive(Clone, Copy)]
+struct ConnectNote {
+    ev: Event,
+    sk: u64,
+}
 
-/// Client sockets in SYN_SENT → their local port, noted when their SYN leaves: a socket
-/// that gives up has released its port by the time its state change is traced.
+/// connect() calls in progress, by thread.
 #[map]
-static SYN_PORTS: LruHashMap<u64, u16> = LruHashMap::with_max_entries(4096, 0);
+static CONNECTS: LruHashMap<u32, ConnectNote> = LruHashMap::with_max_entries(4096, 0);
+
+/// The same calls by socket, from SYN_SENT until the first SYN leaves, which names the
+/// connection and writes `connect`. By socket, not thread: a SYN can leave after the
+/// call, from another context (it waited for the neighbour's address, say).
+#[map]
+static CONNECTING: LruHashMap<u64, Event> = LruHashMap::with_max_entries(4096, 0);
+
+/// Client sockets → the connection's ends, as their SYN named them: a socket that gives
+/// up has released its port by the time its state change is traced, and connect() has
+/// cleared its peer by the time it returns.
+#[map]
+static SYN_TUPLES: LruHashMap<u64, Event> = LruHashMap::with_max_entries(4096, 0);
 
 /// Writes a connection record (always a record: summary mode has no connection
 /// histograms). Wakes the reader at once: set-up records are few, and a connection
@@ -77,30 +91,56 @@ pub fn pf_conn_connect(_ctx: TracePointContext) -> u32 {
     ev.ts_ns = now();
     ev.aux = tgid;
     ev.aux2 = tid;
-    let _ = CONNECTS.insert(&tid, &ev, 0);
+    let _ = CONNECTS.insert(&tid, &ConnectNote { ev, sk: 0 }, 0);
     0
 }
 
-/// syscalls:sys_exit_connect: `connect_return`, for a call whose SYN named it.
+/// syscalls:sys_exit_connect: `connect_return`, for a call that put its socket in
+/// SYN_SENT; the connection's ends from its SYN (`SYN_TUPLES`), else from the socket.
 #[tracepoint]
 pub fn pf_conn_connect_exit(ctx: TracePointContext) -> u32 {
+    let _ = try_connect_exit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_connect_exit(ctx: &TracePointContext) -> Result<(), ()> {
     let (_, tid) = current();
-    let Some(note) = (unsafe { CONNECTS.get(&tid) }) else { return 0 };
-    let mut ev = *note;
+    let (sk, tgid, thread) = unsafe { CONNECTS.get(&tid) }.map(|n| (n.sk, n.ev.aux, n.ev.aux2)).ok_or(())?;
     let _ = CONNECTS.remove(&tid);
-    if ev.sport == 0 {
-        return 0;
+    if sk == 0 {
+        return Ok(());
+    }
+    let f = filter().ok_or(())?;
+    let mut ev = Event::ZERO;
+    connection_of(sk, &mut ev)?;
+    let _ = SYN_TUPLES.remove(&sk);
+    (ev.aux, ev.aux2) = (tgid, thread);
+    if !flow_matches(f, &ev) {
+        return Ok(());
     }
     let off = unsafe { core::ptr::read_volatile(&SYS_EXIT_RET_OFF) } as usize;
     let ret: i64 = unsafe { ctx.read_at(off) }.unwrap_or(0);
     ev.seq = ret as i32 as u32;
     ev.ts_ns = now();
     emit_conn(&mut ev, ConnStage::ConnectReturn);
-    0
+    Ok(())
 }
 
-/// net:net_dev_queue: a SYN (`syn_sent`, and `connect` when a connect() call of this
-/// thread is waiting to be named) or a SYN-ACK (`synack_sent`) leaving a device.
+/// The ends of client socket `sk`'s connection: as its SYN named them, else (the SYN has
+/// not left yet: it waits for the neighbour's address) from the socket. Its own frame:
+/// the socket read's window would not fit beside the caller's.
+#[inline(never)]
+fn connection_of(sk: u64, ev: &mut Event) -> Result<(), ()> {
+    if let Some(syn) = unsafe { SYN_TUPLES.get(&sk) } {
+        *ev = *syn;
+        return Ok(());
+    }
+    sock_flow_of::<Untyped>(sk, IPPROTO_TCP, false, ev)
+}
+
+/// net:net_dev_queue: a SYN (`syn_sent`, and `connect` for the first SYN of a socket a
+/// connect() call put in SYN_SENT) or a SYN-ACK (`synack_sent`) leaving a device.
 #[btf_tracepoint(function = "net_dev_queue")]
 pub fn pf_conn_syn_out(ctx: BtfTracePointContext) -> i32 {
     let _ = try_syn_out(ctx.arg(0));
@@ -124,30 +164,27 @@ fn try_syn_out(skb: u64) -> Result<(), ()> {
         emit_conn(&mut ev, ConnStage::SynAckSent);
         return Ok(());
     }
-    if let Ok(sk) = read::<Typed, u64>(skb, off!(skb_sk))
-        && sk != 0
-    {
-        let _ = SYN_PORTS.insert(&sk, &ev.sport, 0);
+    let sk = read::<Typed, u64>(skb, off!(skb_sk)).unwrap_or(0);
+    if sk != 0 {
+        let _ = SYN_TUPLES.insert(&sk, &ev, 0);
     }
-    let (_, tid) = current();
-    if let Some(note) = CONNECTS.get_ptr_mut(&tid) {
-        let note = unsafe { &mut *note };
-        if note.sport == 0 {
-            let mut c = ev;
-            c.ts_ns = note.ts_ns;
-            c.aux = note.aux;
-            c.aux2 = note.aux2;
-            emit_conn(&mut c, ConnStage::Connect);
-            c.ts_ns = 0;
-            *note = c;
-        }
+    if sk != 0
+        && let Some(note) = unsafe { CONNECTING.get(&sk) }.copied()
+    {
+        let _ = CONNECTING.remove(&sk);
+        let mut c = ev;
+        c.ts_ns = note.ts_ns;
+        c.aux = note.aux;
+        c.aux2 = note.aux2;
+        emit_conn(&mut c, ConnStage::Connect);
     }
     emit_conn(&mut ev, ConnStage::SynSent);
     Ok(())
 }
 
 /// sock:inet_sock_set_state(sk, oldstate, newstate): the client's socket established or
-/// failed, and the server's child socket established (it is on the accept queue now).
+/// failed, and the server's child socket established (it is on the accept queue now);
+/// a socket entering SYN_SENT names the connect() call it belongs to.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn pf_conn_state(ctx: BtfTracePointContext) -> i32 {
     let sk: u64 = ctx.arg(0);
@@ -159,6 +196,16 @@ pub fn pf_conn_state(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn try_state(sk: u64, old: i32, new: i32) -> Result<(), ()> {
+    if new == TCP_SYN_SENT {
+        // Only connect() does this, in the calling thread: note which socket it is.
+        let (_, tid) = current();
+        if let Some(note) = CONNECTS.get_ptr_mut(&tid) {
+            let note = unsafe { &mut *note };
+            note.sk = sk;
+            let _ = CONNECTING.insert(&sk, &note.ev, 0);
+        }
+        return Ok(());
+    }
     let stage = match (old, new) {
         (TCP_SYN_SENT, TCP_ESTABLISHED) => ConnStage::Established,
         (TCP_SYN_SENT, TCP_CLOSE) => ConnStage::Failed,
@@ -172,13 +219,12 @@ fn try_state(sk: u64, old: i32, new: i32) -> Result<(), ()> {
     let mut ev = Event::ZERO;
     // The client's socket is the sender's end; the server's child the receiver's.
     sock_flow_of::<Typed>(sk, IPPROTO_TCP, stage == ConnStage::Queued, &mut ev)?;
-    if stage != ConnStage::Queued {
-        if let Some(port) = unsafe { SYN_PORTS.get(&sk) }
-            && ev.sport == 0
-        {
-            ev.sport = *port;
-        }
-        let _ = SYN_PORTS.remove(&sk);
+    if stage == ConnStage::Failed
+        && ev.sport == 0
+        && let Some(syn) = unsafe { SYN_TUPLES.get(&sk) }
+    {
+        // Left for connect()'s return too (a non-blocking call's entry ages out).
+        ev.sport = syn.sport;
     }
     if !flow_matches(f, &ev) {
         return Ok(());

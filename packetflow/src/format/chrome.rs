@@ -175,9 +175,9 @@ impl Sink for ChromeTrace {
                 "args": {"from": w[0].stage.name(), "ns": w[1].ts_ns.saturating_sub(w[0].ts_ns)},
             }));
         }
-        for (s, q) in c.overflows() {
+        for (s, d) in c.drops() {
             self.event(json!({"ph": "i", "s": "t", "pid": CONN_PID, "tid": tid, "cat": "drop",
-                "name": format!("accept queue full ({} waiting, limit {})", q.accept, q.limit), "ts": us(s.ts_ns)}));
+                "name": d.describe(), "ts": us(s.ts_ns)}));
         }
     }
 

@@ -78,12 +78,28 @@ impl Step {
         };
         Step { stage, ts_ns: e.ts_ns, detail }
     }
+}
 
-    /// A SYN or handshake ACK the kernel dropped because the accept queue was full.
-    pub fn overflow(&self) -> Option<Queues> {
-        match self.detail {
-            Detail::Queues(q) if q.accept_full() => Some(q),
-            _ => None,
+/// Why a listener dropped a SYN or handshake ACK.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drop {
+    /// The accept queue was over its limit (ListenOverflows).
+    AcceptQueueFull(Queues),
+    /// Something else: a full SYN queue without SYN cookies, memory (ListenDrops counts
+    /// these and the overflows).
+    Other(Queues),
+}
+
+impl Drop {
+    pub fn describe(self) -> String {
+        match self {
+            Drop::AcceptQueueFull(q) => format!("accept queue full: {} waiting, limit {}", q.accept, q.limit),
+            Drop::Other(q) if q.syncookies != 2 && q.syn >= q.limit => {
+                format!("SYN queue full: {} waiting, limit {}, syncookies {}", q.syn, q.limit, q.syncookies)
+            }
+            Drop::Other(q) => {
+                format!("dropped by the listener ({} in the SYN queue, {} accept queue)", q.syn, q.accept)
+            }
         }
     }
 }
@@ -98,10 +114,15 @@ pub enum Outcome {
     Established,
     /// Established and on the accept queue, never accepted while traced.
     NotAccepted,
+    /// The client is established, but the listener dropped its handshake ACK and never
+    /// queued the connection (a half-open connection: the client learns it when it sends).
+    HandshakeDropped,
     /// A RST answered the SYN: no listener on that port.
     Refused,
     /// The client gave up after its SYN retransmissions.
     TimedOut,
+    /// The client's application closed the socket before any answer came.
+    Abandoned,
     /// connect() failed otherwise (the error is on the trace).
     Failed,
     /// Not one of the above when the trace ended (the run stopped, or steps are missing).
@@ -114,8 +135,10 @@ impl Outcome {
             Outcome::Accepted => "accepted",
             Outcome::Established => "established",
             Outcome::NotAccepted => "not_accepted",
+            Outcome::HandshakeDropped => "handshake_dropped",
             Outcome::Refused => "refused",
             Outcome::TimedOut => "timed_out",
+            Outcome::Abandoned => "abandoned",
             Outcome::Failed => "failed",
             Outcome::Incomplete => "incomplete",
         }
@@ -184,7 +207,8 @@ impl Connection {
         }
     }
 
-    /// The client's error: from its socket, or connect()'s return value.
+    /// The client's error: from its socket (0: closed with none), or connect()'s return
+    /// value.
     pub fn error(&self) -> Option<i32> {
         if let Some(Step { detail: Detail::Error(e), .. }) = self.first(ConnStage::Failed) {
             return Some(*e);
@@ -199,11 +223,14 @@ impl Connection {
         match self.error() {
             Some(ECONNREFUSED) => return Outcome::Refused,
             Some(ETIMEDOUT) => return Outcome::TimedOut,
+            Some(0) => return Outcome::Abandoned,
             Some(_) => return Outcome::Failed,
             None => {}
         }
         if self.has(ConnStage::Queued) {
             Outcome::NotAccepted
+        } else if self.has(ConnStage::Established) && self.drops().any(|(s, _)| s.stage == ConnStage::AckRcvd) {
+            Outcome::HandshakeDropped
         } else if self.has(ConnStage::Established) {
             Outcome::Established
         } else {
@@ -254,10 +281,39 @@ impl Connection {
         self.first(ConnStage::Accepted)?.ts_ns.checked_sub(q)
     }
 
-    /// The SYNs and handshake ACKs of this connection the kernel dropped for a full
-    /// accept queue.
-    pub fn overflows(&self) -> impl Iterator<Item = (&Step, Queues)> {
-        self.steps.iter().filter_map(|s| s.overflow().map(|q| (s, q)))
+    /// The SYNs and handshake ACKs of this connection the listener dropped, seen by
+    /// what did not follow: a SYN no SYN-ACK answered before the next SYN, a handshake
+    /// ACK after which no child socket was queued before the next ACK. Each with why,
+    /// from the queues the segment found when it reached the listener. The kernel
+    /// decides a few µs later (later still when the application holds the listener's
+    /// lock: the segment waits in the socket's backlog), so a connection another CPU
+    /// queued meanwhile can make a drop counted `Other` here an overflow to the kernel:
+    /// the drops are exact, their split can be off where a queue was one short of full.
+    pub fn drops(&self) -> impl Iterator<Item = (&Step, Drop)> {
+        self.steps.iter().enumerate().filter_map(move |(i, s)| {
+            let (Detail::Queues(q), answer) = (
+                s.detail,
+                match s.stage {
+                    ConnStage::SynRcvd => ConnStage::SynAckSent,
+                    ConnStage::AckRcvd => ConnStage::Queued,
+                    _ => return None,
+                },
+            ) else {
+                return None;
+            };
+            let answered = self.steps[i + 1..].iter().take_while(|x| x.stage != s.stage).any(|x| x.stage == answer);
+            if answered {
+                return None;
+            }
+            // The kernel checks the SYN queue first (no cookies: a full one drops the SYN).
+            let syn_queue_full = s.stage == ConnStage::SynRcvd && q.syncookies == 0 && q.syn > q.limit;
+            Some((s, if q.accept_full() && !syn_queue_full { Drop::AcceptQueueFull(q) } else { Drop::Other(q) }))
+        })
+    }
+
+    /// Drops for a full accept queue (the kernel's ListenOverflows).
+    pub fn overflows(&self) -> usize {
+        self.drops().filter(|(_, d)| matches!(d, Drop::AcceptQueueFull(_))).count()
     }
 
     /// The listener's accept-queue length when this connection's handshake ACK got in
@@ -265,7 +321,7 @@ impl Connection {
     pub fn queue_position(&self) -> Option<u32> {
         let q = self.first(ConnStage::Queued)?.ts_ns;
         self.steps.iter().rev().find_map(|s| match (s.stage, s.detail) {
-            (ConnStage::AckRcvd, Detail::Queues(x)) if s.ts_ns <= q && !x.accept_full() => Some(x.accept),
+            (ConnStage::AckRcvd, Detail::Queues(x)) if s.ts_ns <= q => Some(x.accept),
             _ => None,
         })
     }
@@ -309,6 +365,8 @@ pub struct ListenerStats {
     pub last: Option<Queues>,
     pub limit: u32,
     pub overflows: u64,
+    /// Other SYNs and handshake ACKs the listener dropped (`Drop::Other`).
+    pub other_drops: u64,
     pub syn_retransmits: u64,
     pub synack_retransmits: u64,
     pub cookies: u64,
@@ -325,6 +383,7 @@ impl Default for ListenerStats {
             last: None,
             limit: 0,
             overflows: 0,
+            other_drops: 0,
             syn_retransmits: 0,
             synack_retransmits: 0,
             cookies: 0,
@@ -362,7 +421,9 @@ impl ConnStats {
                 l.last = Some(q);
             }
         }
-        l.overflows += c.overflows().count() as u64;
+        let overflows = c.overflows() as u64;
+        l.overflows += overflows;
+        l.other_drops += c.drops().count() as u64 - overflows;
         l.syn_retransmits += c.count(ConnStage::SynRetrans) as u64;
         l.synack_retransmits += c.count(ConnStage::SynAckRetrans) as u64;
         l.cookies += u64::from(c.cookie());
@@ -405,6 +466,7 @@ mod tests {
             (Connect, 100, 0, 0, 7),
             (SynSent, 110, 0, 0, 0),
             (SynRcvd, 120, 0, 2, 4),
+            (SynAckSent, 130, 0, 0, 0),
             (Established, 140, 0, 0, 0),
             (ConnectReturn, 150, 0, 0, 7),
             (AckRcvd, 145, 0, 2, 4),
@@ -416,8 +478,8 @@ mod tests {
         assert_eq!(c.handshake_ns(), Some(48));
         assert_eq!(c.accept_wait_ns(), Some(1000));
         assert_eq!(c.queue_position(), Some(2));
-        assert_eq!(c.overflows().count(), 0);
-        assert_eq!(c.steps.iter().map(|s| s.ts_ns).collect::<Vec<_>>(), [100, 110, 120, 140, 145, 148, 150, 1148]);
+        assert_eq!(c.drops().count(), 0);
+        assert_eq!(c.steps.iter().map(|s| s.ts_ns).collect::<Vec<_>>(), [100, 110, 120, 130, 140, 145, 148, 150, 1148]);
     }
 
     #[test]
@@ -437,13 +499,23 @@ mod tests {
         assert!(r2.done());
         assert_eq!(r2.outcome(), Outcome::Refused);
 
-        let o = conn(&[(SynRcvd, 1, 0, 5, 4), (SynRcvd, 1_000_000_001, 0, 3, 4), (Queued, 1_000_000_100, 0, 0, 0)]);
-        assert_eq!(o.overflows().count(), 1, "5 waiting over a backlog of 4: dropped");
+        let o = conn(&[
+            (SynRcvd, 1, 0, 5, 4),
+            (SynRcvd, 1_000_000_001, 4, 3, 4),
+            (SynRcvd, 3_000_000_001, 0, 3, 4),
+            (SynAckSent, 3_000_000_010, 0, 0, 0),
+            (AckRcvd, 3_000_000_050, 1, 3, 4),
+            (Queued, 3_000_000_100, 0, 0, 0),
+        ]);
+        assert_eq!(o.overflows(), 1, "5 waiting over a backlog of 4: dropped");
+        let d: Vec<String> = o.drops().map(|(_, d)| d.describe()).collect();
+        assert_eq!(d, ["accept queue full: 5 waiting, limit 4", "SYN queue full: 4 waiting, limit 4, syncookies 0"]);
         assert!(!o.done(), "not accepted yet");
         assert_eq!(o.outcome(), Outcome::NotAccepted);
         let mut s = ConnStats::default();
         s.record(&o);
         let l = &s.listeners[&o.server];
-        assert_eq!((l.overflows, l.max_accept, l.limit), (1, 5, 4));
+        assert_eq!((l.overflows, l.other_drops, l.max_accept, l.limit), (1, 1, 5, 4));
+        assert_eq!(o.queue_position(), Some(3));
     }
 }

@@ -181,6 +181,9 @@ mod tests {
     #[test]
     fn every_named_set_is_in_kernel_order_and_anchored() {
         for (name, _, stages) in NAMED {
+            if stages.is_empty() {
+                continue; // "none": connections only, no packet to anchor
+            }
             let set = StageSet::of(stages);
             assert!(set.contains(Stage::DevQueue), "{name}: full tracing anchors at dev_queue");
             assert_eq!(set.stages().collect::<Vec<_>>(), stages, "{name}");

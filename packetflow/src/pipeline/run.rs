@@ -172,7 +172,10 @@ impl Running {
         if o.connections && o.filter.no_records {
             crate::user_bail!("connection tracing writes records: it does not go with summary mode");
         }
-        let packets = !(o.connections && o.filter.stages.is_empty());
+        if o.filter.stages.is_empty() && !o.connections {
+            crate::user_bail!("--stages none traces no packet: it goes with --connections");
+        }
+        let packets = !o.filter.stages.is_empty();
         if !o.filter.no_records && packets {
             o.filter.stages.check_joinable()?;
         }

@@ -227,28 +227,26 @@ impl Readers {
                             for e in &b.events {
                                 if let Some(d) = dump.as_mut() {
                                     use std::io::Write;
-                                    let _ =
-                                        writeln!(
-                                            d,
-                                            "{} {} cpu{} {}:{}>{}:{} seq={} len={} flags={:#x} aux={} aux2={}",
-                                            e.ts_ns,
-                                            packetflow_common::Stage::from_u8(e.stage)
-                                                .map(|s| s.name())
-                                                .or_else(
-                                                    || packetflow_common::ConnStage::from_u8(e.stage).map(|s| s.name())
-                                                )
-                                                .unwrap_or("?"),
-                                            e.cpu,
-                                            crate::model::trace::ip(e.is_v6(), &e.saddr),
-                                            e.sport,
-                                            crate::model::trace::ip(e.is_v6(), &e.daddr),
-                                            e.dport,
-                                            e.seq,
-                                            e.len,
-                                            e.flags,
-                                            e.aux,
-                                            e.aux2
-                                        );
+                                    let _ = writeln!(
+                                        d,
+                                        "{} {} cpu{} {}:{}>{}:{} seq={} len={} flags={:#x} aux={} aux2={}",
+                                        e.ts_ns,
+                                        packetflow_common::Stage::from_u8(e.stage)
+                                            .map(packetflow_common::Stage::name)
+                                            .or_else(|| packetflow_common::ConnStage::from_u8(e.stage)
+                                                .map(packetflow_common::ConnStage::name))
+                                            .unwrap_or("?"),
+                                        e.cpu,
+                                        crate::model::trace::ip(e.is_v6(), &e.saddr),
+                                        e.sport,
+                                        crate::model::trace::ip(e.is_v6(), &e.daddr),
+                                        e.dport,
+                                        e.seq,
+                                        e.len,
+                                        e.flags,
+                                        e.aux,
+                                        e.aux2
+                                    );
                                 }
                                 if !conns.push(e, &mut emit_conn) {
                                     corr.push(e);

@@ -147,17 +147,6 @@ pub fn path_tables(stats: &Stats, lost: &BTreeMap<Stage, u64>) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_aligned() {
-        let t = render(&["a".into(), "bb".into()], &[vec!["xxx".into(), "1".into()]]);
-        assert_eq!(t, "a    bb\n-------\nxxx   1\n");
-    }
-}
-
 /// Milliseconds with three decimals (connection set-up spans µs to seconds).
 fn ms(ns: u64) -> String {
     format!("{:.3}", ns as f64 / 1e6)
@@ -180,6 +169,7 @@ pub fn connection_table(c: &ConnStats) -> String {
         "accept queue max/limit",
         "SYN queue max",
         "overflows",
+        "other drops",
         "SYN rtx",
         "SYN-ACK rtx",
         "cookies",
@@ -206,6 +196,7 @@ pub fn connection_table(c: &ConnStats) -> String {
                 if l.limit == 0 && l.max_accept == 0 { "-".into() } else { format!("{}/{}", l.max_accept, l.limit) },
                 l.max_syn.to_string(),
                 l.overflows.to_string(),
+                l.other_drops.to_string(),
                 l.syn_retransmits.to_string(),
                 l.synack_retransmits.to_string(),
                 l.cookies.to_string(),
@@ -230,4 +221,15 @@ pub fn connection_table(c: &ConnStats) -> String {
         out.push_str(&format!("other: {}\n", list.join(", ")));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_aligned() {
+        let t = render(&["a".into(), "bb".into()], &[vec!["xxx".into(), "1".into()]]);
+        assert_eq!(t, "a    bb\n-------\nxxx   1\n");
+    }
 }

@@ -15,6 +15,7 @@
 mod bulk;
 mod capture;
 mod cli;
+mod connections;
 mod cost;
 mod daemon;
 mod demo;

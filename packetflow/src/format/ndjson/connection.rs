@@ -41,6 +41,9 @@ pub struct ConnectionJson {
     /// SYNs and handshake ACKs of this connection dropped for a full accept queue.
     #[serde(skip_deserializing)]
     pub overflows: usize,
+    /// Every SYN and handshake ACK of it the listener dropped (overflows included).
+    #[serde(skip_deserializing)]
+    pub drops: usize,
     #[serde(skip_deserializing)]
     pub syn_cookie: bool,
     #[serde(skip_deserializing)]
@@ -75,7 +78,8 @@ pub struct StepJson {
     pub limit: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub syncookies: Option<u8>,
-    /// Why the kernel dropped this segment ("accept queue full: 5 waiting, limit 4").
+    /// Why the listener dropped this segment ("accept queue full: 5 waiting, limit 4"):
+    /// `model::connection::Drop`.
     #[serde(default, skip_serializing_if = "Option::is_none", skip_deserializing)]
     pub dropped: Option<String>,
 }
@@ -103,9 +107,6 @@ impl StepJson {
             Detail::Queues(q) => {
                 (j.syn_queue, j.accept_queue, j.limit, j.syncookies) =
                     (Some(q.syn), Some(q.accept), Some(q.limit), Some(q.syncookies));
-                if q.accept_full() {
-                    j.dropped = Some(format!("accept queue full: {} waiting, limit {}", q.accept, q.limit));
-                }
             }
         }
         j
@@ -148,13 +149,22 @@ impl ConnectionJson {
             queue_position: c.queue_position(),
             syn_retransmits: c.count(ConnStage::SynRetrans),
             synack_retransmits: c.count(ConnStage::SynAckRetrans),
-            overflows: c.overflows().count(),
+            overflows: c.overflows(),
+            drops: c.drops().count(),
             syn_cookie: c.cookie(),
             connect_pid: c.task(ConnStage::Connect).map(|t| t.0),
             connect_comm: c.connect_comm.clone(),
             accept_pid: c.task(ConnStage::Accepted).map(|t| t.0),
             accept_comm: c.accept_comm.clone(),
-            steps: c.steps.iter().map(StepJson::new).collect(),
+            steps: c
+                .steps
+                .iter()
+                .map(|s| {
+                    let mut j = StepJson::new(s);
+                    j.dropped = c.drops().find(|(d, _)| std::ptr::eq(*d, s)).map(|(_, d)| d.describe());
+                    j
+                })
+                .collect(),
         }
     }
 

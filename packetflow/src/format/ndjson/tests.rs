@@ -122,6 +122,7 @@ pub(crate) fn sample_header() -> HeaderJson {
             ("xdp".into(), hook("xdp", Some("no \"driver\""))),
         ]),
         stage_order: Stage::ALL.iter().map(|s| s.name().to_string()).collect(),
+        connection_hooks: BTreeMap::new(),
     }
 }
 

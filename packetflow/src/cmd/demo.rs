@@ -55,6 +55,10 @@ pub struct DemoArgs {
     /// Server port (another free one when it is busy).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// TCP connections per path, traced from connect() to accept() (0: none); a
+    /// connection set-up table follows the per-packet one.
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    pub connections: u64,
     /// Stages to trace (see `trace --stages`).
     #[arg(long, value_name = "LIST", default_value = "all", value_parser = crate::model::stage_set::StageSet::parse)]
     pub stages: crate::model::stage_set::StageSet,
@@ -93,7 +97,8 @@ fn start_server(ns: Option<&std::path::Path>, bind: &str, port: u16, udp: bool) 
 }
 
 /// Runs `packetflow client` to completion; returns its last line (the round-trip summary).
-fn run_client(ns: Option<&std::path::Path>, addr: &str, a: &DemoArgs) -> Result<String> {
+/// `connections`: open that many connections instead of exchanging messages.
+fn run_client(ns: Option<&std::path::Path>, addr: &str, a: &DemoArgs, connections: Option<u64>) -> Result<String> {
     let mut cmd = match ns {
         Some(p) => testhosts::netns_command(p, me()?),
         None => Command::new(me()?),
@@ -110,6 +115,9 @@ fn run_client(ns: Option<&std::path::Path>, addr: &str, a: &DemoArgs) -> Result<
     ]);
     if a.udp {
         cmd.arg("--udp");
+    }
+    if let Some(n) = connections {
+        cmd.args(["--connections", &n.to_string()]);
     }
     let out = cmd.stdin(Stdio::null()).output()?;
     if !out.status.success() {
@@ -153,6 +161,8 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
         interfaces.push((Some(h.path_a()), h.veth_a.clone()));
         interfaces.push((Some(h.path_b()), h.veth_b.clone()));
     }
+    // Connection set-up is TCP's.
+    let conns = a.connections > 0 && !a.udp;
     let running = Running::start(RunOptions {
         filter: FilterSpec {
             ports: vec![a.port],
@@ -165,22 +175,30 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
         json: a.json.clone(),
         chrome_trace: a.chrome_trace.clone(),
         netns_names: hosts.iter().flat_map(|h| [h.path_a(), h.path_b()]).collect(),
+        connections: conns,
         ..Default::default()
     })
     .await?;
-    for line in running.tracer.unavailable() {
+    for line in running.tracer.unavailable().into_iter().chain(running.tracer.conn_unavailable()) {
         println!("{line}");
     }
 
     let (lo_addr, nic_server) = if a.ipv6 { ("::1", testhosts::ADDR6_B) } else { ("127.0.0.1", testhosts::ADDR_B) };
     let mut rtt = Vec::new();
     let mut expected = 0;
+    let mut expected_conns = 0;
     if want_lo {
         println!("loopback: {} exchanges of {} bytes over {lo_addr}:{} ({})", a.count, a.size, a.port, proto(&a));
         let _server = start_server(None, lo_addr, a.port, a.udp)?;
-        rtt.push(("loopback", run_client(None, lo_addr, &a)?));
+        rtt.push(("loopback", run_client(None, lo_addr, &a, None)?));
         expected += 2 * a.count;
         running.wait_traces(expected, Duration::from_secs(5)).await;
+        if conns {
+            rtt.push(("loopback", run_client(None, lo_addr, &a, Some(a.connections))?));
+            // Each is done once the server has accepted it: keep the server until then.
+            expected_conns += a.connections + 1; // and the exchange's own
+            running.wait_connections(expected_conns, Duration::from_secs(5)).await;
+        }
     }
     if let Some(h) = &hosts {
         println!(
@@ -194,13 +212,25 @@ pub async fn run(mut a: DemoArgs) -> Result<()> {
         );
         let bind = if a.ipv6 { "::" } else { "0.0.0.0" };
         let _server = start_server(Some(&h.path_b()), bind, a.port, a.udp)?;
-        rtt.push(("nic", run_client(Some(&h.path_a()), nic_server, &a)?));
+        rtt.push(("nic", run_client(Some(&h.path_a()), nic_server, &a, None)?));
         expected += 2 * a.count;
         running.wait_traces(expected, Duration::from_secs(5)).await;
+        if conns {
+            rtt.push(("nic", run_client(Some(&h.path_a()), nic_server, &a, Some(a.connections))?));
+            expected_conns += a.connections + 1; // and the exchange's own
+            running.wait_connections(expected_conns, Duration::from_secs(5)).await;
+        }
     }
     let f = running.finish().await?;
     println!();
     print!("{}", side_by_side(&f, &a, hosts.as_ref()));
+    if conns {
+        println!(
+            "\nconnection set-up, {} connections per path (loopback: {lo_addr}, nic: {nic_server}):",
+            a.connections
+        );
+        print!("{}", crate::report::tables::connection_table(&f.conns));
+    }
     for (p, line) in rtt {
         println!("{p} client: {line}");
     }

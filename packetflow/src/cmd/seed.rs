@@ -166,6 +166,10 @@ pub struct ClientOpts {
     /// Print every exchange, not just the first.
     #[arg(short, long)]
     pub verbose: bool,
+    /// Instead of exchanging messages: open N TCP connections one after another, each
+    /// closed once connected, and print the connect() times.
+    #[arg(long, value_name = "N", conflicts_with = "udp")]
+    pub connections: Option<u64>,
 }
 
 fn pause(s: &str) -> Result<Duration, std::num::ParseIntError> {
@@ -188,6 +192,9 @@ pub fn client(o: &ClientOpts) -> Result<Vec<Duration>> {
         crate::user_bail!("--size must be at least 1 byte");
     }
     let addr = SocketAddr::new(o.addr, o.port);
+    if let Some(n) = o.connections {
+        return connections(addr, n, o.interval);
+    }
     let request = padded(REQUEST, o.size);
     let mut rtts = Vec::with_capacity(o.count as usize);
     let mut answer = vec![0u8; o.size.max(65536)];
@@ -246,6 +253,28 @@ pub fn client(o: &ClientOpts) -> Result<Vec<Duration>> {
         );
     }
     Ok(rtts)
+}
+
+/// `n` connections to `addr`, one after another; returns each connect() time.
+fn connections(addr: SocketAddr, n: u64, interval: Duration) -> Result<Vec<Duration>> {
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| connect_error(e, addr))?;
+        times.push(t0.elapsed());
+        drop(s);
+        pace(interval);
+    }
+    let mut sorted = times.clone();
+    sorted.sort();
+    if let (Some(mid), Some(max)) = (sorted.get(sorted.len() / 2), sorted.last()) {
+        println!(
+            "{n} connections to {addr}: connect() p50 {:.1} µs, max {:.1} µs",
+            mid.as_secs_f64() * 1e6,
+            max.as_secs_f64() * 1e6
+        );
+    }
+    Ok(times)
 }
 
 fn report_exchange(i: u64, verbose: bool, answer: &[u8]) {

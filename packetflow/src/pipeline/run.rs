@@ -305,6 +305,18 @@ impl Running {
         true
     }
 
+    /// Waits until at least `n` connection traces are finished, or `max` passes.
+    pub async fn wait_connections(&self, n: u64, max: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + max;
+        while self.shared.conns.lock().expect("conns lock").connections() < n {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Detaches every program, drains the rings, finishes every trace and writes the
     /// summary to the sinks.
     pub async fn finish(self) -> Result<Finished> {

@@ -1,5 +1,6 @@
 //! `packetflow demo` over both paths: one trace per request and per response, complete,
 //! on the right interfaces, with timestamps in kernel order. TCP and UDP, IPv4 and IPv6.
+//! Over TCP also the connection set-up of 50 connections per path.
 
 use packetflow_tests::*;
 
@@ -50,6 +51,25 @@ fn run_demo(extra: &[&str]) {
             } else {
                 assert!(ifname.starts_with("pfa") || ifname.starts_with("pfb"), "NIC path on the veth: {ifname}");
                 assert_monotonic(t, false);
+            }
+        }
+    }
+    // TCP: the connection set-up table, from one connection trace per connection (the
+    // default 50 per path and the exchange's own), every one accepted by the server.
+    if proto == "tcp" {
+        assert!(out.contains("connection set-up, 50 connections per path"), "{out}");
+        let servers = if family == "ipv6" { ["::1", "fd00::2"] } else { ["127.0.0.1", "198.18.0.2"] };
+        for server in servers {
+            let conns: Vec<&serde_json::Value> =
+                lines.iter().filter(|v| v["type"] == "connection" && v["server"] == server).collect();
+            assert_eq!(conns.len(), 51, "{server}: {conns:?}");
+            for c in conns {
+                assert_eq!(
+                    (c["outcome"].as_str(), c["server_port"].as_u64()),
+                    (Some("accepted"), Some(u64::from(port))),
+                    "{c}"
+                );
+                assert_eq!(c["family"], family, "{c}");
             }
         }
     }

@@ -333,6 +333,7 @@ mod tests {
                 size: 100,
                 interval: Duration::ZERO,
                 verbose: false,
+                connections: None,
             }) {
                 Ok(r) => {
                     rtts = r;

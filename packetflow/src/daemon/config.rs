@@ -79,6 +79,9 @@ pub struct Config {
     pub pid: Option<u32>,
     /// Trace 1 flow in N. Default 1 (every flow).
     pub sample: u32,
+    /// Also trace TCP connection set-up (`trace --connections`): per listener histograms
+    /// of handshake time and accept-queue wait, queue depths, overflows. Default false.
+    pub connections: bool,
     /// Stages to trace: names and sets, comma separated, as `trace --stages`
     /// (docs/stages.md, "Stage sets"). A stage not asked for has no program attached.
     /// Default "overview": the cheapest set that still separates stack, qdisc/device,
@@ -122,6 +125,7 @@ impl Default for Config {
             proto: None,
             pid: None,
             sample: 1,
+            connections: false,
             stages: "overview".into(),
             timeout_ms: 1000,
             correlator_budget_mb: crate::pipeline::correlate::DEFAULT_BUDGET_MB as u64,
@@ -351,6 +355,9 @@ impl Config {
         }
         if self.trace_dir != new.trace_dir {
             v.push("trace_dir");
+        }
+        if self.connections != new.connections {
+            v.push("connections");
         }
         if self.cost_sample_secs != new.cost_sample_secs {
             v.push("cost_sample_secs");

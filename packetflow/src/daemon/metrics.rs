@@ -59,6 +59,9 @@ pub struct Snapshot {
     pub trace_write_errors: u64,
     pub reloads_applied: u64,
     pub reloads_rejected: u64,
+    /// Connection set-up per listener (`connections = true`).
+    pub conns: crate::model::connection::ConnStats,
+    pub conns_traced: bool,
 }
 
 /// Upper bounds of the latency buckets, in seconds: 1 µs × 1.1^k, k = 0..=145 (≈ 1.0 s
@@ -168,6 +171,10 @@ impl Collector for Exporter {
             }
             let (sum, count, b) = buckets(&ps.e2e, &self.bounds);
             m.encode_family(&[("path", path.name())])?.encode_histogram::<NoLabelSet>(sum, count, &b, None)?;
+        }
+
+        if s.conns_traced {
+            connections(&mut enc, &s.conns, &self.bounds)?;
         }
 
         let mut m =
@@ -354,6 +361,93 @@ impl Collector for Exporter {
         m.encode_gauge(&age)?;
         Ok(())
     }
+}
+
+/// A per-listener number: (metric name, help, the value).
+type ListenerMetric = (&'static str, &'static str, fn(&crate::model::connection::ListenerStats) -> u64);
+
+/// Connection set-up per listener (the server's address as clients named it).
+fn connections(
+    enc: &mut DescriptorEncoder,
+    c: &crate::model::connection::ConnStats,
+    bounds: &[f64],
+) -> Result<(), std::fmt::Error> {
+    use crate::model::connection::ListenerStats;
+    let secs = Unit::Seconds;
+    let names: Vec<(String, &ListenerStats)> = c.listeners.iter().map(|(a, l)| (a.to_string(), l)).collect();
+    for (name, help, get) in [
+        (
+            "packetflow_connection_handshake",
+            "From a connection's first SYN to it being on the accept queue (else the client established), retransmissions included",
+            (|l: &ListenerStats| &l.handshake) as fn(&ListenerStats) -> &Histogram<u64>,
+        ),
+        (
+            "packetflow_connection_accept_wait",
+            "From a connection on the accept queue to accept() returning it",
+            |l: &ListenerStats| &l.accept_wait,
+        ),
+    ] {
+        let mut m = metric(enc, name, help, Some(&secs), MetricType::Histogram)?;
+        for (listener, l) in &names {
+            let h = get(l);
+            if !h.is_empty() {
+                let (sum, count, b) = buckets(h, bounds);
+                m.encode_family(&[("listener", listener.as_str())])?
+                    .encode_histogram::<NoLabelSet>(sum, count, &b, None)?;
+            }
+        }
+    }
+    let mut m = metric(
+        enc,
+        "packetflow_connections",
+        "Connections traced, per listener and outcome",
+        None,
+        MetricType::Counter,
+    )?;
+    for (listener, l) in &names {
+        for (o, n) in &l.outcomes {
+            m.encode_family(&[("listener", listener.as_str()), ("outcome", o.name())])?
+                .encode_counter::<NoLabelSet, _, f64>(n, None)?;
+        }
+    }
+    let gauges: [ListenerMetric; 4] = [
+        ("packetflow_listener_accept_queue", "Accept-queue length the latest SYN or handshake ACK found", |l| {
+            l.last.map_or(0, |q| u64::from(q.accept))
+        }),
+        ("packetflow_listener_accept_queue_max", "Highest accept-queue length seen", |l| u64::from(l.max_accept)),
+        ("packetflow_listener_accept_queue_limit", "The listen() backlog as the kernel applies it", |l| {
+            u64::from(l.limit)
+        }),
+        ("packetflow_listener_syn_queue_max", "Highest SYN-queue length seen", |l| u64::from(l.max_syn)),
+    ];
+    for (name, help, get) in gauges {
+        let mut m = metric(enc, name, help, None, MetricType::Gauge)?;
+        for (listener, l) in &names {
+            m.encode_family(&[("listener", listener.as_str())])?.encode_gauge(&(get(l) as i64))?;
+        }
+    }
+    let counters: [ListenerMetric; 5] = [
+        (
+            "packetflow_listener_overflows",
+            "SYNs and handshake ACKs dropped for a full accept queue (TcpExt ListenOverflows)",
+            |l| l.overflows,
+        ),
+        (
+            "packetflow_listener_other_drops",
+            "Other SYNs and handshake ACKs the listener dropped (a full SYN queue without cookies)",
+            |l| l.other_drops,
+        ),
+        ("packetflow_listener_syn_cookies", "SYNs answered with a SYN cookie", |l| l.cookies),
+        ("packetflow_connection_syn_retransmits", "SYNs clients sent again", |l| l.syn_retransmits),
+        ("packetflow_connection_synack_retransmits", "SYN-ACKs the server sent again", |l| l.synack_retransmits),
+    ];
+    for (name, help, get) in counters {
+        let mut m = metric(enc, name, help, None, MetricType::Counter)?;
+        for (listener, l) in &names {
+            m.encode_family(&[("listener", listener.as_str())])?.encode_counter::<NoLabelSet, _, f64>(&get(l), None)?;
+        }
+    }
+    Ok(())
 }
 
 fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {

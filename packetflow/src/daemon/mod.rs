@@ -121,6 +121,7 @@ pub async fn run(a: Args) -> Result<()> {
         budget_mb: cfg.correlator_budget_mb as usize,
         more_sinks,
         ring_bytes,
+        connections: cfg.connections,
         // Turning the statistics back on needs CAP_SYS_ADMIN, which --user gives up.
         run_stats: crate::pipeline::run::StatsSampling::from_secs(match (&drop_to, cfg.cost_sample_secs) {
             (Some(_), n) if n > 1 => {
@@ -134,7 +135,7 @@ pub async fn run(a: Args) -> Result<()> {
         ..Default::default()
     })
     .await?;
-    for line in running.tracer.unavailable() {
+    for line in running.tracer.unavailable().into_iter().chain(running.tracer.conn_unavailable()) {
         log(line);
     }
     if let Some((uid, gid)) = drop_to {
@@ -246,6 +247,7 @@ fn reload(a: &Args, old: &Config, running: &mut Running, files: &Files) -> Resul
         new.trace_dir = old.trace_dir.clone();
         new.timeout_ms = old.timeout_ms;
         new.correlator_budget_mb = old.correlator_budget_mb;
+        new.connections = old.connections;
         if keep.contains(&"stages") {
             new.stages = old.stages.clone();
         }
@@ -301,6 +303,8 @@ fn snapshot(running: &Running, files: &Files, reloads: (u64, u64), ring_bytes: u
         trace_write_errors: f(|c| c.write_errors.load(Ordering::Relaxed)),
         reloads_applied: reloads.0,
         reloads_rejected: reloads.1,
+        conns: sh.conns.lock().expect("conns lock").clone(),
+        conns_traced: !running.tracer.conn_hooks.is_empty(),
     }
 }
 
@@ -337,6 +341,9 @@ fn render_status(s: &Snapshot, c: &Config, started: Instant) -> String {
     out.push('\n');
     let lost = accounting::with_misses(accounting::lost_per_stage(&s.counters), &s.missed);
     out.push_str(&tables::path_tables(&s.stats, &lost));
+    if s.conns_traced {
+        out.push_str(&format!("\nconnection set-up per listener:\n{}", tables::connection_table(&s.conns)));
+    }
     match &s.programs {
         Some(progs) => {
             let ns: u64 = progs.iter().map(|p| p.ns).sum();

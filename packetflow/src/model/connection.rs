@@ -397,6 +397,12 @@ impl ListenerStats {
     }
 }
 
+/// Listeners kept apart at most; connections to more go under `OTHER_LISTENERS` (a
+/// tracer left running sees connections to any number of remote servers).
+pub const MAX_LISTENERS: usize = 256;
+/// The key they go under: 0.0.0.0:0.
+pub const OTHER_LISTENERS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
 /// Connections per listener (the server's address as the clients named it).
 #[derive(Clone, Debug, Default)]
 pub struct ConnStats {
@@ -405,7 +411,12 @@ pub struct ConnStats {
 
 impl ConnStats {
     pub fn record(&mut self, c: &Connection) {
-        let l = self.listeners.entry(c.server).or_default();
+        let key = if self.listeners.len() >= MAX_LISTENERS && !self.listeners.contains_key(&c.server) {
+            OTHER_LISTENERS
+        } else {
+            c.server
+        };
+        let l = self.listeners.entry(key).or_default();
         *l.outcomes.entry(c.outcome()).or_default() += 1;
         if let Some(h) = c.handshake_ns() {
             l.handshake.saturating_record(h.max(1));

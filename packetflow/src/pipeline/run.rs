@@ -169,9 +169,6 @@ fn start_sampling(tracer: &Tracer, how: StatsSampling) -> Option<tokio::task::Jo
 
 impl Running {
     pub async fn start(o: RunOptions) -> Result<Running> {
-        if o.connections && o.filter.no_records {
-            crate::user_bail!("connection tracing writes records: it does not go with summary mode");
-        }
         if o.filter.stages.is_empty() && !o.connections {
             crate::user_bail!("--stages none traces no packet: it goes with --connections");
         }

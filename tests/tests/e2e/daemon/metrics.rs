@@ -76,6 +76,39 @@ fn metrics_cover_every_stage_of_both_paths_and_match_the_traffic() {
 /// The daemon samples the kernel's run statistics (`cost_sample_secs`): on for one second
 /// in every N, and /metrics and status say how long they were on; the sysctl is as it
 /// was once the daemon is gone.
+/// `connections = true`: per-listener connection set-up metrics, from the kernel's own
+/// numbers (the listen() backlog as the limit, accept-queue lengths).
+#[test]
+fn connection_metrics_per_listener() {
+    require_root();
+    let port = unique_port();
+    let metrics = free_port();
+    let (cfg, socket) = config("daemon-conns", metrics, &format!("ports = [{port}]\nconnections = true\n"));
+    let d = Daemon::start(&cfg, metrics, &[]);
+    let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    // SAFETY: listen(2) on a socket this test owns; it only sets the backlog.
+    assert_eq!(unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 8) }, 0);
+    // Three connections queued before the first accept: the queue reaches 3 of 8.
+    let clients: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let accepted: Vec<_> = (0..3).map(|_| l.accept().unwrap()).collect();
+    let listener = format!("listener=\"127.0.0.1:{port}\"");
+    let m = d.wait_metric(&format!("packetflow_connections_total{{{listener},outcome=\"accepted\"}}"), 3.0);
+    let get =
+        |name: &str| value(&m, &format!("{name}{{{listener}}}")).unwrap_or_else(|| panic!("{name} missing:\n{m}"));
+    assert_eq!(get("packetflow_listener_accept_queue_limit"), 8.0);
+    assert_eq!(get("packetflow_listener_accept_queue_max"), 2.0, "the third ACK found two queued");
+    assert_eq!(get("packetflow_listener_overflows_total"), 0.0);
+    assert_eq!(get("packetflow_connection_accept_wait_seconds_count"), 3.0);
+    assert_eq!(get("packetflow_connection_handshake_seconds_count"), 3.0);
+    // The first waited the 50 ms before the accepts began.
+    assert!(get("packetflow_connection_accept_wait_seconds_sum") >= 0.12, "{m}");
+    let st = packetflow(&["status", "--socket", socket.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&st.stdout);
+    assert!(text.contains("connection set-up per listener") && text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    drop((clients, accepted, d));
+}
+
 #[test]
 fn the_daemon_samples_its_own_cost() {
     require_root();

@@ -27,7 +27,7 @@ use crate::{Counts, cargo, install, need_root, output, run, target_dir};
 /// VM: the demo over loopback and veth, the filter test, the no-alteration (sha256) test,
 /// and summary mode against full traces (the in-kernel histograms walk the stages in
 /// kernel order, IP-layer ones included).
-const VM_TESTS: &[&str] = &["demo", "filter", "bulk", "summary", "stages"];
+const VM_TESTS: &[&str] = &["demo", "filter", "bulk", "summary", "stages", "connections"];
 
 /// The end-to-end test binary (tests/tests/e2e/main.rs).
 const E2E: &str = "e2e";
@@ -437,6 +437,8 @@ fn build_initramfs(kroot: &Path, e2e: &Path, areas: &[&str], repeat: usize, has:
         ("bin/busybox".into(), which("busybox")?),
         // In /bin before busybox links itself there: busybox's own `ip` is too small.
         ("bin/ip".into(), which("ip")?),
+        // The connection tests shape a veth with tbf.
+        ("bin/tc".into(), which("tc")?),
         ("bin/packetflow".into(), target_dir().join("debug/packetflow")),
         (format!("tests/{E2E}"), e2e.to_path_buf()),
     ];

@@ -347,25 +347,31 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
     drop(tracer);
 }
 
-/// The stage → hook table of a real tracer (inert: its filter is never enabled).
+/// The stage → hook table of a real tracer (inert: its filter is never enabled), then
+/// the connection steps' hooks.
 async fn stage_table() -> Result<Vec<Vec<String>>> {
     let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, ..Default::default() })?;
+    // `trace --connections`' hooks first: the kernel's BTF is still at hand.
+    let conns = t.attach_connections();
     t.attach_kernel_hooks(crate::model::stage_set::StageSet::ALL)?;
     t.attach_interface(None, "lo", XdpChoice::Auto)?;
-    let rows = packetflow_common::Stage::KERNEL_ORDER
+    let state = |s: &Result<(), String>| match s {
+        Ok(()) => "available".to_string(),
+        Err(e) => format!("missing: {e}"),
+    };
+    let mut rows: Vec<Vec<String>> = packetflow_common::Stage::KERNEL_ORDER
         .iter()
         .filter_map(|s| t.stages.get(s).map(|h| (s, h)))
-        .map(|(s, h)| {
-            vec![
-                s.name().to_string(),
-                h.hook.clone(),
-                match &h.state {
-                    Ok(()) => "available".into(),
-                    Err(e) => format!("missing: {e}"),
-                },
-            ]
-        })
+        .map(|(s, h)| vec![s.name().to_string(), h.hook.clone(), state(&h.state)])
         .collect();
+    match conns {
+        Ok(()) => rows.extend(
+            t.conn_hooks
+                .iter()
+                .map(|h| vec![format!("{} (--connections)", h.stage.name()), h.hook.clone(), state(&h.state)]),
+        ),
+        Err(e) => rows.push(vec!["--connections".into(), "-".into(), format!("missing: {e:#}")]),
+    }
     Ok(rows)
 }
 

@@ -56,7 +56,10 @@ pub fn run(a: Args) -> Result<()> {
     match a.by {
         By::Stage => {
             if stats.paths.is_empty() {
-                text.push_str("no data-packet traces in the recording\n");
+                // A connections-only recording has its table below.
+                if r.conns.listeners.is_empty() {
+                    text.push_str("no data-packet traces in the recording\n");
+                }
             } else {
                 text.push_str(&tables::side_by_side(stats));
                 text.push('\n');
@@ -65,12 +68,18 @@ pub fn run(a: Args) -> Result<()> {
         }
         By::Flow | By::Pid => text.push_str(&r.groups.table()),
     }
+    if !r.conns.listeners.is_empty() {
+        text.push_str(&format!("\nconnection set-up per listener:\n{}", tables::connection_table(&r.conns)));
+    }
     print!("{text}");
     if let Some(b) = &a.baseline {
         let base = report::read(b, a.path, By::Stage, None)?;
         report::report_notes(&base.notes);
         println!("\ncompared with the baseline {b}:");
         print!("{}", report::compare(&base.gathered.stats, stats));
+        if !r.conns.listeners.is_empty() || !base.conns.listeners.is_empty() {
+            print!("{}", report::compare_connections(&base.conns, &r.conns));
+        }
     }
     if let Some(dir) = &a.svg {
         output::ensure_dir(dir, "--svg directory")?;

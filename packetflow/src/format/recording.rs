@@ -131,6 +131,7 @@ fn kernel_order_error(stages: &[StageTime]) -> Option<String> {
 pub enum Line {
     Trace(Box<Trace>),
     Summary(Box<SummaryJson>),
+    Connection(Box<crate::model::connection::Connection>),
 }
 
 /// Problems met and survived while reading.
@@ -249,6 +250,18 @@ impl<R: BufRead> Reader<R> {
                         self.notes.warn(format!("{}, line {no}: not a valid summary ({e}), skipped", self.name));
                     }
                 },
+                Some("connection") => {
+                    let c = serde_json::from_value::<crate::format::ndjson::ConnectionJson>(v)
+                        .map_err(|e| e.to_string())
+                        .and_then(|c| c.to_connection());
+                    match c {
+                        Ok(c) => return Ok(Some(Line::Connection(Box::new(c)))),
+                        Err(e) => {
+                            self.notes.skipped += 1;
+                            self.notes.warn(format!("{}, line {no}: not a valid connection ({e}), skipped", self.name));
+                        }
+                    }
+                }
                 Some("header") => {
                     self.notes.skipped += 1;
                     self.notes

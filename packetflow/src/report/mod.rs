@@ -22,6 +22,7 @@ use crate::{
     error::user,
     format::ndjson::HeaderJson,
     format::recording::{Line, ReadNotes, Reader},
+    model::connection::ConnStats,
     model::stats::{self, Stats},
     model::trace::{Flow, PathKind, Trace},
     pipeline::session::Sink,
@@ -140,6 +141,8 @@ pub struct Read1 {
     pub lost: BTreeMap<Stage, u64>,
     pub header: HeaderJson,
     pub groups: Groups,
+    /// Connection traces per listener (`trace --connections` recordings).
+    pub conns: ConnStats,
 }
 
 fn open(name: &str) -> Result<(Box<dyn Read>, Option<u64>)> {
@@ -161,6 +164,7 @@ pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dy
     let mut gathered = Gathered::default();
     let mut groups = Groups { by, map: BTreeMap::new() };
     let mut lost = BTreeMap::new();
+    let mut conns = ConnStats::default();
     while let Some(line) = reader.next_line()? {
         match line {
             Line::Trace(t) => {
@@ -180,12 +184,18 @@ pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dy
                     }
                 }
             }
+            Line::Connection(c) => {
+                conns.record(&c);
+                if let Some(s) = sink.as_deref_mut() {
+                    s.connection(&c);
+                }
+            }
         }
     }
     if show {
         eprint!("\r\x1b[K");
     }
-    Ok(Read1 { gathered, notes: std::mem::take(&mut reader.notes), lost, header: reader.header, groups })
+    Ok(Read1 { gathered, notes: std::mem::take(&mut reader.notes), lost, header: reader.header, groups, conns })
 }
 
 pub fn report_notes(n: &ReadNotes) {
@@ -230,6 +240,65 @@ fn change(b: u64, n: u64) -> String {
         return "-".into();
     }
     format!("{:+.1}%", (n as f64 - b as f64) * 100.0 / b as f64)
+}
+
+/// Per listener in both: handshake and accept-queue wait p50 and p99, baseline vs this,
+/// change and verdict (as `compare`), and the overflows of each.
+pub fn compare_connections(base: &ConnStats, new: &ConnStats) -> String {
+    let header: Vec<String> =
+        ["listener", "", "base p50 ms", "p50 ms", "change", "", "base p99 ms", "p99 ms", "change", ""]
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
+    let ms = |ns: u64| format!("{:.3}", ns as f64 / 1e6);
+    let mut rows = Vec::new();
+    let mut notes = String::new();
+    for (addr, n) in &new.listeners {
+        let Some(b) = base.listeners.get(addr) else {
+            notes.push_str(&format!("{addr}: not in the baseline\n"));
+            continue;
+        };
+        for (what, bh, nh) in
+            [("handshake", &b.handshake, &n.handshake), ("accept wait", &b.accept_wait, &n.accept_wait)]
+        {
+            if bh.is_empty() || nh.is_empty() {
+                continue;
+            }
+            let (b50, n50, b99, n99) = (
+                bh.value_at_quantile(0.5),
+                nh.value_at_quantile(0.5),
+                bh.value_at_quantile(0.99),
+                nh.value_at_quantile(0.99),
+            );
+            rows.push(vec![
+                addr.to_string(),
+                what.to_string(),
+                ms(b50),
+                ms(n50),
+                change(b50, n50),
+                verdict(bh, nh, 0.5).into(),
+                ms(b99),
+                ms(n99),
+                change(b99, n99),
+                verdict(bh, nh, 0.99).into(),
+            ]);
+        }
+        notes.push_str(&format!(
+            "{addr}: {} connections (baseline {}), overflows {} (baseline {}), other drops {} (baseline {})\n",
+            n.connections(),
+            b.connections(),
+            n.overflows,
+            b.overflows,
+            n.other_drops,
+            b.other_drops
+        ));
+    }
+    let mut out = String::from("connection set-up:\n");
+    if !rows.is_empty() {
+        out.push_str(&tables::render(&header, &rows));
+    }
+    out.push_str(&notes);
+    out
 }
 
 /// Per path present in both: per stage p50 and p99, baseline vs this, change, verdict.

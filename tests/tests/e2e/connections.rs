@@ -208,8 +208,8 @@ fn accept_queue_overflows_match_the_kernel() {
     // connection queued earlier is accepted earlier. The connections ahead of one (queued
     // before it, accepted after it was queued) are at most the backlog, and each takes one
     // 20 ms turn of the application: a wait of about that many turns, never more than
-    // (backlog + 1) × 20 ms. The bounds: a turn never ends early (sleep), and may end late
-    // by a scheduler's delay (30 ms allowed in all). The kernel checks the limit and adds
+    // (backlog + 1) turns. The bounds: a turn never ends early (sleep), and may end late
+    // by a scheduler's delay (the turn as measured, and 30 ms allowed in all). The kernel checks the limit and adds
     // to the queue without one lock, so each further CPU can put one more past it (6
     // waiting behind a backlog of 4 has been seen here, with 2 CPUs).
     let tick = ACCEPT_EVERY.as_nanos() as u64;
@@ -220,6 +220,15 @@ fn accept_queue_overflows_match_the_kernel() {
         .filter(|c| c["outcome"] == "accepted")
         .map(|c| (step(c, "queued").unwrap(), step(c, "accepted").unwrap(), c))
         .collect();
+    // The application's turn as it ran: the gaps between consecutive accepts while the
+    // queue was busy (20 ms of sleep, plus what the scheduler adds: under QEMU's
+    // emulation, several ms).
+    let mut times: Vec<u64> = got.iter().map(|(_, a, _)| *a).collect();
+    times.sort_unstable();
+    let mut busy: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).filter(|g| (tick..10 * tick).contains(g)).collect();
+    busy.sort_unstable();
+    let turn = busy.get(busy.len() * 9 / 10).copied().unwrap_or(tick).max(tick);
+    println!("the application's turn: {:.1} ms (p90 of {} busy gaps)", turn as f64 / 1e6, busy.len());
     let mut worst = 0;
     let mut differ = 0;
     for &(q, a, c) in &got {
@@ -231,8 +240,8 @@ fn accept_queue_overflows_match_the_kernel() {
         let (w, p) = (a - q, c["queue_position"].as_u64().unwrap());
         assert_eq!(c["accept_wait_ns"], w, "{c}");
         assert!(ahead <= most_ahead && p <= most_ahead, "{ahead} ahead, position {p}: {c}");
-        assert!(w <= (most_ahead + 1) * tick + 30_000_000, "waited {w} ns, over (backlog + 1) × 20 ms: {c}");
-        assert!(w <= (ahead + 1) * tick + 30_000_000, "waited {w} ns behind {ahead}: {c}");
+        assert!(w <= (most_ahead + 1) * turn + 30_000_000, "waited {w} ns, over (backlog + 1) turns: {c}");
+        assert!(w <= (ahead + 1) * turn + 30_000_000, "waited {w} ns behind {ahead}: {c}");
         assert!(w >= ahead.saturating_sub(1) * tick, "waited only {w} ns behind {ahead}: {c}");
         differ += u64::from(ahead != p);
         worst = worst.max(w);

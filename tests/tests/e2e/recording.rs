@@ -62,6 +62,12 @@ fn report_reproduces_the_demo_table_from_the_file_alone() {
         s[start..line_end].to_string()
     };
     assert_eq!(block(&rep), block(&out), "report's table differs from the demo's");
+    // And the connection set-up table, row for row (one per path's listener).
+    let conn_rows = |s: &str| -> Vec<String> {
+        s.lines().filter(|l| l.starts_with("127.0.0.1:") || l.starts_with("198.18.0.2:")).map(String::from).collect()
+    };
+    assert_eq!(conn_rows(&out).len(), 2, "{out}");
+    assert_eq!(conn_rows(&rep), conn_rows(&out), "report's connection table differs from the demo's");
     // From stdin too.
     let r2 = Command::new(bin()).args(["report", "-"]).stdin(std::fs::File::open(&json).unwrap()).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&r2.stdout), rep);

@@ -23,6 +23,7 @@ fuzz_target!(|data: &[u8]| {
     let mut g = Gathered::default();
     let mut lost = BTreeMap::new();
     let mut chrome = ChromeTrace::new(Box::new(std::io::sink()));
+    let mut conns = packetflow::model::connection::ConnStats::default();
     while let Ok(Some(line)) = r.next_line() {
         match line {
             Line::Trace(t) => {
@@ -36,8 +37,14 @@ fuzz_target!(|data: &[u8]| {
                     }
                 }
             }
+            Line::Connection(c) => {
+                conns.record(&c);
+                chrome.connection(&c);
+            }
         }
     }
+    let _ = report::tables::connection_table(&conns);
+    let _ = report::compare_connections(&conns, &conns);
     chrome.finish(&serde_json::Value::Null);
     let _ = report::tables::side_by_side(&g.stats);
     let _ = report::tables::path_tables(&g.stats, &lost);

@@ -349,8 +349,10 @@ pub fn errno_name(e: i32) -> String {
     }
 }
 
+/// 1 ns to 100 s (longer set-ups are counted at 100 s), 2 significant digits: about
+/// 30 KiB each, two per listener.
 fn hist() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
+    Histogram::new_with_bounds(1, 100_000_000_000, 2).expect("valid histogram bounds")
 }
 
 /// One listener's connections, added up.
@@ -398,8 +400,9 @@ impl ListenerStats {
 }
 
 /// Listeners kept apart at most; connections to more go under `OTHER_LISTENERS` (a
-/// tracer left running sees connections to any number of remote servers).
-pub const MAX_LISTENERS: usize = 256;
+/// tracer left running sees connections to any number of remote servers). With two
+/// histograms each, 64 listeners hold about 4 MiB.
+pub const MAX_LISTENERS: usize = 64;
 /// The key they go under: 0.0.0.0:0.
 pub const OTHER_LISTENERS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 

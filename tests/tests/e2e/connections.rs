@@ -61,8 +61,16 @@ fn connect_from(ns: &Path, to: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// Traces connections to `port` while `work` runs; returns the recording's lines.
 fn traced(name: &str, port: u16, work: impl FnOnce()) -> Vec<Value> {
+    traced_with(name, port, &[], work)
+}
+
+/// The same with more `trace` arguments.
+fn traced_with(name: &str, port: u16, extra: &[&str], work: impl FnOnce()) -> Vec<Value> {
     let json = tmp(name);
-    let mut tracer = start_trace(&["--connections", "--stages", "none", "--port", &port.to_string()], &json);
+    let p = port.to_string();
+    let mut args = vec!["--connections", "--stages", "none", "--port", &p];
+    args.extend(extra);
+    let mut tracer = start_trace(&args, &json);
     work();
     std::thread::sleep(Duration::from_millis(500));
     assert!(tracer.interrupt(Duration::from_secs(10)).expect("stops").success());
@@ -281,7 +289,8 @@ fn ipv6_connection_over_veth() {
     let port = unique_port();
     let server: SocketAddr = (testhosts::ADDR6_B.parse::<std::net::IpAddr>().unwrap(), port).into();
     let l = listener(&h.path_b(), server, 16);
-    let lines = traced("conn-v6.json", port, || {
+    let perfetto = tmp("conn-v6.perfetto.json");
+    let lines = traced_with("conn-v6.json", port, &["--chrome-trace", perfetto.to_str().unwrap()], || {
         let c = connect_from(&h.path_a(), server).expect("connect");
         let (s, peer) = l.accept().expect("accept");
         assert_eq!(peer, c.local_addr().unwrap());
@@ -297,6 +306,15 @@ fn ipv6_connection_over_veth() {
     let times: Vec<u64> = order.iter().map(|s| step(c, s).unwrap_or_else(|| panic!("{s} missing: {c}"))).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "steps out of order: {c}");
     assert_eq!(c["accept_pid"], std::process::id(), "{c}");
+    // Perfetto: a "connections" process, one track for this connection, a slice per step.
+    let t: Value = serde_json::from_str(&std::fs::read_to_string(&perfetto).unwrap()).expect("valid JSON");
+    let ev = t["traceEvents"].as_array().unwrap();
+    assert!(ev.iter().any(|e| e["name"] == "process_name" && e["args"]["name"] == "connections"), "{t}");
+    let track = format!("[{}]:{} → [{}]:{port}", testhosts::ADDR6_A, c["client_port"], testhosts::ADDR6_B);
+    assert!(ev.iter().any(|e| e["name"] == "thread_name" && e["args"]["name"] == track.as_str()), "{track}: {t}");
+    let slices: Vec<&str> = ev.iter().filter(|e| e["cat"] == "step").map(|e| e["name"].as_str().unwrap()).collect();
+    assert_eq!(slices.len(), c["steps"].as_array().unwrap().len() - 1, "{slices:?}");
+    assert!(ev.iter().any(|e| e["cat"] == "connection" && e["name"] == "connection accepted"), "{t}");
 }
 
 /// net.ipv4.tcp_syncookies=2: every SYN is answered with a cookie; the trace says so.

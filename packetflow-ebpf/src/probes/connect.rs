@@ -33,6 +33,7 @@ const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: u32 = 10;
+const TCP_NEW_SYN_RECV: i32 = 12;
 
 /// A connect() call in progress: entry time and process in `ev`, and its socket once
 /// the call has put it in SYN_SENT.
@@ -149,6 +150,16 @@ pub fn pf_conn_syn_out(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn try_syn_out(skb: u64) -> Result<(), ()> {
+    // Two loads for every other packet: a SYN's socket is connecting (SYN_SENT), a
+    // SYN-ACK's is a request socket (NEW_SYN_RECV) or, with a cookie, the listener.
+    let sk = read::<Typed, u64>(skb, off!(skb_sk)).unwrap_or(0);
+    if sk == 0 {
+        return Ok(());
+    }
+    let state = i32::from(read::<Typed, u8>(sk, off!(sk_state))?);
+    if state != TCP_SYN_SENT && state != TCP_NEW_SYN_RECV && state != TCP_LISTEN as i32 {
+        return Ok(());
+    }
     let f = filter().ok_or(())?;
     let mut ev = Event::ZERO;
     parse_skb::<Typed>(skb, L3At::NetworkHeader, &mut ev).map_err(|_| ())?;
@@ -164,13 +175,8 @@ fn try_syn_out(skb: u64) -> Result<(), ()> {
         emit_conn(&mut ev, ConnStage::SynAckSent);
         return Ok(());
     }
-    let sk = read::<Typed, u64>(skb, off!(skb_sk)).unwrap_or(0);
-    if sk != 0 {
-        let _ = SYN_TUPLES.insert(&sk, &ev, 0);
-    }
-    if sk != 0
-        && let Some(note) = unsafe { CONNECTING.get(&sk) }.copied()
-    {
+    let _ = SYN_TUPLES.insert(&sk, &ev, 0);
+    if let Some(note) = unsafe { CONNECTING.get(&sk) }.copied() {
         let _ = CONNECTING.remove(&sk);
         let mut c = ev;
         c.ts_ns = note.ts_ns;

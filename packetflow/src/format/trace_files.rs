@@ -97,6 +97,16 @@ impl Sink for TraceFiles {
         }
     }
 
+    /// Connection set-up (`connections = true`): every one (`slow_us` is about packets).
+    fn connection(&mut self, c: &crate::model::connection::Connection) {
+        let Ok(line) = serde_json::to_string(&crate::format::ndjson::ConnectionJson::new(c)) else {
+            return;
+        };
+        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = self.tx.try_send(Msg::Line(line)) {
+            self.counters.lines_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn finish(&mut self, summary: &serde_json::Value) {
         let _ = self.tx.send(Msg::Finish(summary.to_string()));
         if let Some(w) = self.writer.take() {

@@ -111,3 +111,36 @@ fn a_full_trace_disk_is_counted_and_the_daemon_keeps_running() {
     let st = d.proc.wait(Duration::from_secs(10)).expect("the daemon stops on SIGTERM");
     assert!(st.success(), "{:?}", d.lines());
 }
+
+/// `connections = true` with trace files: each connection's set-up is a `connection` line
+/// in them, readable by `report`.
+#[test]
+fn trace_files_hold_connection_lines() {
+    require_root();
+    let metrics = free_port();
+    let port = unique_port();
+    let dir = tmp("daemon-conn-traces");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cfg, _) = config(
+        "daemon-conn-files",
+        metrics,
+        &format!("trace_dir = \"{}\"\nports = [{port}]\nconnections = true\n", dir.display()),
+    );
+    let mut d = Daemon::start(&cfg, metrics, &[]);
+    let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let clients: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let accepted: Vec<_> = (0..2).map(|_| l.accept().unwrap()).collect();
+    let listener = format!("listener=\"127.0.0.1:{port}\"");
+    d.wait_metric(&format!("packetflow_connections_total{{{listener},outcome=\"accepted\"}}"), 2.0);
+    d.signal(libc::SIGTERM);
+    assert!(d.proc.wait(Duration::from_secs(20)).is_some_and(|s| s.success()), "{:?}", d.lines());
+    let lines: Vec<serde_json::Value> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flat_map(|f| read_ndjson(&f.unwrap().path()))
+        .filter(|v| v["type"] == "connection" && v["server_port"] == port)
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines.iter().all(|c| c["outcome"] == "accepted"), "{lines:?}");
+    drop((clients, accepted));
+}

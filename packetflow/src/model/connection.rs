@@ -330,6 +330,12 @@ impl Connection {
         self.steps.iter().any(|s| matches!((s.stage, s.detail), (ConnStage::SynRcvd, Detail::Queues(q)) if q.cookie()))
     }
 
+    /// Only segments reaching a listener without a SYN: no handshake, a late ACK of a
+    /// connection already gone (the listener answers it with a RST).
+    pub fn is_stray(&self) -> bool {
+        self.steps.iter().all(|s| s.stage == ConnStage::AckRcvd)
+    }
+
     /// Idle since `ts_ns`: no step after it.
     pub fn idle_since(&self, ts_ns: u64) -> bool {
         self.last_ts() <= ts_ns
@@ -410,10 +416,16 @@ pub const OTHER_LISTENERS: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std
 #[derive(Clone, Debug, Default)]
 pub struct ConnStats {
     pub listeners: BTreeMap<SocketAddr, ListenerStats>,
+    /// Stray segments (`Connection::is_stray`): not connections, not counted in them.
+    pub strays: u64,
 }
 
 impl ConnStats {
     pub fn record(&mut self, c: &Connection) {
+        if c.is_stray() {
+            self.strays += 1;
+            return;
+        }
         let key = if self.listeners.len() >= MAX_LISTENERS && !self.listeners.contains_key(&c.server) {
             OTHER_LISTENERS
         } else {

@@ -204,6 +204,9 @@ impl Readers {
                 let sinks = std::cell::RefCell::new(sinks);
                 let mut emit_conn = |c: Connection| {
                     shared.conns.lock().expect("conns lock").record(&c);
+                    if c.is_stray() {
+                        return;
+                    }
                     for s in sinks.borrow_mut().iter_mut() {
                         s.connection(&c);
                     }

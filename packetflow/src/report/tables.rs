@@ -220,6 +220,12 @@ pub fn connection_table(c: &ConnStats) -> String {
         let list: Vec<String> = others.iter().map(|(o, n)| format!("{n} {o}")).collect();
         out.push_str(&format!("other: {}\n", list.join(", ")));
     }
+    if c.strays > 0 {
+        out.push_str(&format!(
+            "{} segments reached a listener outside any handshake (late ACKs of closed connections): not counted\n",
+            c.strays
+        ));
+    }
     out
 }
 

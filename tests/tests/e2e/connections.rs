@@ -228,15 +228,15 @@ fn accept_queue_overflows_match_the_kernel() {
         .filter(|c| c["outcome"] == "accepted")
         .map(|c| (step(c, "queued").unwrap(), step(c, "accepted").unwrap(), c))
         .collect();
-    // The application's turn as it ran: the gaps between consecutive accepts while the
-    // queue was busy (20 ms of sleep, plus what the scheduler adds: under QEMU's
-    // emulation, several ms).
+    // The application's turn as it ran: the longest gap between consecutive accepts while
+    // the queue was busy (20 ms of sleep, plus what the scheduler adds: under QEMU's
+    // emulation, tens of ms now and then).
     let mut times: Vec<u64> = got.iter().map(|(_, a, _)| *a).collect();
     times.sort_unstable();
     let mut busy: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).filter(|g| (tick..10 * tick).contains(g)).collect();
     busy.sort_unstable();
-    let turn = busy.get(busy.len() * 9 / 10).copied().unwrap_or(tick).max(tick);
-    println!("the application's turn: {:.1} ms (p90 of {} busy gaps)", turn as f64 / 1e6, busy.len());
+    let turn = busy.last().copied().unwrap_or(tick).max(tick);
+    println!("the application's turn: at most {:.1} ms ({} busy gaps)", turn as f64 / 1e6, busy.len());
     let mut worst = 0;
     let mut differ = 0;
     for &(q, a, c) in &got {

@@ -47,3 +47,9 @@ pub const UNWOKEN_CAPTURE_BYTES: u32 = PARSED_XDP + 17;
 /// Connection records (`ConnStage`) written, and lost to a full ring shard.
 pub const CONN_EMITTED: u32 = PARSED_XDP + 18;
 pub const CONN_LOST: u32 = PARSED_XDP + 19;
+/// Drop records (`drop::DropRecord`) written, and lost to a full ring shard.
+pub const DROP_EMITTED: u32 = PARSED_XDP + 20;
+pub const DROP_LOST: u32 = PARSED_XDP + 21;
+/// Retransmission records written, and lost to a full ring shard.
+pub const RETRANS_EMITTED: u32 = PARSED_XDP + 22;
+pub const RETRANS_LOST: u32 = PARSED_XDP + 23;

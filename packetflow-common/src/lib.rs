@@ -9,6 +9,7 @@ pub mod capture;
 pub mod config;
 pub mod conn;
 pub mod counters;
+pub mod drop;
 pub mod event;
 pub mod stage;
 pub mod summary;

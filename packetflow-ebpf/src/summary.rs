@@ -20,6 +20,7 @@ use aya_ebpf::{
 use packetflow_common::{
     Event, Stage,
     counters::SUMMARY_EVICTED,
+    drop::{DROP_REASON_SLOTS, DROP_STAGE_SLOTS},
     event::{F_END, F_LOOPBACK},
     summary::{E2E_SLOT, HIST_BUCKETS, HIST_SLOTS, PATH_LOOPBACK, PKT_SLOTS, PktKey, PktSlot, SLOTS_PER_PATH, bucket},
 };
@@ -31,6 +32,11 @@ static PKT_STATE: Array<PktSlot> = Array::with_max_entries(PKT_SLOTS, 0);
 
 #[map]
 static HIST: PerCpuArray<[u64; HIST_BUCKETS]> = PerCpuArray::with_max_entries(HIST_SLOTS, 0);
+
+/// Summary mode's drops: per reason (at most `DROP_REASON_SLOTS - 1`, larger ones in the
+/// last slot) and the last stage the packet reached (`DROP_STAGE_SLOTS - 1`: none known).
+#[map]
+static DROP_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_REASON_SLOTS * DROP_STAGE_SLOTS, 0);
 
 /// A hash of one endpoint.
 #[inline(always)]
@@ -59,13 +65,44 @@ fn key(ev: &Event) -> PktKey {
     PktKey { flow, end, _pad: 0 }
 }
 
+/// The slot a packet's times live in.
+#[inline(always)]
+fn slot_of(k: &PktKey) -> Option<*mut PktSlot> {
+    let h = (k.flow ^ (k.end as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    PKT_STATE.get_ptr_mut((h >> 40) as u32 & (PKT_SLOTS - 1))
+}
+
+/// Counts a drop of `ev`'s packet by `reason` and the last stage it reached (from its
+/// slot, which it leaves: a dropped packet is not counted as evicted later).
+#[inline(always)]
+pub fn dropped(ev: &Event, reason: u32) {
+    let k = key(ev);
+    let mut last = DROP_STAGE_SLOTS - 1;
+    if let Some(slot) = slot_of(&k) {
+        let slot = unsafe { &mut *slot };
+        if slot.key == k {
+            let mut best = 0u64;
+            for i in 0..Stage::ALL.len() {
+                if slot.ts[i] > best {
+                    best = slot.ts[i];
+                    last = i as u32;
+                }
+            }
+            slot.key.flow = 0;
+        }
+    }
+    let r = if reason < DROP_REASON_SLOTS { reason } else { DROP_REASON_SLOTS - 1 };
+    if let Some(n) = DROP_COUNTS.get_ptr_mut(r * DROP_STAGE_SLOTS + last) {
+        unsafe { *n += 1 };
+    }
+}
+
 /// Notes `ev` at `stage` for its packet; at stage `finish` (the last asked stage in
 /// kernel order: `recv_syscall` unless `--stages` leaves it out) the packet is added up.
 #[inline(always)]
 pub fn update(ev: &Event, stage: Stage, finish: u8) {
     let k = key(ev);
-    let h = (k.flow ^ (k.end as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    let Some(slot) = PKT_STATE.get_ptr_mut((h >> 40) as u32 & (PKT_SLOTS - 1)) else { return };
+    let Some(slot) = slot_of(&k) else { return };
     let slot = unsafe { &mut *slot };
     if slot.key != k {
         // Empty, or another packet's: this packet starts here.

@@ -279,3 +279,21 @@ impl Drop for Tmpfs {
         let _ = std::fs::remove_dir(&self.0);
     }
 }
+
+/// Sets a socket's receive buffer: SO_RCVBUF (`force` false; the kernel doubles it and
+/// applies its minimum) or SO_RCVBUFFORCE (root: past rmem_max).
+pub fn set_rcvbuf(sock: &impl std::os::fd::AsRawFd, bytes: i32, force: bool) {
+    let opt = if force { libc::SO_RCVBUFFORCE } else { libc::SO_RCVBUF };
+    let v: libc::c_int = bytes;
+    // SAFETY: a valid socket and a c_int option of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&raw const v).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "setting the receive buffer: {}", std::io::Error::last_os_error());
+}

@@ -12,6 +12,7 @@ pub(crate) const PACKAGES: &[(&str, &str)] = &[
     ("chromium", "chromium"),
     ("tcpdump", "tcpdump"),
     ("tshark", "tshark"),
+    ("nft", "nftables"),
     ("systemd-analyze", "systemd"),
 ];
 

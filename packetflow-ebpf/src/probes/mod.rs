@@ -5,6 +5,7 @@ mod capture;
 mod connect;
 mod device;
 mod doctor;
+mod drops;
 mod packet;
 mod socket;
 mod syscalls;

@@ -168,6 +168,7 @@ pub async fn run(a: Args) -> Result<()> {
             Duration::from_secs(1),
             crate::pipeline::correlate::DEFAULT_BUDGET_MB,
             None,
+            crate::kernel::drops::DropNamer::new(tracer.drop_reasons.clone()),
             vec![Box::new(TraceTap(trace_tx))],
         )
     });

@@ -353,6 +353,7 @@ async fn stage_table() -> Result<Vec<Vec<String>>> {
     let mut t = Tracer::load(&LoadOptions { ring_bytes: 4096, ..Default::default() })?;
     // `trace --connections`' hooks first: the kernel's BTF is still at hand.
     let conns = t.attach_connections();
+    t.attach_drops();
     t.attach_kernel_hooks(crate::model::stage_set::StageSet::ALL)?;
     t.attach_interface(None, "lo", XdpChoice::Auto)?;
     let state = |s: &Result<(), String>| match s {
@@ -371,6 +372,14 @@ async fn stage_table() -> Result<Vec<Vec<String>>> {
                 .map(|h| vec![format!("{} (--connections)", h.stage.name()), h.hook.clone(), state(&h.state)]),
         ),
         Err(e) => rows.push(vec!["--connections".into(), "-".into(), format!("missing: {e:#}")]),
+    }
+    rows.extend(t.drop_hooks.iter().map(|h| vec![h.what.to_string(), h.hook.clone(), state(&h.state)]));
+    if t.drop_reasons.is_empty() {
+        rows.push(vec![
+            "drop reasons".into(),
+            "BTF enum skb_drop_reason".into(),
+            "missing: reasons print as numbers".into(),
+        ]);
     }
     Ok(rows)
 }

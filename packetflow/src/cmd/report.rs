@@ -71,6 +71,9 @@ pub fn run(a: Args) -> Result<()> {
     if !r.conns.listeners.is_empty() {
         text.push_str(&format!("\nconnection set-up per listener:\n{}", tables::connection_table(&r.conns)));
     }
+    if !r.drops.is_empty() {
+        text.push_str(&tables::drop_table(&r.drops));
+    }
     print!("{text}");
     if let Some(b) = &a.baseline {
         let base = report::read(b, a.path, By::Stage, None)?;
@@ -79,6 +82,10 @@ pub fn run(a: Args) -> Result<()> {
         print!("{}", report::compare(&base.gathered.stats, stats));
         if !r.conns.listeners.is_empty() || !base.conns.listeners.is_empty() {
             print!("{}", report::compare_connections(&base.conns, &r.conns));
+        }
+        if !r.drops.is_empty() || !base.drops.is_empty() {
+            let traces = |s: &crate::model::stats::Stats| s.paths.values().map(|p| p.traces).sum::<u64>();
+            print!("{}", report::compare_drops(&base.drops, traces(&base.gathered.stats), &r.drops, traces(stats)));
         }
     }
     if let Some(dir) = &a.svg {

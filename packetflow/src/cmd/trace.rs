@@ -49,6 +49,11 @@ pub struct Args {
     /// one `connection` line each with --json. With `--stages none`: connections only.
     #[arg(long)]
     pub connections: bool,
+    /// Print each drop of the traced traffic as it happens: reason, where in the kernel,
+    /// interface, last stage reached (also packets dropped before any traced stage).
+    /// The table of drops by reason is printed at the end of every run that saw one.
+    #[arg(long)]
+    pub drops: bool,
     /// Give up waiting for a packet's missing stages after this many ms.
     #[arg(long = "timeout-ms", value_name = "MS", default_value = "1000", value_parser = super::millis)]
     pub timeout: Duration,
@@ -103,6 +108,9 @@ pub async fn run(a: Args) -> Result<()> {
         timeout: a.timeout,
         count: a.count,
         connections: a.connections,
+        more_sinks: a.drops.then(|| -> run::MoreSinks {
+            Box::new(move |tracer, _| vec![Box::new(DropPrinter::new(tracer, json_to_stdout))])
+        }),
         ..Default::default()
     })
     .await?;
@@ -114,7 +122,13 @@ pub async fn run(a: Args) -> Result<()> {
             print!("{s}");
         }
     };
-    for line in running.tracer.unavailable().into_iter().chain(running.tracer.conn_unavailable()) {
+    for line in running
+        .tracer
+        .unavailable()
+        .into_iter()
+        .chain(running.tracer.conn_unavailable())
+        .chain(running.tracer.drops_unavailable())
+    {
         say(&format!("{line}\n"));
     }
     say(&format!("tracing ({described}); Ctrl-C to stop\n"));
@@ -139,7 +153,9 @@ pub async fn run(a: Args) -> Result<()> {
                     } else {
                         String::new()
                     };
-                    println!("\x1b[2J\x1b[H{}{conns}{} flows tracked, {} records dropped by a slow reader",
+                    let drops = running.drops();
+                    let drops = if drops.is_empty() { String::new() } else { tables::drop_table(&drops) };
+                    println!("\x1b[2J\x1b[H{}{conns}{drops}{} flows tracked, {} records dropped by a slow reader",
                         tables::path_tables(&stats, &lost), flows, running.shared.overflow_records.load(Ordering::Relaxed));
                 }
             }
@@ -158,9 +174,58 @@ pub async fn run(a: Args) -> Result<()> {
     if a.connections {
         say(&format!("connection set-up per listener:\n{}", tables::connection_table(&f.conns)));
     }
+    if a.drops || !f.drops.is_empty() {
+        say(&tables::drop_table(&f.drops));
+    }
     say(&format!("{}\n", accounting::loss_line(&f)));
     say(&format!("{}\n", accounting::cost_line(&f)));
     Ok(())
+}
+
+/// `trace --drops`: one line per drop, as the correlator hands it on (a traced packet's
+/// once its trace is finished, so with the stage it reached).
+struct DropPrinter {
+    names: crate::pipeline::names::Names,
+    to_stderr: bool,
+}
+
+impl DropPrinter {
+    fn new(tracer: &crate::kernel::loader::Tracer, to_stderr: bool) -> DropPrinter {
+        DropPrinter { names: crate::pipeline::names::Names::new(&tracer.interfaces), to_stderr }
+    }
+
+    fn print(&mut self, d: &crate::model::drops::PacketDrop) {
+        let dev = if d.device.ifindex == 0 { "-".to_string() } else { self.names.ifname(d.device) };
+        let line = format!(
+            "drop {} at {} on {dev} after {}: {} {} {}:{} > {}:{} len {}\n",
+            d.reason,
+            d.location,
+            d.after.map_or("(no trace)", packetflow_common::Stage::name),
+            if d.flow.udp { "udp" } else { "tcp" },
+            d.kind,
+            d.flow.src_ip(),
+            d.flow.sport,
+            d.flow.dst_ip(),
+            d.flow.dport,
+            d.len
+        );
+        if self.to_stderr {
+            eprint!("{line}");
+        } else {
+            print!("{line}");
+        }
+    }
+}
+
+impl crate::pipeline::session::Sink for DropPrinter {
+    fn trace(&mut self, t: &crate::model::trace::Trace) {
+        if let Some(d) = &t.drop {
+            self.print(d);
+        }
+    }
+    fn untraced_drop(&mut self, d: &crate::model::drops::PacketDrop) {
+        self.print(d);
+    }
 }
 
 /// The filter and mode in words, for the start line.

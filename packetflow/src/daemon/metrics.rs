@@ -62,6 +62,8 @@ pub struct Snapshot {
     /// Connection set-up per listener (`connections = true`).
     pub conns: crate::model::connection::ConnStats,
     pub conns_traced: bool,
+    /// Drops by reason and stage, retransmits by port.
+    pub drops: crate::model::drops::DropStats,
 }
 
 /// Upper bounds of the latency buckets, in seconds: 1 µs × 1.1^k, k = 0..=145 (≈ 1.0 s
@@ -173,6 +175,7 @@ impl Collector for Exporter {
             m.encode_family(&[("path", path.name())])?.encode_histogram::<NoLabelSet>(sum, count, &b, None)?;
         }
 
+        drops(&mut enc, &s.drops)?;
         if s.conns_traced {
             connections(&mut enc, &s.conns, &self.bounds)?;
         }
@@ -446,6 +449,36 @@ fn connections(
         for (listener, l) in &names {
             m.encode_family(&[("listener", listener.as_str())])?.encode_counter::<NoLabelSet, _, f64>(&get(l), None)?;
         }
+    }
+    Ok(())
+}
+
+/// Drops per reason and last stage reached ("none": no trace); retransmits per port.
+fn drops(enc: &mut DescriptorEncoder, d: &crate::model::drops::DropStats) -> Result<(), std::fmt::Error> {
+    {
+        let mut m = metric(
+            enc,
+            "packetflow_drops",
+            "Packets of the traced traffic the kernel dropped, per drop reason and last stage reached",
+            None,
+            MetricType::Counter,
+        )?;
+        for ((reason, stage), n) in d.by_reason_stage() {
+            let stage = if stage == "-" { "none" } else { stage.as_str() };
+            m.encode_family(&[("reason", reason.as_str()), ("stage", stage)])?
+                .encode_counter::<NoLabelSet, _, f64>(&n, None)?;
+        }
+    }
+    let mut m = metric(
+        enc,
+        "packetflow_retransmits",
+        "TCP segments sent again, per port (the lower of the flow's two)",
+        None,
+        MetricType::Counter,
+    )?;
+    for (port, n) in &d.retransmits {
+        let port = port.to_string();
+        m.encode_family(&[("port", port.as_str())])?.encode_counter::<NoLabelSet, _, f64>(n, None)?;
     }
     Ok(())
 }

@@ -305,6 +305,7 @@ fn snapshot(running: &Running, files: &Files, reloads: (u64, u64), ring_bytes: u
         reloads_rejected: reloads.1,
         conns: sh.conns.lock().expect("conns lock").clone(),
         conns_traced: !running.tracer.conn_hooks.is_empty(),
+        drops: running.drops(),
     }
 }
 
@@ -344,6 +345,7 @@ fn render_status(s: &Snapshot, c: &Config, started: Instant) -> String {
     if s.conns_traced {
         out.push_str(&format!("\nconnection set-up per listener:\n{}", tables::connection_table(&s.conns)));
     }
+    out.push_str(&format!("\n{}", tables::drop_table(&s.drops)));
     match &s.programs {
         Some(progs) => {
             let ns: u64 = progs.iter().map(|p| p.ns).sum();

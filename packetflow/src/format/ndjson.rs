@@ -22,8 +22,9 @@ use serde::{Deserialize, Deserializer, Serialize, de::DeserializeOwned};
 
 use crate::{
     kernel::loader::Tracer,
+    model::drops::{DropStats, PacketDrop},
     model::stats::{PERCENTILES, PathStats, Stats},
-    model::trace::Trace,
+    model::trace::{Device, Flow, Trace},
     pipeline::correlate::CorrStats,
     pipeline::names::Names,
     pipeline::session::Sink,
@@ -137,6 +138,12 @@ pub struct TraceJson {
     pub stages: Vec<StageJson>,
     #[serde(skip_deserializing)]
     pub total_ns: u64,
+    /// Where and why the kernel dropped the packet (docs/drops.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop: Option<DropJson>,
+    /// TCP: when these bytes were sent again (ns, the same clock as the stages).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retransmits: Vec<u64>,
 }
 
 /// One stage of a trace line.
@@ -183,6 +190,8 @@ impl TraceJson {
                 .map(|s| StageJson { stage: s.stage.name().into(), t_ns: s.t_ns, cpu: s.cpu })
                 .collect(),
             total_ns: t.total_ns(),
+            drop: t.drop.as_ref().map(|d| DropJson::new(d, names)),
+            retransmits: t.retransmits.clone(),
         }
     }
 }
@@ -209,6 +218,126 @@ pub struct SummaryJson {
     pub counters: serde_json::Value,
     #[serde(default, deserialize_with = "or_default")]
     pub correlator: CorrelatorJson,
+    /// Drops by reason, last stage reached and location (docs/drops.md).
+    #[serde(default, deserialize_with = "or_default")]
+    pub drops: Vec<DropCountJson>,
+    /// Retransmitted segments by port (the flow's lower port).
+    #[serde(default, deserialize_with = "or_default")]
+    pub retransmits: BTreeMap<String, u64>,
+}
+
+/// One row of the summary's drop counts.
+#[derive(Serialize, Deserialize, Default)]
+pub struct DropCountJson {
+    pub reason: String,
+    /// The last stage the packets reached; "-" when they had no trace.
+    pub stage: String,
+    /// Where the kernel dropped them; "-" in summary mode (counted in the kernel).
+    pub location: String,
+    pub packets: u64,
+}
+
+/// A trace's drop (`trace.drop`), and the body of a `drop` line (a drop without a trace).
+#[derive(Serialize, Deserialize, Clone)]
+pub struct DropJson {
+    pub reason: String,
+    pub location: String,
+    pub t_ns: u64,
+    /// The last stage the packet reached (absent on a `drop` line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    #[serde(default)]
+    pub ifname: String,
+    #[serde(default)]
+    pub ifindex: u32,
+    #[serde(default)]
+    pub netns: u32,
+}
+
+impl DropJson {
+    pub fn new(d: &PacketDrop, names: &mut Names) -> DropJson {
+        DropJson {
+            reason: d.reason.clone(),
+            location: d.location.clone(),
+            t_ns: d.t_ns,
+            after: d.after.map(|s| s.name().to_string()),
+            ifname: if d.device.ifindex == 0 { String::new() } else { names.ifname(d.device) },
+            ifindex: d.device.ifindex,
+            netns: d.device.netns,
+        }
+    }
+}
+
+impl DropJson {
+    /// The drop of a packet of `flow` read back (the stage name checked).
+    pub fn to_drop(&self, flow: Flow, seq: u32, len: u32, kind: &str) -> Result<PacketDrop, String> {
+        let after = match &self.after {
+            Some(s) => Some(Stage::from_name(s).ok_or_else(|| format!("unknown stage '{s}'"))?),
+            None => None,
+        };
+        let kind = ["data", "retrans", "ack", "syn", "synack", "fin", "rst"]
+            .into_iter()
+            .find(|k| *k == kind)
+            .ok_or_else(|| format!("unknown kind '{kind}'"))?;
+        Ok(PacketDrop {
+            t_ns: self.t_ns,
+            reason: self.reason.clone(),
+            location: self.location.clone(),
+            device: Device { netns: self.netns, ifindex: self.ifindex },
+            after,
+            flow,
+            seq,
+            len,
+            kind,
+        })
+    }
+}
+
+impl DropLineJson {
+    pub fn to_drop(&self) -> Result<PacketDrop, String> {
+        let flow = Flow::from_json(&self.family, &self.proto, self.src, self.sport, self.dst, self.dport);
+        self.drop.to_drop(flow, self.seq, self.len, &self.kind)
+    }
+}
+
+/// A `drop` line: a packet of the traced traffic dropped with no trace of its own (it
+/// was dropped before any traced stage, or is a segment kind not traced).
+#[derive(Serialize, Deserialize)]
+pub struct DropLineJson {
+    #[serde(rename = "type")]
+    pub ty: Name,
+    #[serde(skip_deserializing)]
+    pub v: u64,
+    pub kind: Name,
+    pub proto: Name,
+    pub family: Name,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+    pub seq: u32,
+    pub len: u32,
+    #[serde(flatten)]
+    pub drop: DropJson,
+}
+
+impl DropLineJson {
+    pub fn new(d: &PacketDrop, names: &mut Names) -> DropLineJson {
+        DropLineJson {
+            ty: "drop".into(),
+            v: SCHEMA_VERSION,
+            kind: d.kind.into(),
+            proto: if d.flow.udp { "udp" } else { "tcp" }.into(),
+            family: if d.flow.v6 { "ipv6" } else { "ipv4" }.into(),
+            src: d.flow.src_ip(),
+            sport: d.flow.sport,
+            dst: d.flow.dst_ip(),
+            dport: d.flow.dport,
+            seq: d.seq,
+            len: d.len,
+            drop: DropJson::new(d, names),
+        }
+    }
 }
 
 /// One path's statistics in the summary.
@@ -257,6 +386,12 @@ impl HistJson {
 #[serde(default)]
 pub struct CorrelatorJson {
     pub records: u64,
+    #[serde(default)]
+    pub drops_traced: u64,
+    #[serde(default)]
+    pub drops_untraced: u64,
+    #[serde(default)]
+    pub retransmits: u64,
     pub traces: u64,
     pub incomplete: u64,
     pub flows_evicted: u64,
@@ -306,6 +441,10 @@ impl Sink for JsonSink {
     }
     fn connection(&mut self, c: &crate::model::connection::Connection) {
         self.line(&ConnectionJson::new(c));
+    }
+    fn untraced_drop(&mut self, d: &PacketDrop) {
+        let j = DropLineJson::new(d, &mut self.names);
+        self.line(&j);
     }
     fn finish(&mut self, summary: &serde_json::Value) {
         self.line(summary);
@@ -357,6 +496,7 @@ pub fn summary(
     lost: &BTreeMap<Stage, u64>,
     counters: serde_json::Value,
     corr: &CorrStats,
+    drops: &DropStats,
 ) -> serde_json::Value {
     let path = |ps: &PathStats| PathJson {
         traces: ps.traces,
@@ -382,7 +522,21 @@ pub fn summary(
             egress_unanchored: corr.egress_unanchored,
             stage_gaps: corr.stage_gaps,
             traces_finished_early: corr.traces_finished_early,
+            drops_traced: corr.drops_traced,
+            drops_untraced: corr.drops_untraced,
+            retransmits: corr.retransmits,
         },
+        drops: drops
+            .drops
+            .iter()
+            .map(|((reason, stage, location), n)| DropCountJson {
+                reason: reason.clone(),
+                stage: stage.clone(),
+                location: location.clone(),
+                packets: *n,
+            })
+            .collect(),
+        retransmits: drops.retransmits.iter().map(|(p, n)| (p.to_string(), *n)).collect(),
     };
     serde_json::to_value(summary).expect("a summary has only string map keys")
 }

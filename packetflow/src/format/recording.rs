@@ -68,7 +68,7 @@ impl TraceJson {
         if let Some(e) = kernel_order_error(&stages) {
             return Err(e);
         }
-        Ok(Trace {
+        Trace {
             kind,
             flow: Flow {
                 v6: self.family == "ipv6",
@@ -91,7 +91,10 @@ impl TraceJson {
             rx_comm: self.rx_comm.clone(),
             stages,
             complete: self.complete,
-        })
+            drop: None,
+            retransmits: self.retransmits.clone(),
+        }
+        .with_drop(self.drop.as_ref())
     }
 }
 
@@ -130,6 +133,8 @@ fn kernel_order_error(stages: &[StageTime]) -> Option<String> {
 
 pub enum Line {
     Trace(Box<Trace>),
+    /// A dropped packet without a trace (`drop` line).
+    Drop(Box<crate::model::drops::PacketDrop>),
     Summary(Box<SummaryJson>),
     Connection(Box<crate::model::connection::Connection>),
 }
@@ -262,6 +267,18 @@ impl<R: BufRead> Reader<R> {
                         }
                     }
                 }
+                Some("drop") => {
+                    match serde_json::from_value::<crate::format::ndjson::DropLineJson>(v)
+                        .map_err(|e| e.to_string())
+                        .and_then(|d| d.to_drop())
+                    {
+                        Ok(d) => return Ok(Some(Line::Drop(Box::new(d)))),
+                        Err(e) => {
+                            self.notes.skipped += 1;
+                            self.notes.warn(format!("{}, line {no}: not a valid drop ({e}), skipped", self.name));
+                        }
+                    }
+                }
                 Some("header") => {
                     self.notes.skipped += 1;
                     self.notes
@@ -331,7 +348,13 @@ mod tests {
         }
         let lost = std::collections::BTreeMap::from([(Stage::DevQueue, 3)]);
         let corr = CorrStats { records: 7, egress_unanchored: 2, ..Default::default() };
-        sink.finish(&ndjson::summary(&stats, &lost, serde_json::json!({"parsed_xdp": 1}), &corr));
+        sink.finish(&ndjson::summary(
+            &stats,
+            &lost,
+            serde_json::json!({"parsed_xdp": 1}),
+            &corr,
+            &crate::model::drops::DropStats::default(),
+        ));
         assert_eq!(sink.errors, 0);
 
         let bytes = out.0.lock().unwrap().clone();

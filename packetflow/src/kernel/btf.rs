@@ -99,7 +99,14 @@ impl Btf {
                         off += 12;
                     }
                 }
-                KIND_ENUM | KIND_FUNC_PROTO => off += 8 * vlen,
+                KIND_ENUM => {
+                    // (name, value): the value kept in `bits`.
+                    for _ in 0..vlen {
+                        members.push(Member { name: u32_at(off)?, ty: 0, bits: u32_at(off + 4)? });
+                        off += 8;
+                    }
+                }
+                KIND_FUNC_PROTO => off += 8 * vlen,
                 KIND_DATASEC | KIND_ENUM64 => off += 12 * vlen,
                 _ => {}
             }
@@ -167,6 +174,21 @@ impl Btf {
             id = t;
         }
         (bits % 8 == 0).then_some(bits / 8)
+    }
+
+    /// The values of enum `name` (32-bit enums only), by value.
+    pub fn enum_values(&self, name: &str) -> Vec<(u32, String)> {
+        let Some(id) = self
+            .by_name
+            .get(name)
+            .and_then(|ids| ids.iter().copied().find(|&id| self.types[id as usize].kind == KIND_ENUM))
+        else {
+            return Vec::new();
+        };
+        let mut v: Vec<(u32, String)> =
+            self.types[id as usize].members.iter().map(|m| (m.bits, self.str_at(m.name).to_string())).collect();
+        v.sort();
+        v
     }
 
     /// Whether the kernel has a tracepoint usable by tp_btf/raw_tp of this name.
@@ -270,6 +292,13 @@ mod tests {
         let o = btf.offsets();
         let text = format!("{o:?}");
         assert!(!text.contains(&Offsets::MISSING.to_string()), "fields missing from this kernel's BTF: {text}");
+    }
+
+    #[test]
+    fn this_kernel_names_its_drop_reasons() {
+        let btf = Btf::from_sys_fs().expect("kernel BTF");
+        let v = btf.enum_values("skb_drop_reason");
+        assert!(v.iter().any(|(_, n)| n == "SKB_DROP_REASON_NO_SOCKET"), "{v:?}");
     }
 
     #[test]

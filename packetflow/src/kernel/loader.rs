@@ -92,6 +92,12 @@ pub struct Tracer {
     /// The connection hooks (`attach_connections`), per handshake step; empty when
     /// connections are not traced.
     pub conn_hooks: Vec<crate::kernel::connections::ConnHookState>,
+    /// The drop and retransmission hooks (`attach_drops`); empty until attached.
+    pub drop_hooks: Vec<crate::kernel::drops::DropHookState>,
+    /// This kernel's drop reasons (from BTF).
+    pub drop_reasons: std::sync::Arc<crate::kernel::drops::DropReasons>,
+    /// Summary mode's drop counts (`kernel_drops`).
+    pub(super) drop_counts: Option<PerCpuArray<MapData, u64>>,
 }
 
 /// A program error with its causes, or a load error with the verifier log's last lines.
@@ -158,6 +164,9 @@ impl Tracer {
         }
         let btf = Btf::from_sys_fs()?;
         let offsets = btf.offsets();
+        let drop_reasons = crate::kernel::drops::DropReasons::from_btf(&btf);
+        let consumed = drop_reasons.consumed.unwrap_or(u32::MAX);
+        drop(btf);
         let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
         let ring_bytes = opts.ring_bytes.max(4096).next_power_of_two();
         let wake = u64::from(ring_bytes / 4);
@@ -174,7 +183,8 @@ impl Tracer {
             .override_global("WAKEUP_BYTES", &wake, true)
             .override_global("SYS_EXIT_RET_OFF", &ret_off, true)
             .override_global("NR_CPUS", &nr_cpus, true)
-            .override_global("IDLE", &idle, true);
+            .override_global("IDLE", &idle, true)
+            .override_global("SKB_CONSUMED", &consumed, true);
         let cap_bytes =
             if opts.capture_ring_bytes == 0 { 4096 } else { opts.capture_ring_bytes.max(1 << 20).next_power_of_two() };
         // The capture shards wake their reader by their own size: with the trace rings'
@@ -202,6 +212,7 @@ impl Tracer {
         let filter = Array::try_from(ebpf.take_map("FILTER").ok_or_else(|| anyhow!("FILTER map missing"))?)?;
         let capture = Array::try_from(ebpf.take_map("CAP_CONFIG").ok_or_else(|| anyhow!("CAP_CONFIG map missing"))?)?;
         let hist = PerCpuArray::try_from(ebpf.take_map("HIST").ok_or_else(|| anyhow!("HIST map missing"))?)?;
+        let drop_counts = ebpf.take_map("DROP_COUNTS").map(PerCpuArray::try_from).transpose()?;
         let t = Tracer {
             ebpf: Some(ebpf),
             counters,
@@ -222,6 +233,9 @@ impl Tracer {
             // Root (CAP_SYS_ADMIN) only; without it the cost is reported unknown.
             run_stats: std::sync::Arc::new(std::sync::Mutex::new(RunStats::start())),
             conn_hooks: Vec::new(),
+            drop_hooks: Vec::new(),
+            drop_reasons: std::sync::Arc::new(drop_reasons),
+            drop_counts,
         };
         Ok(t)
     }

@@ -3,6 +3,7 @@
 
 pub mod btf;
 pub mod connections;
+pub mod drops;
 pub mod hook_kinds;
 pub mod hooks;
 pub mod interfaces;

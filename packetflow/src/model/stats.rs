@@ -97,6 +97,8 @@ mod tests {
             rx_comm: None,
             stages: times.iter().map(|&(stage, t_ns)| StageTime { stage, t_ns, cpu: 0 }).collect(),
             complete: true,
+            drop: None,
+            retransmits: Vec::new(),
         }
     }
 

@@ -20,6 +20,28 @@ impl Flow {
         Flow { v6: ev.is_v6(), udp: ev.is_udp(), src: ev.saddr, dst: ev.daddr, sport: ev.sport, dport: ev.dport }
     }
 
+    /// A flow as a recording's line spells it.
+    pub fn from_json(
+        family: &str,
+        proto: &str,
+        src: std::net::IpAddr,
+        sport: u16,
+        dst: std::net::IpAddr,
+        dport: u16,
+    ) -> Flow {
+        let addr = |a: std::net::IpAddr| -> [u8; 16] {
+            match a {
+                std::net::IpAddr::V4(v4) => {
+                    let mut b = [0u8; 16];
+                    b[..4].copy_from_slice(&v4.octets());
+                    b
+                }
+                std::net::IpAddr::V6(v6) => v6.octets(),
+            }
+        };
+        Flow { v6: family == "ipv6", udp: proto == "udp", src: addr(src), dst: addr(dst), sport, dport }
+    }
+
     pub fn src_ip(&self) -> std::net::IpAddr {
         ip(self.v6, &self.src)
     }
@@ -107,6 +129,10 @@ pub struct Trace {
     pub stages: Vec<StageTime>,
     /// Every expected stage was seen.
     pub complete: bool,
+    /// The kernel dropped the packet after its last stage (docs/drops.md).
+    pub drop: Option<crate::model::drops::PacketDrop>,
+    /// TCP: when the stack sent these bytes again (tcp_retransmit_skb), after this copy.
+    pub retransmits: Vec<u64>,
 }
 
 impl Trace {
@@ -115,6 +141,14 @@ impl Trace {
             (Some(a), Some(b)) => b.t_ns.saturating_sub(a.t_ns),
             _ => 0,
         }
+    }
+
+    /// With the drop a recording's trace line carries (`drop`), when it has one.
+    pub fn with_drop(mut self, d: Option<&crate::format::ndjson::DropJson>) -> Result<Trace, String> {
+        if let Some(d) = d {
+            self.drop = Some(d.to_drop(self.flow, self.seq, self.len, self.kind.name())?);
+        }
+        Ok(self)
     }
 
     pub fn time_of(&self, stage: Stage) -> Option<u64> {

@@ -103,6 +103,10 @@ pub fn counters_json(c: &[u64], overflow: u64) -> serde_json::Value {
         "reader_overflow_records": overflow,
         "connection_records": g(counters::CONN_EMITTED),
         "connection_records_lost": g(counters::CONN_LOST),
+        "drop_records": g(counters::DROP_EMITTED),
+        "drop_records_lost": g(counters::DROP_LOST),
+        "retransmit_records": g(counters::RETRANS_EMITTED),
+        "retransmit_records_lost": g(counters::RETRANS_LOST),
         "emitted": Stage::ALL.iter().map(|s| (s.name(), g(counters::EMITTED + *s as u32))).collect::<BTreeMap<_, _>>(),
     })
 }
@@ -149,6 +153,13 @@ pub fn loss_line(f: &Finished) -> String {
     let g = |i: u32| f.counters.get(i as usize).copied().unwrap_or(0);
     if g(counters::CONN_LOST) > 0 {
         parts.push(format!("lost {} connection records (ring full)", g(counters::CONN_LOST)));
+    }
+    if g(counters::DROP_LOST) + g(counters::RETRANS_LOST) > 0 {
+        parts.push(format!(
+            "lost {} drop and {} retransmission records (ring full)",
+            g(counters::DROP_LOST),
+            g(counters::RETRANS_LOST)
+        ));
     }
     if g(counters::SUMMARY_EVICTED) > 0 {
         parts.push(format!(

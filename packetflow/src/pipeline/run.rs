@@ -138,6 +138,9 @@ pub struct Finished {
     pub conns: crate::model::connection::ConnStats,
     /// How each handshake step was observed (empty without `connections`).
     pub conn_hooks: Vec<crate::kernel::connections::ConnHookState>,
+    /// Drops by reason, stage and location; retransmits by port (summary mode: the
+    /// kernel's counts, by reason and stage).
+    pub drops: crate::model::drops::DropStats,
 }
 
 /// Starts the sampler `how` asks for (`StatsSampling`); the statistics are on now.
@@ -197,6 +200,7 @@ impl Running {
             tracer.attach_connections()?;
         }
         if packets {
+            tracer.attach_drops();
             tracer.attach_kernel_hooks(filter.stages)?;
         }
         if dbg {
@@ -228,7 +232,8 @@ impl Running {
         if let Some(more) = o.more_sinks {
             sinks.extend(more(&tracer, &filter));
         }
-        let corr = readers.start_correlator(tracer.coverage(), o.timeout, o.budget_mb, o.count, sinks);
+        let namer = crate::kernel::drops::DropNamer::new(tracer.drop_reasons.clone());
+        let corr = readers.start_correlator(tracer.coverage(), o.timeout, o.budget_mb, o.count, namer, sinks);
         let shared = readers.shared.clone();
         let sampler = start_sampling(&tracer, o.run_stats);
         Ok(Running {
@@ -278,6 +283,18 @@ impl Running {
             *self.shared.coverage.lock().expect("coverage lock") = Some(self.tracer.coverage());
         }
         lines
+    }
+
+    /// Drops and retransmits so far: the correlator's, or the kernel's in summary mode.
+    pub fn drops(&self) -> crate::model::drops::DropStats {
+        if self.records {
+            return self.shared.drops.lock().expect("drops lock").clone();
+        }
+        let mut d = crate::model::drops::DropStats::default();
+        for (reason, stage, n) in self.tracer.kernel_drops() {
+            d.add(&self.tracer.drop_reasons.name(reason), stage.map_or("-", Stage::name), "-", n);
+        }
+        d
     }
 
     /// The statistics so far: the correlator's, or the kernel's in summary mode.
@@ -353,7 +370,13 @@ impl Running {
         }
         counts["recursion_misses"] =
             serde_json::json!(missed.iter().map(|(s, n)| (s.name(), *n)).collect::<BTreeMap<_, _>>());
-        let summary = ndjson::summary(&stats, &lost, counts, &corr);
+        let mut drops = shared.drops.lock().expect("drops lock").clone();
+        if !records {
+            for (reason, stage, n) in tracer.kernel_drops() {
+                drops.add(&tracer.drop_reasons.name(reason), stage.map_or("-", Stage::name), "-", n);
+            }
+        }
+        let summary = ndjson::summary(&stats, &lost, counts, &corr, &drops);
         for s in &mut sinks {
             s.finish(&summary);
         }
@@ -370,6 +393,7 @@ impl Running {
             cost,
             conns: shared.conns.lock().expect("conns lock").clone(),
             conn_hooks: tracer.conn_hooks.clone(),
+            drops,
         })
     }
 }

@@ -22,13 +22,17 @@ use std::{
 
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
-use packetflow_common::{Event, RING_SHARDS};
+use packetflow_common::{
+    Event, RING_SHARDS,
+    drop::{DROP_DETAIL_STAGE, DROP_STAGE, DropRecord, RETRANS_STAGE},
+};
 use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     model::connection::{ConnStats, Connection},
+    model::drops::{DropStats, PacketDrop},
     model::stats::Stats,
-    model::trace::Trace,
+    model::trace::{Flow, Trace},
     pipeline::connections::Tracker,
     pipeline::correlate::{CorrStats, Correlator, Coverage},
     pipeline::shards::{self, Shards},
@@ -54,6 +58,9 @@ pub trait Sink: Send {
     fn trace(&mut self, t: &Trace);
     /// A finished connection trace (`trace --connections`).
     fn connection(&mut self, _c: &Connection) {}
+    /// A drop of a packet that has no trace (a dropped traced packet's drop is on its
+    /// trace, `Trace::drop`).
+    fn untraced_drop(&mut self, _d: &PacketDrop) {}
     /// Called once, after the last trace, with the run's summary.
     fn finish(&mut self, _summary: &serde_json::Value) {}
 }
@@ -64,6 +71,8 @@ pub struct Shared {
     pub stats: Mutex<Stats>,
     /// Connection traces per listener (`trace --connections`).
     pub conns: Mutex<ConnStats>,
+    /// Drops by reason, stage and location; retransmits by port.
+    pub drops: Mutex<DropStats>,
     /// Connection records taken, and connections handed on before they were done
     /// because too many were open (`Tracker::evicted`).
     pub conn_records: AtomicU64,
@@ -123,6 +132,13 @@ async fn read_shard(shard: usize, mut ring: Shards, tx: SyncSender<Batch>, share
         let mut events = Vec::new();
         ring.drain(|item| match shards::record::<Event>(item) {
             Some(e) if item.len() == size_of::<Event>() => events.push(e),
+            // A drop: passed on as two records (`DropRecord::detail`).
+            _ if item.len() == size_of::<DropRecord>() => match shards::record::<DropRecord>(item) {
+                Some(d) if d.ev.stage == DROP_STAGE => events.extend([d.ev, d.detail()]),
+                _ => {
+                    shared.bad_records.fetch_add(1, Ordering::Relaxed);
+                }
+            },
             _ => {
                 shared.bad_records.fetch_add(1, Ordering::Relaxed);
             }
@@ -163,6 +179,16 @@ fn drop_counted(shared: &Shared, events: &[Event]) {
     shared.overflow_anchors.fetch_add(anchors as u64, Ordering::Relaxed);
 }
 
+/// Hands the drops no trace took to the statistics and the sinks.
+fn emit_untraced(corr: &mut Correlator, shared: &Shared, sinks: &std::cell::RefCell<Vec<Box<dyn Sink>>>) {
+    for d in corr.take_untraced_drops() {
+        shared.drops.lock().expect("drops lock").record(&d);
+        for s in sinks.borrow_mut().iter_mut() {
+            s.untraced_drop(&d);
+        }
+    }
+}
+
 pub struct CorrelatorHandle {
     thread: std::thread::JoinHandle<(Correlator, Vec<Box<dyn Sink>>)>,
 }
@@ -176,6 +202,7 @@ impl Readers {
         timeout: Duration,
         budget_mb: usize,
         count: Option<u64>,
+        namer: crate::kernel::drops::DropNamer,
         sinks: Vec<Box<dyn Sink>>,
     ) -> CorrelatorHandle {
         let rx = self.rx.take().expect("correlator started once");
@@ -185,6 +212,7 @@ impl Readers {
             .name("correlator".into())
             .spawn(move || {
                 let mut corr = Correlator::new(coverage);
+                corr.namer = namer;
                 // Debugging aid: every raw record, one line each (docs/stages.md).
                 let mut dump = std::env::var_os("PACKETFLOW_DUMP_RECORDS")
                     .and_then(|p| std::fs::File::create(p).ok())
@@ -213,6 +241,9 @@ impl Readers {
                 };
                 let mut emit = |t: Trace| {
                     shared.stats.lock().expect("stats lock").record(&t);
+                    if let Some(d) = &t.drop {
+                        shared.drops.lock().expect("drops lock").record(d);
+                    }
                     for s in sinks.borrow_mut().iter_mut() {
                         s.trace(&t);
                     }
@@ -227,7 +258,8 @@ impl Readers {
                     match rx.recv_timeout(Duration::from_millis(50)) {
                         Ok(b) => {
                             shared.queued_records.fetch_sub(b.events.len() as u64, Ordering::Relaxed);
-                            for e in &b.events {
+                            let mut it = b.events.iter();
+                            while let Some(e) = it.next() {
                                 if let Some(d) = dump.as_mut() {
                                     use std::io::Write;
                                     let _ = writeln!(
@@ -251,8 +283,20 @@ impl Readers {
                                         e.aux2
                                     );
                                 }
-                                if !conns.push(e, &mut emit_conn) {
-                                    corr.push(e);
+                                match e.stage {
+                                    DROP_STAGE => match it.next() {
+                                        Some(detail) if detail.stage == DROP_DETAIL_STAGE => corr.push_drop(e, detail),
+                                        _ => corr.stats.bad_records += 1,
+                                    },
+                                    RETRANS_STAGE => {
+                                        shared.drops.lock().expect("drops lock").retransmit(&Flow::of(e));
+                                        corr.push_retrans(e);
+                                    }
+                                    _ => {
+                                        if !conns.push(e, &mut emit_conn) {
+                                            corr.push(e);
+                                        }
+                                    }
                                 }
                             }
                             wms[b.shard] = wms[b.shard].max(b.watermark);
@@ -271,6 +315,7 @@ impl Readers {
                     }
                     let wm = wms.iter().copied().min().unwrap_or(0);
                     corr.advance(wm, &mut emit);
+                    emit_untraced(&mut corr, &shared, &sinks);
                     conns.advance(wm, &mut emit_conn);
                     shared.conn_records.store(conns.records, Ordering::Relaxed);
                     shared.conns_evicted.store(conns.evicted, Ordering::Relaxed);
@@ -282,6 +327,7 @@ impl Readers {
                     }
                 }
                 corr.flush(&mut emit);
+                emit_untraced(&mut corr, &shared, &sinks);
                 conns.flush(&mut emit_conn);
                 shared.conn_records.store(conns.records, Ordering::Relaxed);
                 shared.conns_evicted.store(conns.evicted, Ordering::Relaxed);

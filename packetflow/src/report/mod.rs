@@ -23,6 +23,7 @@ use crate::{
     format::ndjson::HeaderJson,
     format::recording::{Line, ReadNotes, Reader},
     model::connection::ConnStats,
+    model::drops::DropStats,
     model::stats::{self, Stats},
     model::trace::{Flow, PathKind, Trace},
     pipeline::session::Sink,
@@ -143,6 +144,8 @@ pub struct Read1 {
     pub groups: Groups,
     /// Connection traces per listener (`trace --connections` recordings).
     pub conns: ConnStats,
+    /// Drops (from traces and `drop` lines) and retransmits (from the summary).
+    pub drops: DropStats,
 }
 
 fn open(name: &str) -> Result<(Box<dyn Read>, Option<u64>)> {
@@ -165,6 +168,7 @@ pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dy
     let mut groups = Groups { by, map: BTreeMap::new() };
     let mut lost = BTreeMap::new();
     let mut conns = ConnStats::default();
+    let mut drops = DropStats::default();
     while let Some(line) = reader.next_line()? {
         match line {
             Line::Trace(t) => {
@@ -173,11 +177,20 @@ pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dy
                 }
                 gathered.add(&t);
                 groups.add(&t);
+                if let Some(d) = &t.drop {
+                    drops.record(d);
+                }
                 if let Some(s) = sink.as_deref_mut() {
                     s.trace(&t);
                 }
             }
+            Line::Drop(d) => drops.record(&d),
             Line::Summary(summary) => {
+                for (p, n) in &summary.retransmits {
+                    if let Ok(p) = p.parse::<u16>() {
+                        *drops.retransmits.entry(p).or_default() += n;
+                    }
+                }
                 for (k, n) in &summary.lost {
                     if let Some(s) = Stage::from_name(k) {
                         lost.insert(s, *n);
@@ -195,7 +208,7 @@ pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dy
     if show {
         eprint!("\r\x1b[K");
     }
-    Ok(Read1 { gathered, notes: std::mem::take(&mut reader.notes), lost, header: reader.header, groups, conns })
+    Ok(Read1 { gathered, notes: std::mem::take(&mut reader.notes), lost, header: reader.header, groups, conns, drops })
 }
 
 pub fn report_notes(n: &ReadNotes) {
@@ -298,6 +311,44 @@ pub fn compare_connections(base: &ConnStats, new: &ConnStats) -> String {
         out.push_str(&tables::render(&header, &rows));
     }
     out.push_str(&notes);
+    out
+}
+
+/// Drops per reason and last stage reached, baseline vs this (packets, and per 1000
+/// data traces, which makes runs of different lengths comparable); retransmits per port.
+pub fn compare_drops(base: &DropStats, base_traces: u64, new: &DropStats, new_traces: u64) -> String {
+    let header: Vec<String> = ["reason", "after stage", "base packets", "packets", "base per 1k", "per 1k", "change"]
+        .map(String::from)
+        .to_vec();
+    let per_k = |n: u64, t: u64| if t == 0 { "-".to_string() } else { format!("{:.2}", n as f64 * 1000.0 / t as f64) };
+    let (b, n) = (base.by_reason_stage(), new.by_reason_stage());
+    let keys: std::collections::BTreeSet<&(String, String)> = b.keys().chain(n.keys()).collect();
+    let rows: Vec<Vec<String>> = keys
+        .into_iter()
+        .map(|k| {
+            let (bn, nn) = (b.get(k).copied().unwrap_or(0), n.get(k).copied().unwrap_or(0));
+            vec![
+                k.0.clone(),
+                k.1.clone(),
+                bn.to_string(),
+                nn.to_string(),
+                per_k(bn, base_traces),
+                per_k(nn, new_traces),
+                change(bn, nn),
+            ]
+        })
+        .collect();
+    let mut out = String::from("drops:\n");
+    if rows.is_empty() {
+        out.push_str("none in either\n");
+    } else {
+        out.push_str(&tables::render(&header, &rows));
+    }
+    let ports: std::collections::BTreeSet<&u16> = base.retransmits.keys().chain(new.retransmits.keys()).collect();
+    for p in ports {
+        let (bn, nn) = (base.retransmits.get(p).copied().unwrap_or(0), new.retransmits.get(p).copied().unwrap_or(0));
+        out.push_str(&format!("retransmits, port {p}: {nn} (baseline {bn})\n"));
+    }
     out
 }
 

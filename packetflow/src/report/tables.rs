@@ -7,6 +7,7 @@ use packetflow_common::Stage;
 
 use crate::{
     model::connection::{ConnStats, Outcome},
+    model::drops::DropStats,
     model::stats::{PERCENTILES, PathStats, Stats},
     model::trace::PathKind,
 };
@@ -225,6 +226,29 @@ pub fn connection_table(c: &ConnStats) -> String {
             "{} segments reached a listener outside any handshake (late ACKs of closed connections): not counted\n",
             c.strays
         ));
+    }
+    out
+}
+
+/// Drops by reason, the last stage their packets reached and where the kernel dropped
+/// them, most first; then retransmits by port.
+pub fn drop_table(d: &DropStats) -> String {
+    if d.is_empty() {
+        return "drops: none seen\n".into();
+    }
+    let mut out = String::new();
+    if !d.drops.is_empty() {
+        let header: Vec<String> = ["reason", "after stage", "location", "packets"].map(String::from).to_vec();
+        let mut rows: Vec<(&(String, String, String), &u64)> = d.drops.iter().collect();
+        rows.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let rows: Vec<Vec<String>> =
+            rows.into_iter().map(|((r, s, l), n)| vec![r.clone(), s.clone(), l.clone(), n.to_string()]).collect();
+        out.push_str(&format!("drops ({} packets):\n", d.total()));
+        out.push_str(&render(&header, &rows));
+    }
+    if !d.retransmits.is_empty() {
+        let list: Vec<String> = d.retransmits.iter().map(|(p, n)| format!("port {p}: {n}")).collect();
+        out.push_str(&format!("retransmits: {}\n", list.join(", ")));
     }
     out
 }

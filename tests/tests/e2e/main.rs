@@ -19,6 +19,7 @@ mod connections;
 mod cost;
 mod daemon;
 mod demo;
+mod drops;
 mod filter;
 mod fixture;
 mod interfaces;

@@ -54,6 +54,8 @@ pub(crate) fn sample_traces() -> Vec<Trace> {
         rx_comm: None,
         stages: Vec::new(),
         complete: false,
+        drop: None,
+        retransmits: Vec::new(),
     };
     vec![
         Trace {
@@ -163,12 +165,19 @@ fn lines_keep_their_bytes() {
         ..Default::default()
     };
     assert_eq!(
-        summary(&stats, &lost, counters, &corr).to_string(),
-        r#"{"correlator":{"bad_records":7,"egress_unanchored":8,"flows_evicted":4,"incomplete":3,"records":1,"records_evicted":5,"records_unmatched":6,"stage_gaps":9,"traces":2,"traces_finished_early":10},"counters":{"emitted":{"dev_queue":5},"parsed_xdp":1,"summary_evicted":2},"lost":{"dev_queue":3,"xdp":0},"other_kinds":{"retrans":1,"syn":1},"paths":{"loopback":{"complete":1,"end_to_end":{"count":1,"max_ns":100059316223,"min_ns":99992207360,"p50_ns":100059316223,"p90_ns":100059316223,"p99.9_ns":100059316223,"p99_ns":100059316223},"stages":{"dev_queue":{"count":1,"max_ns":50,"min_ns":50,"p50_ns":50,"p90_ns":50,"p99.9_ns":50,"p99_ns":50},"netif_receive":{"count":1,"max_ns":20,"min_ns":20,"p50_ns":20,"p90_ns":20,"p99.9_ns":20,"p99_ns":20},"recv_syscall":{"count":1,"max_ns":100059316223,"min_ns":99992207360,"p50_ns":100059316223,"p90_ns":100059316223,"p99.9_ns":100059316223,"p99_ns":100059316223},"send_syscall":{"count":0}},"traces":1}},"type":"summary","v":1}"#
+        summary(&stats, &lost, counters, &corr, &crate::model::drops::DropStats::default()).to_string(),
+        r#"{"correlator":{"bad_records":7,"drops_traced":0,"drops_untraced":0,"egress_unanchored":8,"flows_evicted":4,"incomplete":3,"records":1,"records_evicted":5,"records_unmatched":6,"retransmits":0,"stage_gaps":9,"traces":2,"traces_finished_early":10},"counters":{"emitted":{"dev_queue":5},"parsed_xdp":1,"summary_evicted":2},"drops":[],"lost":{"dev_queue":3,"xdp":0},"other_kinds":{"retrans":1,"syn":1},"paths":{"loopback":{"complete":1,"end_to_end":{"count":1,"max_ns":100059316223,"min_ns":99992207360,"p50_ns":100059316223,"p90_ns":100059316223,"p99.9_ns":100059316223,"p99_ns":100059316223},"stages":{"dev_queue":{"count":1,"max_ns":50,"min_ns":50,"p50_ns":50,"p90_ns":50,"p99.9_ns":50,"p99_ns":50},"netif_receive":{"count":1,"max_ns":20,"min_ns":20,"p50_ns":20,"p90_ns":20,"p99.9_ns":20,"p99_ns":20},"recv_syscall":{"count":1,"max_ns":100059316223,"min_ns":99992207360,"p50_ns":100059316223,"p90_ns":100059316223,"p99.9_ns":100059316223,"p99_ns":100059316223},"send_syscall":{"count":0}},"traces":1}},"retransmits":{},"type":"summary","v":1}"#
     );
     assert_eq!(
-        summary(&Stats::default(), &BTreeMap::new(), serde_json::Value::Null, &CorrStats::default()).to_string(),
-        r#"{"correlator":{"bad_records":0,"egress_unanchored":0,"flows_evicted":0,"incomplete":0,"records":0,"records_evicted":0,"records_unmatched":0,"stage_gaps":0,"traces":0,"traces_finished_early":0},"counters":null,"lost":{},"other_kinds":{},"paths":{},"type":"summary","v":1}"#
+        summary(
+            &Stats::default(),
+            &BTreeMap::new(),
+            serde_json::Value::Null,
+            &CorrStats::default(),
+            &crate::model::drops::DropStats::default()
+        )
+        .to_string(),
+        r#"{"correlator":{"bad_records":0,"drops_traced":0,"drops_untraced":0,"egress_unanchored":0,"flows_evicted":0,"incomplete":0,"records":0,"records_evicted":0,"records_unmatched":0,"retransmits":0,"stage_gaps":0,"traces":0,"traces_finished_early":0},"counters":null,"drops":[],"lost":{},"other_kinds":{},"paths":{},"retransmits":{},"type":"summary","v":1}"#
     );
     // As `header` hands it on: a JSON value.
     assert_eq!(

@@ -3,11 +3,11 @@
 //! when a trace has every stage it should, how it is built, and what a finished trace
 //! takes out of its flow.
 
-use packetflow_common::{Stage, event::F_LOOPBACK};
+use packetflow_common::{Kind, Stage, event::F_LOOPBACK};
 
 use super::{
     Coverage,
-    records::{Anchor, FlowState, NSTAGES, Rec, partition_point_from_back, raw_seq},
+    records::{Anchor, DropRec, FlowState, NSTAGES, Rec, partition_point_from_back, raw_seq},
 };
 use crate::model::trace::{Device, Flow, PathKind, StageTime, Trace, TraceKind};
 
@@ -184,7 +184,67 @@ pub(super) fn build(flow: &Flow, st: &FlowState, anchor: &Anchor, cov: &Coverage
         rx_comm: None,
         stages,
         complete,
+        drop: None,
+        retransmits: Vec::new(),
     }
+}
+
+/// Do TCP records `r` and `a` hold the same packet's bytes (data: any byte in common;
+/// control: the same sequence number and length)?
+fn same_bytes(r: &Rec, a: &Rec) -> bool {
+    if a.hi == a.lo || r.hi == r.lo {
+        return r.lo == a.lo && r.hi == a.hi;
+    }
+    r.lo < a.hi && a.lo < r.hi
+}
+
+/// TCP: when a later anchor of the same bytes (a copy sent again) was queued, after
+/// the packet anchored at `st.pending[i]`; its trace takes no record from then on. A
+/// second anchor on another device within 10 ms is the same packet on another hop
+/// (a bridge, a tunnel), not a copy. `u64::MAX`: none.
+pub(super) fn copy_bound(flow: &Flow, st: &FlowState, i: usize) -> u64 {
+    let Some(a) = st.pending.get(i) else { return u64::MAX };
+    if flow.udp || a.kind != TraceKind::Data {
+        return u64::MAX;
+    }
+    st.pending
+        .iter()
+        .skip(i + 1)
+        .find(|b| {
+            b.kind == TraceKind::Data
+                && same_bytes(&b.rec, &a.rec)
+                && (b.rec.aux == a.rec.aux || b.rec.ts.saturating_sub(a.rec.ts) >= 10_000_000)
+        })
+        .map_or(u64::MAX, |b| b.rec.ts)
+}
+
+/// The drop of the packet anchored at `st.pending[i]`: the first drop record of its
+/// bytes (UDP: its key and length) at or after the anchor and before `bound`.
+pub(super) fn drop_of(flow: &Flow, st: &FlowState, i: usize, bound: u64) -> Option<(usize, DropRec)> {
+    let a = st.pending.get(i)?;
+    let data = a.kind == TraceKind::Data || a.kind == TraceKind::Retrans;
+    st.drops.iter().enumerate().find_map(|(j, d)| {
+        let ok = d.rec.ts >= a.rec.ts
+            && d.rec.ts < bound
+            && (d.kind == Kind::Data) == data
+            && if flow.udp { d.rec.lo == a.rec.lo && d.rec.hi == a.rec.hi } else { same_bytes(&d.rec, &a.rec) };
+        ok.then_some((j, *d))
+    })
+}
+
+/// Takes out of a trace the stages recorded after `limit` (another copy's); a trace
+/// that loses one is incomplete.
+pub(super) fn trim_after(t: &mut Trace, limit: u64) {
+    let n = t.stages.len();
+    t.stages.retain(|s| s.t_ns <= limit);
+    if t.stages.len() < n {
+        t.complete = false;
+    }
+}
+
+/// TCP: when the bytes of `a` were sent again (tcp_retransmit_skb) after `after`.
+pub(super) fn retransmits_of(st: &FlowState, a: &Rec, after: u64) -> Vec<u64> {
+    st.retrans.iter().filter(|r| r.ts > after && same_bytes(r, a)).map(|r| r.ts).collect()
 }
 
 /// A UDP datagram that reached the transport but was never queued on its socket (a full

@@ -66,11 +66,13 @@ use packetflow_common::{Event, Kind, Stage, event::F_END};
 
 use self::{
     anchors::{promote_egress_orphans, promote_ingress_anchors},
-    matching::{build, dropped_at_socket, has_gap, mark_used},
-    records::{ANCHOR_BYTES, Anchor, FlowState, Rec, control_len, rec_base},
+    matching::{build, copy_bound, drop_of, dropped_at_socket, has_gap, mark_used, retransmits_of, trim_after},
+    records::{ANCHOR_BYTES, Anchor, DropRec, FlowState, MAX_DROPS, Rec, control_len, raw_seq, rec_base},
     udp_flow::MAX_ORPHANS,
 };
 use crate::{
+    kernel::drops::DropNamer,
+    model::drops::PacketDrop,
     model::trace::{Device, Flow, Trace, TraceKind},
     pipeline::comm::CommCache,
 };
@@ -98,6 +100,11 @@ pub struct CorrStats {
     /// Incomplete traces missing a stage between two they have (`has_gap`): the packet
     /// passed it, and no record came.
     pub stage_gaps: u64,
+    /// Drops joined to a packet's trace, and drops of packets without one.
+    pub drops_traced: u64,
+    pub drops_untraced: u64,
+    /// Retransmission records taken.
+    pub retransmits: u64,
 }
 
 /// Which device stages are observable where: the devices with XDP and
@@ -141,6 +148,10 @@ pub struct Correlator {
     /// Traces of evicted flows, finished early, for the next `advance` to emit.
     early: Vec<Trace>,
     last_prune: u64,
+    /// Drops no trace took (`take_untraced_drops`).
+    untraced: Vec<PacketDrop>,
+    /// Names drop reasons and locations.
+    pub namer: DropNamer,
 }
 
 /// The default of `Correlator::budget_bytes` (the daemon's `correlator_budget_mb`).
@@ -166,6 +177,8 @@ impl Correlator {
             orphans: VecDeque::new(),
             early: Vec::new(),
             last_prune: 0,
+            untraced: Vec::new(),
+            namer: DropNamer::default(),
         }
     }
 
@@ -197,6 +210,76 @@ impl Correlator {
         self.push_to(flow, stage, ev);
     }
 
+    /// The flow's state, made if new (which may evict the least recently active flow);
+    /// the flow becomes the most recently active.
+    fn state_of(&mut self, flow: Flow) -> &mut FlowState {
+        // One lookup for a known flow (which becomes the most recently active).
+        if self.flows.contains_key(&flow) {
+            return self.flows.to_back(&flow).expect("flow exists");
+        }
+        if self.flows.len() >= self.max_flows {
+            self.evict_front();
+        }
+        let st = FlowState::default();
+        self.held_bytes += st.bytes();
+        self.flows.entry(flow).or_insert(FlowState { accounted: st.bytes(), ..st })
+    }
+
+    fn mark_dirty(&mut self, flow: Flow) {
+        if let Some(st) = self.flows.get_mut(&flow)
+            && !st.dirty
+        {
+            st.dirty = true;
+            self.dirty.push(flow);
+        }
+    }
+
+    /// Adds a drop record (`ev`, then `detail`, its second half: `DropRecord::detail`).
+    pub fn push_drop(&mut self, ev: &Event, detail: &Event) {
+        self.stats.records += 1;
+        let flow = Flow::of(ev);
+        let st = self.state_of(flow);
+        let before = st.bytes();
+        st.last_ts = st.last_ts.max(ev.ts_ns);
+        let d = DropRec { rec: rec_of(st, ev), reason: detail.seq, location: detail.ts_ns, kind: ev.kind() };
+        let at = st.drops.iter().rposition(|x| x.rec.ts <= d.rec.ts).map_or(0, |i| i + 1);
+        st.drops.insert(at, d);
+        let old = (st.drops.len() > MAX_DROPS).then(|| st.drops.pop_front()).flatten();
+        let after = st.bytes();
+        st.accounted = st.accounted + after - before;
+        self.held_bytes = self.held_bytes + after - before;
+        self.mark_dirty(flow);
+        if let Some(old) = old {
+            let st = self.flows.get(&flow).expect("flow exists");
+            let p = untraced_drop(&mut self.namer, &flow, st, &old);
+            self.stats.drops_untraced += 1;
+            self.untraced.push(p);
+        }
+    }
+
+    /// Adds a TCP retransmission record.
+    pub fn push_retrans(&mut self, ev: &Event) {
+        self.stats.records += 1;
+        self.stats.retransmits += 1;
+        let flow = Flow::of(ev);
+        let st = self.state_of(flow);
+        let before = st.bytes();
+        let rec = rec_of(st, ev);
+        st.retrans.push_back(rec);
+        if st.retrans.len() > MAX_DROPS {
+            st.retrans.pop_front();
+        }
+        let after = st.bytes();
+        st.accounted = st.accounted + after - before;
+        self.held_bytes = self.held_bytes + after - before;
+        self.mark_dirty(flow);
+    }
+
+    /// Drops of packets no trace took since the last call.
+    pub fn take_untraced_drops(&mut self) -> Vec<PacketDrop> {
+        std::mem::take(&mut self.untraced)
+    }
+
     fn push_to(&mut self, flow: Flow, stage: Stage, ev: &Event) {
         // One lookup for a known flow (which becomes the most recently active).
         let st = if let Some(st) = self.flows.to_back(&flow) {
@@ -210,15 +293,7 @@ impl Correlator {
             self.flows.entry(flow).or_insert(FlowState { accounted: st.bytes(), ..st })
         };
         st.last_ts = st.last_ts.max(ev.ts_ns);
-        let rec = if ev.is_udp() {
-            Rec { lo: u64::from(ev.seq), hi: u64::from(ev.len), end_only: false, ..rec_base(ev) }
-        } else if ev.flags & F_END != 0 {
-            let end = st.unwrap_seq(ev.seq);
-            Rec { lo: end, hi: end, end_only: true, ..rec_base(ev) }
-        } else {
-            let lo = st.unwrap_seq(ev.seq);
-            Rec { lo, hi: lo + u64::from(ev.len.max(control_len(ev))), end_only: false, ..rec_base(ev) }
-        };
+        let rec = rec_of(st, ev);
         let until = st.anchored_until;
         // Accounted by difference: only this list and the pending anchors change.
         let before = st.stages[stage as usize].as_ref().map_or(0, |l| l.bytes()) + st.pending.len() * ANCHOR_BYTES;
@@ -293,7 +368,7 @@ impl Correlator {
             st.dirty = false;
             let wake = self.look(&flow, wm, true, out);
             let st = self.flows.get_mut(&flow).expect("flow exists");
-            if flow.udp && st.pending.is_empty() && st.stages.iter().all(Option::is_none) {
+            if flow.udp && st.pending.is_empty() && st.drops.is_empty() && st.stages.iter().all(Option::is_none) {
                 // Nothing left to join: a UDP flow keeps no state between datagrams.
                 self.held_bytes -= st.accounted;
                 self.flows.remove(&flow);
@@ -323,6 +398,8 @@ impl Correlator {
         let coverage = &self.coverage;
         let stats = &mut self.stats;
         let comms = &self.comms;
+        let namer = &mut self.namer;
+        let untraced = &mut self.untraced;
         let st = self.flows.get_mut(flow).expect("flow exists");
         // On a host that only receives, unmatched netif_receive records are anchors.
         if !st.has_egress {
@@ -332,9 +409,23 @@ impl Correlator {
         }
         let mut wake = None;
         while let Some(anchor) = st.pending.front() {
-            let trace = build(flow, st, anchor, coverage);
+            let mut trace = build(flow, st, anchor, coverage);
+            // Records after the packet's drop, or after its bytes were sent again, are
+            // another copy's (docs/drops.md, "Retransmissions").
+            let bound = copy_bound(flow, st, 0);
+            let dropped = drop_of(flow, st, 0, bound);
+            trim_after(&mut trace, dropped.map_or(bound, |(_, d)| d.rec.ts.min(bound)));
             let last = trace.stages.iter().map(|s| s.t_ns).max().unwrap_or(0);
+            // A dropped packet's trace is done once its drop is delivered; TCP data's
+            // waits for the retransmission (or the timeout) too.
+            let drop_done = dropped.is_some_and(|(_, d)| {
+                d.rec.ts < wm
+                    && (flow.udp
+                        || anchor.kind != TraceKind::Data
+                        || !retransmits_of(st, &anchor.rec, d.rec.ts).is_empty())
+            });
             let ready = (trace.complete && last < wm)
+                || drop_done
                 || anchor.rec.ts.saturating_add(timeout) < wm
                 || (flow.udp && last < wm && dropped_at_socket(st, &trace));
             if !ready {
@@ -343,11 +434,19 @@ impl Correlator {
                 // timeout can finish it.
                 let by_wm = (trace.complete || flow.udp) && last >= wm;
                 wake = Some(if by_wm { by_time.min(last.saturating_add(1)) } else { by_time });
+                if let Some((_, d)) = dropped {
+                    wake = wake.map(|w| w.min(d.rec.ts.saturating_add(1)));
+                }
                 break;
             }
+            if let Some((i, d)) = dropped {
+                st.drops.remove(i);
+                stats.drops_traced += 1;
+                trace.drop = Some(traced_drop(namer, flow, st, &d, &trace));
+            }
+            trace.retransmits = retransmits_of(st, &anchor.rec, anchor.rec.ts);
             let anchor = st.pending.pop_front().expect("front exists");
             mark_used(flow, st, &anchor, &trace);
-            let mut trace = trace;
             // (A tc_egress anchor is promoted late, and only for bytes no trace holds:
             // it is never a retransmission.)
             if !flow.udp && anchor.kind == TraceKind::Data && anchor.stage != Stage::TcEgress {
@@ -366,6 +465,12 @@ impl Correlator {
                     st.max_end = Some((anchor.rec.hi, anchor.rec.aux, anchor.rec.ts));
                 }
             }
+            if trace.kind == TraceKind::Retrans
+                && trace.retransmits.first().is_some_and(|t| *t < anchor.rec.ts + 1_000_000)
+            {
+                // This copy's own retransmission record (written just after it left).
+                trace.retransmits.remove(0);
+            }
             if !flow.udp {
                 st.anchored_until = st.anchored_until.max(anchor.rec.hi);
                 if anchor.rec.hi > anchor.rec.lo {
@@ -382,6 +487,22 @@ impl Correlator {
                 }
             }
             out(trace);
+        }
+        // Drops no pending anchor can take (each takes only drops after it) and that
+        // settled: the packets had no trace.
+        while let Some(d) = st.drops.front().copied() {
+            let takeable = st.pending.front().is_some_and(|a| a.rec.ts <= d.rec.ts);
+            let settled = d.rec.ts.saturating_add(settle) < wm;
+            if takeable || !settled {
+                if !takeable {
+                    let t = d.rec.ts.saturating_add(settle).saturating_add(1);
+                    wake = Some(wake.map_or(t, |w: u64| w.min(t)));
+                }
+                break;
+            }
+            st.drops.pop_front();
+            stats.drops_untraced += 1;
+            untraced.push(untraced_drop(namer, flow, st, &d));
         }
         // Records not yet settled may still become anchors (see the promote functions).
         if (!st.has_egress || !flow.udp) && st.last_ts.saturating_add(settle) >= wm {
@@ -417,8 +538,46 @@ impl Correlator {
         wake
     }
 
-    /// Emits every pending trace as it stands (end of a run).
+    /// Emits every pending trace as it stands (end of a run); drops no trace took go to
+    /// `take_untraced_drops`.
     pub fn flush(&mut self, out: &mut impl FnMut(Trace)) {
         self.advance(u64::MAX, out);
     }
+}
+
+/// The correlator's record of `ev` (a TCP sequence number unwrapped in `st`).
+fn rec_of(st: &mut FlowState, ev: &Event) -> Rec {
+    if ev.is_udp() {
+        Rec { lo: u64::from(ev.seq), hi: u64::from(ev.len), end_only: false, ..rec_base(ev) }
+    } else if ev.flags & F_END != 0 {
+        let end = st.unwrap_seq(ev.seq);
+        Rec { lo: end, hi: end, end_only: true, ..rec_base(ev) }
+    } else {
+        let lo = st.unwrap_seq(ev.seq);
+        Rec { lo, hi: lo + u64::from(ev.len.max(control_len(ev))), end_only: false, ..rec_base(ev) }
+    }
+}
+
+fn drop_of_rec(namer: &mut DropNamer, flow: &Flow, st: &FlowState, d: &DropRec, after: Option<Stage>) -> PacketDrop {
+    PacketDrop {
+        t_ns: d.rec.ts,
+        reason: namer.reason(d.reason),
+        location: namer.location(d.location),
+        device: Device { netns: d.rec.aux2, ifindex: d.rec.aux },
+        after,
+        flow: *flow,
+        seq: if flow.udp { d.rec.lo as u32 } else { raw_seq(st, d.rec.lo) },
+        len: if flow.udp { d.rec.hi as u32 } else { (d.rec.hi - d.rec.lo) as u32 },
+        kind: d.kind.name(),
+    }
+}
+
+/// A drop on the trace of its packet: after the trace's last stage.
+fn traced_drop(namer: &mut DropNamer, flow: &Flow, st: &FlowState, d: &DropRec, t: &Trace) -> PacketDrop {
+    let after = t.stages.iter().filter(|s| s.t_ns <= d.rec.ts).max_by_key(|s| (s.t_ns, s.stage.kernel_pos()));
+    drop_of_rec(namer, flow, st, d, after.map(|s| s.stage))
+}
+
+fn untraced_drop(namer: &mut DropNamer, flow: &Flow, st: &FlowState, d: &DropRec) -> PacketDrop {
+    drop_of_rec(namer, flow, st, d, None)
 }

@@ -225,6 +225,22 @@ impl Records {
     }
 }
 
+/// A drop record (`packetflow_common::drop`) waiting for the trace of its packet.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct DropRec {
+    /// The packet's bytes (or UDP key and length) as at a device stage; `aux`/`aux2` the
+    /// device.
+    pub(super) rec: Rec,
+    pub(super) reason: u32,
+    pub(super) location: u64,
+    /// The segment kind (`Kind` bits of the record's flags).
+    pub(super) kind: Kind,
+}
+
+/// Drops and retransmission records a flow holds at most (older ones leave: drops as
+/// drops without a trace, retransmissions uncounted on traces).
+pub(super) const MAX_DROPS: usize = 64;
+
 /// A packet waiting for its trace: the record that anchors it.
 pub(super) struct Anchor {
     pub(super) stage: Stage,
@@ -259,6 +275,10 @@ pub(super) struct FlowState {
     /// tc_egress records up to this time were checked for a missing dev_queue anchor.
     pub(super) egress_checked_ts: u64,
     pub(super) last_ts: u64,
+    /// Drops of this flow's packets not yet on a trace (time order).
+    pub(super) drops: VecDeque<DropRec>,
+    /// TCP retransmissions (tcp_retransmit_skb), for the traces of the bytes sent again.
+    pub(super) retrans: VecDeque<Rec>,
 }
 
 /// What a flow costs besides its records: the hashlink node (key, value, links), its
@@ -327,6 +347,8 @@ impl FlowState {
             + self.stages.iter().flatten().map(|r| r.bytes()).sum::<usize>()
             + self.pending.len() * ANCHOR_BYTES
             + self.anchored.len() * 48
+            + self.drops.len() * 2 * size_of::<DropRec>()
+            + self.retrans.len() * TCP_REC_BYTES
     }
 
     /// Records held, over every stage.

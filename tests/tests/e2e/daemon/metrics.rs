@@ -163,14 +163,20 @@ fn flood_keeps_memory_bounded_and_metrics_served() {
     );
     let d = Daemon::start(&cfg, metrics, &[]);
     // The receiver reads and discards the first half of the flood, then stops reading:
-    // the datagrams its full buffer drops are traced up to the transport, and each waits
-    // its timeout for socket stages that never come. That many pending traces exceed the
-    // correlator's budget, which evicts flows (their traces finished early, incomplete).
+    // the rest waits in its (large) receive buffer, traced up to the socket queue, and
+    // each trace waits its timeout for the copy that never comes. That many pending
+    // traces exceed the correlator's budget, which evicts flows (their traces finished
+    // early, incomplete). The buffer is large so that nothing is dropped: a dropped
+    // datagram's trace ends at its drop (docs/drops.md) and would not wait.
     let rx = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    set_rcvbuf(&rx, 256 << 20, true);
     rx.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The socket stays open (this `rx`) after the reader stops: closed, it would turn
+    // the rest of the flood into NO_SOCKET drops.
     let reader = {
         let done = done.clone();
+        let rx = rx.try_clone().unwrap();
         std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             let mut n = 0;
@@ -294,6 +300,7 @@ fn flood_keeps_memory_bounded_and_metrics_served() {
     assert!(max_rss_kib <= 96 * 1024, "RSS {max_rss_kib} KiB over the documented 96 MiB");
     assert!(on_disk <= (16 << 20) + (1 << 20), "trace files total {on_disk} bytes over max_total_mb");
     drop(d);
+    drop(rx);
 }
 
 /// Open descriptors of process `pid`.

@@ -61,8 +61,16 @@ pub struct Offsets {
     pub fdt_fd: u32,
     pub file_private_data: u32,
     pub socket_sk: u32,
+    // The reader blocked on a socket (`woken`, `on_cpu`): sock.sk_wq →
+    // socket_wq.wait.head → the first wait_queue_entry's `private` (its task) → pid, tgid.
+    pub sk_wq: u32,
+    pub wq_head: u32,
+    pub wqe_entry: u32,
+    pub wqe_private: u32,
+    pub task_pid: u32,
+    pub task_tgid: u32,
 }
-assert_size!(Offsets, 152);
+assert_size!(Offsets, 176);
 
 impl Offsets {
     pub const MISSING: u32 = u32::MAX;
@@ -105,6 +113,12 @@ impl Offsets {
         fdt_fd: u32::MAX,
         file_private_data: u32::MAX,
         socket_sk: u32::MAX,
+        sk_wq: u32::MAX,
+        wq_head: u32::MAX,
+        wqe_entry: u32::MAX,
+        wqe_private: u32::MAX,
+        task_pid: u32::MAX,
+        task_tgid: u32::MAX,
     };
 }
 
@@ -174,7 +188,7 @@ impl Filter {
         mode: MODE_RECORDS,
         sample: 1,
         sample_seed: 0,
-        stages: (1 << crate::Stage::ALL.len()) - 1,
+        stages: ((1u32 << crate::Stage::ALL.len()) - 1) as u16,
         finish: crate::Stage::RecvSyscall as u8,
         _pad: 0,
         ports: [0; MAX_FILTER_PORTS],

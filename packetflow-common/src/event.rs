@@ -42,6 +42,9 @@ pub const F_LOOPBACK: u8 = 4;
 /// `seq` is the end of the covered range (one past its last byte); `len` is meaningless.
 pub const F_END: u8 = 8;
 pub const KIND_SHIFT: u8 = 4;
+/// `sock_queue`: no thread was blocked in a receive call on the socket when the data was
+/// queued (so no `woken`/`on_cpu` follow). Above the 3 bits of the kind.
+pub const F_NO_WAITER: u8 = 0x80;
 
 /// What a TCP segment carries. Only `Data` is traced by default; the others are counted.
 #[repr(u8)]
@@ -96,7 +99,7 @@ impl Event {
     };
 
     pub const fn kind(&self) -> Kind {
-        Kind::from_u8(self.flags >> KIND_SHIFT)
+        Kind::from_u8((self.flags >> KIND_SHIFT) & 7)
     }
     pub const fn is_v6(&self) -> bool {
         self.flags & F_V6 != 0

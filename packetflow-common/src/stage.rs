@@ -37,6 +37,11 @@ pub enum Stage {
     /// IP receive, local delivery (kprobe ip_local_deliver / ip6_input), where the kernel
     /// allows kprobes.
     IpRcv = 13,
+    /// The receiving thread, blocked on the socket when the data was queued, made runnable
+    /// (sched:sched_wakeup). Only for packets a blocked reader waited for.
+    Woken = 14,
+    /// That thread starting to run on a CPU (sched:sched_switch).
+    OnCpu = 15,
 }
 
 /// Number of stage slots in per-stage arrays (room for optional stages to come).
@@ -44,7 +49,7 @@ pub const NUM_STAGES: usize = 16;
 
 impl Stage {
     /// All stages, by number (the optional IP-layer stages, added later, come last).
-    pub const ALL: [Stage; 14] = [
+    pub const ALL: [Stage; 16] = [
         Stage::SendSyscall,
         Stage::SockSend,
         Stage::DevQueue,
@@ -59,13 +64,15 @@ impl Stage {
         Stage::RecvSyscall,
         Stage::IpSend,
         Stage::IpRcv,
+        Stage::Woken,
+        Stage::OnCpu,
     ];
 
     /// The order in which the kernel passes the stages, used for every table: tcx egress
     /// runs in __dev_queue_xmit before the net_dev_queue tracepoint, and native XDP runs
     /// before the stack (generic XDP runs inside it, after netif_receive_skb: on such an
     /// interface the `xdp` row is the time since `netif_receive`). See docs/stages.md.
-    pub const KERNEL_ORDER: [Stage; 14] = [
+    pub const KERNEL_ORDER: [Stage; 16] = [
         Stage::SendSyscall,
         Stage::SockSend,
         Stage::IpSend,
@@ -78,6 +85,8 @@ impl Stage {
         Stage::IpRcv,
         Stage::TransportRcv,
         Stage::SockQueue,
+        Stage::Woken,
+        Stage::OnCpu,
         Stage::CopyToUser,
         Stage::RecvSyscall,
     ];
@@ -98,12 +107,20 @@ impl Stage {
             Stage::RecvSyscall => "recv_syscall",
             Stage::IpSend => "ip_send",
             Stage::IpRcv => "ip_rcv",
+            Stage::Woken => "woken",
+            Stage::OnCpu => "on_cpu",
         }
     }
 
     /// The IP-layer stages, served only where kprobes work.
     pub const fn is_optional(self) -> bool {
         matches!(self, Stage::IpSend | Stage::IpRcv)
+    }
+
+    /// Seen only for some packets of a path (a reader blocked on the socket): a trace
+    /// without them is not incomplete.
+    pub const fn is_per_packet(self) -> bool {
+        matches!(self, Stage::Woken | Stage::OnCpu)
     }
 
     /// Served by programs on each traced interface (XDP, tcx), not by a global hook.

@@ -64,6 +64,27 @@ pub fn bucket_range(i: usize) -> (u64, u64) {
     (low, low + width)
 }
 
+/// The stages summary mode times (by number: every stage before `woken`). The receive
+/// wait split (`woken`, `on_cpu`) is full tracing's only: walking two more stages per
+/// packet took the receive-syscall program past the verifier's million instructions.
+pub const SUMMARY_STAGES: usize = crate::Stage::Woken as usize;
+
+/// The order summary mode walks: kernel order without the stages it does not time.
+pub const SUMMARY_ORDER: [crate::Stage; SUMMARY_STAGES] = {
+    let mut out = [crate::Stage::SendSyscall; SUMMARY_STAGES];
+    let mut i = 0;
+    let mut j = 0;
+    while i < crate::Stage::KERNEL_ORDER.len() {
+        let s = crate::Stage::KERNEL_ORDER[i];
+        if (s as usize) < SUMMARY_STAGES {
+            out[j] = s;
+            j += 1;
+        }
+        i += 1;
+    }
+    out
+};
+
 /// Per-packet state while a packet crosses the stages (summary mode): stage times,
 /// keyed by the flow and the end of the packet's bytes (TCP) or its payload key (UDP).
 #[repr(C)]
@@ -81,7 +102,7 @@ assert_size!(PktKey, 16);
 #[derive(Clone, Copy, Debug)]
 pub struct PktSlot {
     pub key: PktKey,
-    pub ts: [u64; 14],
+    pub ts: [u64; SUMMARY_STAGES],
     /// `PATH_*` bits.
     pub flags: u32,
     pub _pad: u32,

@@ -5,6 +5,8 @@
 //! through offsets that userspace found in the running kernel's BTF; `emit.rs` writes
 //! records and counts what it could not write.
 #![no_std]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 #![no_main]
 
 mod emit;

@@ -22,7 +22,10 @@ use packetflow_common::{
     counters::SUMMARY_EVICTED,
     drop::{DROP_REASON_SLOTS, DROP_STAGE_SLOTS},
     event::{F_END, F_LOOPBACK},
-    summary::{E2E_SLOT, HIST_BUCKETS, HIST_SLOTS, PATH_LOOPBACK, PKT_SLOTS, PktKey, PktSlot, SLOTS_PER_PATH, bucket},
+    summary::{
+        E2E_SLOT, HIST_BUCKETS, HIST_SLOTS, PATH_LOOPBACK, PKT_SLOTS, PktKey, PktSlot, SLOTS_PER_PATH, SUMMARY_ORDER,
+        SUMMARY_STAGES, bucket,
+    },
 };
 
 use crate::maps::count;
@@ -82,7 +85,7 @@ pub fn dropped(ev: &Event, reason: u32) {
         let slot = unsafe { &mut *slot };
         if slot.key == k {
             let mut best = 0u64;
-            for i in 0..Stage::ALL.len() {
+            for i in 0..SUMMARY_STAGES {
                 if slot.ts[i] > best {
                     best = slot.ts[i];
                     last = i as u32;
@@ -110,11 +113,11 @@ pub fn update(ev: &Event, stage: Stage, finish: u8) {
             count(SUMMARY_EVICTED);
         }
         slot.key = k;
-        slot.ts = [0; Stage::ALL.len()];
+        slot.ts = [0; SUMMARY_STAGES];
         slot.flags = 0;
     }
     let i = stage as usize;
-    if i < Stage::ALL.len() {
+    if i < SUMMARY_STAGES {
         slot.ts[i] = ev.ts_ns;
     }
     if ev.flags & F_LOOPBACK != 0 {
@@ -148,8 +151,8 @@ fn add_up(st: &PktSlot) {
     let base = path * SLOTS_PER_PATH;
     // The order to walk: kernel order, with the two pairs whose order depends on the
     // packet swapped up front (branching inside the loop multiplies the verifier's work).
-    let mut order = [0u8; Stage::KERNEL_ORDER.len()];
-    for (i, s) in Stage::KERNEL_ORDER.iter().enumerate() {
+    let mut order = [0u8; SUMMARY_ORDER.len()];
+    for (i, s) in SUMMARY_ORDER.iter().enumerate() {
         order[i] = *s as u8;
     }
     let ts = |s: Stage| st.ts[s as usize];

@@ -181,7 +181,16 @@ pub fn kernel_order(xdp_generic: bool) -> Vec<&'static str> {
     } else {
         v.extend(["xdp", "netif_receive"]);
     }
-    v.extend(["tc_ingress", "ip_rcv", "transport_rcv", "sock_queue", "copy_to_user", "recv_syscall"]);
+    v.extend([
+        "tc_ingress",
+        "ip_rcv",
+        "transport_rcv",
+        "sock_queue",
+        "woken",
+        "on_cpu",
+        "copy_to_user",
+        "recv_syscall",
+    ]);
     v
 }
 
@@ -227,6 +236,8 @@ pub fn expected_stages() -> Vec<&'static str> {
         .filter(|s| match *s {
             "tc_egress" | "tc_ingress" => kernel_has("tcx"),
             "ip_send" | "ip_rcv" => kernel_has("kprobes"),
+            // Only where a reader was blocked when its data was queued.
+            "woken" | "on_cpu" => false,
             _ => true,
         })
         .collect()

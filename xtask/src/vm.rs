@@ -25,9 +25,10 @@ use crate::{Counts, cargo, install, need_root, output, run, target_dir};
 
 /// The areas (modules of the `e2e` test binary, tests/tests/e2e/) that run inside each
 /// VM: the demo over loopback and veth, the filter test, the no-alteration (sha256) test,
-/// and summary mode against full traces (the in-kernel histograms walk the stages in
-/// kernel order, IP-layer ones included).
-const VM_TESTS: &[&str] = &["demo", "filter", "bulk", "summary", "stages", "connections"];
+/// summary mode against full traces (the in-kernel histograms walk the stages in
+/// kernel order, IP-layer ones included), connection set-up, and drops (kfree_skb's
+/// reason, tcp_retransmit_skb).
+const VM_TESTS: &[&str] = &["demo", "filter", "bulk", "summary", "stages", "connections", "drops"];
 
 /// The end-to-end test binary (tests/tests/e2e/main.rs).
 const E2E: &str = "e2e";
@@ -41,7 +42,15 @@ const SERIES: &[(&str, &str, &str)] = &[
 ];
 
 /// Modules the tests need that Debian builds as modules (loaded in this order).
-const MODULES: &[&str] = &["drivers/net/veth.ko", "net/sched/sch_tbf.ko"];
+const MODULES: &[&str] = &[
+    "drivers/net/veth.ko",
+    "net/sched/sch_tbf.ko",
+    // nftables for the drop tests (tests/tests/e2e/drops.rs), in dependency order.
+    "lib/libcrc32c.ko",
+    "net/netfilter/nfnetlink.ko",
+    "net/netfilter/nf_tables.ko",
+    "net/netfilter/nft_limit.ko",
+];
 
 /// How long one kernel's run may take under TCG before it counts as hung.
 const VM_TIMEOUT: Duration = Duration::from_secs(20 * 60);
@@ -439,6 +448,8 @@ fn build_initramfs(kroot: &Path, e2e: &Path, areas: &[&str], repeat: usize, has:
         ("bin/ip".into(), which("ip")?),
         // The connection tests shape a veth with tbf.
         ("bin/tc".into(), which("tc")?),
+        // The drop tests add nftables rules.
+        ("bin/nft".into(), which("nft")?),
         ("bin/packetflow".into(), target_dir().join("debug/packetflow")),
         (format!("tests/{E2E}"), e2e.to_path_buf()),
     ];

@@ -5,10 +5,7 @@
 //! path pays nothing. `pf_retrans` is tcp:tcp_retransmit_skb, once per segment TCP sends
 //! again.
 
-use aya_ebpf::{
-    bindings::BPF_RB_FORCE_WAKEUP, helpers::bpf_get_smp_processor_id, macros::btf_tracepoint,
-    programs::BtfTracePointContext,
-};
+use aya_ebpf::{helpers::bpf_get_smp_processor_id, macros::btf_tracepoint, programs::BtfTracePointContext};
 use packetflow_common::{
     Event, Offsets,
     config::{MODE_RECORDS, MODE_SUMMARY},

@@ -7,6 +7,7 @@ mod device;
 mod doctor;
 mod drops;
 mod packet;
+mod sched;
 mod socket;
 mod syscalls;
 

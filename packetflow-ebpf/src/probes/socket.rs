@@ -176,6 +176,7 @@ fn try_sk_data_ready<M: Kmem>(sk: u64) -> Result<(), ()> {
             ev.seq = read::<Untyped, _>(sk, off!(tcp_rcv_nxt))?;
             ev.flags |= F_END;
             ev.ts_ns = now();
+            super::sched::watch(f, sk, &mut ev);
             emit(&mut ev, Stage::SockQueue);
         }
         IPPROTO_UDP => {
@@ -188,6 +189,7 @@ fn try_sk_data_ready<M: Kmem>(sk: u64) -> Result<(), ()> {
             let mut ev = *slot;
             slot.ts_ns = 0;
             ev.ts_ns = now();
+            super::sched::watch(f, sk, &mut ev);
             emit(&mut ev, Stage::SockQueue);
         }
         _ => {}

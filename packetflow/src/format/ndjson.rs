@@ -144,6 +144,10 @@ pub struct TraceJson {
     /// TCP: when these bytes were sent again (ns, the same clock as the stages).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retransmits: Vec<u64>,
+    /// With `woken`/`on_cpu` traced: `blocked` (a thread waited in a receive call when
+    /// the data was queued) or `not_waiting`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receiver: Option<String>,
 }
 
 /// One stage of a trace line.
@@ -181,7 +185,8 @@ impl TraceJson {
             complete: t.complete,
             missing: available
                 .iter()
-                .filter(|s| !t.stages.iter().any(|x| x.stage == **s))
+                // `woken`/`on_cpu` come only where a reader was blocked: never missing.
+                .filter(|s| !s.is_per_packet() && !t.stages.iter().any(|x| x.stage == **s))
                 .map(|s| s.name().into())
                 .collect(),
             stages: t
@@ -192,6 +197,7 @@ impl TraceJson {
             total_ns: t.total_ns(),
             drop: t.drop.as_ref().map(|d| DropJson::new(d, names)),
             retransmits: t.retransmits.clone(),
+            receiver: t.receiver_blocked.map(|b| if b { "blocked" } else { "not_waiting" }.to_string()),
         }
     }
 }

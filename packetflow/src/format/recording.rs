@@ -93,6 +93,7 @@ impl TraceJson {
             complete: self.complete,
             drop: None,
             retransmits: self.retransmits.clone(),
+            receiver_blocked: self.receiver.as_deref().map(|r| r == "blocked"),
         }
         .with_drop(self.drop.as_ref())
     }

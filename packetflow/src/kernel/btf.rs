@@ -244,6 +244,12 @@ impl Btf {
             fdt_fd: o("fdtable", "fd"),
             file_private_data: o("file", "private_data"),
             socket_sk: o("socket", "sk"),
+            sk_wq: o("sock", "sk_wq"),
+            wq_head: o("socket_wq", "wait.head"),
+            wqe_entry: o("wait_queue_entry", "entry"),
+            wqe_private: o("wait_queue_entry", "private"),
+            task_pid: o("task_struct", "pid"),
+            task_tgid: o("task_struct", "tgid"),
         }
     }
 }

@@ -94,6 +94,21 @@ fn lookup(addr: u64) -> Option<String> {
     (addr - a < 1 << 20).then(|| format!("{name}+{:#x}", addr - a))
 }
 
+/// The addresses of `names` in /proc/kallsyms (0 for a name not found or an address
+/// hidden by kptr_restrict).
+pub fn kallsyms_addrs<const N: usize>(names: [&str; N]) -> [u64; N] {
+    let mut out = [0u64; N];
+    let Ok(text) = std::fs::read_to_string("/proc/kallsyms") else { return out };
+    for line in text.lines() {
+        let mut f = line.split_ascii_whitespace();
+        let (Some(a), Some(_), Some(name)) = (f.next(), f.next(), f.next()) else { continue };
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            out[i] = u64::from_str_radix(a, 16).unwrap_or(0);
+        }
+    }
+    out
+}
+
 /// The drop and retransmission hooks, and how each attached.
 #[derive(Clone, Debug)]
 pub struct DropHookState {

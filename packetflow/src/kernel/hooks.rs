@@ -25,6 +25,8 @@
 //! | copy_to_user   | tp_btf skb_copy_datagram_iovec (TCP); UDP: tp_btf sock_recv_length,  |
 //! |                | else kprobe skb_consume_udp                                          |
 //! | recv_syscall   | tracepoint syscalls:sys_exit_{read,readv,recvfrom,recvmsg,recvmmsg}  |
+//! | woken          | tp_btf sched_wakeup, for the reader the sock_queue hook found blocked |
+//! | on_cpu         | tp_btf sched_switch, the same reader (probes/sched.rs)               |
 
 use anyhow::Result;
 use aya::programs::CgroupSkbAttachType;
@@ -68,6 +70,8 @@ pub(super) const PROGRAM_STAGES: &[(&str, Stage)] = &[
     ("pf_sock_recv", Stage::CopyToUser),
     ("pf_kp_udp_copy", Stage::CopyToUser),
     ("pf_sys_exit_recv", Stage::RecvSyscall),
+    ("pf_sched_wakeup", Stage::Woken),
+    ("pf_sched_switch", Stage::OnCpu),
 ];
 
 /// The global hooks, in groups that attach and detach together: each serves one stage
@@ -88,10 +92,12 @@ pub(super) enum Group {
     TcpCopy,
     UdpCopy,
     RecvSyscalls,
+    Woken,
+    OnCpu,
 }
 
 impl Group {
-    const ALL: [Group; 14] = [
+    const ALL: [Group; 16] = [
         Group::SendSyscalls,
         Group::TcpSend,
         Group::UdpSend,
@@ -106,6 +112,8 @@ impl Group {
         Group::TcpCopy,
         Group::UdpCopy,
         Group::RecvSyscalls,
+        Group::Woken,
+        Group::OnCpu,
     ];
 
     /// Does stage set `a`, tracing protocols `protos` (`PROTO_*`), need this group? A
@@ -135,6 +143,8 @@ impl Group {
             Group::TcpCopy | Group::UdpCopy => a.needs(Stage::CopyToUser),
             // Also where UDP's copy_to_user is written.
             Group::RecvSyscalls => a.needs(Stage::RecvSyscall),
+            Group::Woken => a.contains(Stage::Woken),
+            Group::OnCpu => a.contains(Stage::OnCpu),
         }
     }
 
@@ -164,6 +174,8 @@ impl Group {
                 Hook::Kprobe("pf_kp_sk_data_ready", &["sock_def_readable"]),
             ],
             Group::TcpCopy => &[Hook::TpBtf("pf_copy_to_user", "skb_copy_datagram_iovec")],
+            Group::Woken => &[Hook::TpBtf("pf_sched_wakeup", "sched_wakeup")],
+            Group::OnCpu => &[Hook::TpBtf("pf_sched_switch", "sched_switch")],
             Group::UdpCopy => {
                 &[Hook::TpBtf("pf_sock_recv", "sock_recv_length"), Hook::Kprobe("pf_kp_udp_copy", &["skb_consume_udp"])]
             }
@@ -316,6 +328,8 @@ impl Tracer {
             (Stage::SockQueue, get(Group::SockQueue)),
             (Stage::CopyToUser, both(get(Group::TcpCopy), get(Group::UdpCopy))),
             (Stage::RecvSyscall, get(Group::RecvSyscalls)),
+            (Stage::Woken, get(Group::Woken)),
+            (Stage::OnCpu, get(Group::OnCpu)),
         ];
         self.stages.retain(|s, _| s.is_per_interface());
         for (s, (hook, state)) in rows {

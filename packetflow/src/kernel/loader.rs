@@ -166,6 +166,13 @@ impl Tracer {
         let offsets = btf.offsets();
         let drop_reasons = crate::kernel::drops::DropReasons::from_btf(&btf);
         let consumed = drop_reasons.consumed.unwrap_or(u32::MAX);
+        // The wake functions whose wait entries hold the waiting task (probes/sched.rs).
+        let wake_fns = crate::kernel::drops::kallsyms_addrs([
+            "woken_wake_function",
+            "receiver_wake_function",
+            "autoremove_wake_function",
+            "default_wake_function",
+        ]);
         drop(btf);
         let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
         let ring_bytes = opts.ring_bytes.max(4096).next_power_of_two();
@@ -184,7 +191,8 @@ impl Tracer {
             .override_global("SYS_EXIT_RET_OFF", &ret_off, true)
             .override_global("NR_CPUS", &nr_cpus, true)
             .override_global("IDLE", &idle, true)
-            .override_global("SKB_CONSUMED", &consumed, true);
+            .override_global("SKB_CONSUMED", &consumed, true)
+            .override_global("WAKE_FNS", &wake_fns, true);
         let cap_bytes =
             if opts.capture_ring_bytes == 0 { 4096 } else { opts.capture_ring_bytes.max(1 << 20).next_power_of_two() };
         // The capture shards wake their reader by their own size: with the trace rings'

@@ -31,8 +31,8 @@ pub const NAMED: [(&str, &str, &[Stage]); 6] = [
     ("receive", "the receive path", Stage::KERNEL_ORDER.split_at(4).1),
     (
         "socket",
-        "the socket-queue wait (queued -> copied -> returned)",
-        &[Stage::DevQueue, Stage::SockQueue, Stage::CopyToUser, Stage::RecvSyscall],
+        "the socket-queue wait (queued -> woken -> on CPU -> copied -> returned)",
+        &[Stage::DevQueue, Stage::SockQueue, Stage::Woken, Stage::OnCpu, Stage::CopyToUser, Stage::RecvSyscall],
     ),
     ("none", "no packet stage (with --connections: connection set-up only)", &[]),
 ];
@@ -44,7 +44,7 @@ impl Default for StageSet {
 }
 
 impl StageSet {
-    pub const ALL: StageSet = StageSet((1 << Stage::ALL.len()) - 1);
+    pub const ALL: StageSet = StageSet(((1u32 << Stage::ALL.len()) - 1) as u16);
 
     pub fn of(stages: &[Stage]) -> StageSet {
         StageSet(stages.iter().fold(0, |m, s| m | 1 << *s as u16))
@@ -121,7 +121,10 @@ impl StageSet {
                 Stage::SockSend => self.contains(Stage::SendSyscall),
                 Stage::CopyToUser => self.contains(Stage::RecvSyscall),
                 Stage::RecvSyscall => self.contains(Stage::CopyToUser),
-                Stage::TransportRcv => self.contains(Stage::SockQueue),
+                // UDP's sock_queue record comes from its transport hook.
+                Stage::TransportRcv => self.needs(Stage::SockQueue),
+                // The sock_queue hook finds the blocked reader they follow.
+                Stage::SockQueue => self.contains(Stage::Woken) || self.contains(Stage::OnCpu),
                 _ => false,
             }
     }
@@ -152,7 +155,7 @@ mod tests {
     fn parses_names_and_sets() {
         let s = StageSet::parse("socket,nic_xmit").unwrap();
         let names: Vec<&str> = s.stages().map(Stage::name).collect();
-        assert_eq!(names, ["dev_queue", "nic_xmit", "sock_queue", "copy_to_user", "recv_syscall"]);
+        assert_eq!(names, ["dev_queue", "nic_xmit", "sock_queue", "woken", "on_cpu", "copy_to_user", "recv_syscall"]);
         assert_eq!(s.finish(), Stage::RecvSyscall);
         assert_eq!(StageSet::parse("all").unwrap(), StageSet::ALL);
         assert_eq!(StageSet::parse("send").unwrap().finish(), Stage::NicXmit);
@@ -167,6 +170,9 @@ mod tests {
         assert!(s.needs(Stage::SockSend) && s.needs(Stage::CopyToUser) && !s.contains(Stage::SockSend));
         assert!(!s.needs(Stage::TransportRcv) && !s.needs(Stage::NicXmit));
         assert!(StageSet::parse("sock_queue").unwrap().needs(Stage::TransportRcv));
+        // The blocked reader is found by the sock_queue hook (UDP's needs its transport's).
+        let w = StageSet::parse("dev_queue,woken").unwrap();
+        assert!(w.needs(Stage::SockQueue) && w.needs(Stage::TransportRcv) && !w.contains(Stage::SockQueue));
     }
 
     #[test]

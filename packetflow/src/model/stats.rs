@@ -99,6 +99,7 @@ mod tests {
             complete: true,
             drop: None,
             retransmits: Vec::new(),
+            receiver_blocked: None,
         }
     }
 

@@ -133,6 +133,9 @@ pub struct Trace {
     pub drop: Option<crate::model::drops::PacketDrop>,
     /// TCP: when the stack sent these bytes again (tcp_retransmit_skb), after this copy.
     pub retransmits: Vec<u64>,
+    /// When `woken`/`on_cpu` are traced: was a thread blocked in a receive call on the
+    /// socket when the data was queued (false: the application was not waiting for it)?
+    pub receiver_blocked: Option<bool>,
 }
 
 impl Trace {

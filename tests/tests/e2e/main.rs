@@ -29,3 +29,4 @@ mod recording;
 mod stages;
 mod summary;
 mod tbf;
+mod wait;

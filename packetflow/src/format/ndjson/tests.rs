@@ -56,6 +56,7 @@ pub(crate) fn sample_traces() -> Vec<Trace> {
         complete: false,
         drop: None,
         retransmits: Vec::new(),
+        receiver_blocked: None,
     };
     vec![
         Trace {
@@ -182,7 +183,7 @@ fn lines_keep_their_bytes() {
     // As `header` hands it on: a JSON value.
     assert_eq!(
         serde_json::to_value(sample_header()).unwrap().to_string(),
-        r#"{"filters":{"control":false,"hosts":[],"ifindexes":[],"pid":null,"ports":[80],"proto":"tcp"},"hooks":{"dev_queue":{"available":true,"error":null,"hook":"tp:net_dev_queue"},"xdp":{"available":false,"error":"no \"driver\"","hook":"xdp"}},"hostname":"box","kernel":"6.1.0-test","mono_to_wall_ns":-5,"packetflow":"0.1.0","stage_order":["send_syscall","sock_send","dev_queue","tc_egress","nic_xmit","xdp","netif_receive","tc_ingress","transport_rcv","sock_queue","copy_to_user","recv_syscall","ip_send","ip_rcv"],"start_wall_ns":1700000000000000000,"type":"header","v":1}"#
+        r#"{"filters":{"control":false,"hosts":[],"ifindexes":[],"pid":null,"ports":[80],"proto":"tcp"},"hooks":{"dev_queue":{"available":true,"error":null,"hook":"tp:net_dev_queue"},"xdp":{"available":false,"error":"no \"driver\"","hook":"xdp"}},"hostname":"box","kernel":"6.1.0-test","mono_to_wall_ns":-5,"packetflow":"0.1.0","stage_order":["send_syscall","sock_send","dev_queue","tc_egress","nic_xmit","xdp","netif_receive","tc_ingress","transport_rcv","sock_queue","copy_to_user","recv_syscall","ip_send","ip_rcv","woken","on_cpu"],"start_wall_ns":1700000000000000000,"type":"header","v":1}"#
     );
 }
 

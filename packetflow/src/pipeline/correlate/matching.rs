@@ -3,7 +3,10 @@
 //! when a trace has every stage it should, how it is built, and what a finished trace
 //! takes out of its flow.
 
-use packetflow_common::{Kind, Stage, event::F_LOOPBACK};
+use packetflow_common::{
+    Kind, Stage,
+    event::{F_LOOPBACK, F_NO_WAITER},
+};
 
 use super::{
     Coverage,
@@ -114,7 +117,7 @@ pub(super) fn has_gap(cov: &Coverage, t: &Trace) -> bool {
     let (Some(lo), Some(hi)) = (pos.iter().min(), pos.iter().max()) else { return false };
     cov.global.iter().any(|s| {
         let p = s.kernel_pos();
-        *lo < p && p < *hi && !pos.contains(&p) && !s.is_per_interface()
+        *lo < p && p < *hi && !pos.contains(&p) && !s.is_per_interface() && !s.is_per_packet()
     })
 }
 
@@ -126,6 +129,8 @@ fn complete(cov: &Coverage, anchor: &Anchor, rx_dev: Option<Device>, found: &[Op
             Stage::TcEgress => {
                 anchor.stage == Stage::TcEgress || (anchor.stage == Stage::DevQueue && cov.tc_egress.contains(&dev))
             }
+            // Only where a reader was blocked: never expected.
+            Stage::Woken | Stage::OnCpu => false,
             Stage::Xdp => rx_dev.is_some_and(|d| cov.xdp.contains(&d)),
             Stage::TcIngress => rx_dev.is_some_and(|d| cov.tc_ingress.contains(&d)),
             // Control segments have no socket-level or syscall stages.
@@ -154,6 +159,13 @@ pub(super) fn build(flow: &Flow, st: &FlowState, anchor: &Anchor, cov: &Coverage
     let mut found: [Option<Rec>; NSTAGES] = [None; NSTAGES];
     for s in Stage::ALL {
         found[s as usize] = if s == anchor.stage { Some(anchor.rec) } else { best(flow, st, s, anchor) };
+    }
+    // The reader's wake-up and run belong to this packet's own sock_queue record (the
+    // hook copies it): never to a later packet's, when no reader was blocked for this one.
+    let sq = found[Stage::SockQueue as usize];
+    let waited = sq.is_some_and(|q| q.flags & F_NO_WAITER == 0);
+    for s in [Stage::Woken, Stage::OnCpu] {
+        found[s as usize] = found[s as usize].filter(|r| waited && sq.is_some_and(|q| r.lo == q.lo && r.ts >= q.ts));
     }
     let rx = found[Stage::NetifReceive as usize].map(|r| Device { netns: r.aux2, ifindex: r.aux });
     let complete = complete(cov, anchor, rx, &found);
@@ -186,6 +198,12 @@ pub(super) fn build(flow: &Flow, st: &FlowState, anchor: &Anchor, cov: &Coverage
         complete,
         drop: None,
         retransmits: Vec::new(),
+        receiver_blocked: match sq {
+            Some(q) if cov.global.contains(&Stage::Woken) || cov.global.contains(&Stage::OnCpu) => {
+                Some(q.flags & F_NO_WAITER == 0)
+            }
+            _ => None,
+        },
     }
 }
 

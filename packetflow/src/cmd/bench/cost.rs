@@ -29,6 +29,7 @@ pub(super) async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -
     };
     let mut table: BTreeMap<String, [(u64, u64); MODES.len()]> = BTreeMap::new();
     let mut full_rate = 0f64;
+    let mut attached: Vec<String> = Vec::new();
     for (i, m) in MODES.into_iter().enumerate() {
         eprintln!("hook cost: {}", m.name());
         let mut running = start_tracer(vec![(None, "lo".into())], m, port).await?;
@@ -42,6 +43,7 @@ pub(super) async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -
         empty.load("net_dev_queue", &btf)?;
         empty.attach()?;
         let before = snapshot();
+        attached.extend(before.keys().filter(|n| !attached.contains(n)).cloned().collect::<Vec<_>>());
         let c0 = running.tracer.counters()?;
         let t0 = Instant::now();
         ping_pong(None, "127.0.0.1", port, true, c.secs, log)?;
@@ -86,6 +88,21 @@ pub(super) async fn hook_cost(c: &Cfg, md: &mut String, log: &mut Vec<String>) -
     let cells: Vec<String> = total.iter().map(|x| format!("**{}**", avg(*x))).collect();
     let _ = writeln!(md, "| **all hooks** | {} | {} |", total[0].1, cells.join(" | "));
     let _ = writeln!(md, "\nRecords written during the full run: {full_rate:.0}/s.");
+    // Hooks for what normal traffic never does (a drop, a retransmission): attached in
+    // every mode, they must not have run at all.
+    let never: Vec<&String> =
+        attached.iter().filter(|n| table.get(*n).is_none_or(|r| r.iter().all(|x| x.1 == 0))).collect();
+    let _ = writeln!(
+        md,
+        "\nAttached and never run during these loads (no drop, no retransmission): {}. \
+         `pf_sched_switch` and `pf_sched_wakeup` run for every context switch and wake-up of the \
+         machine; with no traced packet waiting for a thread (\"no match\") they leave after one array read.",
+        if never.is_empty() {
+            "none".to_string()
+        } else {
+            never.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        }
+    );
     Ok(())
 }
 

@@ -69,8 +69,14 @@ pub struct Offsets {
     pub wqe_private: u32,
     pub task_pid: u32,
     pub task_tgid: u32,
+    // A socket watched by epoll: its wait entry is an eppoll_entry's `wait`; `base` →
+    // epitem.ep → eventpoll.wq.head, where the threads in epoll_wait sleep.
+    pub epe_wait: u32,
+    pub epe_base: u32,
+    pub epi_ep: u32,
+    pub ep_wq_head: u32,
 }
-assert_size!(Offsets, 176);
+assert_size!(Offsets, 192);
 
 impl Offsets {
     pub const MISSING: u32 = u32::MAX;
@@ -119,6 +125,10 @@ impl Offsets {
         wqe_private: u32::MAX,
         task_pid: u32::MAX,
         task_tgid: u32::MAX,
+        epe_wait: u32::MAX,
+        epe_base: u32::MAX,
+        epi_ep: u32::MAX,
+        ep_wq_head: u32::MAX,
     };
 }
 

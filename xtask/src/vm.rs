@@ -27,8 +27,8 @@ use crate::{Counts, cargo, install, need_root, output, run, target_dir};
 /// VM: the demo over loopback and veth, the filter test, the no-alteration (sha256) test,
 /// summary mode against full traces (the in-kernel histograms walk the stages in
 /// kernel order, IP-layer ones included), connection set-up, and drops (kfree_skb's
-/// reason, tcp_retransmit_skb).
-const VM_TESTS: &[&str] = &["demo", "filter", "bulk", "summary", "stages", "connections", "drops"];
+/// reason, tcp_retransmit_skb) and the receive wait split (the scheduler tracepoints).
+const VM_TESTS: &[&str] = &["demo", "filter", "bulk", "summary", "stages", "connections", "drops", "wait"];
 
 /// The end-to-end test binary (tests/tests/e2e/main.rs).
 const E2E: &str = "e2e";

@@ -22,10 +22,15 @@ use crate::{
 
 /// Addresses of the wake functions whose wait-queue entry's `private` is the waiting task
 /// (woken_wake_function, receiver_wake_function, autoremove_wake_function,
-/// default_wake_function; from /proc/kallsyms at load, 0 when unknown). A poll or epoll
-/// entry has another function and no task: no watch.
+/// default_wake_function, ep_autoremove_wake_function; from /proc/kallsyms at load, 0
+/// when unknown). A poll entry has another function and no task: no watch.
 #[unsafe(no_mangle)]
-pub static WAKE_FNS: [u64; 4] = [0; 4];
+pub static WAKE_FNS: [u64; 5] = [0; 5];
+
+/// ep_poll_callback: the socket's waiter is an epoll instance; the thread to watch is the
+/// first one sleeping in epoll_wait on it.
+#[unsafe(no_mangle)]
+pub static EP_POLL_CALLBACK: u64 = 0;
 
 /// A thread blocked on a socket that traced data was queued on.
 #[derive(Clone, Copy)]
@@ -60,7 +65,8 @@ fn add_watching(d: i64) {
 }
 
 /// The thread blocked in a receive call on socket `sk`, if any: the first entry of the
-/// socket's wait queue, when its wake function is one whose `private` is the task.
+/// socket's wait queue, when its wake function is one whose `private` is the task; or,
+/// for a socket an epoll instance watches, the first thread sleeping in epoll_wait on it.
 #[inline(never)]
 fn blocked_reader(sk: u64) -> Option<(u32, u32)> {
     let wq: u64 = read::<Untyped, u64>(sk, off!(sk_wq)).ok()?;
@@ -69,9 +75,23 @@ fn blocked_reader(sk: u64) -> Option<(u32, u32)> {
     if first == head || first == 0 {
         return None;
     }
-    let entry = first - u64::from(off!(wqe_entry));
+    let mut entry = first - u64::from(off!(wqe_entry));
     // `func` follows `private` in wait_queue_entry (flags, private, func, entry).
-    let func: u64 = read::<Untyped, u64>(entry, off!(wqe_private) + 8).ok()?;
+    let mut func: u64 = read::<Untyped, u64>(entry, off!(wqe_private) + 8).ok()?;
+    let ep_cb = unsafe { core::ptr::read_volatile(&EP_POLL_CALLBACK) };
+    if ep_cb != 0 && func == ep_cb {
+        // entry is an eppoll_entry's `wait`: its epitem's eventpoll's wait queue holds
+        // the threads in epoll_wait.
+        let epi: u64 = read::<Untyped, u64>(entry - u64::from(off!(epe_wait)), off!(epe_base)).ok()?;
+        let ep: u64 = read::<Untyped, u64>(epi, off!(epi_ep)).ok()?;
+        let head = ep.checked_add(u64::from(off!(ep_wq_head)))?;
+        let first: u64 = read::<Untyped, u64>(head, 0).ok()?;
+        if first == head || first == 0 {
+            return None;
+        }
+        entry = first - u64::from(off!(wqe_entry));
+        func = read::<Untyped, u64>(entry, off!(wqe_private) + 8).ok()?;
+    }
     let fns = unsafe { core::ptr::read_volatile(&WAKE_FNS) };
     if func == 0 || !fns.contains(&func) {
         return None;

@@ -250,6 +250,10 @@ impl Btf {
             wqe_private: o("wait_queue_entry", "private"),
             task_pid: o("task_struct", "pid"),
             task_tgid: o("task_struct", "tgid"),
+            epe_wait: o("eppoll_entry", "wait"),
+            epe_base: o("eppoll_entry", "base"),
+            epi_ep: o("epitem", "ep"),
+            ep_wq_head: o("eventpoll", "wq.head"),
         }
     }
 }

@@ -167,12 +167,15 @@ impl Tracer {
         let drop_reasons = crate::kernel::drops::DropReasons::from_btf(&btf);
         let consumed = drop_reasons.consumed.unwrap_or(u32::MAX);
         // The wake functions whose wait entries hold the waiting task (probes/sched.rs).
-        let wake_fns = crate::kernel::drops::kallsyms_addrs([
+        let [a, b, c, d, e, ep_poll_callback] = crate::kernel::drops::kallsyms_addrs([
             "woken_wake_function",
             "receiver_wake_function",
             "autoremove_wake_function",
             "default_wake_function",
+            "ep_autoremove_wake_function",
+            "ep_poll_callback",
         ]);
+        let wake_fns = [a, b, c, d, e];
         drop(btf);
         let aya_btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
         let ring_bytes = opts.ring_bytes.max(4096).next_power_of_two();
@@ -192,7 +195,8 @@ impl Tracer {
             .override_global("NR_CPUS", &nr_cpus, true)
             .override_global("IDLE", &idle, true)
             .override_global("SKB_CONSUMED", &consumed, true)
-            .override_global("WAKE_FNS", &wake_fns, true);
+            .override_global("WAKE_FNS", &wake_fns, true)
+            .override_global("EP_POLL_CALLBACK", &ep_poll_callback, true);
         let cap_bytes =
             if opts.capture_ring_bytes == 0 { 4096 } else { opts.capture_ring_bytes.max(1 << 20).next_power_of_two() };
         // The capture shards wake their reader by their own size: with the trace rings'

@@ -151,3 +151,32 @@ fn a_reader_not_in_a_receive_call_is_not_waiting() {
         assert!(at(t, "copy_to_user").is_some(), "{t}");
     }
 }
+
+/// A reader asleep in epoll_wait on the socket (as tokio, nginx or redis wait): the thread
+/// the epoll instance wakes is the one watched, and its traces have `woken` and `on_cpu`.
+#[test]
+fn an_epoll_reader_is_woken_too() {
+    let trs = run("wait-epoll.ndjson", 20, Duration::from_millis(20), |s| {
+        use std::os::fd::AsRawFd;
+        s.set_nonblocking(true).unwrap();
+        // SAFETY: plain epoll calls on descriptors this closure owns or borrows; `ev` and
+        // `out` outlive them.
+        unsafe {
+            let ep = libc::epoll_create1(0);
+            assert!(ep >= 0, "epoll_create1");
+            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: 0 };
+            assert_eq!(libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &raw mut ev), 0);
+            let mut out = [libc::epoll_event { events: 0, u64: 0 }; 1];
+            let n = libc::epoll_wait(ep, out.as_mut_ptr(), 1, 5000);
+            libc::close(ep);
+            assert_eq!(n, 1, "epoll_wait");
+        }
+        let mut b = [0u8; 128];
+        s.recv(&mut b).expect("recv");
+    });
+    let woken = trs
+        .iter()
+        .filter(|t| t["receiver"] == "blocked" && at(t, "woken").is_some() && at(t, "on_cpu").is_some())
+        .count();
+    assert!(woken >= 18, "{woken} of 20 woken through epoll: {trs:?}");
+}

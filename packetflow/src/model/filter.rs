@@ -116,8 +116,10 @@ impl FilterSpec {
         f.mode = if self.summary { MODE_SUMMARY } else { 0 } | if self.no_records { 0 } else { MODE_RECORDS };
         f.sample = self.sample.max(1);
         f.sample_seed = std::process::id().wrapping_mul(0x9e37_79b9);
-        f.stages = self.stages.mask();
-        f.finish = self.stages.finish() as u8;
+        // Summary mode times no woken/on_cpu (nothing would end their watches).
+        let stages = if self.no_records { self.stages.for_summary() } else { self.stages };
+        f.stages = stages.mask();
+        f.finish = stages.finish() as u8;
         Ok(f)
     }
 }

@@ -73,6 +73,13 @@ impl StageSet {
         Ok(set)
     }
 
+    /// This set without the stages only full tracing has (`woken`, `on_cpu`: summary mode
+    /// does not split the socket-queue wait, docs/stages.md).
+    #[must_use]
+    pub fn for_summary(self) -> StageSet {
+        StageSet(self.0 & !(1 << Stage::Woken as u16 | 1 << Stage::OnCpu as u16))
+    }
+
     pub fn is_empty(self) -> bool {
         self.0 == 0
     }

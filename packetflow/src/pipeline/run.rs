@@ -188,6 +188,10 @@ impl Running {
         let rings = tracer.take_rings()?;
         let mut readers = session::start_readers(rings, o.poll)?;
         let mut filter = o.filter.clone();
+        if filter.no_records {
+            // Summary mode times no woken/on_cpu: their scheduler hooks would run for nothing.
+            filter.stages = filter.stages.for_summary();
+        }
         // Interface filter: only when the user named interfaces explicitly.
         if !filter.ifindexes.is_empty() {
             filter.ifindexes.sort_unstable();
@@ -255,6 +259,7 @@ impl Running {
     /// their histograms with no gap); the correlator expects the new set from now on.
     /// Write the filter with the same set afterwards. One line per hook changed.
     pub fn set_stages(&mut self, stages: crate::model::stage_set::StageSet) -> Vec<String> {
+        let stages = if self.records { stages } else { stages.for_summary() };
         let lines = self.tracer.set_stages(stages);
         *self.shared.coverage.lock().expect("coverage lock") = Some(self.tracer.coverage());
         lines

@@ -24,12 +24,17 @@ fuzz_target!(|data: &[u8]| {
     let mut lost = BTreeMap::new();
     let mut chrome = ChromeTrace::new(Box::new(std::io::sink()));
     let mut conns = packetflow::model::connection::ConnStats::default();
+    let mut drops = packetflow::model::drops::DropStats::default();
     while let Ok(Some(line)) = r.next_line() {
         match line {
             Line::Trace(t) => {
                 g.add(&t);
                 chrome.trace(&t);
+                if let Some(d) = &t.drop {
+                    drops.record(d);
+                }
             }
+            Line::Drop(d) => drops.record(&d),
             Line::Summary(summary) => {
                 for (k, n) in &summary.lost {
                     if let Some(s) = Stage::from_name(k) {
@@ -44,6 +49,8 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = report::tables::connection_table(&conns);
+    let _ = report::tables::drop_table(&drops);
+    let _ = report::compare_drops(&drops, 1, &drops, 0);
     let _ = report::compare_connections(&conns, &conns);
     chrome.finish(&serde_json::Value::Null);
     let _ = report::tables::side_by_side(&g.stats);

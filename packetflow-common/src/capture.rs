@@ -20,6 +20,11 @@ pub const MAX_PRIMS: usize = 12;
 pub const HOOK_XDP: u8 = 0;
 pub const HOOK_TC_EGRESS: u8 = 1;
 pub const HOOK_TC_INGRESS: u8 = 2;
+/// A packet the kernel dropped (`capture --drops`, skb:kfree_skb): the frame is its
+/// network-layer bytes behind a synthesized Ethernet header (zero addresses), and `_pad`
+/// holds the drop reason (u32, little endian) and the low 32 bits of the dropping code's
+/// address (kernel text: the high 32 bits are all ones on x86_64).
+pub const HOOK_DROP: u8 = 3;
 
 pub const DIR_IN: u8 = 1;
 pub const DIR_OUT: u8 = 2;

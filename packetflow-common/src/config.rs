@@ -75,8 +75,11 @@ pub struct Offsets {
     pub epe_base: u32,
     pub epi_ep: u32,
     pub ep_wq_head: u32,
+    /// sk_buff.data_len (the paged part's length: what lies outside the linear buffer).
+    pub skb_data_len: u32,
+    pub _pad: u32,
 }
-assert_size!(Offsets, 192);
+assert_size!(Offsets, 200);
 
 impl Offsets {
     pub const MISSING: u32 = u32::MAX;
@@ -129,6 +132,8 @@ impl Offsets {
         epe_base: u32::MAX,
         epi_ep: u32::MAX,
         ep_wq_head: u32::MAX,
+        skb_data_len: u32::MAX,
+        _pad: 0,
     };
 }
 

@@ -53,3 +53,7 @@ pub const DROP_LOST: u32 = PARSED_XDP + 21;
 /// Retransmission records written, and lost to a full ring shard.
 pub const RETRANS_EMITTED: u32 = PARSED_XDP + 22;
 pub const RETRANS_LOST: u32 = PARSED_XDP + 23;
+/// Capture: dropped packets the filter selected (`capture --drops`), and of those lost to
+/// a full capture shard.
+pub const CAP_MATCHED_DROP: u32 = PARSED_XDP + 24;
+pub const CAP_LOST_DROP: u32 = PARSED_XDP + 25;

@@ -14,27 +14,30 @@ use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action::XDP_PASS},
     helpers::{
         bpf_get_smp_processor_id,
-        generated::{bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
+        generated::{bpf_probe_read_kernel, bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
     },
-    macros::{classifier, map, xdp},
+    macros::{btf_tracepoint, classifier, map, xdp},
     maps::{Array, HashMap, PerCpuArray},
-    programs::{TcContext, XdpContext},
+    programs::{BtfTracePointContext, TcContext, XdpContext},
 };
 use packetflow_common::{
     Stage,
     capture::{
-        CAP_BUF, CAPTURE_MAX, CapHdr, CaptureConfig, DIR_BOTH, DIR_DST, DIR_IN, DIR_OUT, DIR_SRC, HOOK_TC_EGRESS,
-        HOOK_XDP, MAX_PRIMS, P_HOST, P_ICMP, P_ICMP6, P_IP, P_IP6, P_NET, P_PORT, P_TCP, P_UDP, Prim, TABLE_SIZE,
+        CAP_BUF, CAPTURE_MAX, CapHdr, CaptureConfig, DIR_BOTH, DIR_DST, DIR_IN, DIR_OUT, DIR_SRC, HOOK_DROP,
+        HOOK_TC_EGRESS, HOOK_XDP, MAX_PRIMS, P_HOST, P_ICMP, P_ICMP6, P_IP, P_IP6, P_NET, P_PORT, P_TCP, P_UDP, Prim,
+        TABLE_SIZE,
     },
     counters::{
-        CAP_LOST_TC, CAP_LOST_XDP, CAP_MATCHED_TC, CAP_MATCHED_XDP, CAP_SEEN_TC, CAP_SEEN_XDP, UNWOKEN_CAPTURE_BYTES,
+        CAP_LOST_DROP, CAP_LOST_TC, CAP_LOST_XDP, CAP_MATCHED_DROP, CAP_MATCHED_TC, CAP_MATCHED_XDP, CAP_SEEN_TC,
+        CAP_SEEN_XDP, UNWOKEN_CAPTURE_BYTES,
     },
 };
 
 use super::packet::{direct, xdp_read};
 use crate::{
     emit::{now, wake_after},
-    maps::{CAP_WAKEUP_BYTES, cap_ring, count},
+    kernel::{Typed, read},
+    maps::{CAP_WAKEUP_BYTES, cap_ring, count, off},
 };
 
 #[map]
@@ -216,7 +219,15 @@ fn selected(cfg: &CaptureConfig, k: &Pkt) -> bool {
 
 /// Copies `caplen` bytes of the packet behind a header into this CPU's capture shard.
 #[inline(always)]
-fn record(len: u32, ifindex: u32, dir: u8, hook: u8, snaplen: u32, load: impl Fn(&mut [u8]) -> bool) -> bool {
+fn record(
+    len: u32,
+    ifindex: u32,
+    dir: u8,
+    hook: u8,
+    snaplen: u32,
+    extra: [u8; 8],
+    load: impl Fn(&mut [u8]) -> bool,
+) -> bool {
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let Some(buf) = CAP_SCRATCH.get_ptr_mut(cpu) else {
         return false;
@@ -230,7 +241,7 @@ fn record(len: u32, ifindex: u32, dir: u8, hook: u8, snaplen: u32, load: impl Fn
     if n == 0 || n > CAPTURE_MAX {
         return false;
     }
-    let hdr = CapHdr { ts_ns: now(), len, caplen: n as u32, ifindex, dir, hook, cpu: cpu as u16, _pad: [0; 8] };
+    let hdr = CapHdr { ts_ns: now(), len, caplen: n as u32, ifindex, dir, hook, cpu: cpu as u16, _pad: extra };
     let (h, data) = buf.split_at_mut(32);
     let Some(data) = data.get_mut(..n) else {
         return false;
@@ -278,7 +289,7 @@ fn capture_xdp(ctx: &XdpContext) {
     count(CAP_MATCHED_XDP);
     let len = unsafe { bpf_xdp_get_buff_len(ctx.ctx) } as u32;
     let ifindex = ctx.ingress_ifindex() as u32;
-    if !record(len, ifindex, DIR_IN, HOOK_XDP, cfg.snaplen, |d| load(0, d)) {
+    if !record(len, ifindex, DIR_IN, HOOK_XDP, cfg.snaplen, [0; 8], |d| load(0, d)) {
         count(CAP_LOST_XDP);
         lost_on(ifindex);
     }
@@ -305,8 +316,105 @@ fn capture_tc_egress(ctx: &TcContext) {
         return;
     }
     count(CAP_MATCHED_TC);
-    if !record(ctx.len(), ifindex, DIR_OUT, HOOK_TC_EGRESS, cfg.snaplen, |d| load(0, d)) {
+    if !record(ctx.len(), ifindex, DIR_OUT, HOOK_TC_EGRESS, cfg.snaplen, [0; 8], |d| load(0, d)) {
         count(CAP_LOST_TC);
+        lost_on(ifindex);
+    }
+}
+
+/// `capture --drops`: skb:kfree_skb, a packet the kernel dropped (never a consumed one:
+/// those go to skb:consume_skb). Its network-layer bytes (the linear part) are captured
+/// behind a synthesized Ethernet header, with the reason and where it was dropped
+/// (`HOOK_DROP`), when the filter selects it.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn pf_cap_drop(ctx: BtfTracePointContext) -> i32 {
+    let reason: u32 = ctx.arg(2);
+    if reason == unsafe { core::ptr::read_volatile(&super::drops::SKB_CONSUMED) } {
+        return 0;
+    }
+    capture_drop(ctx.arg(0), ctx.arg(1), reason);
+    0
+}
+
+#[inline(never)]
+fn capture_drop(skb: u64, location: u64, reason: u32) {
+    let Some(cfg) = CAP_CONFIG.get(0) else { return };
+    if cfg.enabled == 0 {
+        return;
+    }
+    let (Ok(head), Ok(data), Ok(len), Ok(data_len), Ok(nh)) = (
+        read::<Typed, u64>(skb, off!(skb_head)),
+        read::<Typed, u64>(skb, off!(skb_data)),
+        read::<Typed, u32>(skb, off!(skb_len)),
+        read::<Typed, u32>(skb, off!(skb_data_len)),
+        read::<Typed, u16>(skb, off!(skb_network_header)),
+    ) else {
+        return;
+    };
+    if nh == u16::MAX || data < head {
+        return;
+    }
+    let l3 = head + u64::from(nh);
+    let linear_end = data + u64::from(len.saturating_sub(data_len));
+    if l3 >= linear_end || linear_end - l3 > 65535 {
+        return;
+    }
+    // Network-layer bytes in the linear part, and in the whole packet.
+    let linear = (linear_end - l3) as u32;
+    let total = (data + u64::from(len)).saturating_sub(l3) as u32;
+    let mut v = [0u8; 1];
+    if unsafe { bpf_probe_read_kernel(v.as_mut_ptr().cast(), 1, l3 as *const _) } != 0 {
+        return;
+    }
+    let eth: u16 = match v[0] >> 4 {
+        4 => ETH_IP,
+        6 => ETH_IP6,
+        _ => return,
+    };
+    // The filter reads the EtherType at 12, everything else from 14 on.
+    let peek = |off: u32, buf: &mut [u8]| -> bool {
+        if off < 14 {
+            if off == 12 && buf.len() == 2 {
+                buf.copy_from_slice(&eth.to_be_bytes());
+                return true;
+            }
+            return false;
+        }
+        unsafe {
+            bpf_probe_read_kernel(buf.as_mut_ptr().cast(), buf.len() as u32, (l3 + u64::from(off - 14)) as *const _)
+                == 0
+        }
+    };
+    if !selected(cfg, &summarize(peek)) {
+        return;
+    }
+    count(CAP_MATCHED_DROP);
+    let ifindex =
+        read::<Typed, u64>(skb, off!(skb_dev)).and_then(|dev| read::<Typed, u32>(dev, off!(dev_ifindex))).unwrap_or(0);
+    let mut extra = [0u8; 8];
+    extra[..4].copy_from_slice(&reason.to_le_bytes());
+    extra[4..].copy_from_slice(&(location as u32).to_le_bytes());
+    // At least the synthesized header; at most the linear part.
+    let snap = cfg.snaplen.min(14 + linear).max(14);
+    let load = |d: &mut [u8]| -> bool {
+        let Some(h) = d.get_mut(..14) else { return false };
+        h[..12].fill(0);
+        h[12..].copy_from_slice(&eth.to_be_bytes());
+        // Through a volatile read and an unsigned bound the verifier can follow (it
+        // otherwise saw a path where the length went below the header's 14 bytes).
+        let rest = d.len().wrapping_sub(14);
+        let rest = unsafe { core::ptr::read_volatile(&rest) };
+        if rest == 0 {
+            return true;
+        }
+        if rest > CAPTURE_MAX - 14 {
+            return false;
+        }
+        let Some(r) = d.get_mut(14..14 + rest) else { return false };
+        unsafe { bpf_probe_read_kernel(r.as_mut_ptr().cast(), rest as u32, l3 as *const _) == 0 }
+    };
+    if !record(14 + total, ifindex, 0, HOOK_DROP, snap, extra, load) {
+        count(CAP_LOST_DROP);
         lost_on(ifindex);
     }
 }

@@ -3,7 +3,9 @@
 //! ingress, as tcpdump does); the filter expression runs in the kernel before any copy.
 //! Output: one tcpdump-like line per packet, or pcapng (`-w FILE`, `-w -` for stdout).
 //! With `--stages`, the tracer runs too, and each packet of a finished trace carries its
-//! stage timestamps in its pcapng comment.
+//! stage timestamps in its pcapng comment. With `--drops`, packets the kernel drops on the
+//! captured interfaces are kept too (skb:kfree_skb, `HOOK_DROP`), the reason and the
+//! dropping code in their comment (docs/drops.md).
 
 pub mod decode;
 pub mod expr;
@@ -148,6 +150,11 @@ pub async fn run(a: Args) -> Result<()> {
     }
     let snaplen = compiled.config.snaplen;
     tracer.set_capture(&compiled)?;
+    if a.drops {
+        tracer
+            .attach_capture_drops()
+            .map_err(|e| user(format!("cannot capture dropped packets: skb:kfree_skb would not attach ({e})")))?;
+    }
     for (ns, name, _, is_lo) in &targets {
         let xdp = if dirs & DIR_IN != 0 { a.xdp } else { XdpChoice::Off };
         let att = tracer.attach_interface_as(Role::Capture, ns.as_deref(), name, xdp)?;
@@ -196,6 +203,8 @@ pub async fn run(a: Args) -> Result<()> {
         flushed: 0,
         held_overflow: 0,
         error: None,
+        namer: a.drops.then(|| crate::kernel::drops::DropNamer::new(tracer.drop_reasons.clone())),
+        drops_elsewhere: 0,
     };
     for (ns, name, ifindex, is_lo) in &targets {
         let ns_ino = platform::netns::netns_inode(ns.as_deref().unwrap_or(std::path::Path::new("/proc/self/ns/net")))
@@ -255,7 +264,10 @@ pub async fn run(a: Args) -> Result<()> {
     }
     let mut state = writer.join().map_err(|_| anyhow::anyhow!("the capture writer panicked"))?;
     let g = |i: u32| counters.get(i as usize).copied().unwrap_or(0);
-    let lost = g(counters::CAP_LOST_XDP) + g(counters::CAP_LOST_TC) + overflow.load(Ordering::Relaxed);
+    let lost = g(counters::CAP_LOST_XDP)
+        + g(counters::CAP_LOST_TC)
+        + g(counters::CAP_LOST_DROP)
+        + overflow.load(Ordering::Relaxed);
     let end_wall = platform::host::realtime_ns();
     for (ifindex, i) in &mut state.ifaces {
         i.lost = if_lost.get(ifindex).copied().unwrap_or(0);
@@ -271,7 +283,7 @@ pub async fn run(a: Args) -> Result<()> {
             state.error = Some(e);
         }
     }
-    let received = g(counters::CAP_MATCHED_XDP) + g(counters::CAP_MATCHED_TC);
+    let received = g(counters::CAP_MATCHED_XDP) + g(counters::CAP_MATCHED_TC) + g(counters::CAP_MATCHED_DROP);
     match &state.error {
         None => eprintln!("{} packets captured", state.written),
         Some(_) => eprintln!(
@@ -282,6 +294,13 @@ pub async fn run(a: Args) -> Result<()> {
     }
     eprintln!("{received} packets received by filter");
     eprintln!("{lost} packets dropped by packetflow");
+    if a.drops {
+        eprintln!(
+            "{} packets the kernel dropped captured ({} more dropped on interfaces not captured: not written)",
+            g(counters::CAP_MATCHED_DROP).saturating_sub(state.drops_elsewhere),
+            state.drops_elsewhere
+        );
+    }
     if a.stages.is_some() {
         eprintln!(
             "{} packets written without their stages: more than {HELD_MAX} were waiting for traces",

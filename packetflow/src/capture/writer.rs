@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::Result;
-use packetflow_common::capture::{CapHdr, DIR_IN, HOOK_XDP};
+use packetflow_common::capture::{CapHdr, DIR_IN, DIR_OUT, HOOK_DROP, HOOK_XDP};
 
 use super::{decode, frame};
 use crate::{
@@ -129,6 +129,19 @@ pub(super) struct WriterState {
     pub(super) held_overflow: u64,
     /// The write error that ended the capture.
     pub(super) error: Option<anyhow::Error>,
+    /// `--drops`: names the reason and the dropping code of a dropped packet.
+    pub(super) namer: Option<crate::kernel::drops::DropNamer>,
+    /// Dropped packets on interfaces not captured (not written; said at the end).
+    pub(super) drops_elsewhere: u64,
+}
+
+/// "NO_SOCKET at __udp4_lib_rcv+0x4bc" for a `HOOK_DROP` packet (its header's `_pad`).
+fn drop_words(namer: &mut crate::kernel::drops::DropNamer, h: &CapHdr) -> String {
+    let reason = u32::from_le_bytes([h._pad[0], h._pad[1], h._pad[2], h._pad[3]]);
+    let low = u32::from_le_bytes([h._pad[4], h._pad[5], h._pad[6], h._pad[7]]);
+    // Kernel text lies in the top 2 GiB on x86_64: the high half is all ones.
+    let location = 0xffff_ffff_0000_0000 | u64::from(low);
+    format!("{} at {}", namer.reason(reason), namer.location(location))
 }
 
 /// With `--stages`, at most this many packets wait for their traces; beyond that the
@@ -141,7 +154,14 @@ impl WriterState {
             return Ok(());
         }
         let Some(iface) = self.ifaces.get_mut(&p.hdr.ifindex) else {
+            if p.hdr.hook == HOOK_DROP {
+                self.drops_elsewhere += 1;
+            }
             return Ok(());
+        };
+        let dropped = match (&mut self.namer, p.hdr.hook == HOOK_DROP) {
+            (Some(n), true) => format!("drop={}", drop_words(n, &p.hdr)),
+            _ => String::new(),
         };
         iface.captured += 1;
         self.written += 1;
@@ -156,7 +176,11 @@ impl WriterState {
                     libc::localtime_r(&raw const secs, &raw mut tm);
                     tm
                 };
-                let dir = if p.hdr.dir == DIR_IN { "In " } else { "Out" };
+                let dir = match p.hdr.dir {
+                    DIR_IN => "In ",
+                    DIR_OUT => "Out",
+                    _ => "Drop",
+                };
                 writeln!(
                     w,
                     "{:02}:{:02}:{:02}.{:09} {} {dir} {}",
@@ -167,18 +191,33 @@ impl WriterState {
                     iface.name,
                     decode::summary(&p.data, p.hdr.len)
                 )?;
+                if !dropped.is_empty() {
+                    writeln!(w, "    {dropped}")?;
+                }
                 if !comment.is_empty() {
                     writeln!(w, "    {comment}")?;
                 }
             }
             Out::Pcap(w) => {
                 use std::fmt::Write as _;
-                let flags = if p.hdr.dir == DIR_IN { pcapng::FLAG_INBOUND } else { pcapng::FLAG_OUTBOUND };
-                let hook = if p.hdr.hook == HOOK_XDP { "xdp" } else { "tc_egress" };
+                let flags = match p.hdr.dir {
+                    DIR_IN => pcapng::FLAG_INBOUND,
+                    DIR_OUT => pcapng::FLAG_OUTBOUND,
+                    _ => 0,
+                };
+                let hook = match p.hdr.hook {
+                    HOOK_XDP => "xdp",
+                    HOOK_DROP => "drop",
+                    _ => "tc_egress",
+                };
                 // One string for every packet's comment, not one each.
                 let c = &mut self.comment;
                 c.clear();
                 let _ = write!(c, "hook={hook} cpu={}", p.hdr.cpu);
+                if !dropped.is_empty() {
+                    c.push_str("; ");
+                    c.push_str(&dropped);
+                }
                 if !comment.is_empty() {
                     c.push_str("; ");
                     c.push_str(comment);
@@ -298,6 +337,8 @@ mod tests {
             stages,
             asked: StageSet::ALL,
             comment: String::new(),
+            namer: None,
+            drops_elsewhere: 0,
             flushed: 0,
             held_overflow: 0,
             error: None,

@@ -32,6 +32,11 @@ pub struct Args {
     /// (`--stages=LIST` for some stages only; see `trace --stages`).
     #[arg(long, value_name = "LIST", num_args = 0..=1, require_equals = true, default_missing_value = "all", value_parser = StageSet::parse)]
     pub stages: Option<StageSet>,
+    /// Also keep the packets the kernel drops on these interfaces (skb:kfree_skb), with the
+    /// reason and the dropping code in their comment (`drop=NO_SOCKET at
+    /// __udp4_lib_rcv+0x4bc`); network-layer bytes behind a zero Ethernet header.
+    #[arg(long)]
+    pub drops: bool,
     /// Filter, in pcap-filter syntax (host, net, port, portrange, src, dst, tcp, udp, icmp, icmp6, ip, ip6, and/or/not).
     #[arg(value_name = "EXPRESSION", trailing_var_arg = true)]
     pub expression: Vec<String>,

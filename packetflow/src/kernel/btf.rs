@@ -254,6 +254,8 @@ impl Btf {
             epe_base: o("eppoll_entry", "base"),
             epi_ep: o("epitem", "ep"),
             ep_wq_head: o("eventpoll", "wq.head"),
+            skb_data_len: o("sk_buff", "data_len"),
+            _pad: 0,
         }
     }
 }

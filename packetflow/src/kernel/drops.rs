@@ -133,6 +133,11 @@ impl Tracer {
             .collect();
     }
 
+    /// `capture --drops`: the capture's drop program (probes/capture.rs `pf_cap_drop`).
+    pub fn attach_capture_drops(&mut self) -> Result<(), String> {
+        self.first_of(&[Hook::TpBtf("pf_cap_drop", "kfree_skb")]).1
+    }
+
     /// One line per drop or retransmission hook this kernel cannot serve.
     pub fn drops_unavailable(&self) -> Vec<String> {
         self.drop_hooks

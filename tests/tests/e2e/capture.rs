@@ -518,6 +518,43 @@ fn stages_land_in_packet_comments() {
     }
 }
 
+/// `--drops`: a datagram to a closed port is captured twice, at XDP as it came in and as
+/// the kernel dropped it (the reason and the dropping code in its comment), with the same
+/// payload.
+#[test]
+fn dropped_packets_are_kept_with_their_reason() {
+    require_root();
+    let port = unique_port();
+    let out = tmp("drops.pcapng");
+    let cap = start_pf(&["-i", "lo", "--drops", "-w", out.to_str().unwrap(), "udp", "port", &port.to_string()]);
+    std::thread::sleep(Duration::from_millis(300));
+    udp_burst(port, 10, 100);
+    std::thread::sleep(Duration::from_millis(500));
+    let err = cap.stop();
+    let o = Command::new("tshark")
+        .arg("-r")
+        .arg(&out)
+        .args(["-T", "fields", "-E", "separator=|", "-e", "frame.comment", "-e", "udp.dstport", "-e", "data.data"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let drops: Vec<&str> = lines.iter().copied().filter(|l| l.contains("hook=drop")).collect();
+    let xdp: Vec<&str> = lines.iter().copied().filter(|l| l.contains("hook=xdp")).collect();
+    assert_eq!((drops.len(), xdp.len()), (10, 10), "{text}");
+    for d in &drops {
+        assert!(d.contains("drop=NO_SOCKET at __udp4_lib_rcv"), "{d}");
+    }
+    let payloads = |v: &[&str]| {
+        let mut p: Vec<String> = v.iter().map(|l| l.rsplit('|').next().unwrap().to_string()).collect();
+        p.sort();
+        p
+    };
+    assert_eq!(payloads(&drops), payloads(&xdp), "the dropped packets' bytes are the ones that came in");
+    assert!(err.contains("10 packets the kernel dropped captured"), "{err}");
+    assert!(tshark_complaints(&out).is_empty(), "{}", tshark_complaints(&out));
+}
+
 /// Sends `n` UDP datagrams of `size` bytes to 127.0.0.1:`port` (bounded in count).
 fn udp_burst(port: u16, n: usize, size: usize) {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

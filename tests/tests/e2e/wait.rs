@@ -84,8 +84,10 @@ fn a_blocked_reader_is_woken_then_run() {
     }
 }
 
-/// The reader's CPU taken by a real-time spinner (SCHED_FIFO, 20 ms bursts): the wait for
-/// a CPU (woken → on_cpu) grows by milliseconds, the wake-up (sock_queue → woken) does not.
+/// The reader's CPU taken by a real-time spinner (SCHED_FIFO, 20 ms bursts 5 ms apart):
+/// the wait for a CPU (woken → on_cpu) grows by milliseconds, the wake-up (sock_queue →
+/// woken) does not. Datagrams go every 7 ms, out of step with the spinner's 25 ms cycle:
+/// sent every 25 ms, CI once put every one into the pauses (median wait 12 µs).
 #[test]
 fn a_busy_cpu_delays_on_cpu_not_woken() {
     let idle = run("wait-idle.ndjson", 20, Duration::from_millis(25), recv);
@@ -107,12 +109,14 @@ fn a_busy_cpu_delays_on_cpu_not_woken() {
             }
         })
     };
-    let busy = run("wait-busy.ndjson", 20, Duration::from_millis(25), recv);
+    let busy = run("wait-busy.ndjson", 30, Duration::from_millis(7), recv);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     spinner.join().unwrap();
     let split = |trs: &[Value]| -> (u64, u64) {
         let both: Vec<&Value> = trs.iter().filter(|t| at(t, "woken").is_some() && at(t, "on_cpu").is_some()).collect();
-        assert!(both.len() >= trs.len() / 2, "most traces have both: {}", both.len());
+        // Busy, a datagram that comes while the woken reader still waits for the CPU
+        // finds no reader blocked (`not_waiting`): about half have the two stages.
+        assert!(both.len() >= 5 && both.len() * 3 >= trs.len(), "{} of {} traces have both", both.len(), trs.len());
         (
             median(both.iter().map(|t| at(t, "woken").unwrap() - at(t, "sock_queue").unwrap()).collect()),
             median(both.iter().map(|t| at(t, "on_cpu").unwrap() - at(t, "woken").unwrap()).collect()),

@@ -79,7 +79,9 @@ fn fifty_megabytes_over_veth_traced_without_loss_or_change() {
     // tracer must count each one (a stage missing between two the trace has: `stage_gaps`;
     // seen on 6.1 in QEMU, an `ip_send` kprobe record now and then, docs/stages.md).
     let ours: Vec<_> = traces(&lines).into_iter().filter(|t| t["dport"] == port).collect();
-    let incomplete: Vec<_> = ours.iter().filter(|t| t["complete"] != true).collect();
+    // A trace that ends in a drop (a spurious retransmission's copy, dropped as old
+    // data) is explained by it: counted in the drop table, not a missing record.
+    let incomplete: Vec<_> = ours.iter().filter(|t| t["complete"] != true && t.get("drop").is_none()).collect();
     let gaps = s["correlator"]["stage_gaps"].as_u64().expect("stage_gaps in the summary");
     println!("{} data traces, {} incomplete, {gaps} counted as stage gaps", ours.len(), incomplete.len());
     assert!(

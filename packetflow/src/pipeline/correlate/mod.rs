@@ -410,11 +410,15 @@ impl Correlator {
         let mut wake = None;
         while let Some(anchor) = st.pending.front() {
             let mut trace = build(flow, st, anchor, coverage);
-            // Records after the packet's drop, or after its bytes were sent again, are
-            // another copy's (docs/drops.md, "Retransmissions").
+            // Records after the packet's drop are another copy's; a drop after its bytes
+            // were queued again is the copy's (docs/drops.md, "Retransmissions"). Not
+            // trimmed at the copy itself: after a spurious retransmission the original
+            // arrived, and its own late stages (the copy) come after the copy was queued.
             let bound = copy_bound(flow, st, 0);
             let dropped = drop_of(flow, st, 0, bound);
-            trim_after(&mut trace, dropped.map_or(bound, |(_, d)| d.rec.ts.min(bound)));
+            if let Some((_, d)) = dropped {
+                trim_after(&mut trace, d.rec.ts);
+            }
             let last = trace.stages.iter().map(|s| s.t_ns).max().unwrap_or(0);
             // A dropped packet's trace is done once its drop is delivered; TCP data's
             // waits for the retransmission (or the timeout) too.

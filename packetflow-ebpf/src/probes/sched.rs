@@ -124,14 +124,20 @@ pub fn watch(f: &Filter, sk: u64, ev: &mut Event) {
     }
 }
 
+/// Both scheduler hooks start here: nothing to do (None) unless some thread is watched;
+/// else the thread id of `task`, to look up.
+#[inline(always)]
+fn gate(task: u64) -> Option<u32> {
+    if idle() || !watching() {
+        return None;
+    }
+    read::<Typed, u32>(task, off!(task_pid)).ok()
+}
+
 /// sched:sched_wakeup(p): a watched thread made runnable.
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn pf_sched_wakeup(ctx: BtfTracePointContext) -> i32 {
-    if idle() || !watching() {
-        return 0;
-    }
-    let p: u64 = ctx.arg(0);
-    let Ok(tid) = read::<Typed, u32>(p, off!(task_pid)) else { return 0 };
+    let Some(tid) = gate(ctx.arg(0)) else { return 0 };
     if let Some(w) = WATCHED.get_ptr_mut(&tid) {
         let w = unsafe { &mut *w };
         if w.woken == 0 {
@@ -147,11 +153,7 @@ pub fn pf_sched_wakeup(ctx: BtfTracePointContext) -> i32 {
 /// sched:sched_switch(preempt, prev, next, prev_state): a watched thread starts to run.
 #[btf_tracepoint(function = "sched_switch")]
 pub fn pf_sched_switch(ctx: BtfTracePointContext) -> i32 {
-    if idle() || !watching() {
-        return 0;
-    }
-    let next: u64 = ctx.arg(2);
-    let Ok(tid) = read::<Typed, u32>(next, off!(task_pid)) else { return 0 };
+    let Some(tid) = gate(ctx.arg(2)) else { return 0 };
     if let Some(w) = unsafe { WATCHED.get(&tid) } {
         // A thread that ran without a wake-up seen (it was preempted, not sleeping)
         // gets `on_cpu` only.

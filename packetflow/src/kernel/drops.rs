@@ -74,22 +74,28 @@ impl Symbols {
     }
 }
 
+/// /proc/kallsyms, read whole (None when unreadable).
+fn kallsyms() -> Option<String> {
+    std::fs::read_to_string("/proc/kallsyms").ok()
+}
+
+/// (address, type letter, name) of each line of /proc/kallsyms' text.
+fn symbols(text: &str) -> impl Iterator<Item = (u64, &str, &str)> {
+    text.lines().filter_map(|line| {
+        let mut f = line.split_ascii_whitespace();
+        let (a, kind, name) = (f.next()?, f.next()?, f.next()?);
+        Some((u64::from_str_radix(a, 16).ok()?, kind, name))
+    })
+}
+
 /// The text symbol at or below `addr` in /proc/kallsyms.
 fn lookup(addr: u64) -> Option<String> {
-    let text = std::fs::read_to_string("/proc/kallsyms").ok()?;
-    let mut best: Option<(u64, &str)> = None;
-    for line in text.lines() {
-        let mut f = line.split_ascii_whitespace();
-        let (Some(a), Some(kind), Some(name)) = (f.next(), f.next(), f.next()) else { continue };
-        if !matches!(kind, "t" | "T") {
-            continue;
-        }
-        let Ok(a) = u64::from_str_radix(a, 16) else { continue };
-        if a != 0 && a <= addr && best.is_none_or(|(b, _)| a > b) {
-            best = Some((a, name));
-        }
-    }
-    let (a, name) = best?;
+    let text = kallsyms()?;
+    let (a, name) = symbols(&text)
+        .filter(|(a, kind, _)| matches!(*kind, "t" | "T") && *a != 0 && *a <= addr)
+        // The highest address; of several names at it, the first in the file.
+        .min_by_key(|(a, _, _)| std::cmp::Reverse(*a))
+        .map(|(a, _, name)| (a, name))?;
     // Past any function by a megabyte: not a text address this file knows.
     (addr - a < 1 << 20).then(|| format!("{name}+{:#x}", addr - a))
 }
@@ -98,12 +104,10 @@ fn lookup(addr: u64) -> Option<String> {
 /// hidden by kptr_restrict).
 pub fn kallsyms_addrs<const N: usize>(names: [&str; N]) -> [u64; N] {
     let mut out = [0u64; N];
-    let Ok(text) = std::fs::read_to_string("/proc/kallsyms") else { return out };
-    for line in text.lines() {
-        let mut f = line.split_ascii_whitespace();
-        let (Some(a), Some(_), Some(name)) = (f.next(), f.next(), f.next()) else { continue };
+    let Some(text) = kallsyms() else { return out };
+    for (a, _, name) in symbols(&text) {
         if let Some(i) = names.iter().position(|n| *n == name) {
-            out[i] = u64::from_str_radix(a, 16).unwrap_or(0);
+            out[i] = a;
         }
     }
     out

@@ -211,9 +211,10 @@ impl Correlator {
     }
 
     /// The flow's state, made if new (which may evict the least recently active flow);
-    /// the flow becomes the most recently active.
+    /// the flow becomes the most recently active. For the rare records (drops,
+    /// retransmissions): two lookups, where `push_to` inlines the same steps to do one
+    /// (returning the first lookup's borrow from here does not pass the borrow checker).
     fn state_of(&mut self, flow: Flow) -> &mut FlowState {
-        // One lookup for a known flow (which becomes the most recently active).
         if self.flows.contains_key(&flow) {
             return self.flows.to_back(&flow).expect("flow exists");
         }

@@ -11,6 +11,13 @@ use crate::assert_size;
 /// (GSO/GRO super-packets, BIG TCP) are truncated to this; their original length is kept.
 pub const CAPTURE_MAX: usize = 65535;
 
+/// `capture --bypass`: the XDP program puts `[ts_ns: u64][XSK_META_MAGIC: u64]` in the
+/// frame's metadata, just before its first byte, when the driver allows metadata; the
+/// reader takes the kernel's time from there, else stamps the frame itself.
+pub const XSK_META_MAGIC: u64 = 0x7066_6d65_7461_7473;
+/// Receive queues an interface may have AF_XDP sockets on (`CAP_XSKS` entries).
+pub const XSK_MAX_QUEUES: u32 = 64;
+
 /// The per-CPU staging buffer: a record header and the packet bytes.
 pub const CAP_BUF: usize = 32 + CAPTURE_MAX;
 

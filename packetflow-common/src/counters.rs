@@ -57,3 +57,7 @@ pub const RETRANS_LOST: u32 = PARSED_XDP + 23;
 /// a full capture shard.
 pub const CAP_MATCHED_DROP: u32 = PARSED_XDP + 24;
 pub const CAP_LOST_DROP: u32 = PARSED_XDP + 25;
+/// `capture --bypass`: packets the filter selected on a receive queue that has no AF_XDP
+/// socket (the queue came up after the start, or its socket could not bind). They go on
+/// to the stack, not captured: said at exit.
+pub const CAP_XSK_NO_SOCKET: u32 = PARSED_XDP + 26;

@@ -5,6 +5,7 @@
 //! feature the types also implement `aya::Pod` so userspace can put them in maps.
 #![no_std]
 
+pub mod blast;
 pub mod capture;
 pub mod config;
 pub mod conn;

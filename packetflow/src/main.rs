@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use packetflow::{
-    cmd::{self, bench, capture, daemon, demo, doctor, report, seed, status, trace},
+    cmd::{self, bench, blast, capture, daemon, demo, doctor, report, seed, status, trace},
     error,
 };
 
@@ -24,6 +24,7 @@ enum Cmd {
     Doctor,
     Trace(trace::Args),
     Capture(capture::Args),
+    Blast(blast::Args),
     Daemon(daemon::Args),
     Status(status::Args),
     Demo(demo::DemoArgs),
@@ -39,6 +40,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cmd::Doctor => rt()?.block_on(doctor::run()),
         Cmd::Trace(a) => rt()?.block_on(trace::run(a)),
         Cmd::Capture(a) => rt()?.block_on(capture::run(a)),
+        Cmd::Blast(a) => blast::run(a),
         Cmd::Daemon(a) => rt()?.block_on(daemon::run(a)),
         Cmd::Status(a) => status::run(&a),
         Cmd::Demo(a) => rt()?.block_on(demo::run(a)),

@@ -25,7 +25,7 @@ mod results;
 mod setup;
 mod vm;
 
-use results::{Counts, Runs, group_reasons, parse_skips};
+use results::{Counts, Panics, Runs, group_reasons, parse_skips};
 use setup::{install, nightly, setup};
 
 fn main() -> ExitCode {
@@ -152,11 +152,13 @@ fn test(args: &[String]) -> Result<ExitCode> {
     let out = child.stdout.take().context("cargo test stdout")?;
     let mut host = Counts::default();
     let mut runs = Runs::default();
+    let mut panics = Panics::default();
     for line in std::io::BufRead::lines(std::io::BufReader::new(out)) {
         let line = line?;
         println!("{line}");
         host.add_result_line(&line);
         runs.add_line(&line);
+        panics.add_line(&line);
     }
     let st = child.wait()?;
     let host_skips = parse_skips(&std::fs::read_to_string(&skip_file).unwrap_or_default());
@@ -184,6 +186,7 @@ fn test(args: &[String]) -> Result<ExitCode> {
         skips.len(),
         host.ignored
     )];
+    report.extend(panics.describe("  "));
     if crashed > 0 {
         report.push(format!(
             "  {crashed} test binary(ies) crashed, counted as failed; the last test started: {}",
@@ -311,7 +314,13 @@ const VM_KERNEL_IN_TEST: &str = "6.1";
 fn bench(args: &[String]) -> Result<ExitCode> {
     setup()?;
     need_root("bench")?;
-    install(&[("sockperf", "sockperf"), ("iperf3", "iperf3"), ("tcpdump", "tcpdump"), ("bpftrace", "bpftrace")])?;
+    install(&[
+        ("sockperf", "sockperf"),
+        ("iperf3", "iperf3"),
+        ("tcpdump", "tcpdump"),
+        ("bpftrace", "bpftrace"),
+        ("ethtool", "ethtool"),
+    ])?;
     run(cargo().args(["build", "--release", "-p", "packetflow"]))?;
     let st = Command::new(target_dir().join("release/packetflow"))
         .arg("bench")

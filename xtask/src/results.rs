@@ -80,3 +80,54 @@ pub(crate) fn count_before(s: &str, word: &str) -> u64 {
         s.split(|c: char| c == ';' || c == '.' || c.is_whitespace()).filter(|w| !w.is_empty()).collect();
     words.windows(2).find(|w| w[1] == word).and_then(|w| w[0].parse().ok()).unwrap_or(0)
 }
+
+/// The first panic message of each failing test, from libtest's "---- NAME stdout ----"
+/// sections, so the suite's closing block says why a test failed, not only which.
+#[derive(Default, Debug)]
+pub struct Panics {
+    section: Option<String>,
+    after_panic: bool,
+    pub found: Vec<(String, String)>,
+}
+
+impl Panics {
+    pub fn add_line(&mut self, line: &str) {
+        if let Some(name) = line.strip_prefix("---- ").and_then(|r| r.strip_suffix(" stdout ----")) {
+            self.section = Some(name.to_string());
+            self.after_panic = false;
+        } else if line.contains("' panicked at ") || line.starts_with("thread '") && line.contains("panicked") {
+            self.after_panic = true;
+        } else if self.after_panic {
+            self.after_panic = false;
+            if let Some(name) = self.section.take() {
+                let msg: String = line.trim().chars().take(400).collect();
+                self.found.push((name, msg));
+            }
+        }
+    }
+
+    /// "  FAILED name: message" lines.
+    pub fn describe(&self, indent: &str) -> Vec<String> {
+        self.found.iter().map(|(n, m)| format!("{indent}FAILED {n}: {m}")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panics_take_the_line_after_panicked_at() {
+        let mut p = Panics::default();
+        for l in [
+            "---- drops::x stdout ----",
+            "some output",
+            "thread 'drops::x' panicked at tests/tests/e2e/drops.rs:10:5:",
+            "expected 3 drops, saw 2",
+            "note: run with `RUST_BACKTRACE=1`",
+        ] {
+            p.add_line(l);
+        }
+        assert_eq!(p.found, vec![("drops::x".to_string(), "expected 3 drops, saw 2".to_string())]);
+    }
+}

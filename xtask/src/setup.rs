@@ -11,6 +11,7 @@ pub(crate) const PACKAGES: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("chromium", "chromium"),
     ("tcpdump", "tcpdump"),
+    ("ethtool", "ethtool"),
     ("tshark", "tshark"),
     ("nft", "nftables"),
     ("systemd-analyze", "systemd"),

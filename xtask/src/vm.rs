@@ -91,6 +91,8 @@ pub struct Outcome {
     /// (test name, reason) of the tests that skipped themselves in the guest.
     pub skips: Vec<(String, String)>,
     pub steps: Vec<Step>,
+    /// (test name, first panic line) of each failing test in the guest.
+    pub panics: Vec<(String, String)>,
     /// Why the run did not finish, when it did not.
     pub error: Option<String>,
     pub secs: f64,
@@ -135,6 +137,7 @@ impl Outcome {
                 .collect();
             v.push(format!("  {}: {rc}, {} tests: {}", s.name, s.tests.len(), tests.join(", ")));
         }
+        v.extend(self.panics.iter().map(|(n, m)| format!("  FAILED {n}: {m}")));
         v
     }
 }
@@ -185,6 +188,7 @@ pub fn run_kernels(which: &str) -> Result<Vec<Outcome>> {
                 counts: Counts::default(),
                 skips: Vec::new(),
                 steps: Vec::new(),
+                panics: Vec::new(),
                 error: Some(format!("{e:#}")),
                 secs: 0.0,
             },
@@ -370,6 +374,7 @@ fn one_kernel(
     // The step now running: its counts and tests, until its PF-VM-RESULT line.
     let mut cur = Step::default();
     let mut skips = Vec::new();
+    let mut panics = crate::Panics::default();
     let mut done = false;
     for line in BufReader::new(out).lines() {
         let line = line.unwrap_or_default();
@@ -377,6 +382,7 @@ fn one_kernel(
         writeln!(log, "{line}")?;
         println!("[{name}] {line}");
         cur.counts.add_result_line(line);
+        panics.add_line(line);
         if let Some(t) = test_line(line) {
             cur.tests.push(t);
         }
@@ -406,7 +412,16 @@ fn one_kernel(
     }
     counts.passed = counts.passed.saturating_sub(skips.len() as u64);
     let error = (!done).then(|| format!("the guest stopped before finishing (console log: {})", log_path.display()));
-    Ok(Outcome { kernel: name.to_string(), passed: false, counts, skips, steps, error, secs: 0.0 })
+    Ok(Outcome {
+        kernel: name.to_string(),
+        passed: false,
+        counts,
+        skips,
+        steps,
+        panics: panics.found,
+        error,
+        secs: 0.0,
+    })
 }
 
 /// libtest's "test NAME ... ok" line (with --test-threads=1 and captured output, one
@@ -655,6 +670,7 @@ mod tests {
                     tests: vec![("demo::tcp".into(), "ok".into()), ("demo::udp".into(), "FAILED".into())],
                 },
             ],
+            panics: Vec::new(),
             error: None,
             secs: 1.0,
         };

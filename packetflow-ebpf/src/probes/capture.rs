@@ -14,10 +14,12 @@ use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action::XDP_PASS},
     helpers::{
         bpf_get_smp_processor_id,
-        generated::{bpf_probe_read_kernel, bpf_skb_load_bytes, bpf_xdp_get_buff_len, bpf_xdp_load_bytes},
+        generated::{
+            bpf_probe_read_kernel, bpf_skb_load_bytes, bpf_xdp_adjust_meta, bpf_xdp_get_buff_len, bpf_xdp_load_bytes,
+        },
     },
     macros::{btf_tracepoint, classifier, map, xdp},
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, XskMap},
     programs::{BtfTracePointContext, TcContext, XdpContext},
 };
 use packetflow_common::{
@@ -25,11 +27,11 @@ use packetflow_common::{
     capture::{
         CAP_BUF, CAPTURE_MAX, CapHdr, CaptureConfig, DIR_BOTH, DIR_DST, DIR_IN, DIR_OUT, DIR_SRC, HOOK_DROP,
         HOOK_TC_EGRESS, HOOK_XDP, MAX_PRIMS, P_HOST, P_ICMP, P_ICMP6, P_IP, P_IP6, P_NET, P_PORT, P_TCP, P_UDP, Prim,
-        TABLE_SIZE,
+        TABLE_SIZE, XSK_MAX_QUEUES, XSK_META_MAGIC,
     },
     counters::{
         CAP_LOST_DROP, CAP_LOST_TC, CAP_LOST_XDP, CAP_MATCHED_DROP, CAP_MATCHED_TC, CAP_MATCHED_XDP, CAP_SEEN_TC,
-        CAP_SEEN_XDP, UNWOKEN_CAPTURE_BYTES,
+        CAP_SEEN_XDP, CAP_XSK_NO_SOCKET, UNWOKEN_CAPTURE_BYTES,
     },
 };
 
@@ -262,6 +264,58 @@ pub fn pf_cap_xdp(ctx: XdpContext) -> u32 {
     super::packet::try_xdp(&ctx);
     capture_xdp(&ctx);
     XDP_PASS
+}
+
+/// `capture --bypass`: the AF_XDP socket of each receive queue, by queue index.
+#[map]
+static CAP_XSKS: XskMap = XskMap::with_max_entries(XSK_MAX_QUEUES, 0);
+
+/// `capture --bypass`: a frame the filter selects is redirected to its receive queue's
+/// AF_XDP socket, and the stack never sees it; every other frame passes, untouched. No
+/// tracing here (the frames it takes would never reach the later stages anyway).
+#[xdp]
+pub fn pf_cap_xsk(ctx: XdpContext) -> u32 {
+    bypass(&ctx)
+}
+
+#[inline(never)]
+fn bypass(ctx: &XdpContext) -> u32 {
+    let Some(cfg) = CAP_CONFIG.get(0) else { return XDP_PASS };
+    if cfg.enabled == 0 {
+        return XDP_PASS;
+    }
+    count(CAP_SEEN_XDP);
+    if !selected(cfg, &summarize(|off, buf| xdp_read(ctx, off, buf))) {
+        return XDP_PASS;
+    }
+    count(CAP_MATCHED_XDP);
+    let queue = ctx.rx_queue_index();
+    if CAP_XSKS.get(queue).is_none() {
+        count(CAP_XSK_NO_SOCKET);
+        return XDP_PASS;
+    }
+    stamp(ctx);
+    // XDP_PASS in the flags: should the socket go away meanwhile, the frame goes on.
+    match CAP_XSKS.redirect(queue, u64::from(XDP_PASS)) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+/// The kernel's time in the frame's metadata (`XSK_META_MAGIC` says it is there), where
+/// the driver has room for it; the frame's own bytes are not touched.
+#[inline(always)]
+fn stamp(ctx: &XdpContext) {
+    if unsafe { bpf_xdp_adjust_meta(ctx.ctx, -16) } != 0 {
+        return;
+    }
+    let (meta, data) = (ctx.metadata(), ctx.data());
+    if meta + 16 > data {
+        return;
+    }
+    unsafe {
+        core::ptr::write_unaligned(meta as *mut u64, now());
+        core::ptr::write_unaligned((meta + 8) as *mut u64, XSK_META_MAGIC);
+    }
 }
 
 #[classifier]

@@ -1,6 +1,7 @@
 //! One file per group of hooks. Every entry point is a thin wrapper that ignores the
 //! outcome of its `try_*` body and lets the packet or the call go on.
 
+mod blast;
 mod capture;
 mod connect;
 mod device;

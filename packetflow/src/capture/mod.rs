@@ -7,10 +7,12 @@
 //! captured interfaces are kept too (skb:kfree_skb, `HOOK_DROP`), the reason and the
 //! dropping code in their comment (docs/drops.md).
 
+mod bypass;
 pub mod decode;
 pub mod expr;
 pub mod frame;
 mod writer;
+pub mod xsk;
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -86,8 +88,11 @@ async fn read_rings(
 }
 
 pub async fn run(a: Args) -> Result<()> {
+    if a.bypass {
+        return bypass::run(a).await;
+    }
     let dirs = a.direction.mask();
-    let snaplen = a.snaplen.min(packetflow_common::capture::CAPTURE_MAX as u32);
+    let snaplen = a.snaplen.unwrap_or(u32::MAX).min(packetflow_common::capture::CAPTURE_MAX as u32);
     run::preflight("capture")?;
     if let Some(stages) = a.stages {
         stages.check_joinable()?;

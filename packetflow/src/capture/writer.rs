@@ -144,6 +144,34 @@ fn drop_words(namer: &mut crate::kernel::drops::DropNamer, h: &CapHdr) -> String
     format!("{} at {}", namer.reason(reason), namer.location(location))
 }
 
+/// One tcpdump-like line: local time, interface, direction, what the packet is.
+pub(super) fn text_line(
+    w: &mut dyn Write,
+    wall_ns: u64,
+    ifname: &str,
+    dir: &str,
+    data: &[u8],
+    len: u32,
+) -> std::io::Result<()> {
+    let secs = (wall_ns / 1_000_000_000) as i64;
+    // SAFETY: localtime_r writes only into `tm`, a zeroed plain C struct we own; `secs`
+    // outlives the call.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        libc::localtime_r(&raw const secs, &raw mut tm);
+        tm
+    };
+    writeln!(
+        w,
+        "{:02}:{:02}:{:02}.{:09} {ifname} {dir} {}",
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        wall_ns % 1_000_000_000,
+        decode::summary(data, len)
+    )
+}
+
 /// With `--stages`, at most this many packets wait for their traces; beyond that the
 /// oldest is written at once, without its stages if its trace has not come (counted).
 pub const HELD_MAX: usize = 65_536;
@@ -167,30 +195,12 @@ impl WriterState {
         self.written += 1;
         match &mut self.out {
             Out::Text(w) => {
-                let t = p.wall_ns;
-                let secs = (t / 1_000_000_000) as i64;
-                // SAFETY: localtime_r writes only into `tm`, a zeroed plain C struct we own; `secs`
-                // outlives the call.
-                let tm = unsafe {
-                    let mut tm: libc::tm = std::mem::zeroed();
-                    libc::localtime_r(&raw const secs, &raw mut tm);
-                    tm
-                };
                 let dir = match p.hdr.dir {
                     DIR_IN => "In ",
                     DIR_OUT => "Out",
                     _ => "Drop",
                 };
-                writeln!(
-                    w,
-                    "{:02}:{:02}:{:02}.{:09} {} {dir} {}",
-                    tm.tm_hour,
-                    tm.tm_min,
-                    tm.tm_sec,
-                    t % 1_000_000_000,
-                    iface.name,
-                    decode::summary(&p.data, p.hdr.len)
-                )?;
+                text_line(w, p.wall_ns, &iface.name, dir, &p.data, p.hdr.len)?;
                 if !dropped.is_empty() {
                     writeln!(w, "    {dropped}")?;
                 }

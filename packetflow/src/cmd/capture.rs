@@ -5,6 +5,9 @@ use packetflow_common::capture::{DIR_IN, DIR_OUT};
 use crate::{kernel::interfaces::XdpChoice, model::stage_set::StageSet};
 
 /// Capture packets (XDP in, tcx out) to pcapng or tcpdump-like lines; filter in the kernel.
+///
+/// With --bypass, AF_XDP instead: matching packets coming in are taken from the kernel
+/// (the stack never sees them), for a mirror port or an interface kept for capture.
 #[derive(clap::Args)]
 pub struct Args {
     /// Interface (repeatable; IFACE@NETNS for another namespace; `any` = all).
@@ -16,9 +19,10 @@ pub struct Args {
     /// Stop after COUNT packets.
     #[arg(short = 'c', value_name = "COUNT")]
     pub count: Option<u64>,
-    /// Bytes to keep of each packet (at most 65535, what the hooks can copy).
-    #[arg(short = 's', value_name = "SNAPLEN", default_value_t = 262144, value_parser = clap::value_parser!(u32).range(1..))]
-    pub snaplen: u32,
+    /// Bytes to keep of each packet [default: the whole packet, up to 65535 bytes, what
+    /// the hooks can copy; with --bypass, up to one AF_XDP frame: 3840 bytes].
+    #[arg(short = 's', value_name = "SNAPLEN", value_parser = clap::value_parser!(u32).range(1..))]
+    pub snaplen: Option<u32>,
     /// Direction: in (XDP), out (tcx egress) or inout.
     #[arg(short = 'Q', value_enum, default_value = "inout")]
     pub direction: Direction,
@@ -37,6 +41,12 @@ pub struct Args {
     /// __udp4_lib_rcv+0x4bc`); network-layer bytes behind a zero Ethernet header.
     #[arg(long)]
     pub drops: bool,
+    /// Kernel bypass: AF_XDP sockets, one per receive queue of the one interface given;
+    /// the XDP program redirects packets the filter selects to them. THE STACK NEVER SEES
+    /// THOSE PACKETS: for a mirror port or an interface kept for capture. Incoming packets
+    /// only; zero-copy where the driver offers it, copy mode otherwise.
+    #[arg(long, conflicts_with_all = ["stages", "drops"])]
+    pub bypass: bool,
     /// Filter, in pcap-filter syntax (host, net, port, portrange, src, dst, tcp, udp, icmp, icmp6, ip, ip6, and/or/not).
     #[arg(value_name = "EXPRESSION", trailing_var_arg = true)]
     pub expression: Vec<String>,

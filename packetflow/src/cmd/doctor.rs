@@ -330,11 +330,45 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
             if let Some(aya::programs::Program::Xdp(p)) = ebpf.program_mut("pf_probe_xdp") {
                 let _ = p.unload();
             }
-            v
+            out.push(("XDP native (veth)", v.0, v.1));
+            // capture --bypass: an AF_XDP socket on the veth's first queue.
+            let r = platform::netns::in_netns(Some(&ns), || {
+                let i = platform::interfaces::ifindex(&veth).ok_or_else(|| anyhow::anyhow!("veth vanished"))?;
+                Ok(crate::capture::xsk::Xsk::open(i, 0, 2048, false)?.mode)
+            });
+            out.push(match r {
+                Ok(crate::capture::xsk::Mode::ZeroCopy) => ("AF_XDP (veth)", true, "zero-copy".into()),
+                Ok(crate::capture::xsk::Mode::Copy) => (
+                    "AF_XDP (veth)",
+                    true,
+                    "copy mode (veth has no zero-copy; a NIC driver with AF_XDP zero-copy gets it)".into(),
+                ),
+                Err(e) => {
+                    let (ok, d) = verdict(Err::<(), _>(AnyErr(e)), |n| {
+                        (n == libc::EAFNOSUPPORT).then_some("no AF_XDP sockets (CONFIG_XDP_SOCKETS off)")
+                    });
+                    ("AF_XDP (veth)", ok, d)
+                }
+            });
+            // blast: one XDP live-frame run out of the veth.
+            let r = (|| -> Result<()> {
+                let p: &mut Xdp = program(ebpf, "pf_blast")?;
+                p.load()?;
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(p.fd()?));
+                platform::netns::in_netns(Some(&ns), || {
+                    let i = platform::interfaces::ifindex(&veth).ok_or_else(|| anyhow::anyhow!("veth vanished"))?;
+                    Ok(crate::cmd::blast::live_run(fd, &[0u8; 60], i, 1)?)
+                })
+            })();
+            let (ok, d) = verdict(r.map_err(AnyErr), |n| (n == libc::EINVAL).then_some("needs Linux 5.18+"));
+            out.push(("XDP live frames (blast)", ok, d));
+            None
         }
-        Err(e) => (false, format!("could not create a veth test host: {e:#}")),
+        Err(e) => Some((false, format!("could not create a veth test host: {e:#}"))),
     };
-    out.push(("XDP native (veth)", native.0, native.1));
+    if let Some((ok, d)) = native {
+        out.push(("XDP native (veth)", ok, d));
+    }
 
     let r = (|| -> Result<()> {
         let p: &mut SchedClassifier = program(ebpf, "pf_probe_tc")?;

@@ -2,6 +2,7 @@
 //! parses and dispatches. Flags that several subcommands share are flattened groups here.
 
 pub mod bench;
+pub mod blast;
 pub mod capture;
 pub mod daemon;
 pub mod demo;

@@ -98,19 +98,28 @@ impl<W: Write> Writer<W> {
         flags: u32,
         comment: &str,
     ) -> io::Result<()> {
-        // Written straight into the (buffered) output: no buffer per packet.
+        // Written straight into the (buffered) output: no buffer per packet, and the fixed
+        // part of the block in one write.
         let opt = |len: usize| 4 + len + pad4(len);
         let opts = if flags != 0 { opt(4) } else { 0 } + if comment.is_empty() { 0 } else { opt(comment.len()) };
         let opts = if opts == 0 { 0 } else { opts + 4 };
         let total = (12 + 20 + data.len() + pad4(data.len()) + opts) as u32;
+        let mut head = [0u8; 28];
+        head[0..4].copy_from_slice(&EPB.to_le_bytes());
+        head[4..8].copy_from_slice(&total.to_le_bytes());
+        head[8..12].copy_from_slice(&iface.to_le_bytes());
+        head[12..20].copy_from_slice(&ts_words(ts_ns));
+        head[20..24].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        head[24..28].copy_from_slice(&orig_len.max(data.len() as u32).to_le_bytes());
         let w = &mut self.w;
-        w.write_all(&EPB.to_le_bytes())?;
-        w.write_all(&total.to_le_bytes())?;
-        w.write_all(&iface.to_le_bytes())?;
-        w.write_all(&ts_words(ts_ns))?;
-        w.write_all(&(data.len() as u32).to_le_bytes())?;
-        w.write_all(&orig_len.max(data.len() as u32).to_le_bytes())?;
+        w.write_all(&head)?;
         w.write_all(data)?;
+        if opts == 0 {
+            let mut tail = [0u8; 7];
+            let pad = pad4(data.len());
+            tail[pad..pad + 4].copy_from_slice(&total.to_le_bytes());
+            return w.write_all(&tail[..pad + 4]);
+        }
         w.write_all(&[0u8; 3][..pad4(data.len())])?;
         let mut option = |code: u16, value: &[u8]| -> io::Result<()> {
             w.write_all(&code.to_le_bytes())?;

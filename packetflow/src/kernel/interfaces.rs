@@ -211,6 +211,23 @@ impl Tracer {
         lines
     }
 
+    /// `capture --bypass`: attaches `pf_cap_xsk` (XDP only) to `ifname` in `netns`;
+    /// returns the XDP mode ("native" or "generic") or why it would not attach.
+    pub fn attach_bypass(&mut self, netns: Option<&Path>, ifname: &str, xdp: XdpChoice) -> Result<&'static str> {
+        let prog = self.ebpf_mut().program_mut("pf_cap_xsk").ok_or_else(|| anyhow!("pf_cap_xsk missing"))?;
+        let x: &mut Xdp = prog.try_into()?;
+        x.load().map_err(|e| anyhow!("loading pf_cap_xsk: {}", describe(&e)))?;
+        let name = ifname.to_string();
+        let mode = platform::netns::in_netns(netns, move || {
+            let Some(ifindex) = platform::interfaces::ifindex(&name) else {
+                crate::user_bail!("unknown interface '{name}'");
+            };
+            attach_xdp(x, ifindex, xdp).map_err(|e| anyhow!(e))
+        })?;
+        self.links += 1;
+        Ok(mode)
+    }
+
     /// Is `ifname` in namespace `netns` attached (and not lost)?
     pub fn has_interface(&self, netns: Option<&Path>, ifname: &str) -> bool {
         self.interfaces.iter().any(|a| !a.lost && a.netns.as_deref() == netns && a.ifname == ifname)

@@ -101,7 +101,7 @@ pub struct Tracer {
 }
 
 /// A program error with its causes, or a load error with the verifier log's last lines.
-pub(super) fn describe(e: &ProgramError) -> String {
+pub(crate) fn describe(e: &ProgramError) -> String {
     match e {
         ProgramError::LoadError { io_error, verifier_log } => {
             let log = verifier_log.to_string();

@@ -125,3 +125,24 @@ pub fn any_namespaces(named: &[String], netns: Option<&std::path::Path>) -> Vec<
         })
         .collect()
 }
+
+/// ioctl `req` on an `ifreq` naming `ifname` (after `fill` set its other fields), in the
+/// calling thread's network namespace: the ifreq the kernel filled, or None.
+pub fn ifreq(ifname: &str, req: libc::c_ulong, fill: impl FnOnce(&mut libc::ifreq)) -> Option<libc::ifreq> {
+    // SAFETY: a zeroed ifreq (valid as all zeros) naming the interface, filled by the
+    // kernel; the socket is ours and closed before returning.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return None;
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (d, b) in ifr.ifr_name.iter_mut().zip(ifname.bytes().take(libc::IFNAMSIZ - 1)) {
+            *d = b as libc::c_char;
+        }
+        fill(&mut ifr);
+        let r = libc::ioctl(s, req, &raw mut ifr);
+        libc::close(s);
+        (r >= 0).then_some(ifr)
+    }
+}

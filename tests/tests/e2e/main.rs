@@ -13,6 +13,7 @@
 #![allow(clippy::float_cmp)]
 
 mod bulk;
+mod bypass;
 mod capture;
 mod cli;
 mod connections;

@@ -162,7 +162,7 @@ fn cpu_model() -> String {
 
 pub async fn run(a: BenchArgs) -> Result<()> {
     run::preflight("bench")?;
-    for tool in ["sockperf", "iperf3", "tcpdump", "bpftrace"] {
+    for tool in ["sockperf", "iperf3", "tcpdump", "bpftrace", "ethtool"] {
         if Command::new(tool).arg("--version").output().is_err() {
             crate::user_bail!("the benchmark needs {tool} (cargo xtask bench installs it)");
         }

@@ -423,6 +423,97 @@ pub fn rx_queues(ifname: &str) -> u32 {
     ch.rx.max(ch.combined).max(1)
 }
 
+/// Which interfaces of the calling thread's namespace have AF_XDP zero-copy, as their
+/// drivers tell the kernel (`xdp-features` of the netdev generic-netlink family, Linux
+/// 6.3+): (ifindex, zero-copy). Err when the kernel has no such family.
+pub fn zero_copy_interfaces() -> io::Result<Vec<(u32, bool)>> {
+    use crate::kernel::xdp_owner::{attrs, put_attr};
+    const NETLINK_GENERIC: libc::c_int = 16;
+    const GENL_ID_CTRL: u16 = 0x10;
+    const CTRL_CMD_GETFAMILY: u8 = 3;
+    const CTRL_ATTR_FAMILY_ID: u16 = 1;
+    const CTRL_ATTR_FAMILY_NAME: u16 = 2;
+    const NETDEV_CMD_DEV_GET: u8 = 1;
+    const NETDEV_A_DEV_IFINDEX: u16 = 1;
+    const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
+    const NETDEV_XDP_ACT_XSK_ZEROCOPY: u64 = 1 << 3;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_ERROR: u16 = 2;
+    const NLMSG_DONE: u16 = 3;
+
+    // SAFETY: socket(2) has no memory preconditions; the fd is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_GENERIC) };
+    check(fd)?;
+    // SAFETY: a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let send = |kind: u16, flags: u16, cmd: u8, body: &[u8]| -> io::Result<()> {
+        let mut m = Vec::with_capacity(64);
+        m.extend(((16 + 4 + body.len()) as u32).to_ne_bytes());
+        m.extend(kind.to_ne_bytes());
+        m.extend(flags.to_ne_bytes());
+        m.extend([1u8, 0, 0, 0, 0, 0, 0, 0]); // seq 1, pid 0 (the kernel)
+        m.extend([cmd, 1, 0, 0]); // genlmsghdr: cmd, version 1
+        m.extend(body);
+        // SAFETY: send(2) reads `m.len()` bytes of `m`.
+        check(unsafe { libc::send(fd.as_raw_fd(), m.as_ptr().cast(), m.len(), 0) } as libc::c_int)
+    };
+    // Each message of the replies (its payload after the genl header) until DONE or an ACK.
+    let mut buf = vec![0u8; 64 << 10];
+    let mut replies = |each: &mut dyn FnMut(&[u8])| -> io::Result<()> {
+        loop {
+            // SAFETY: recv(2) writes at most `buf.len()` bytes into `buf`.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            check(n as libc::c_int)?;
+            let mut rest = &buf[..n as usize];
+            while rest.len() >= 16 {
+                let len = (u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize).clamp(16, rest.len());
+                let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+                let payload = &rest[16..len];
+                match kind {
+                    NLMSG_DONE => return Ok(()),
+                    NLMSG_ERROR => {
+                        let errno = payload.get(..4).map_or(0, |b| -i32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                        return if errno == 0 { Ok(()) } else { Err(io::Error::from_raw_os_error(errno)) };
+                    }
+                    _ => each(payload.get(4..).unwrap_or_default()),
+                }
+                rest = &rest[len.next_multiple_of(4).min(rest.len())..];
+            }
+        }
+    };
+    let mut name = Vec::new();
+    put_attr(&mut name, CTRL_ATTR_FAMILY_NAME, b"netdev\0");
+    // With an ACK asked for, the reply is followed by it, which ends `replies`.
+    send(GENL_ID_CTRL, NLM_F_REQUEST | NLM_F_ACK, CTRL_CMD_GETFAMILY, &name)?;
+    let mut family = None;
+    replies(&mut |a| {
+        for (t, v) in attrs(a) {
+            if t == CTRL_ATTR_FAMILY_ID && v.len() >= 2 {
+                family = Some(u16::from_ne_bytes([v[0], v[1]]));
+            }
+        }
+    })?;
+    let family = family.ok_or_else(|| io::Error::other("no netdev family id in the reply"))?;
+    send(family, NLM_F_REQUEST | NLM_F_DUMP, NETDEV_CMD_DEV_GET, &[])?;
+    let mut out = Vec::new();
+    replies(&mut |a| {
+        let (mut ifindex, mut features) = (0u32, 0u64);
+        for (t, v) in attrs(a) {
+            match t {
+                NETDEV_A_DEV_IFINDEX if v.len() >= 4 => ifindex = u32::from_ne_bytes(v[..4].try_into().expect("4")),
+                NETDEV_A_DEV_XDP_FEATURES if v.len() >= 8 => {
+                    features = u64::from_ne_bytes(v[..8].try_into().expect("8"));
+                }
+                _ => {}
+            }
+        }
+        out.push((ifindex, features & NETDEV_XDP_ACT_XSK_ZEROCOPY != 0));
+    })?;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

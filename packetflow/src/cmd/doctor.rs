@@ -369,6 +369,24 @@ async fn probe_program_types(out: &mut Vec<(&'static str, bool, String)>) {
     if let Some((ok, d)) = native {
         out.push(("XDP native (veth)", ok, d));
     }
+    // Zero-copy per interface, as each driver tells the kernel (no socket is bound).
+    out.push(match crate::capture::xsk::zero_copy_interfaces() {
+        Ok(list) => {
+            let names: Vec<String> = list
+                .iter()
+                .map(|(i, zc)| {
+                    let name = platform::interfaces::ifname(*i).unwrap_or_else(|| format!("ifindex {i}"));
+                    format!("{name}: {}", if *zc { "zero-copy" } else { "copy mode" })
+                })
+                .collect();
+            ("AF_XDP per interface", true, names.join(", "))
+        }
+        Err(e) => (
+            "AF_XDP per interface",
+            true,
+            format!("the kernel does not say which drivers have zero-copy (no netdev netlink family before 6.3: {e})"),
+        ),
+    });
 
     let r = (|| -> Result<()> {
         let p: &mut SchedClassifier = program(ebpf, "pf_probe_tc")?;

@@ -218,7 +218,7 @@ fn processes_holding(prog_id: u32) -> Vec<(u32, String)> {
     out
 }
 
-fn put_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
+pub(crate) fn put_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
     let len = 4 + value.len();
     buf.extend_from_slice(&(len as u16).to_ne_bytes());
     buf.extend_from_slice(&kind.to_ne_bytes());
@@ -227,7 +227,7 @@ fn put_attr(buf: &mut Vec<u8>, kind: u16, value: &[u8]) {
 }
 
 /// Netlink attributes in `buf`: (type, value).
-fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+pub(crate) fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut rest = buf;
     std::iter::from_fn(move || {
         if rest.len() < 4 {

@@ -113,6 +113,12 @@ fn doctor_tells_the_truth_about_this_kernel() {
     {
         assert!(row(works).contains(" ok "), "{works}: {out}");
     }
+    // capture --bypass and blast: an AF_XDP socket binds on a veth (copy mode: veth has
+    // no zero-copy) and a live-frame run goes out of it; lo never has zero-copy.
+    assert!(row("AF_XDP (veth)").contains(" ok  copy mode"), "{out}");
+    assert!(row("XDP live frames (blast)").contains(" ok "), "{out}");
+    let per_if = row("AF_XDP per interface");
+    assert!(per_if.contains("lo: copy mode") || per_if.contains("does not say"), "{out}");
     // Decided by trying: on this machine fentry is refused by lockdown and kprobes do
     // not exist. On a kernel that allows them, these rows say "works" instead.
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();

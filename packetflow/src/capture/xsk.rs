@@ -427,7 +427,7 @@ pub fn rx_queues(ifname: &str) -> u32 {
 /// drivers tell the kernel (`xdp-features` of the netdev generic-netlink family, Linux
 /// 6.3+): (ifindex, zero-copy). Err when the kernel has no such family.
 pub fn zero_copy_interfaces() -> io::Result<Vec<(u32, bool)>> {
-    use crate::kernel::xdp_owner::{attrs, put_attr};
+    use crate::kernel::xdp_owner::{NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attrs, put_attr};
     const NETLINK_GENERIC: libc::c_int = 16;
     const GENL_ID_CTRL: u16 = 0x10;
     const CTRL_CMD_GETFAMILY: u8 = 3;
@@ -437,10 +437,7 @@ pub fn zero_copy_interfaces() -> io::Result<Vec<(u32, bool)>> {
     const NETDEV_A_DEV_IFINDEX: u16 = 1;
     const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
     const NETDEV_XDP_ACT_XSK_ZEROCOPY: u64 = 1 << 3;
-    const NLM_F_REQUEST: u16 = 1;
-    const NLM_F_ACK: u16 = 4;
     const NLM_F_DUMP: u16 = 0x300;
-    const NLMSG_ERROR: u16 = 2;
     const NLMSG_DONE: u16 = 3;
 
     // SAFETY: socket(2) has no memory preconditions; the fd is owned at once.

@@ -27,6 +27,11 @@ fn run_demo(extra: &[&str]) {
         assert!(available.iter().any(|a| a == s), "this kernel serves {s}: {available:?}");
     }
     let traces = traces(&lines);
+    // Traces whose send or receive could not be tied to its syscall (the thread moved
+    // CPUs between the syscall's entry and the hook): each one must be counted by the
+    // tracer (`send_syscall_unattributed`, `recv_syscall_unattributed`). Seen once on
+    // 6.1 under QEMU, UDP over IPv6.
+    let mut unattributed = [0u64; 2];
     let proto = if extra.contains(&"--udp") { "udp" } else { "tcp" };
     let family = if extra.contains(&"--ipv6") { "ipv6" } else { "ipv4" };
     for path in ["loopback", "nic"] {
@@ -38,13 +43,21 @@ fn run_demo(extra: &[&str]) {
             assert_eq!(t["kind"], "data");
             assert_eq!(t["proto"], proto);
             assert_eq!(t["family"], family);
-            assert_eq!(t["complete"], true, "{t}");
+            let missing: Vec<&str> =
+                t["missing"].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect()).unwrap_or_default();
+            match missing.as_slice() {
+                [] => assert_eq!(t["complete"], true, "{t}"),
+                ["send_syscall"] => unattributed[0] += 1,
+                ["recv_syscall"] => unattributed[1] += 1,
+                _ => panic!("an incomplete trace: {t}"),
+            }
             // (woken and on_cpu come only for a reader blocked in a receive call: the
             // seed's, on epoll, never is.)
             let per_packet = |s: &String| s == "woken" || s == "on_cpu";
             let mut names: Vec<String> = stage_names(t).into_iter().filter(|s| !per_packet(s)).collect();
             names.sort();
-            let mut want: Vec<String> = available.iter().filter(|s| !per_packet(s)).cloned().collect();
+            let mut want: Vec<String> =
+                available.iter().filter(|s| !per_packet(s) && !missing.contains(&s.as_str())).cloned().collect();
             want.sort();
             assert_eq!(names, want, "every available stage, once");
             let ifname = t["ifname"].as_str().expect("ifname");
@@ -77,6 +90,9 @@ fn run_demo(extra: &[&str]) {
         }
     }
     let s = summary(&lines);
+    let counted = |k: &str| s["counters"][k].as_u64().unwrap_or(0);
+    assert!(unattributed[0] <= counted("send_syscall_unattributed"), "{unattributed:?} {}", s["counters"]);
+    assert!(unattributed[1] <= counted("recv_syscall_unattributed"), "{unattributed:?} {}", s["counters"]);
     for (hook, n) in s["lost"].as_object().expect("lost") {
         assert_eq!(n, 0, "lost at {hook}");
     }

@@ -371,6 +371,8 @@ fn tbf_delay_lands_on_the_shaped_crossing() {
     let (syn, back) = (at("syn_rcvd") - at("syn_sent"), at("established") - at("synack_sent"));
     println!("SYN crossing {:.1} ms (shaped), SYN-ACK crossing {:.3} ms", syn as f64 / 1e6, back as f64 / 1e6);
     assert!(syn > 100_000_000, "the SYN waited behind the shaped queue: {c}");
-    assert!(back < 5_000_000, "the SYN-ACK's way is not shaped: {c}");
-    assert!(at("syn_sent") - at("connect") < 5_000_000, "the qdisc wait is after net_dev_queue: {c}");
+    // Bounds relative to the shaped wait, not fixed: under the VM suite's emulated CPUs
+    // connect() alone took 5.7 ms to reach net_dev_queue (a fixed 5 ms bound failed).
+    assert!(back < syn / 10, "the SYN-ACK's way is not shaped: {c}");
+    assert!(at("syn_sent") - at("connect") < syn / 10, "the qdisc wait is after net_dev_queue: {c}");
 }

@@ -124,6 +124,20 @@ pub fn watch(f: &Filter, sk: u64, ev: &mut Event) {
     }
 }
 
+/// Called where thread `tid` copies received data (every `copy_to_user` hook): a watch
+/// on it ends there. The thread was running when that data was queued (woken for earlier
+/// data, still on the socket's wait queue), so it never waited for it; left watched, its
+/// next wake-up, for later data, would be written as this data's `woken`, after its copy.
+#[inline(always)]
+pub fn unwatch(tid: u32) {
+    if !watching() {
+        return;
+    }
+    if unsafe { WATCHED.get(&tid) }.is_some() && WATCHED.remove(&tid).is_ok() {
+        add_watching(-1);
+    }
+}
+
 /// Both scheduler hooks start here: nothing to do (None) unless some thread is watched;
 /// else the thread id of `task`, to look up.
 #[inline(always)]

@@ -236,6 +236,7 @@ fn try_copy_to_user(ctx: &BtfTracePointContext) -> Result<(), ()> {
     ev.aux2 = tid;
     ev.ts_ns = now();
     emit(&mut ev, Stage::CopyToUser);
+    super::sched::unwatch(tid);
     stash_for_recv_syscall(&ev, tid)
 }
 
@@ -348,6 +349,7 @@ fn try_udp_copy(skb: u64, len: i32) -> Result<(), ()> {
     ev.aux2 = tid;
     ev.ts_ns = now();
     emit(&mut ev, Stage::CopyToUser);
+    super::sched::unwatch(tid);
     // recv_syscall follows at the syscall's exit, with the same datagram key.
     leave_datagram_for_exit(&ev, tid, 0, 0)
 }

@@ -102,6 +102,7 @@ fn recv_exit(ctx: &TracePointContext, tid: u32) -> u32 {
             return 0;
         }
         emit(&mut ev, Stage::CopyToUser);
+        super::sched::unwatch(tid);
     }
     ev.ts_ns = now();
     emit(&mut ev, Stage::RecvSyscall);

@@ -162,10 +162,14 @@ pub(super) fn build(flow: &Flow, st: &FlowState, anchor: &Anchor, cov: &Coverage
     }
     // The reader's wake-up and run belong to this packet's own sock_queue record (the
     // hook copies it): never to a later packet's, when no reader was blocked for this one.
+    // They come before the copy: a wake-up after it was for later data (the kernel ends
+    // a watch at the thread's copy; this keeps out any that raced past that).
     let sq = found[Stage::SockQueue as usize];
     let waited = sq.is_some_and(|q| q.flags & F_NO_WAITER == 0);
+    let copied = found[Stage::CopyToUser as usize].map_or(u64::MAX, |c| c.ts);
     for s in [Stage::Woken, Stage::OnCpu] {
-        found[s as usize] = found[s as usize].filter(|r| waited && sq.is_some_and(|q| r.lo == q.lo && r.ts >= q.ts));
+        found[s as usize] =
+            found[s as usize].filter(|r| waited && r.ts <= copied && sq.is_some_and(|q| r.lo == q.lo && r.ts >= q.ts));
     }
     let rx = found[Stage::NetifReceive as usize].map(|r| Device { netns: r.aux2, ifindex: r.aux });
     let complete = complete(cov, anchor, rx, &found);

@@ -391,3 +391,28 @@ fn control_segment_kind() {
     assert_eq!(t.len(), 1);
     assert_eq!(t[0].kind, TraceKind::Control(Kind::Ack));
 }
+
+/// `woken`/`on_cpu` carry a copy of the sock_queue record: kept between it and the copy,
+/// dropped when later than the copy (a wake-up for later data).
+#[test]
+fn the_wait_split_never_comes_after_the_copy() {
+    for (woken, on_cpu, kept) in [(1_920, 1_950, true), (2_400, 2_500, false)] {
+        let mut evs = one_packet(1_000, 5000, 18);
+        let q = *evs.iter().find(|e| e.stage == Stage::SockQueue as u8).unwrap();
+        for (s, ts) in [(Stage::Woken, woken), (Stage::OnCpu, on_cpu)] {
+            let mut e = q;
+            e.stage = s as u8;
+            e.ts_ns = ts;
+            evs.push(e);
+        }
+        let t = run(&mut Correlator::new(all_global()), &evs);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].time_of(Stage::Woken).is_some(), kept, "woken at {woken}");
+        assert_eq!(t[0].time_of(Stage::OnCpu).is_some(), kept, "on_cpu at {on_cpu}");
+        assert!(t[0].complete);
+        let copy = t[0].time_of(Stage::CopyToUser).unwrap();
+        for s in [Stage::Woken, Stage::OnCpu] {
+            assert!(t[0].time_of(s).is_none_or(|w| w <= copy), "{s:?} after the copy");
+        }
+    }
+}

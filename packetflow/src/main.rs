@@ -1,55 +1,12 @@
-//! The `packetflow` binary: parses the command line and dispatches to `cmd/`, one file
-//! per subcommand; turns errors into one line and an exit code (`error::report`).
+//! The `packetflow` binary: parses the command line (`cmd/cli.rs`) and dispatches to
+//! `cmd/`, one file per subcommand; turns errors into one line and an exit code
+//! (`error::report`).
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use packetflow::{
-    cmd::{self, bench, blast, capture, daemon, demo, doctor, report, seed, status, trace},
+    cmd::cli::{Cli, dispatch},
     error,
 };
-
-#[derive(Parser)]
-#[command(
-    name = "packetflow",
-    version,
-    about = "Where a packet's time goes inside Linux: per-stage latency from send syscall to receive syscall, measured with eBPF."
-)]
-struct Cli {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Check what this kernel lets packetflow do (by trying), and say what is missing.
-    Doctor,
-    Trace(trace::Args),
-    Capture(capture::Args),
-    Blast(blast::Args),
-    Daemon(daemon::Args),
-    Status(status::Args),
-    Demo(demo::DemoArgs),
-    Report(report::Args),
-    Bench(bench::BenchArgs),
-    Serve(seed::ServeOpts),
-    Client(seed::ClientOpts),
-}
-
-fn dispatch(cli: Cli) -> anyhow::Result<()> {
-    let rt = cmd::runtime;
-    match cli.cmd {
-        Cmd::Doctor => rt()?.block_on(doctor::run()),
-        Cmd::Trace(a) => rt()?.block_on(trace::run(a)),
-        Cmd::Capture(a) => rt()?.block_on(capture::run(a)),
-        Cmd::Blast(a) => blast::run(a),
-        Cmd::Daemon(a) => rt()?.block_on(daemon::run(a)),
-        Cmd::Status(a) => status::run(&a),
-        Cmd::Demo(a) => rt()?.block_on(demo::run(a)),
-        Cmd::Report(a) => report::run(a),
-        Cmd::Bench(a) => rt()?.block_on(bench::run(a)),
-        Cmd::Serve(a) => seed::serve(&a),
-        Cmd::Client(a) => seed::client(&a).map(|_| ()),
-    }
-}
 
 fn main() {
     // No panic message or backtrace reaches a user: one line, exit 1.

@@ -4,6 +4,12 @@ use packetflow_common::capture::{DIR_IN, DIR_OUT};
 
 use crate::{kernel::interfaces::XdpChoice, model::stage_set::StageSet};
 
+/// Examples printed at the end of `capture --help`.
+pub const EXAMPLES: &str = "Examples:
+  packetflow capture -i lo -c 10 port 8080          ten packets of port 8080, as lines
+  packetflow capture -i eth0 --stages -w out.pcapng tcp port 443   with stage times per packet
+  packetflow capture -i veth0 --bypass -w - | tshark -r -   AF_XDP: the stack never sees them";
+
 /// Capture packets (XDP in, tcx out) to pcapng or tcpdump-like lines; filter in the kernel.
 ///
 /// With --bypass, AF_XDP instead: matching packets coming in are taken from the kernel
@@ -17,8 +23,11 @@ pub struct Args {
     #[arg(short = 'w', value_name = "FILE")]
     pub write: Option<String>,
     /// Stop after COUNT packets.
-    #[arg(short = 'c', value_name = "COUNT")]
+    #[arg(short = 'c', long, value_name = "COUNT")]
     pub count: Option<u64>,
+    /// Accepted for tcpdump's sake (-n, -nn): packetflow never resolves names or ports.
+    #[arg(short = 'n', action = clap::ArgAction::Count)]
+    pub numeric: u8,
     /// Bytes to keep of each packet [default: the whole packet, up to 65535 bytes, what
     /// the hooks can copy; with --bypass, up to one AF_XDP frame: 3840 bytes].
     #[arg(short = 's', value_name = "SNAPLEN", value_parser = clap::value_parser!(u32).range(1..))]

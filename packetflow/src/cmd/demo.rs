@@ -28,6 +28,12 @@ pub enum Which {
     Both,
 }
 
+/// Examples printed at the end of `demo --help`.
+pub const EXAMPLES: &str = "Examples:
+  packetflow demo                                   loopback and veth side by side, TCP
+  packetflow demo --udp --count 5000 --json run.json    UDP, and keep every trace
+  packetflow demo --path nic --stages socket        only the socket-queue wait split";
+
 /// Run the seed exchange over loopback and a veth NIC path, traced, side by side.
 #[derive(clap::Args)]
 pub struct DemoArgs {

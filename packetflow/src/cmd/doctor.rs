@@ -95,7 +95,15 @@ where
     Ok(p.try_into()?)
 }
 
-pub async fn run() -> Result<()> {
+/// Check what this kernel lets packetflow do (by trying), and say what is missing.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print one JSON object (checks, stage hooks, notes, tracing_works) instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(a: Args) -> Result<()> {
     let mut rows: Vec<Row> = Vec::new();
     let push =
         |rows: &mut Vec<Row>, what: &str, ok: bool, detail: String| rows.push(Row { what: what.into(), ok, detail });
@@ -154,14 +162,38 @@ pub async fn run() -> Result<()> {
         push(&mut rows, what, *ok, detail.clone());
     }
 
-    let table: Vec<Vec<String>> =
-        rows.iter().map(|r| vec![r.what.clone(), if r.ok { "ok" } else { "NO" }.into(), r.detail.clone()]).collect();
-    print!("{}", render(&["check".into(), String::new(), "result".into()], &table));
-    if !stage_rows.is_empty() {
-        println!();
-        print!("{}", render(&["stage".into(), "hook on this kernel".into(), "status".into()], &stage_rows));
+    let works = |name: &str| probes.iter().any(|(w, ok, _)| *w == name && *ok);
+    let mut notes = Vec::new();
+    if !works("kprobe") && !works("fentry") {
+        notes.push(
+            "kprobe and fentry are not usable here; packetflow uses tracepoints (tp_btf, tracepoint), XDP, tcx and cgroup_skb instead, without the optional IP-layer stages (ip_send, ip_rcv).",
+        );
+    } else if !works("kprobe") {
+        notes.push("kprobes are not usable here: the optional IP-layer stages (ip_send, ip_rcv) are absent.");
     }
-    println!();
+    let tracing_works = (works("tp_btf") || works("raw_tp")) && works("ring buffer");
+    if a.json {
+        let check = |r: &Row| serde_json::json!({"check": r.what, "ok": r.ok, "detail": r.detail});
+        let stage = |r: &Vec<String>| serde_json::json!({"stage": r[0], "hook": r[1], "status": r[2]});
+        let doc = serde_json::json!({
+            "checks": rows.iter().map(check).collect::<Vec<_>>(),
+            "stages": stage_rows.iter().map(stage).collect::<Vec<_>>(),
+            "notes": notes,
+            "tracing_works": caps_ok && btf_ok && tracing_works,
+        });
+        println!("{doc}");
+    } else {
+        let table: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| vec![r.what.clone(), if r.ok { "ok" } else { "NO" }.into(), r.detail.clone()])
+            .collect();
+        print!("{}", render(&["check".into(), String::new(), "result".into()], &table));
+        if !stage_rows.is_empty() {
+            println!();
+            print!("{}", render(&["stage".into(), "hook on this kernel".into(), "status".into()], &stage_rows));
+        }
+        println!();
+    }
 
     if !caps_ok {
         platform::privileges::require_caps("doctor", platform::privileges::TRACE_CAPS)?;
@@ -172,16 +204,12 @@ pub async fn run() -> Result<()> {
             Btf::VMLINUX
         );
     }
-    let works = |name: &str| probes.iter().any(|(w, ok, _)| *w == name && *ok);
-    let kernel_fn_hooks = works("kprobe") || works("fentry");
-    if !kernel_fn_hooks {
-        println!(
-            "kprobe and fentry are not usable here; packetflow uses tracepoints (tp_btf, tracepoint), XDP, tcx and cgroup_skb instead, without the optional IP-layer stages (ip_send, ip_rcv)."
-        );
-    } else if !works("kprobe") {
-        println!("kprobes are not usable here: the optional IP-layer stages (ip_send, ip_rcv) are absent.");
+    if !a.json {
+        for n in &notes {
+            println!("{n}");
+        }
     }
-    if !(works("tp_btf") || works("raw_tp")) || !works("ring buffer") {
+    if !tracing_works {
         crate::user_bail!(
             "tracing cannot work here: {}",
             probes
@@ -192,7 +220,9 @@ pub async fn run() -> Result<()> {
                 .join("; ")
         );
     }
-    println!("tracing can work on this machine.");
+    if !a.json {
+        println!("tracing can work on this machine.");
+    }
     Ok(())
 }
 

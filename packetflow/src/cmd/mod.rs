@@ -4,8 +4,10 @@
 pub mod bench;
 pub mod blast;
 pub mod capture;
+pub mod cli;
 pub mod daemon;
 pub mod demo;
+pub mod docs;
 pub mod doctor;
 pub mod report;
 pub mod seed;

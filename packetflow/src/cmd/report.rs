@@ -13,9 +13,16 @@ use crate::{
     report::{self, By, charts, tables},
 };
 
+/// Examples printed at the end of `report --help`.
+pub const EXAMPLES: &str = "Examples:
+  packetflow report run.json                        per-stage tables of a recording
+  packetflow report after.json --baseline before.json   what changed, beyond noise
+  packetflow report run.json --by flow --html run.html  per flow, and a page with charts";
+
 /// Read a recording (--json output; `-` for stdin): tables, comparison, pictures.
 #[derive(clap::Args)]
 pub struct Args {
+    /// The recording: NDJSON written by `trace --json` or `demo --json` (`-` for stdin).
     #[arg(value_name = "FILE")]
     pub file: String,
     /// Compare with this recording: p50/p99 per stage, changes beyond noise marked.

@@ -16,6 +16,10 @@ pub struct Args {
     /// The daemon's control socket.
     #[arg(long, value_name = "PATH", default_value = "/run/packetflow/packetflow.sock")]
     pub socket: PathBuf,
+    /// Print one JSON object: the daemon's facts (`daemon`) and the run's summary (per path
+    /// and stage percentiles in ns, losses, drops; the fields of a trace file's summary).
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn run(a: &Args) -> Result<()> {
@@ -29,7 +33,7 @@ pub fn run(a: &Args) -> Result<()> {
         user(format!("cannot reach the packetflow daemon at {}: {e}{hint}", socket.display()))
     })?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"status\n")?;
+    s.write_all(if a.json { b"status json\n" } else { b"status\n" })?;
     let mut out = String::new();
     s.read_to_string(&mut out).context("reading the daemon's answer")?;
     print!("{out}");

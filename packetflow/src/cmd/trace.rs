@@ -14,6 +14,12 @@ use crate::{
     report::tables,
 };
 
+/// Examples printed at the end of `trace --help`.
+pub const EXAMPLES: &str = "Examples:
+  packetflow trace --port 8080 --duration 10        per-stage table of port 8080's packets
+  packetflow trace -i eth0 --json - --count 100     100 traces as NDJSON on stdout
+  packetflow trace --summary --stages overview      the cheap always-on mode, a few stages";
+
 /// Trace packets live: per-stage latency table, optional NDJSON per packet.
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,7 +36,7 @@ pub struct Args {
     #[arg(long, value_name = "SECS", value_parser = super::seconds)]
     pub duration: Option<Duration>,
     /// Stop after this many data-packet traces.
-    #[arg(long, value_name = "N")]
+    #[arg(short = 'c', long, value_name = "N")]
     pub count: Option<u64>,
     /// Write one JSON object per packet trace to FILE (`-` for stdout).
     #[arg(long, value_name = "FILE")]

@@ -145,11 +145,12 @@ pub async fn run(a: Args) -> Result<()> {
 
     let started = Instant::now();
     let snap: Arc<Mutex<Option<Snapshot>>> = Arc::default();
-    let status: Arc<Mutex<String>> = Arc::default();
+    let status: Arc<Mutex<Status>> = Arc::default();
     let mut reloads = (0u64, 0u64);
     let refresh = |running: &Running, cfg: &Config, reloads: (u64, u64)| {
         let s = snapshot(running, &files, reloads, ring_bytes);
-        *status.lock().expect("status lock") = render_status(&s, cfg, started);
+        *status.lock().expect("status lock") =
+            Status { text: render_status(&s, cfg, started), json: status_json(&s, cfg, started).to_string() };
         *snap.lock().expect("snapshot lock") = Some(s);
     };
     refresh(&running, &cfg, reloads);
@@ -309,6 +310,49 @@ fn snapshot(running: &Running, files: &Files, reloads: (u64, u64), ring_bytes: u
     }
 }
 
+/// The control socket's two answers: `status` (text) and `status json` (one line).
+#[derive(Default)]
+struct Status {
+    text: String,
+    json: String,
+}
+
+/// `packetflow status --json`: the daemon's facts and the run's summary (the same object
+/// as a trace file's `summary` line: per path and stage percentiles, losses, drops).
+fn status_json(s: &Snapshot, c: &Config, started: Instant) -> serde_json::Value {
+    let lost = accounting::with_misses(accounting::lost_per_stage(&s.counters), &s.missed);
+    let counters = accounting::counters_json(&s.counters, s.reader_overflow);
+    let mut summary = ndjson::summary(&s.stats, &lost, counters, &s.corr, &s.drops);
+    let hooks: serde_json::Map<String, serde_json::Value> = s
+        .stages
+        .iter()
+        .map(|(stage, h)| {
+            let state = match &h.state {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("unavailable: {e}"),
+            };
+            (stage.name().to_string(), serde_json::json!({"hook": h.hook, "state": state}))
+        })
+        .collect();
+    let daemon = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "uptime_s": started.elapsed().as_secs(),
+        "mode": match c.mode() { Mode::Summary => "summary", Mode::Full => "full" },
+        "filter": describe_filter(c),
+        "metrics": format!("http://{}/metrics", c.metrics_addr),
+        "attachments": s.links,
+        "hooks": hooks,
+        "tracing_cost_ns": s.programs.as_ref().map(|p| p.iter().map(|p| p.ns).sum::<u64>()),
+        "reloads": {"applied": s.reloads_applied, "rejected": s.reloads_rejected},
+    });
+    if let Some(o) = summary.as_object_mut() {
+        o.insert("type".into(), "status".into());
+        o.insert("daemon".into(), daemon);
+    }
+    summary
+}
+
 /// What `packetflow status` prints.
 fn render_status(s: &Snapshot, c: &Config, started: Instant) -> String {
     let mut out = String::new();
@@ -461,7 +505,7 @@ fn bind_control(path: &Path) -> Result<UnixListener> {
     l.map_err(|e| user(format!("cannot create control socket {}: {e}", path.display())))
 }
 
-async fn serve_control(l: UnixListener, status: Arc<Mutex<String>>) {
+async fn serve_control(l: UnixListener, status: Arc<Mutex<Status>>) {
     loop {
         let Ok((conn, _)) = l.accept().await else {
             continue;
@@ -472,8 +516,9 @@ async fn serve_control(l: UnixListener, status: Arc<Mutex<String>>) {
             let mut line = String::new();
             let read = tokio::time::timeout(Duration::from_secs(5), BufReader::new(r).read_line(&mut line)).await;
             let reply = match (read, line.trim()) {
-                (Ok(Ok(_)), "status") => status.lock().expect("status lock").clone(),
-                (Ok(Ok(_)), cmd) => format!("unknown command '{cmd}' (try: status)\n"),
+                (Ok(Ok(_)), "status") => status.lock().expect("status lock").text.clone(),
+                (Ok(Ok(_)), "status json") => format!("{}\n", status.lock().expect("status lock").json),
+                (Ok(Ok(_)), cmd) => format!("unknown command '{cmd}' (try: status, status json)\n"),
                 _ => return,
             };
             let _ = w.write_all(reply.as_bytes()).await;

@@ -158,3 +158,83 @@ fn deeply_nested_capture_filter_gets_one_sentence_and_exit_2() {
     let o = packetflow(&args);
     assert_refused(&o, "more than 256 terms");
 }
+
+/// `doctor --json` is one object with the same verdicts as the table.
+#[test]
+fn doctor_json_is_one_object_with_every_check() {
+    require_root();
+    let o = packetflow(&["doctor", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).expect("doctor --json is one JSON object");
+    assert_eq!(j["tracing_works"], true, "{j}");
+    let check = |name: &str| j["checks"].as_array().unwrap().iter().find(|c| c["check"] == name).cloned();
+    assert_eq!(check("BTF").expect("a BTF check")["ok"], true);
+    assert_eq!(check("tp_btf").expect("a tp_btf check")["ok"], true);
+    let stages = j["stages"].as_array().expect("stages");
+    assert!(stages.iter().any(|s| s["stage"] == "dev_queue" && s["status"] == "available"), "{j}");
+}
+
+/// Completions load into bash and complete subcommands and flags; man pages are written
+/// for every subcommand and name their flags.
+#[test]
+fn completions_load_in_bash_and_man_pages_cover_every_subcommand() {
+    let o = packetflow(&["completions", "bash"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dir = std::env::temp_dir().join(format!("pf-docs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("packetflow.bash");
+    std::fs::write(&script, &o.stdout).unwrap();
+    // Load it the way bash-completion does, then ask for the words after `packetflow ca`
+    // and `packetflow capture --c`.
+    let complete = |line: &str| -> String {
+        let words: Vec<&str> = line.split(' ').collect();
+        let program = format!(
+            "source {}; COMP_WORDS=({}); COMP_CWORD={}; COMP_LINE='{line}'; COMP_POINT={}; _packetflow packetflow '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display(),
+            words.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(" "),
+            words.len() - 1,
+            line.len(),
+            words[words.len() - 1],
+            words[words.len() - 2],
+        );
+        let o = Command::new("bash").args(["--norc", "-c", &program]).output().expect("bash");
+        assert!(o.status.success(), "bash: {}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let subs = complete("packetflow ca");
+    assert!(subs.lines().any(|l| l == "capture"), "{subs}");
+    let flags = complete("packetflow capture --c");
+    assert!(flags.lines().any(|l| l == "--count"), "{flags}");
+    for shell in ["zsh", "fish"] {
+        let o = packetflow(&["completions", shell]);
+        assert!(o.status.success() && o.stdout.len() > 1000, "{shell}: {}", stderr(&o));
+    }
+
+    let man = dir.join("man");
+    let o = packetflow(&["man", man.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for sub in ["trace", "capture", "demo", "report", "daemon", "status", "doctor", "blast", "completions", "man"] {
+        let page = std::fs::read_to_string(man.join(format!("packetflow-{sub}.1"))).unwrap_or_default();
+        assert!(page.starts_with(".ie") || page.contains(".TH"), "packetflow-{sub}.1: {page:.200}");
+        assert!(page.contains(&format!("packetflow\\-{sub}")), "packetflow-{sub}.1 names itself");
+    }
+    let capture = std::fs::read_to_string(man.join("packetflow-capture.1")).unwrap();
+    assert!(capture.contains("\\-\\-bypass") && capture.contains("Examples"), "{capture:.400}");
+    let top = std::fs::read_to_string(man.join("packetflow.1")).unwrap();
+    assert!(top.contains("packetflow\\-capture(1)"), "the main page lists the subcommands' pages");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// tcpdump's habits are accepted: -n/-nn, and -c/--count on both trace and capture.
+#[test]
+fn tcpdump_habits_parse() {
+    for args in [
+        &["capture", "-n", "--help"][..],
+        &["capture", "-nn", "--help"],
+        &["capture", "--count", "3", "--help"],
+        &["trace", "-c", "3", "--help"],
+    ] {
+        let o = packetflow(args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+    }
+}

@@ -70,6 +70,39 @@ fn metrics_cover_every_stage_of_both_paths_and_match_the_traffic() {
     assert!(text.contains(&format!("nic path: {} traces", 2 * n)), "{text}");
     assert!(text.contains("xdp            XDP on lo (generic)"), "{text}");
     assert!(text.contains("losses: 0 events lost in the kernel"), "{text}");
+    // The same facts as one JSON object: counts and p99s agree with /metrics' histograms.
+    let st = packetflow(&["status", "--json", "--socket", socket.to_str().unwrap()]);
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&st.stdout).expect("status --json is one JSON object");
+    assert_eq!(j["type"], "status");
+    assert_eq!(j["daemon"]["pid"], d.pid());
+    assert!(j["daemon"]["hooks"]["xdp"]["hook"].as_str().unwrap_or_default().starts_with("XDP on lo (generic)"), "{j}");
+    for path in ["loopback", "nic"] {
+        assert!(j["paths"][path]["traces"].as_u64() >= Some(2 * n), "{path}: {j}");
+        let p99 = j["paths"][path]["stages"]["sock_queue"]["p99_ns"].as_f64().expect("sock_queue p99") / 1e9;
+        // The first bucket bound at or above the p99 holds at least 99% of the packets.
+        let buckets: Vec<(f64, f64)> = m
+            .lines()
+            .filter(|l| {
+                l.starts_with(&format!(
+                    "packetflow_stage_latency_seconds_bucket{{path=\"{path}\",stage=\"sock_queue\",le="
+                ))
+            })
+            .filter_map(|l| {
+                let le = l.split("le=\"").nth(1)?.split('"').next()?.parse::<f64>().ok()?;
+                Some((le, l.rsplit(' ').next()?.parse::<f64>().ok()?))
+            })
+            .collect();
+        let (le, below) = buckets.iter().find(|(le, _)| *le >= p99).expect("a bucket above the p99");
+        let total =
+            value(&m, &format!("packetflow_stage_latency_seconds_count{{path=\"{path}\",stage=\"sock_queue\"}}"))
+                .unwrap();
+        assert!(*below >= 0.99 * total, "{path}: {below} of {total} at or below {le} s, p99 {p99} s");
+        // ... and a bucket more than one step (×1.1) below it holds fewer.
+        if let Some((le, below)) = buckets.iter().rev().find(|(le, _)| *le < p99 / 1.1) {
+            assert!(*below < 0.99 * total, "{path}: {below} of {total} at or below {le} s, p99 {p99} s");
+        }
+    }
     drop(d);
 }
 

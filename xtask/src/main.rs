@@ -11,6 +11,7 @@
 //! * `vm-test [--kernel 6.1|6.12|all]` — the end-to-end tests on Debian kernels in QEMU
 //!   (xtask/src/vm.rs).
 //! * `fuzz [SECONDS]` — every cargo-fuzz target under fuzz/ (cargo-fuzz installed on demand).
+//! * `dist [--out DIR]` — a static (musl) binary in a tarball and a .deb (xtask/src/dist.rs).
 //! * `bench [--quick] [--only SECTION,...]` — `packetflow bench` on a release build; writes
 //!   BENCHMARKS.md.
 
@@ -21,6 +22,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+mod dist;
 mod results;
 mod setup;
 mod vm;
@@ -41,9 +43,10 @@ fn main() -> ExitCode {
         "fuzz" => fuzz(&rest),
         "bench" => bench(&rest),
         "vm-test" => vm::vm_test(&rest),
+        "dist" => dist::dist(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup|demo [ARGS]|test [ARGS]|fuzz [SECONDS]|bench [--quick]|vm-test [--kernel 6.1|6.12|all]>"
+                "usage: cargo xtask <setup|demo [ARGS]|test [ARGS]|fuzz [SECONDS]|bench [--quick]|vm-test [--kernel 6.1|6.12|all]|dist [--out DIR]>"
             );
             return ExitCode::from(2);
         }
@@ -138,6 +141,11 @@ fn test(args: &[String]) -> Result<ExitCode> {
         Some(i) => (&args[..i], &args[i + 1..]),
         None => (args, &[][..]),
     };
+    // The whole suite installs the packages (tests/tests/e2e/dist.rs): build them first.
+    let dist_dir = target_dir().join("dist");
+    if args.is_empty() {
+        dist::dist(&["--out".into(), dist_dir.display().to_string()]).context("cargo xtask dist")?;
+    }
     // The end-to-end tests share the kernel's global hooks and the machine's two cores:
     // one at a time keeps their numbers honest.
     let mut child = cargo()
@@ -147,6 +155,7 @@ fn test(args: &[String]) -> Result<ExitCode> {
         .args(test_args)
         .env("PACKETFLOW_BIN", &bin)
         .env("PACKETFLOW_SKIP_FILE", &skip_file)
+        .envs(args.is_empty().then_some(("PACKETFLOW_DIST_DIR", &dist_dir)))
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let out = child.stdout.take().context("cargo test stdout")?;

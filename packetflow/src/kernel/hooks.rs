@@ -251,8 +251,12 @@ impl Tracer {
         self.stage_table();
         // The parsed BTF (tens of MiB) is only needed while attaching: give it back.
         self.btf = None;
-        // SAFETY: malloc_trim only returns free heap pages to the kernel.
-        unsafe { libc::malloc_trim(0) };
+        // SAFETY: malloc_trim only returns free heap pages to the kernel. (glibc's; musl's
+        // allocator, in the static build, returns freed pages by itself.)
+        #[cfg(target_env = "gnu")]
+        unsafe {
+            libc::malloc_trim(0)
+        };
         lines
     }
 

@@ -141,7 +141,7 @@ pub fn ifreq(ifname: &str, req: libc::c_ulong, fill: impl FnOnce(&mut libc::ifre
             *d = b as libc::c_char;
         }
         fill(&mut ifr);
-        let r = libc::ioctl(s, req, &raw mut ifr);
+        let r = libc::ioctl(s, req as _, &raw mut ifr);
         libc::close(s);
         (r >= 0).then_some(ifr)
     }

@@ -20,6 +20,7 @@ mod connections;
 mod cost;
 mod daemon;
 mod demo;
+mod dist;
 mod drops;
 mod filter;
 mod fixture;

@@ -26,6 +26,10 @@ pub const DROP_REASON_SLOTS: u32 = 256;
 /// Per reason: one slot per stage (the last one the packet reached), then "none".
 pub const DROP_STAGE_SLOTS: u32 = crate::NUM_STAGES as u32 + 1;
 
+/// Summary mode's retransmits: ports counted apart at most (`RETRANS_COUNTS`, keyed by
+/// the flow's lower port; the rest, and any that lost a race for a new entry, under 0).
+pub const RETRANS_PORTS: u32 = 256;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct DropRecord {

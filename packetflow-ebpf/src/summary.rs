@@ -14,13 +14,14 @@
 //! backwards.
 
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     macros::map,
-    maps::{Array, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use packetflow_common::{
     Event, Stage,
     counters::SUMMARY_EVICTED,
-    drop::{DROP_REASON_SLOTS, DROP_STAGE_SLOTS},
+    drop::{DROP_REASON_SLOTS, DROP_STAGE_SLOTS, RETRANS_PORTS},
     event::{F_END, F_LOOPBACK},
     summary::{
         E2E_SLOT, HIST_BUCKETS, HIST_SLOTS, PATH_LOOPBACK, PKT_SLOTS, PktKey, PktSlot, SLOTS_PER_PATH, SUMMARY_ORDER,
@@ -73,6 +74,31 @@ fn key(ev: &Event) -> PktKey {
 fn slot_of(k: &PktKey) -> Option<*mut PktSlot> {
     let h = (k.flow ^ (k.end as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     PKT_STATE.get_ptr_mut((h >> 40) as u32 & (PKT_SLOTS - 1))
+}
+
+/// Summary mode's retransmits by the flow's lower port (userspace: `Tracer::kernel_drops`).
+#[map]
+static RETRANS_COUNTS: HashMap<u32, u64> = HashMap::with_max_entries(RETRANS_PORTS, 0);
+
+/// Counts a retransmitted segment of flow `ev` (port 0: a port beyond `RETRANS_PORTS`).
+#[inline(always)]
+pub fn retransmitted(ev: &Event) {
+    let port = u32::from(if ev.sport < ev.dport { ev.sport } else { ev.dport });
+    let key = if RETRANS_COUNTS.get_ptr_mut(&port).is_some()
+        || RETRANS_COUNTS.insert(&port, &0, u64::from(BPF_NOEXIST)).is_ok()
+    {
+        port
+    } else {
+        // Full, or another CPU added the port just now (then it is there for the next).
+        if RETRANS_COUNTS.get_ptr_mut(&0).is_none() {
+            let _ = RETRANS_COUNTS.insert(&0, &0, u64::from(BPF_NOEXIST));
+        }
+        0
+    };
+    if let Some(n) = RETRANS_COUNTS.get_ptr_mut(&key) {
+        // Several CPUs retransmit on one port at once: the BPF atomic add.
+        unsafe { core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(n, 1) };
+    }
 }
 
 /// Counts a drop of `ev`'s packet by `reason` and the last stage it reached (from its

@@ -15,6 +15,8 @@ pub(crate) const PACKAGES: &[(&str, &str)] = &[
     ("tshark", "tshark"),
     ("nft", "nftables"),
     ("systemd-analyze", "systemd"),
+    ("prometheus", "prometheus"),
+    ("dpkg-deb", "dpkg"),
 ];
 
 pub(crate) fn setup() -> Result<ExitCode> {

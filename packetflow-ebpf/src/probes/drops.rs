@@ -89,12 +89,18 @@ pub fn pf_retrans(ctx: BtfTracePointContext) -> i32 {
 #[inline(never)]
 fn try_retrans(sk: u64, skb: u64) -> Result<(), ()> {
     let f = filter().ok_or(())?;
-    if f.mode & MODE_RECORDS == 0 {
+    if f.mode & (MODE_RECORDS | MODE_SUMMARY) == 0 {
         return Ok(());
     }
     let mut ev = Event::ZERO;
     sock_flow_of::<Typed>(sk, IPPROTO_TCP, false, &mut ev)?;
     if !flow_matches(f, &ev) {
+        return Ok(());
+    }
+    if f.mode & MODE_SUMMARY != 0 {
+        crate::summary::retransmitted(&ev);
+    }
+    if f.mode & MODE_RECORDS == 0 {
         return Ok(());
     }
     let cb = off!(skb_cb);

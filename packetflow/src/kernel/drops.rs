@@ -164,6 +164,13 @@ impl Tracer {
         }
         out
     }
+
+    /// Summary mode's retransmits: (the flow's lower port, segments); port 0 holds those
+    /// beyond the ports counted apart.
+    pub fn kernel_retransmits(&self) -> Vec<(u16, u64)> {
+        let Some(map) = &self.retrans_counts else { return Vec::new() };
+        map.iter().flatten().map(|(port, n)| (port as u16, n)).collect()
+    }
 }
 
 /// Names a drop record's reason and location (`PacketDrop`).

@@ -98,6 +98,8 @@ pub struct Tracer {
     pub drop_reasons: std::sync::Arc<crate::kernel::drops::DropReasons>,
     /// Summary mode's drop counts (`kernel_drops`).
     pub(super) drop_counts: Option<PerCpuArray<MapData, u64>>,
+    /// Summary mode's retransmits by port (`Tracer::kernel_retransmits`).
+    pub(super) retrans_counts: Option<aya::maps::HashMap<MapData, u32, u64>>,
 }
 
 /// A program error with its causes, or a load error with the verifier log's last lines.
@@ -225,6 +227,7 @@ impl Tracer {
         let capture = Array::try_from(ebpf.take_map("CAP_CONFIG").ok_or_else(|| anyhow!("CAP_CONFIG map missing"))?)?;
         let hist = PerCpuArray::try_from(ebpf.take_map("HIST").ok_or_else(|| anyhow!("HIST map missing"))?)?;
         let drop_counts = ebpf.take_map("DROP_COUNTS").map(PerCpuArray::try_from).transpose()?;
+        let retrans_counts = ebpf.take_map("RETRANS_COUNTS").map(aya::maps::HashMap::try_from).transpose()?;
         let t = Tracer {
             ebpf: Some(ebpf),
             counters,
@@ -248,6 +251,7 @@ impl Tracer {
             drop_hooks: Vec::new(),
             drop_reasons: std::sync::Arc::new(drop_reasons),
             drop_counts,
+            retrans_counts,
         };
         Ok(t)
     }

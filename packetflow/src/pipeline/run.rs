@@ -299,6 +299,7 @@ impl Running {
         for (reason, stage, n) in self.tracer.kernel_drops() {
             d.add(&self.tracer.drop_reasons.name(reason), stage.map_or("-", Stage::name), "-", n);
         }
+        d.retransmits.extend(self.tracer.kernel_retransmits());
         d
     }
 

@@ -166,7 +166,7 @@ fn qdisc_drops_are_counted_by_reason() {
 }
 
 /// Runs `nft` in namespace `ns` with `script` on stdin.
-fn nft(ns: &str, script: &str) -> String {
+pub(crate) fn nft(ns: &str, script: &str) -> String {
     use std::io::Write;
     let mut c = std::process::Command::new("ip")
         .args(["netns", "exec", ns, "nft", "-f", "-"])

@@ -17,6 +17,7 @@ use packetflow_tests::*;
 
 mod files;
 mod metrics;
+mod prometheus;
 mod xdp;
 
 /// A running daemon: its stderr lines are collected (and echoed) as they come.

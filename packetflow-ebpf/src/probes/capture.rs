@@ -25,9 +25,8 @@ use aya_ebpf::{
 use packetflow_common::{
     Stage,
     capture::{
-        CAP_BUF, CAPTURE_MAX, CapHdr, CaptureConfig, DIR_BOTH, DIR_DST, DIR_IN, DIR_OUT, DIR_SRC, HOOK_DROP,
-        HOOK_TC_EGRESS, HOOK_XDP, MAX_PRIMS, P_HOST, P_ICMP, P_ICMP6, P_IP, P_IP6, P_NET, P_PORT, P_TCP, P_UDP, Prim,
-        TABLE_SIZE, XSK_MAX_QUEUES, XSK_META_MAGIC,
+        CAP_BUF, CAPTURE_MAX, CapHdr, CaptureConfig, DIR_IN, DIR_OUT, ETH_IP, ETH_IP6, HOOK_DROP, HOOK_TC_EGRESS,
+        HOOK_XDP, MAX_PRIMS, Pkt, TABLE_SIZE, XSK_MAX_QUEUES, XSK_META_MAGIC, matches, summarize,
     },
     counters::{
         CAP_LOST_DROP, CAP_LOST_TC, CAP_LOST_XDP, CAP_MATCHED_DROP, CAP_MATCHED_TC, CAP_MATCHED_XDP, CAP_SEEN_TC,
@@ -63,130 +62,6 @@ fn lost_on(ifindex: u32) {
 
 #[map]
 static CAP_SCRATCH: Array<[u8; CAP_BUF]> = Array::with_max_entries(1, 0);
-
-const ETH_IP: u16 = 0x0800;
-const ETH_IP6: u16 = 0x86dd;
-const ETH_ARP: u16 = 0x0806;
-const ETH_RARP: u16 = 0x8035;
-
-/// What the filter looks at.
-struct Pkt {
-    eth: u16,
-    /// IPv4 protocol or IPv6 fixed next header.
-    l4: u8,
-    ports: bool,
-    sport: u16,
-    dport: u16,
-    src: [u8; 16],
-    dst: [u8; 16],
-}
-
-#[inline(always)]
-fn summarize(load: impl Fn(u32, &mut [u8]) -> bool) -> Pkt {
-    let mut k = Pkt { eth: 0, l4: 0, ports: false, sport: 0, dport: 0, src: [0; 16], dst: [0; 16] };
-    let mut b = [0u8; 2];
-    if !load(12, &mut b) {
-        return k;
-    }
-    k.eth = u16::from_be_bytes(b);
-    let mut l4_off = 0u32;
-    match k.eth {
-        ETH_IP => {
-            let mut h = [0u8; 20];
-            if !load(14, &mut h) {
-                return k;
-            }
-            k.l4 = h[9];
-            k.src[..4].copy_from_slice(&h[12..16]);
-            k.dst[..4].copy_from_slice(&h[16..20]);
-            let first_fragment = u16::from_be_bytes([h[6], h[7]]) & 0x1fff == 0;
-            if first_fragment {
-                l4_off = 14 + ((h[0] & 0x0f) as u32) * 4;
-            }
-        }
-        ETH_IP6 => {
-            let mut h = [0u8; 8];
-            if !load(14, &mut h) || !load(22, &mut k.src) || !load(38, &mut k.dst) {
-                return k;
-            }
-            k.l4 = h[6];
-            l4_off = 54;
-        }
-        ETH_ARP | ETH_RARP => {
-            // Ethernet/IPv4 ARP: sender protocol address at 28, target at 38.
-            let mut a = [0u8; 4];
-            if load(28, &mut a) {
-                k.src[..4].copy_from_slice(&a);
-            }
-            if load(38, &mut a) {
-                k.dst[..4].copy_from_slice(&a);
-            }
-        }
-        _ => {}
-    }
-    if l4_off != 0 && matches!(k.l4, 6 | 17 | 132) {
-        let mut p = [0u8; 4];
-        if load(l4_off, &mut p) {
-            k.ports = true;
-            k.sport = u16::from_be_bytes([p[0], p[1]]);
-            k.dport = u16::from_be_bytes([p[2], p[3]]);
-        }
-    }
-    k
-}
-
-/// The first `prefix` bits of `a` and `b` are equal.
-#[inline(always)]
-fn prefix_eq(a: &[u8; 16], b: &[u8; 16], prefix: u8) -> bool {
-    let mut diff = 0u32;
-    for w in 0..4usize {
-        let bits = (prefix as i32 - 32 * w as i32).clamp(0, 32) as u32;
-        let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
-        let x = u32::from_be_bytes([a[4 * w], a[4 * w + 1], a[4 * w + 2], a[4 * w + 3]]);
-        let y = u32::from_be_bytes([b[4 * w], b[4 * w + 1], b[4 * w + 2], b[4 * w + 3]]);
-        diff |= (x ^ y) & mask;
-    }
-    diff == 0
-}
-
-#[inline(always)]
-fn by_dir(dir: u8, s: bool, d: bool) -> bool {
-    match dir {
-        DIR_SRC => s,
-        DIR_DST => d,
-        DIR_BOTH => s && d,
-        _ => s || d,
-    }
-}
-
-#[inline(always)]
-fn matches(p: &Prim, k: &Pkt) -> bool {
-    let ip = k.eth == ETH_IP;
-    let ip6 = k.eth == ETH_IP6;
-    match p.kind {
-        P_IP => ip,
-        P_IP6 => ip6,
-        P_TCP => (ip || ip6) && k.l4 == 6,
-        P_UDP => (ip || ip6) && k.l4 == 17,
-        P_ICMP => ip && k.l4 == 1,
-        P_ICMP6 => ip6 && k.l4 == 58,
-        P_HOST | P_NET => {
-            let family_ok =
-                if p.family == 4 { ip || (p.l4 == 0 && (k.eth == ETH_ARP || k.eth == ETH_RARP)) } else { ip6 };
-            family_ok && by_dir(p.dir, prefix_eq(&k.src, &p.addr, p.prefix), prefix_eq(&k.dst, &p.addr, p.prefix))
-        }
-        P_PORT => {
-            k.ports
-                && (p.l4 == 0 || p.l4 == k.l4)
-                && by_dir(
-                    p.dir,
-                    k.sport >= p.port_lo && k.sport <= p.port_hi,
-                    k.dport >= p.port_lo && k.dport <= p.port_hi,
-                )
-        }
-        _ => false,
-    }
-}
 
 /// The truth table: entry `mask` is 1 when that combination of primitive results is
 /// captured (see packetflow-common's capture.rs).

@@ -25,7 +25,7 @@ use packetflow_common::counters;
 
 use super::{
     expr,
-    writer::{Out, text_line},
+    writer::{Out, TextStyle, text_line},
     xsk::{self, HEADROOM, MAX_CHUNK, Mode, Stats, Xsk},
 };
 use crate::{
@@ -53,6 +53,7 @@ struct Reader {
     error: Option<anyhow::Error>,
     /// Frames whose time the reader took itself (the driver had no room for metadata).
     stamped_here: u64,
+    style: TextStyle,
 }
 
 impl Reader {
@@ -63,7 +64,7 @@ impl Reader {
             .iter()
             .map(|s| libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&s.fd()), events: libc::POLLIN, revents: 0 })
             .collect();
-        let Reader { socks, out, ifname, snaplen, count, written, offset, error, stamped_here } = &mut self;
+        let Reader { socks, out, ifname, snaplen, count, written, offset, error, stamped_here, style } = &mut self;
         let mut idle = 0u32;
         while !stop.load(Ordering::Relaxed) && error.is_none() {
             let now = platform::host::realtime_ns();
@@ -82,7 +83,7 @@ impl Reader {
                     let data = &bytes[..bytes.len().min(*snaplen)];
                     let r = match out {
                         Out::Pcap(w) => w.packet(0, ts, data, bytes.len() as u32, pcapng::FLAG_INBOUND, ""),
-                        Out::Text(w) => text_line(w, ts, ifname, "In ", data, bytes.len() as u32),
+                        Out::Text(w) => text_line(w, ts, ifname, "In ", data, bytes.len() as u32, style),
                     };
                     match r {
                         Ok(()) => *written += 1,
@@ -239,6 +240,7 @@ pub async fn run(a: Args) -> Result<()> {
         offset: platform::host::mono_to_wall_offset(),
         error: None,
         stamped_here: 0,
+        style: a.style(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicBool::new(false));

@@ -104,6 +104,105 @@ pub fn summary(d: &[u8], orig_len: u32) -> String {
     out
 }
 
+/// `-e`: "02:00:00:00:00:01 > 02:00:00:00:00:02, ethertype IPv4 (0x0800), length 74: ".
+pub fn link_header(d: &[u8], orig_len: u32) -> String {
+    let Some(t) = frame::ethertype(d) else { return String::new() };
+    let name = match t {
+        ETH_IP => "IPv4",
+        ETH_IP6 => "IPv6",
+        ETH_ARP => "ARP",
+        _ => "Unknown",
+    };
+    format!("{} > {}, ethertype {name} ({t:#06x}), length {orig_len}: ", mac(d.get(6..12)), mac(d.get(0..6)))
+}
+
+/// `-v`: the IP header's fields, "(tos 0x0, ttl 64, id 4660, offset 0, flags [DF], proto
+/// TCP (6), length 52)" for IPv4, "(flowlabel 0x12345, hlim 64, next-header UDP (17),
+/// payload length 26)" for IPv6; None for other frames.
+pub fn ip_details(d: &[u8]) -> Option<String> {
+    let proto_name = |p: u8| match p {
+        6 => "TCP",
+        17 => "UDP",
+        1 => "ICMP",
+        58 => "ICMPv6",
+        132 => "SCTP",
+        _ => "unknown",
+    };
+    match frame::ethertype(d)? {
+        ETH_IP => {
+            let h = d.get(14..34)?;
+            let frag = u16::from_be_bytes([h[6], h[7]]);
+            let mut flags = Vec::new();
+            if frag & 0x4000 != 0 {
+                flags.push("DF");
+            }
+            if frag & 0x2000 != 0 {
+                flags.push("+");
+            }
+            Some(format!(
+                "(tos {:#x}, ttl {}, id {}, offset {}, flags [{}], proto {} ({}), length {})",
+                h[1],
+                h[8],
+                u16::from_be_bytes([h[4], h[5]]),
+                usize::from(frag & 0x1fff) * 8,
+                if flags.is_empty() { "none".to_string() } else { flags.join(",") },
+                proto_name(h[9]),
+                h[9],
+                u16::from_be_bytes([h[2], h[3]])
+            ))
+        }
+        ETH_IP6 => {
+            let h = d.get(14..54)?;
+            Some(format!(
+                "(flowlabel {:#x}, hlim {}, next-header {} ({}), payload length {})",
+                u32::from_be_bytes([0, h[1] & 0x0f, h[2], h[3]]),
+                h[7],
+                proto_name(h[6]),
+                h[6],
+                u16::from_be_bytes([h[4], h[5]])
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// `-x`/`-X`: the bytes as tcpdump prints them, 16 a line, "\t0x0010:  4500 0034 ...",
+/// with `ascii` the printable characters after them.
+pub fn hex_dump(d: &[u8], ascii: bool) -> String {
+    let mut out = String::new();
+    for (i, line) in d.chunks(16).enumerate() {
+        let _ = write!(out, "\t0x{:04x}:  ", i * 16);
+        let mut hex = String::new();
+        for (j, pair) in line.chunks(2).enumerate() {
+            if j > 0 {
+                hex.push(' ');
+            }
+            for b in pair {
+                let _ = write!(hex, "{b:02x}");
+            }
+        }
+        out.push_str(&hex);
+        if ascii {
+            let _ = write!(out, "{}  {}", " ".repeat(39 - hex.len()), printable(line, false));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `-A` (and `-X`'s column): printable ASCII, '.' for the rest; `newlines` keeps line
+/// breaks (for -A).
+pub fn printable(d: &[u8], newlines: bool) -> String {
+    d.iter()
+        .filter(|b| !(newlines && **b == b'\r'))
+        .map(|&b| match b {
+            b'\n' if newlines => '\n',
+            0x20..=0x7e => b as char,
+            _ => '.',
+        })
+        .collect()
+}
+
 fn mac(b: Option<&[u8]>) -> String {
     b.map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")).unwrap_or_default()
 }
@@ -121,6 +220,25 @@ mod tests {
         f.extend(b"Hello from client!");
         let s = summary(&f, f.len() as u32);
         assert_eq!(s, "IP 127.0.0.1.40000 > 127.0.0.1.8080: Flags [P.], seq 1:19, ack 7, length 18");
+    }
+
+    #[test]
+    fn verbose_link_and_hex() {
+        let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 8, 0];
+        f.extend([0x45, 0, 0, 33, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0, 127, 0, 0, 1, 127, 0, 0, 1]);
+        f.extend([0x9c, 0x40, 0x1f, 0x90, 0, 13, 0, 0]);
+        f.extend(b"hi!\r\n");
+        assert_eq!(link_header(&f, 47), "02:00:00:00:00:01 > 02:00:00:00:00:02, ethertype IPv4 (0x0800), length 47: ");
+        assert_eq!(
+            ip_details(&f).unwrap(),
+            "(tos 0x0, ttl 64, id 4660, offset 0, flags [DF], proto UDP (17), length 33)"
+        );
+        let x = hex_dump(&f[14..], true);
+        assert!(x.starts_with("\t0x0000:  4500 0021 1234 4000 4011 0000 7f00 0001  E..!.4@.@......."), "{x}");
+        assert_eq!(x.lines().count(), 3);
+        assert!(x.lines().nth(1).unwrap().ends_with("  .....@......hi!."), "{x}");
+        assert_eq!(x.lines().last().unwrap(), "\t0x0020:  0a                                       .");
+        assert_eq!(printable(b"GET / HTTP/1.1\r\nHost: x\x01", true), "GET / HTTP/1.1\nHost: x.");
     }
 
     #[test]

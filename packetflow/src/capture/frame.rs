@@ -11,9 +11,7 @@ pub fn be32(d: &[u8], i: usize) -> Option<u32> {
     Some(u32::from_be_bytes(d.get(i..i + 4)?.try_into().ok()?))
 }
 
-pub const ETH_IP: u16 = 0x0800;
-pub const ETH_IP6: u16 = 0x86dd;
-pub const ETH_ARP: u16 = 0x0806;
+pub use packetflow_common::capture::{ETH_ARP, ETH_IP, ETH_IP6};
 
 pub fn ethertype(d: &[u8]) -> Option<u16> {
     be16(d, 12)

@@ -11,6 +11,8 @@ mod bypass;
 pub mod decode;
 pub mod expr;
 pub mod frame;
+mod list;
+mod read;
 mod writer;
 pub mod xsk;
 
@@ -31,6 +33,7 @@ use packetflow_common::{
     counters,
 };
 
+pub use writer::TextStyle;
 use writer::{HELD_MAX, Iface, Out, Packet, WriterState, write_loop};
 
 use crate::{
@@ -88,6 +91,13 @@ async fn read_rings(
 }
 
 pub async fn run(a: Args) -> Result<()> {
+    if a.list {
+        list::run();
+        return Ok(());
+    }
+    if let Some(file) = &a.read {
+        return read::run(file, &a);
+    }
     if a.bypass {
         return bypass::run(a).await;
     }
@@ -210,6 +220,7 @@ pub async fn run(a: Args) -> Result<()> {
         error: None,
         namer: a.drops.then(|| crate::kernel::drops::DropNamer::new(tracer.drop_reasons.clone())),
         drops_elsewhere: 0,
+        style: a.style(),
     };
     for (ns, name, ifindex, is_lo) in &targets {
         let ns_ino = platform::netns::netns_inode(ns.as_deref().unwrap_or(std::path::Path::new("/proc/self/ns/net")))

@@ -133,6 +133,7 @@ pub(super) struct WriterState {
     pub(super) namer: Option<crate::kernel::drops::DropNamer>,
     /// Dropped packets on interfaces not captured (not written; said at the end).
     pub(super) drops_elsewhere: u64,
+    pub(super) style: TextStyle,
 }
 
 /// "NO_SOCKET at __udp4_lib_rcv+0x4bc" for a `HOOK_DROP` packet (its header's `_pad`).
@@ -144,7 +145,19 @@ fn drop_words(namer: &mut crate::kernel::drops::DropNamer, h: &CapHdr) -> String
     format!("{} at {}", namer.reason(reason), namer.location(location))
 }
 
-/// One tcpdump-like line: local time, interface, direction, what the packet is.
+/// tcpdump's output options: `-e` (link header), `-v` (IP header fields), `-x`/`-xx`
+/// (hex, without/with the link header), `-X`/`-XX` (hex and ASCII), `-A` (ASCII).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TextStyle {
+    pub link: bool,
+    pub verbose: u8,
+    pub hex: u8,
+    pub hex_ascii: u8,
+    pub ascii: bool,
+}
+
+/// One tcpdump-like line: local time, interface, direction, what the packet is; then
+/// what `style` asks for.
 pub(super) fn text_line(
     w: &mut dyn Write,
     wall_ns: u64,
@@ -152,6 +165,7 @@ pub(super) fn text_line(
     dir: &str,
     data: &[u8],
     len: u32,
+    style: &TextStyle,
 ) -> std::io::Result<()> {
     let secs = (wall_ns / 1_000_000_000) as i64;
     // SAFETY: localtime_r writes only into `tm`, a zeroed plain C struct we own; `secs`
@@ -161,15 +175,32 @@ pub(super) fn text_line(
         libc::localtime_r(&raw const secs, &raw mut tm);
         tm
     };
+    let mut what = decode::summary(data, len);
+    if style.verbose > 0
+        && let Some(details) = decode::ip_details(data)
+        && let Some((first, rest)) = what.split_once(' ')
+    {
+        what = format!("{first} {details} {rest}");
+    }
     writeln!(
         w,
-        "{:02}:{:02}:{:02}.{:09} {ifname} {dir} {}",
+        "{:02}:{:02}:{:02}.{:09} {ifname} {dir} {}{what}",
         tm.tm_hour,
         tm.tm_min,
         tm.tm_sec,
         wall_ns % 1_000_000_000,
-        decode::summary(data, len)
-    )
+        if style.link { decode::link_header(data, len) } else { String::new() },
+    )?;
+    // Without the link header unless -xx/-XX (as tcpdump).
+    let body = |all: bool| if all { data } else { data.get(14..).unwrap_or_default() };
+    if style.hex_ascii > 0 {
+        w.write_all(decode::hex_dump(body(style.hex_ascii > 1), true).as_bytes())?;
+    } else if style.hex > 0 {
+        w.write_all(decode::hex_dump(body(style.hex > 1), false).as_bytes())?;
+    } else if style.ascii {
+        writeln!(w, "{}", decode::printable(body(false), true))?;
+    }
+    Ok(())
 }
 
 /// With `--stages`, at most this many packets wait for their traces; beyond that the
@@ -200,7 +231,7 @@ impl WriterState {
                     DIR_OUT => "Out",
                     _ => "Drop",
                 };
-                text_line(w, p.wall_ns, &iface.name, dir, &p.data, p.hdr.len)?;
+                text_line(w, p.wall_ns, &iface.name, dir, &p.data, p.hdr.len, &self.style)?;
                 if !dropped.is_empty() {
                     writeln!(w, "    {dropped}")?;
                 }
@@ -352,6 +383,7 @@ mod tests {
             flushed: 0,
             held_overflow: 0,
             error: None,
+            style: TextStyle::default(),
         }
     }
 

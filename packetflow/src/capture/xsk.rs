@@ -424,9 +424,16 @@ pub fn rx_queues(ifname: &str) -> u32 {
 }
 
 /// Which interfaces of the calling thread's namespace have AF_XDP zero-copy, as their
-/// drivers tell the kernel (`xdp-features` of the netdev generic-netlink family, Linux
-/// 6.3+): (ifindex, zero-copy). Err when the kernel has no such family.
+/// drivers tell the kernel (`xdp-features`, Linux 6.3+): (ifindex, zero-copy). Err when
+/// the kernel has no such family.
 pub fn zero_copy_interfaces() -> io::Result<Vec<(u32, bool)>> {
+    const NETDEV_XDP_ACT_XSK_ZEROCOPY: u64 = 1 << 3;
+    Ok(xdp_features()?.into_iter().map(|(i, f)| (i, f & NETDEV_XDP_ACT_XSK_ZEROCOPY != 0)).collect())
+}
+
+/// What each interface's driver says it can do with XDP (`xdp-features` of the netdev
+/// generic-netlink family, Linux 6.3+): (ifindex, `NETDEV_XDP_ACT_*` bits).
+pub fn xdp_features() -> io::Result<Vec<(u32, u64)>> {
     use crate::kernel::xdp_owner::{NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, attrs, put_attr};
     const NETLINK_GENERIC: libc::c_int = 16;
     const GENL_ID_CTRL: u16 = 0x10;
@@ -436,7 +443,6 @@ pub fn zero_copy_interfaces() -> io::Result<Vec<(u32, bool)>> {
     const NETDEV_CMD_DEV_GET: u8 = 1;
     const NETDEV_A_DEV_IFINDEX: u16 = 1;
     const NETDEV_A_DEV_XDP_FEATURES: u16 = 3;
-    const NETDEV_XDP_ACT_XSK_ZEROCOPY: u64 = 1 << 3;
     const NLM_F_DUMP: u16 = 0x300;
     const NLMSG_DONE: u16 = 3;
 
@@ -506,7 +512,7 @@ pub fn zero_copy_interfaces() -> io::Result<Vec<(u32, bool)>> {
                 _ => {}
             }
         }
-        out.push((ifindex, features & NETDEV_XDP_ACT_XSK_ZEROCOPY != 0));
+        out.push((ifindex, features));
     })?;
     Ok(out)
 }

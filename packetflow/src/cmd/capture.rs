@@ -8,7 +8,8 @@ use crate::{kernel::interfaces::XdpChoice, model::stage_set::StageSet};
 pub const EXAMPLES: &str = "Examples:
   packetflow capture -i lo -c 10 port 8080          ten packets of port 8080, as lines
   packetflow capture -i eth0 --stages -w out.pcapng tcp port 443   with stage times per packet
-  packetflow capture -i veth0 --bypass -w - | tshark -r -   AF_XDP: the stack never sees them";
+  packetflow capture -i veth0 --bypass -w - | tshark -r -   AF_XDP: the stack never sees them
+  packetflow capture -r old.pcap -A 'tcp port 80'    read a file: the same filter and lines";
 
 /// Capture packets (XDP in, tcx out) to pcapng or tcpdump-like lines; filter in the kernel.
 ///
@@ -22,12 +23,35 @@ pub struct Args {
     /// Write pcapng to FILE (`-` for stdout) instead of printing lines.
     #[arg(short = 'w', value_name = "FILE")]
     pub write: Option<String>,
+    /// Read packets from a pcap or pcapng FILE (`-` for stdin) instead of capturing: the
+    /// same filter and lines; with -w, the packets kept are written again as pcapng.
+    #[arg(short = 'r', value_name = "FILE", conflicts_with_all = ["ifaces", "bypass", "stages", "drops", "duration"])]
+    pub read: Option<String>,
     /// Stop after COUNT packets.
     #[arg(short = 'c', long, value_name = "COUNT")]
     pub count: Option<u64>,
     /// Accepted for tcpdump's sake (-n, -nn): packetflow never resolves names or ports.
     #[arg(short = 'n', action = clap::ArgAction::Count)]
     pub numeric: u8,
+    /// Lines: also each IP header's fields (TTL, id, flags, length); with -r, packet comments.
+    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Lines: also the link-level header (MAC addresses, EtherType).
+    #[arg(short = 'e')]
+    pub link: bool,
+    /// Lines: also the packet in hex (-xx: with its link-level header).
+    #[arg(short = 'x', action = clap::ArgAction::Count)]
+    pub hex: u8,
+    /// Lines: also the packet in hex and ASCII (-XX: with its link-level header).
+    #[arg(short = 'X', action = clap::ArgAction::Count)]
+    pub hex_ascii: u8,
+    /// Lines: also the packet in ASCII (web pages, text protocols).
+    #[arg(short = 'A')]
+    pub ascii: bool,
+    /// List the interfaces: their state, the XDP modes each offers, AF_XDP zero-copy, and
+    /// which program holds its XDP slot. Nothing is captured.
+    #[arg(short = 'D', long = "list-interfaces")]
+    pub list: bool,
     /// Bytes to keep of each packet [default: the whole packet, up to 65535 bytes, what
     /// the hooks can copy; with --bypass, up to one AF_XDP frame: 3840 bytes].
     #[arg(short = 's', value_name = "SNAPLEN", value_parser = clap::value_parser!(u32).range(1..))]
@@ -57,7 +81,7 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["stages", "drops"])]
     pub bypass: bool,
     /// Filter, in pcap-filter syntax (host, net, port, portrange, src, dst, tcp, udp, icmp, icmp6, ip, ip6, and/or/not).
-    #[arg(value_name = "EXPRESSION", trailing_var_arg = true)]
+    #[arg(value_name = "EXPRESSION")]
     pub expression: Vec<String>,
 }
 
@@ -67,6 +91,19 @@ pub enum Direction {
     In,
     Out,
     Inout,
+}
+
+impl Args {
+    /// The line options (-e, -v, -x, -X, -A).
+    pub fn style(&self) -> crate::capture::TextStyle {
+        crate::capture::TextStyle {
+            link: self.link,
+            verbose: self.verbose,
+            hex: self.hex,
+            hex_ascii: self.hex_ascii,
+            ascii: self.ascii,
+        }
+    }
 }
 
 impl Direction {

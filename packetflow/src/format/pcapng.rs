@@ -156,6 +156,11 @@ impl<W: Write> Writer<W> {
     pub fn flush(&mut self) -> io::Result<()> {
         self.w.flush()
     }
+
+    /// The output, after the last block.
+    pub fn into_inner(self) -> W {
+        self.w
+    }
 }
 
 fn block(w: &mut impl Write, ty: u32, body: &[u8]) -> io::Result<()> {

@@ -237,4 +237,10 @@ fn tcpdump_habits_parse() {
         let o = packetflow(args);
         assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
     }
+    // -D: the interfaces, each with its XDP modes and who holds its XDP slot.
+    let o = packetflow(&["capture", "-D"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let lo = out.lines().find(|l| l.contains(".lo [")).unwrap_or_else(|| panic!("no lo in {out}"));
+    assert!(lo.contains("Loopback") && lo.contains("XDP generic") && lo.contains("XDP slot free"), "{lo}");
 }

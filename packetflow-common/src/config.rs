@@ -158,8 +158,9 @@ pub struct Filter {
     pub enabled: u32,
     /// The tracer's own process: never traced at process-context hooks.
     pub own_tgid: u32,
-    /// Only this process at process-context hooks (0 = any).
-    pub pid: u32,
+    /// `PROC_*` bits: which process criteria are set. With any, a flow is traced once a
+    /// process that meets them all touched its socket (docs/filters.md).
+    pub procs: u32,
     /// `PROTO_*` bits; a protocol whose bit is clear is not traced.
     pub protos: u32,
     pub nports: u32,
@@ -187,14 +188,30 @@ pub struct Filter {
     pub host_v6: [u8; MAX_FILTER_HOSTS],
     /// Device stages: only these ifindexes.
     pub ifaces: [u32; MAX_FILTER_IFACES],
+    pub npids: u32,
+    /// `--cgroup`: the cgroup v2 id (its directory's inode) and its depth below the root;
+    /// a process in it or below it matches.
+    pub cgroup_id: u64,
+    pub cgroup_level: u32,
+    pub _pad2: u32,
+    /// `--pid` (repeatable): process ids (tgids).
+    pub pids: [u32; MAX_FILTER_PIDS],
+    /// `--comm`: the command name, NUL-padded (the kernel's 16-byte `comm`).
+    pub comm: [u8; 16],
 }
-assert_size!(Filter, 164);
+assert_size!(Filter, 232);
+
+/// `Filter::procs` bits.
+pub const PROC_PIDS: u32 = 1;
+pub const PROC_COMM: u32 = 2;
+pub const PROC_CGROUP: u32 = 4;
+pub const MAX_FILTER_PIDS: usize = 8;
 
 impl Filter {
     pub const NONE: Filter = Filter {
         enabled: 0,
         own_tgid: 0,
-        pid: 0,
+        procs: 0,
         protos: PROTO_TCP | PROTO_UDP,
         nports: 0,
         nhosts: 0,
@@ -210,6 +227,12 @@ impl Filter {
         hosts: [[0; 16]; MAX_FILTER_HOSTS],
         host_v6: [0; MAX_FILTER_HOSTS],
         ifaces: [0; MAX_FILTER_IFACES],
+        npids: 0,
+        cgroup_id: 0,
+        cgroup_level: 0,
+        _pad2: 0,
+        pids: [0; MAX_FILTER_PIDS],
+        comm: [0; 16],
     };
 }
 

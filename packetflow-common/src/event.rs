@@ -120,7 +120,9 @@ pub struct SendSlot {
     pub ts_ns: u64,
     /// The sender's process (for hooks that cannot ask, e.g. cgroup_skb before 6.?).
     pub tgid: u32,
-    pub _pad: u32,
+    /// Not zero: the sender meets the process filter (decided at the syscall, where the
+    /// helpers that read the task's name and cgroup are allowed; cgroup_skb reads it).
+    pub claims: u32,
 }
 assert_size!(SendSlot, 24);
 

@@ -21,7 +21,7 @@ use packetflow_common::{
 use super::{current, packet::SkbCtxSource as CtxSource};
 use crate::{
     emit::now,
-    filter::{flow_matches, process_wanted},
+    filter::{flow_matches, flow_matches_from, process_wanted},
     kernel::{L3At, Typed, Untyped, parse_skb, read, sock_flow_of, sock_protocol},
     maps::{count, filter, off, ring},
     parse::{IPPROTO_TCP, parse_l3},
@@ -117,7 +117,7 @@ fn try_connect_exit(ctx: &TracePointContext) -> Result<(), ()> {
     connection_of(sk, &mut ev)?;
     let _ = SYN_TUPLES.remove(&sk);
     (ev.aux, ev.aux2) = (tgid, thread);
-    if !flow_matches(f, &ev) {
+    if !flow_matches_from(f, &ev, tgid) {
         return Ok(());
     }
     let off = unsafe { core::ptr::read_volatile(&SYS_EXIT_RET_OFF) } as usize;
@@ -364,7 +364,7 @@ fn try_accept_exit(ctx: &TracePointContext) -> Result<(), ()> {
     }
     let mut ev = Event::ZERO;
     sock_flow_of::<Untyped>(sk, IPPROTO_TCP, true, &mut ev)?;
-    if !flow_matches(f, &ev) {
+    if !flow_matches_from(f, &ev, tgid) {
         return Ok(());
     }
     ev.aux = tgid;

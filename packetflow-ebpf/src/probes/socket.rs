@@ -21,7 +21,7 @@ use packetflow_common::{
 use super::{current, packet::SkbCtxSource as CtxSource};
 use crate::{
     emit::{emit, now},
-    filter::{flow_matches, kind_wanted, process_wanted},
+    filter::{claim, flow_matches, flow_matches_from, kind_wanted, process_wanted},
     kernel::{Kmem, L3At, Typed, Untyped, parse_skb, read, sock_flow_of, sock_local_port, sock_protocol, user_ptr},
     maps::{RECV_SLOT, SEND_SLOT, UDP_RX_SLOT, count, filter, idle, off, send_slot_of},
     parse::{IPPROTO_TCP, IPPROTO_UDP, parse_l3},
@@ -86,7 +86,7 @@ fn try_tcp_sendmsg<M: Kmem>(sk: u64, msg: u64) -> Result<(), ()> {
     }
     let mut ev = Event::ZERO;
     sock_flow_of::<M>(sk, IPPROTO_TCP, false, &mut ev)?;
-    if !flow_matches(f, &ev) {
+    if !flow_matches_from(f, &ev, tgid) {
         return Ok(());
     }
     // A tcp_sock field: beyond the `struct sock` the pointer is typed as.
@@ -227,7 +227,7 @@ fn try_copy_to_user(ctx: &BtfTracePointContext) -> Result<(), ()> {
     let mut ev = Event::ZERO;
     // A TCP copy starts at the socket's copied_seq.
     sock_flow_of::<Typed>(sk, IPPROTO_TCP, true, &mut ev)?;
-    if !flow_matches(f, &ev) {
+    if !flow_matches_from(f, &ev, tgid) {
         return Ok(());
     }
     ev.seq = read::<Untyped, _>(sk, off!(tcp_copied_seq))?;
@@ -342,7 +342,7 @@ fn try_udp_copy(skb: u64, len: i32) -> Result<(), ()> {
     if parse_skb::<Untyped>(skb, L3At::NetworkHeader, &mut ev).is_err() || !ev.is_udp() {
         return Ok(());
     }
-    if !flow_matches(f, &ev) {
+    if !flow_matches_from(f, &ev, tgid) {
         return Ok(());
     }
     ev.aux = tgid;
@@ -399,9 +399,6 @@ fn try_cg_egress<const ASK: bool>(ctx: &SkBuffContext) -> Result<(), ()> {
     let f = filter().ok_or(())?;
     let mut ev = Event::ZERO;
     cg_udp(ctx, &mut ev)?;
-    if !flow_matches(f, &ev) {
-        return Ok(());
-    }
     let (tgid, tid) = if ASK {
         current()
     } else {
@@ -410,7 +407,14 @@ fn try_cg_egress<const ASK: bool>(ctx: &SkBuffContext) -> Result<(), ()> {
             None => (0, 0),
         }
     };
-    if !process_wanted(f, tgid) {
+    // The process filter was decided at the send syscall (`SendSlot::claims`).
+    if f.procs != 0
+        && let Some(s) = SEND_SLOT.get_ptr_mut(0)
+        && unsafe { (*s).tid == tid && (*s).claims != 0 }
+    {
+        claim(&ev);
+    }
+    if !flow_matches(f, &ev) || !process_wanted(f, tgid) {
         return Ok(());
     }
     ev.aux = tgid;

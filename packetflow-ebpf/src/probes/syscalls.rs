@@ -8,7 +8,7 @@ use packetflow_common::Stage;
 use super::current;
 use crate::{
     emit::{emit, now},
-    filter::{flow_matches, process_wanted},
+    filter::{flow_matches_from, process_claims, process_wanted},
     kernel::user_peer,
     maps::{RECV_SLOT, SEND_SLOT, filter, idle, send_slot_of},
 };
@@ -34,6 +34,7 @@ pub fn pf_sys_enter_send(_ctx: TracePointContext) -> u32 {
             (*slot).tgid = tgid;
             (*slot).emitted = 0;
             (*slot).ts_ns = now();
+            (*slot).claims = (f.procs != 0 && process_claims(f, tgid)) as u32;
         }
     }
     0
@@ -98,7 +99,7 @@ fn recv_exit(ctx: &TracePointContext, tid: u32) -> u32 {
             user_peer(slot.name, &mut ev);
         }
         let Some(f) = filter() else { return 0 };
-        if !flow_matches(f, &ev) {
+        if !flow_matches_from(f, &ev, ev.aux) {
             return 0;
         }
         emit(&mut ev, Stage::CopyToUser);

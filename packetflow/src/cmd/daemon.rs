@@ -56,7 +56,7 @@ pub struct Args {
 impl Args {
     /// The flags as overrides of the config file's keys (read again on SIGHUP).
     pub fn overrides(&self) -> Overrides {
-        let FilterArgs { ports, hosts, pid, proto } = self.filter.clone();
+        let FilterArgs { ports, hosts, pids, comm, cgroup, proto } = self.filter.clone();
         Overrides {
             metrics_addr: self.metrics_addr,
             metrics_public: self.metrics_public,
@@ -67,7 +67,9 @@ impl Args {
             ports,
             hosts,
             proto,
-            pid,
+            pids,
+            comm,
+            cgroup,
             sample: self.sample,
             trace_dir: self.trace_dir.clone(),
             slow_us: self.slow_us,

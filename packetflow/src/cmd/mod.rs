@@ -27,9 +27,18 @@ pub struct FilterArgs {
     /// Only flows with this address on either end (repeatable).
     #[arg(long = "host", value_name = "ADDR")]
     pub hosts: Vec<IpAddr>,
-    /// Only this process (at the process-context stages).
-    #[arg(long)]
-    pub pid: Option<u32>,
+    /// Only flows this process touched (send, receive, connect, accept), at every stage
+    /// (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only flows a process with this command name touched (/proc/PID/comm, at most 15
+    /// bytes).
+    #[arg(long, value_name = "NAME")]
+    pub comm: Option<String>,
+    /// Only flows a process in this cgroup v2 (or below it) touched: a directory of the
+    /// cgroup2 mount or a path as /proc/PID/cgroup shows it. Decided in the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<std::path::PathBuf>,
     /// Only this protocol; the other one's own hooks are not attached (cheaper).
     #[arg(long, value_enum)]
     pub proto: Option<Proto>,

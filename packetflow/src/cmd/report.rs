@@ -17,7 +17,8 @@ use crate::{
 pub const EXAMPLES: &str = "Examples:
   packetflow report run.json                        per-stage tables of a recording
   packetflow report after.json --baseline before.json   what changed, beyond noise
-  packetflow report run.json --by flow --html run.html  per flow, and a page with charts";
+  packetflow report run.json --by flow --html run.html  per flow, and a page with charts
+  packetflow report run.json --port 443 --since +60  one service, after the first minute";
 
 /// Read a recording (--json output; `-` for stdin): tables, comparison, pictures.
 #[derive(clap::Args)]
@@ -43,6 +44,25 @@ pub struct Args {
     /// Write the charts as SVG files into DIR.
     #[arg(long, value_name = "DIR")]
     pub svg: Option<PathBuf>,
+    /// Only traces with this address on either end (repeatable).
+    #[arg(long = "host", value_name = "ADDR")]
+    pub hosts: Vec<std::net::IpAddr>,
+    /// Only traces with this port on either end (repeatable).
+    #[arg(long = "port", value_name = "P")]
+    pub ports: Vec<u16>,
+    /// Only traces this process sent or received (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only traces a process of this name sent or received.
+    #[arg(long, value_name = "NAME")]
+    pub comm: Option<String>,
+    /// Only traces from this time on: +SECONDS after the recording started,
+    /// YYYY-MM-DDTHH:MM:SS (UTC) or seconds since 1970.
+    #[arg(long, value_name = "TIME", value_parser = report::When::parse)]
+    pub since: Option<report::When>,
+    /// Only traces up to this time (as --since).
+    #[arg(long, value_name = "TIME", value_parser = report::When::parse)]
+    pub until: Option<report::When>,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -50,7 +70,15 @@ pub fn run(a: Args) -> Result<()> {
         Some(p) => Some(ChromeTrace::new(output::writer(p)?)),
         None => None,
     };
-    let r = report::read(&a.file, a.path, a.by, chrome.as_mut().map(|c| c as &mut dyn Sink))?;
+    let select = report::Select {
+        hosts: a.hosts.clone(),
+        ports: a.ports.clone(),
+        pids: a.pids.clone(),
+        comm: a.comm.clone(),
+        since: a.since,
+        until: a.until,
+    };
+    let r = report::read_selected(&a.file, a.path, a.by, &select, chrome.as_mut().map(|c| c as &mut dyn Sink))?;
     report::report_notes(&r.notes);
     if let Some(c) = chrome.as_mut() {
         c.finish(&serde_json::Value::Null);
@@ -83,7 +111,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     print!("{text}");
     if let Some(b) = &a.baseline {
-        let base = report::read(b, a.path, By::Stage, None)?;
+        let base = report::read_selected(b, a.path, By::Stage, &select, None)?;
         report::report_notes(&base.notes);
         println!("\ncompared with the baseline {b}:");
         print!("{}", report::compare(&base.gathered.stats, stats));

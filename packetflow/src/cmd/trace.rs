@@ -10,7 +10,7 @@ use crate::{
     model::{filter::FilterSpec, stage_set::StageSet, trace::PathKind},
     pipeline::accounting,
     pipeline::run::{self, RunOptions, Running},
-    platform::{interfaces, netns},
+    platform::{cgroup::Cgroup, interfaces, netns},
     report::tables,
 };
 
@@ -18,7 +18,8 @@ use crate::{
 pub const EXAMPLES: &str = "Examples:
   packetflow trace --port 8080 --duration 10        per-stage table of port 8080's packets
   packetflow trace -i eth0 --json - --count 100     100 traces as NDJSON on stdout
-  packetflow trace --summary --stages overview      the cheap always-on mode, a few stages";
+  packetflow trace --summary --stages overview      the cheap always-on mode, a few stages
+  packetflow trace --json - -- curl -s http://198.18.0.2/   only this command's packets";
 
 /// Trace packets live: per-stage latency table, optional NDJSON per packet.
 #[derive(clap::Args)]
@@ -41,6 +42,10 @@ pub struct Args {
     /// Write one JSON object per packet trace to FILE (`-` for stdout).
     #[arg(long, value_name = "FILE")]
     pub json: Option<String>,
+    /// With --json: write only traces that took at least this many µs end to end (and
+    /// every dropped packet's); the tables still count every trace.
+    #[arg(long = "slow-us", value_name = "N", requires = "json")]
+    pub slow_us: Option<u64>,
     /// Write a Chrome/Perfetto trace (open in ui.perfetto.dev).
     #[arg(long, value_name = "OUT.json")]
     pub chrome_trace: Option<String>,
@@ -73,16 +78,32 @@ pub struct Args {
     /// separated. A stage not asked for has no program attached: cost scales with it.
     #[arg(long, value_name = "LIST", default_value = "all", value_parser = StageSet::parse)]
     pub stages: StageSet,
+    /// Run this command in a cgroup of its own and trace only its flows, from its first
+    /// packet; tracing stops when it exits (`packetflow trace -- curl http://...`).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 pub async fn run(a: Args) -> Result<()> {
     run::preflight("trace")?;
     let mut stop = run::StopSignals::new()?;
     let (attach_to, ifindexes) = interfaces::resolve(&a.ifaces, a.netns.as_deref())?;
+    if !a.command.is_empty() && a.filter.cgroup.is_some() {
+        crate::user_bail!("trace -- CMD runs CMD in a cgroup of its own: leave --cgroup out");
+    }
+    // `-- CMD`: its cgroup first, so the filter can name it before anything is attached.
+    let own_cgroup = if a.command.is_empty() { None } else { Some(CommandCgroup::create()?) };
+    let cgroup = match (&own_cgroup, &a.filter.cgroup) {
+        (Some(c), _) => Some(c.cgroup.clone()),
+        (None, Some(p)) => Some(Cgroup::resolve(p)?),
+        (None, None) => None,
+    };
     let filter = FilterSpec {
         ports: a.filter.ports.clone(),
         hosts: a.filter.hosts.clone(),
-        pid: a.filter.pid,
+        pids: a.filter.pids.clone(),
+        comm: a.filter.comm.clone(),
+        cgroup,
         proto: a.filter.proto,
         ifindexes,
         control: a.control,
@@ -113,6 +134,7 @@ pub async fn run(a: Args) -> Result<()> {
             .collect(),
         timeout: a.timeout,
         count: a.count,
+        slow_ns: a.slow_us.unwrap_or(0).saturating_mul(1000),
         connections: a.connections,
         more_sinks: a.drops.then(|| -> run::MoreSinks {
             Box::new(move |tracer, _| vec![Box::new(DropPrinter::new(tracer, json_to_stdout))])
@@ -138,6 +160,16 @@ pub async fn run(a: Args) -> Result<()> {
         say(&format!("{line}\n"));
     }
     say(&format!("tracing ({described}); Ctrl-C to stop\n"));
+    // The command starts once every hook is attached: its first packet is traced.
+    let (exited_tx, mut exited) = tokio::sync::oneshot::channel();
+    if let Some(c) = &own_cgroup {
+        let child = c.spawn(&a.command)?;
+        std::thread::spawn(move || {
+            let mut child = child;
+            let _ = exited_tx.send(child.wait());
+        });
+    }
+    let mut status = None;
     let deadline = a.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
@@ -145,6 +177,12 @@ pub async fn run(a: Args) -> Result<()> {
         tokio::select! {
             why = stop.recv() => break why,
             () = running.shared.count_notify.notified() => break "count reached",
+            st = &mut exited, if own_cgroup.is_some() && status.is_none() => {
+                status = Some(st.ok().and_then(Result::ok));
+                // Its last packets' records still travel: one trace timeout, then stop.
+                tokio::time::sleep(a.timeout + Duration::from_millis(200)).await;
+                break "the command exited";
+            }
             () = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break "duration over",
             _ = tick.tick() => {
                 for line in running.watch_interfaces() {
@@ -185,7 +223,61 @@ pub async fn run(a: Args) -> Result<()> {
     }
     say(&format!("{}\n", accounting::loss_line(&f)));
     say(&format!("{}\n", accounting::cost_line(&f)));
+    if let Some(c) = own_cgroup {
+        match status.flatten() {
+            Some(st) => say(&format!("{} exited: {st}\n", a.command[0])),
+            None => say(&format!("{} was still running: it stays in {}\n", a.command[0], c.cgroup.path)),
+        }
+        c.remove();
+    }
     Ok(())
+}
+
+/// The cgroup `trace -- CMD` runs its command in (removed at the end, once empty).
+struct CommandCgroup {
+    cgroup: Cgroup,
+    dir: std::path::PathBuf,
+}
+
+impl CommandCgroup {
+    fn create() -> Result<CommandCgroup> {
+        let (cgroup, dir) = Cgroup::create_for_command()?;
+        Ok(CommandCgroup { cgroup, dir })
+    }
+
+    /// Starts `cmd` inside the cgroup: the child moves itself there before exec, so its
+    /// first packet already belongs to it.
+    fn spawn(&self, cmd: &[String]) -> Result<std::process::Child> {
+        use std::os::unix::process::CommandExt;
+        let procs = std::ffi::CString::new(self.dir.join("cgroup.procs").into_os_string().into_encoded_bytes())?;
+        let mut c = std::process::Command::new(&cmd[0]);
+        c.args(&cmd[1..]);
+        // SAFETY: the closure runs in the child between fork and exec and calls only
+        // async-signal-safe functions (open, write, close) on memory prepared before the
+        // fork; writing "0" to cgroup.procs moves the writing process.
+        unsafe {
+            c.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, b"0\n".as_ptr().cast(), 2) != 2 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(fd);
+                Ok(())
+            });
+        }
+        c.spawn().map_err(|e| crate::error::user(format!("cannot run {}: {e}", cmd[0])))
+    }
+
+    /// Removes the cgroup when nothing is left in it (a command that left a daemon behind
+    /// keeps it, and is said to).
+    fn remove(self) {
+        for _ in 0..20 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 /// `trace --drops`: one line per drop, as the correlator hands it on (a traced packet's

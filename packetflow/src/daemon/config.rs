@@ -75,8 +75,14 @@ pub struct Config {
     pub hosts: Vec<IpAddr>,
     /// tcp or udp. Default: both.
     pub proto: Option<Proto>,
-    /// Only this process, at the process-context stages. Default: all.
+    /// Only flows this process touched (every stage). Default: all.
     pub pid: Option<u32>,
+    /// More processes, as `pid`.
+    pub pids: Vec<u32>,
+    /// Only flows a process with this command name touched. Default: all.
+    pub comm: Option<String>,
+    /// Only flows a process in this cgroup v2 (or below) touched. Default: all.
+    pub cgroup: Option<PathBuf>,
     /// Trace 1 flow in N. Default 1 (every flow).
     pub sample: u32,
     /// Also trace TCP connection set-up (`trace --connections`): per listener histograms
@@ -124,6 +130,9 @@ impl Default for Config {
             hosts: Vec::new(),
             proto: None,
             pid: None,
+            pids: Vec::new(),
+            comm: None,
+            cgroup: None,
             sample: 1,
             connections: false,
             stages: "overview".into(),
@@ -151,7 +160,9 @@ pub struct Overrides {
     pub ports: Vec<u16>,
     pub hosts: Vec<IpAddr>,
     pub proto: Option<Proto>,
-    pub pid: Option<u32>,
+    pub pids: Vec<u32>,
+    pub comm: Option<String>,
+    pub cgroup: Option<PathBuf>,
     pub sample: Option<u32>,
     pub trace_dir: Option<PathBuf>,
     pub slow_us: Option<u64>,
@@ -226,8 +237,14 @@ impl Config {
         if o.proto.is_some() {
             self.proto = o.proto;
         }
-        if o.pid.is_some() {
-            self.pid = o.pid;
+        if !o.pids.is_empty() {
+            (self.pid, self.pids) = (None, o.pids.clone());
+        }
+        if o.comm.is_some() {
+            self.comm = o.comm.clone();
+        }
+        if o.cgroup.is_some() {
+            self.cgroup = o.cgroup.clone();
         }
         if let Some(s) = o.sample {
             self.sample = s;
@@ -275,6 +292,19 @@ impl Config {
         {
             return bad("pid", &format!("must be between {} and {} (the kernel's largest pid_max)", PID.0, PID.1));
         }
+        if let Some(pid) = self.pids.iter().find(|p| !(PID.0..=PID.1).contains(*p)) {
+            return bad("pids", &format!("{pid} is not between {} and {}", PID.0, PID.1));
+        }
+        if let Some(c) = &self.comm
+            && (c.is_empty() || c.len() > 15)
+        {
+            return bad("comm", "a command name is 1 to 15 bytes (the kernel's comm; see /proc/PID/comm)");
+        }
+        if let Some(p) = &self.cgroup
+            && let Err(e) = crate::platform::cgroup::Cgroup::resolve(p)
+        {
+            return bad("cgroup", &format!("{e:#}"));
+        }
         if self.max_total_mb < self.rotate_mb {
             return bad("max_total_mb", "must be at least rotate_mb (one full file must fit)");
         }
@@ -317,7 +347,10 @@ impl Config {
         FilterSpec {
             ports: self.ports.clone(),
             hosts: self.hosts.clone(),
-            pid: self.pid,
+            pids: self.pid.into_iter().chain(self.pids.iter().copied()).collect(),
+            comm: self.comm.clone(),
+            // Checked by `validate`.
+            cgroup: self.cgroup.as_deref().and_then(|p| crate::platform::cgroup::Cgroup::resolve(p).ok()),
             proto: self.proto,
             ifindexes: Vec::new(),
             control: false,

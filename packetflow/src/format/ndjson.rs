@@ -131,6 +131,16 @@ pub struct TraceJson {
     pub rx_pid: Option<u32>,
     #[serde(default)]
     pub rx_comm: Option<String>,
+    /// The sending and receiving processes' cgroup v2 paths, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_cgroup: Option<String>,
+    /// The network namespaces (inode of /proc/PID/ns/net) of `ifname` and `rx_ifname`.
+    #[serde(skip_deserializing)]
+    pub netns: u32,
+    #[serde(skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub rx_netns: Option<u32>,
     pub complete: bool,
     /// Available stages not in `stages`.
     #[serde(skip_deserializing)]
@@ -182,6 +192,10 @@ impl TraceJson {
             comm: t.comm.clone(),
             rx_pid: t.rx_pid,
             rx_comm: t.rx_comm.clone(),
+            cgroup: t.cgroup.clone(),
+            rx_cgroup: t.rx_cgroup.clone(),
+            netns: t.device.netns,
+            rx_netns: t.rx_device.map(|d| d.netns),
             complete: t.complete,
             missing: available
                 .iter()
@@ -415,11 +429,15 @@ pub struct JsonSink {
     names: Names,
     available: Vec<Stage>,
     pub errors: u64,
+    /// `trace --slow-us`: trace lines only for traces at least this slow (end to end, ns).
+    pub slow_ns: u64,
+    /// Traces left out for being faster than `slow_ns` (in the summary line).
+    below: u64,
 }
 
 impl JsonSink {
     pub fn new(out: Box<dyn Write + Send>, names: Names, available: Vec<Stage>) -> JsonSink {
-        JsonSink { out, names, available, errors: 0 }
+        JsonSink { out, names, available, errors: 0, slow_ns: 0, below: 0 }
     }
 
     pub fn line(&mut self, v: &impl Serialize) {
@@ -442,6 +460,10 @@ impl JsonSink {
 
 impl Sink for JsonSink {
     fn trace(&mut self, t: &Trace) {
+        if self.slow_ns > 0 && t.drop.is_none() && crate::model::stats::end_to_end_ns(t) < self.slow_ns {
+            self.below += 1;
+            return;
+        }
         let j = TraceJson::new(t, &mut self.names, &self.available);
         self.line(&j);
     }
@@ -453,7 +475,14 @@ impl Sink for JsonSink {
         self.line(&j);
     }
     fn finish(&mut self, summary: &serde_json::Value) {
-        self.line(summary);
+        let mut summary = summary.clone();
+        if self.slow_ns > 0
+            && let Some(o) = summary.as_object_mut()
+        {
+            o.insert("slow_us".into(), (self.slow_ns / 1000).into());
+            o.insert("traces_below_slow_us".into(), self.below.into());
+        }
+        self.line(&summary);
         if let Err(e) = self.out.flush() {
             self.failed(e);
         }

@@ -89,6 +89,8 @@ impl TraceJson {
             rx_tid: None,
             comm: self.comm.clone(),
             rx_comm: self.rx_comm.clone(),
+            cgroup: self.cgroup.clone(),
+            rx_cgroup: self.rx_cgroup.clone(),
             stages,
             complete: self.complete,
             drop: None,

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use anyhow::Result;
 use packetflow_common::{
     Filter, MAX_FILTER_HOSTS, MAX_FILTER_IFACES, MAX_FILTER_PORTS,
-    config::{MODE_RECORDS, MODE_SUMMARY, PROTO_TCP, PROTO_UDP},
+    config::{MAX_FILTER_PIDS, MODE_RECORDS, MODE_SUMMARY, PROC_CGROUP, PROC_COMM, PROC_PIDS, PROTO_TCP, PROTO_UDP},
 };
 use serde::{Deserialize, Serialize};
 
@@ -32,7 +32,11 @@ impl Proto {
 pub struct FilterSpec {
     pub ports: Vec<u16>,
     pub hosts: Vec<IpAddr>,
-    pub pid: Option<u32>,
+    /// Process filters: a flow is traced once a process with one of these pids, this
+    /// command name and in this cgroup (each when given) touched its socket.
+    pub pids: Vec<u32>,
+    pub comm: Option<String>,
+    pub cgroup: Option<crate::platform::cgroup::Cgroup>,
     /// Both when `None`.
     pub proto: Option<Proto>,
     /// Interface indexes for the device stages (names are resolved by the caller).
@@ -59,8 +63,14 @@ impl FilterSpec {
         if !self.hosts.is_empty() {
             parts.push(format!("host {}", list(self.hosts.iter().map(IpAddr::to_string).collect())));
         }
-        if let Some(p) = self.pid {
-            parts.push(format!("pid {p}"));
+        if !self.pids.is_empty() {
+            parts.push(format!("pid {}", list(self.pids.iter().map(u32::to_string).collect())));
+        }
+        if let Some(c) = &self.comm {
+            parts.push(format!("comm {c}"));
+        }
+        if let Some(c) = &self.cgroup {
+            parts.push(format!("cgroup {}", c.path));
         }
         if let Some(p) = self.proto {
             parts.push(p.name().into());
@@ -75,7 +85,28 @@ impl FilterSpec {
     pub fn to_kernel(&self, own_tgid: u32) -> Result<Filter> {
         let mut f = Filter::NONE;
         f.own_tgid = own_tgid;
-        f.pid = self.pid.unwrap_or(0);
+        if self.pids.len() > MAX_FILTER_PIDS {
+            user_bail!("at most {MAX_FILTER_PIDS} --pid filters are supported, got {}", self.pids.len());
+        }
+        for (i, p) in self.pids.iter().enumerate() {
+            f.pids[i] = *p;
+        }
+        f.npids = self.pids.len() as u32;
+        if !self.pids.is_empty() {
+            f.procs |= PROC_PIDS;
+        }
+        if let Some(c) = &self.comm {
+            // The kernel keeps 15 bytes and a NUL (TASK_COMM_LEN).
+            if c.is_empty() || c.len() > 15 || c.contains('\0') {
+                user_bail!("--comm {c:?}: a command name is 1 to 15 bytes (the kernel's comm; see /proc/PID/comm)");
+            }
+            f.comm[..c.len()].copy_from_slice(c.as_bytes());
+            f.procs |= PROC_COMM;
+        }
+        if let Some(c) = &self.cgroup {
+            (f.cgroup_id, f.cgroup_level) = (c.id, c.level);
+            f.procs |= PROC_CGROUP;
+        }
         f.protos = match self.proto {
             None => PROTO_TCP | PROTO_UDP,
             Some(Proto::Tcp) => PROTO_TCP,
@@ -133,7 +164,8 @@ mod tests {
         let s = FilterSpec {
             ports: vec![8080, 53],
             hosts: vec!["127.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap(), "::ffff:1.2.3.4".parse().unwrap()],
-            pid: Some(42),
+            pids: vec![42, 43],
+            comm: Some("nginx".into()),
             proto: Some(Proto::Udp),
             ..Default::default()
         };
@@ -143,7 +175,10 @@ mod tests {
         assert_eq!(&f.hosts[0][..4], &[127, 0, 0, 1]);
         assert_eq!(f.host_v6, [0, 1, 0, 0]);
         assert_eq!(&f.hosts[2][..4], &[1, 2, 3, 4]);
-        assert_eq!((f.pid, f.own_tgid, f.protos), (42, 7, PROTO_UDP));
+        assert_eq!((f.npids, f.pids[0], f.pids[1], f.own_tgid, f.protos), (2, 42, 43, 7, PROTO_UDP));
+        assert_eq!((f.procs, &f.comm[..6]), (PROC_PIDS | PROC_COMM, &b"nginx\0"[..]));
+        let long = FilterSpec { comm: Some("a-very-long-command".into()), ..Default::default() };
+        assert!(long.to_kernel(7).is_err());
     }
 
     #[test]

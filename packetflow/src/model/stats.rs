@@ -95,6 +95,8 @@ mod tests {
             rx_tid: None,
             comm: None,
             rx_comm: None,
+            cgroup: None,
+            rx_cgroup: None,
             stages: times.iter().map(|&(stage, t_ns)| StageTime { stage, t_ns, cpu: 0 }).collect(),
             complete: true,
             drop: None,

@@ -125,6 +125,9 @@ pub struct Trace {
     pub rx_tid: Option<u32>,
     pub comm: Option<String>,
     pub rx_comm: Option<String>,
+    /// The sending and receiving processes' cgroup v2 paths (/proc/PID/cgroup).
+    pub cgroup: Option<String>,
+    pub rx_cgroup: Option<String>,
     /// In time order.
     pub stages: Vec<StageTime>,
     /// Every expected stage was seen.

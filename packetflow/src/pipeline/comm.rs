@@ -1,12 +1,14 @@
-//! A small cache of process names (`/proc/PID/comm`) for the processes seen at the
-//! process stages, read once per process while it most likely still runs.
+//! A small cache of process names (`/proc/PID/comm`) and cgroup v2 paths
+//! (`/proc/PID/cgroup`) for the processes seen at the process stages, read once per
+//! process while it most likely still runs.
 
 use rustc_hash::FxHashMap as HashMap;
 
-/// Command names by process id (`None`: the process had gone or its name was unreadable).
+/// Command names and cgroups by process id (`None`: the process had gone or the file
+/// was unreadable).
 #[derive(Default)]
 pub struct CommCache {
-    names: HashMap<u32, Option<String>>,
+    names: HashMap<u32, (Option<String>, Option<String>)>,
 }
 
 impl CommCache {
@@ -20,11 +22,16 @@ impl CommCache {
             self.names.clear();
         }
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim_end().to_string());
-        self.names.insert(pid, comm);
+        self.names.insert(pid, (comm, crate::platform::cgroup::of_process(pid)));
     }
 
     /// The name read for `pid`, if any.
     pub fn get(&self, pid: u32) -> Option<String> {
-        self.names.get(&pid).cloned().flatten()
+        self.names.get(&pid).and_then(|n| n.0.clone())
+    }
+
+    /// The cgroup v2 path read for `pid`, if any.
+    pub fn cgroup(&self, pid: u32) -> Option<String> {
+        self.names.get(&pid).and_then(|n| n.1.clone())
     }
 }

@@ -42,6 +42,8 @@ pub struct RunOptions {
     /// The correlator's memory budget (`Correlator::budget_bytes`), MiB.
     pub budget_mb: usize,
     pub count: Option<u64>,
+    /// `--json` writes trace lines only for traces at least this slow (end to end; 0: all).
+    pub slow_ns: u64,
     pub poll: Duration,
     pub ring_bytes: u32,
     /// Programs attached but idle (`LoadOptions::idle`): for the bench only.
@@ -92,6 +94,7 @@ impl Default for RunOptions {
             timeout: Duration::from_secs(1),
             budget_mb: crate::pipeline::correlate::DEFAULT_BUDGET_MB,
             count: None,
+            slow_ns: 0,
             poll: Duration::from_millis(10),
             ring_bytes: LoadOptions::default().ring_bytes,
             idle: false,
@@ -227,6 +230,7 @@ impl Running {
             let available: Vec<Stage> =
                 tracer.stages.iter().filter(|(_, h)| h.state.is_ok()).map(|(s, _)| *s).collect();
             let mut sink = JsonSink::new(out, names, available);
+            sink.slow_ns = o.slow_ns;
             sink.line(&ndjson::header(&tracer, serde_json::to_value(&filter)?));
             sinks.push(Box::new(sink));
         }

@@ -1,5 +1,6 @@
 //! The system around the tracer, one topic per file.
 
+pub mod cgroup;
 pub mod host;
 pub mod interfaces;
 pub mod mounts;

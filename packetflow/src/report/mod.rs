@@ -158,7 +158,119 @@ fn open(name: &str) -> Result<(Box<dyn Read>, Option<u64>)> {
 }
 
 /// Streams `name` through the statistics (and `sink`, when given).
+/// Which traces a report keeps (`report --host --port --pid --comm --since --until`);
+/// the default keeps all.
+#[derive(Clone, Debug, Default)]
+pub struct Select {
+    pub hosts: Vec<std::net::IpAddr>,
+    pub ports: Vec<u16>,
+    /// The sending or the receiving process.
+    pub pids: Vec<u32>,
+    pub comm: Option<String>,
+    /// Wall-clock bounds (ns since the epoch) on a trace's first stage; `Start(s)`: s
+    /// seconds after the recording started.
+    pub since: Option<When>,
+    pub until: Option<When>,
+}
+
+/// A time for `--since`/`--until`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum When {
+    Wall(u64),
+    Start(f64),
+}
+
+impl When {
+    /// `+S` (seconds after the recording started), `YYYY-MM-DDTHH:MM:SS[.f][Z]` (UTC), or
+    /// seconds since the epoch.
+    pub fn parse(s: &str) -> Result<When, String> {
+        let bad = || {
+            format!(
+                "'{s}' is not a time: +SECONDS (after the recording started), YYYY-MM-DDTHH:MM:SS (UTC) or seconds since 1970"
+            )
+        };
+        if let Some(rel) = s.strip_prefix('+') {
+            return rel.parse::<f64>().ok().filter(|v| v.is_finite() && *v >= 0.0).map(When::Start).ok_or_else(bad);
+        }
+        if let Ok(secs) = s.parse::<f64>() {
+            return (secs.is_finite() && secs >= 0.0).then_some(When::Wall((secs * 1e9) as u64)).ok_or_else(bad);
+        }
+        let t = s.trim_end_matches('Z');
+        let (date, time) = t.split_once('T').or_else(|| t.split_once(' ')).ok_or_else(bad)?;
+        let d: Vec<i64> = date.split('-').map(str::parse).collect::<Result<_, _>>().map_err(|_| bad())?;
+        let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+        let h: Vec<i64> = hms.split(':').map(str::parse).collect::<Result<_, _>>().map_err(|_| bad())?;
+        let [y, mo, day] = d[..] else { return Err(bad()) };
+        let [hh, mm, ss] = h[..] else { return Err(bad()) };
+        if !(1..=12).contains(&mo) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 || y < 1970 {
+            return Err(bad());
+        }
+        let frac: f64 = format!("0.{frac}").parse().map_err(|_| bad())?;
+        let secs = days_from_civil(y, mo, day) * 86_400 + hh * 3600 + mm * 60 + ss;
+        Ok(When::Wall(secs as u64 * 1_000_000_000 + (frac * 1e9) as u64))
+    }
+
+    fn wall_ns(self, start_wall_ns: u64) -> u64 {
+        match self {
+            When::Wall(ns) => ns,
+            When::Start(s) => start_wall_ns + (s * 1e9) as u64,
+        }
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+impl Select {
+    fn keeps(&self, t: &Trace, header: &HeaderJson) -> bool {
+        let f = &t.flow;
+        if !self.hosts.is_empty() && !self.hosts.iter().any(|h| *h == f.src_ip() || *h == f.dst_ip()) {
+            return false;
+        }
+        if !self.ports.is_empty() && !self.ports.iter().any(|p| *p == f.sport || *p == f.dport) {
+            return false;
+        }
+        if !self.pids.is_empty() && !self.pids.iter().any(|p| Some(*p) == t.pid || Some(*p) == t.rx_pid) {
+            return false;
+        }
+        if let Some(c) = &self.comm
+            && t.comm.as_ref() != Some(c)
+            && t.rx_comm.as_ref() != Some(c)
+        {
+            return false;
+        }
+        if self.since.is_some() || self.until.is_some() {
+            let first = t.stages.first().map_or(0, |s| s.t_ns);
+            let wall = (first as i64).saturating_add(header.mono_to_wall_ns).max(0) as u64;
+            if self.since.is_some_and(|w| wall < w.wall_ns(header.start_wall_ns))
+                || self.until.is_some_and(|w| wall > w.wall_ns(header.start_wall_ns))
+            {
+                return false;
+            }
+        }
+        true
+    }
+}
+
 pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dyn Sink>) -> Result<Read1> {
+    read_selected(name, only, by, &Select::default(), sink.take())
+}
+
+/// `read`, keeping only the traces `select` keeps.
+pub fn read_selected(
+    name: &str,
+    only: Option<PathKind>,
+    by: By,
+    select: &Select,
+    mut sink: Option<&mut dyn Sink>,
+) -> Result<Read1> {
     let (inner, total) = open(name)?;
     let show = std::io::stderr().is_terminal();
     let shown = if name == "-" { "stdin" } else { name };
@@ -172,7 +284,7 @@ pub fn read(name: &str, only: Option<PathKind>, by: By, mut sink: Option<&mut dy
     while let Some(line) = reader.next_line()? {
         match line {
             Line::Trace(t) => {
-                if only.is_some_and(|p| p != t.path) {
+                if only.is_some_and(|p| p != t.path) || !select.keeps(&t, &reader.header) {
                     continue;
                 }
                 gathered.add(&t);
@@ -400,4 +512,19 @@ pub fn compare(base: &Stats, new: &Stats) -> String {
     }
     out.push_str("(a change is marked when the 95% intervals of the percentile do not overlap and it exceeds 5%)\n");
     out
+}
+
+#[cfg(test)]
+mod select_tests {
+    use super::When;
+
+    #[test]
+    fn times_parse() {
+        assert_eq!(When::parse("+30"), Ok(When::Start(30.0)));
+        assert_eq!(When::parse("1700000000"), Ok(When::Wall(1_700_000_000_000_000_000)));
+        assert_eq!(When::parse("2023-11-14T22:13:20Z"), Ok(When::Wall(1_700_000_000_000_000_000)));
+        assert_eq!(When::parse("2026-12-05T10:00:00.5"), Ok(When::Wall(1_796_464_800_500_000_000)));
+        assert!(When::parse("yesterday").is_err());
+        assert!(When::parse("2026-13-01T00:00:00").is_err());
+    }
 }

@@ -27,6 +27,7 @@ mod fixture;
 mod interfaces;
 mod parse;
 mod pipeline;
+mod processes;
 mod recording;
 mod stages;
 mod summary;

@@ -418,3 +418,62 @@ fn report_refuses_stages_against_the_kernel_order_naming_the_line() {
     let e2e = out.lines().rfind(|l| l.starts_with("end-to-end")).unwrap_or_else(|| panic!("{out}"));
     assert_eq!(e2e.split_whitespace().collect::<Vec<_>>(), ["end-to-end", "3", "3.00", "3.00", "3.00", "3.00", "3.00"]);
 }
+
+/// `report --port/--host/--comm/--pid/--since/--until` keep the traces they name, and
+/// `trace --slow-us` writes only traces at least that slow (the rest counted in its summary).
+#[test]
+fn report_selects_traces_and_trace_keeps_only_slow_ones() {
+    let (_, file, port) = demo_recording(&["--path", "loopback"]);
+    let f = file.to_str().unwrap();
+    let count = |args: &[&str]| -> u64 {
+        let mut all = vec!["report", f];
+        all.extend_from_slice(args);
+        let o = packetflow(&all);
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.lines()
+            .find_map(|l| l.strip_prefix("loopback path: ").and_then(|r| r.split(' ').next()?.parse().ok()))
+            .unwrap_or(0)
+    };
+    let all = count(&[]);
+    assert_eq!(all, 200, "100 exchanges: 200 traces");
+    assert_eq!(count(&["--port", &port.to_string()]), all);
+    assert_eq!(count(&["--port", "1"]), 0);
+    assert_eq!(count(&["--host", "127.0.0.1"]), all);
+    assert_eq!(count(&["--host", "198.18.0.9"]), 0);
+    assert_eq!(count(&["--comm", "no-such-command"]), 0);
+    assert_eq!(count(&["--since", "+0", "--until", "+3600"]), all);
+    assert_eq!(count(&["--since", "+3600"]), 0);
+    assert_eq!(count(&["--until", "1970-01-02T00:00:00Z"]), 0);
+    // Each exchange's request by the client's pid: half the traces (the server answers).
+    let lines = read_ndjson(&file);
+    let pid = traces(&lines).iter().find_map(|t| t["pid"].as_u64()).expect("a sending pid");
+    let by_pid = count(&["--pid", &pid.to_string()]);
+    assert!(by_pid > 0 && by_pid <= all, "{by_pid}");
+    let o = packetflow(&["report", f, "--since", "yesterday"]);
+    assert_eq!(o.status.code(), Some(2));
+
+    // trace --slow-us: a threshold nothing reaches writes no trace, one everything
+    // reaches writes all, and the summary says how many were left out.
+    for (slow, written_all) in [("10000000", false), ("1", true)] {
+        require_root();
+        let port = unique_port();
+        let json = tmp(&format!("slow-{slow}.ndjson"));
+        let mut tracer = start_trace(&["--port", &port.to_string(), "--slow-us", slow], &json);
+        let _srv = serve(None, "127.0.0.1", port, false);
+        client(None, "127.0.0.1", port, 10, 64, false);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(tracer.interrupt(Duration::from_secs(10)).expect("stops").success());
+        let lines = read_ndjson(&json);
+        let written = traces(&lines).iter().filter(|t| t["kind"] == "data").count() as u64;
+        let s = summary(&lines);
+        let below = s["traces_below_slow_us"].as_u64().expect("the count of traces left out");
+        assert_eq!(s["slow_us"].as_u64(), slow.parse().ok());
+        if written_all {
+            assert_eq!((written, below), (20, 0), "{s}");
+        } else {
+            assert_eq!(written, 0);
+            assert!(below >= 20, "{s}");
+        }
+    }
+}

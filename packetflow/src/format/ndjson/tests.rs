@@ -52,6 +52,8 @@ pub(crate) fn sample_traces() -> Vec<Trace> {
         rx_tid: None,
         comm: None,
         rx_comm: None,
+        cgroup: None,
+        rx_cgroup: None,
         stages: Vec::new(),
         complete: false,
         drop: None,
@@ -72,6 +74,8 @@ pub(crate) fn sample_traces() -> Vec<Trace> {
             rx_tid: Some(100),
             comm: Some("iperf\"3\\\u{1}é".into()),
             rx_comm: Some("srv".into()),
+            cgroup: None,
+            rx_cgroup: None,
             stages: vec![
                 st(Stage::SendSyscall, 100, 0),
                 st(Stage::DevQueue, 150, 0),

@@ -198,6 +198,8 @@ pub(super) fn build(flow: &Flow, st: &FlowState, anchor: &Anchor, cov: &Coverage
         rx_tid: rxp.map(|p| p.1),
         comm: None,
         rx_comm: None,
+        cgroup: None,
+        rx_cgroup: None,
         stages,
         complete,
         drop: None,

@@ -484,6 +484,8 @@ impl Correlator {
             }
             trace.comm = trace.pid.and_then(|p| comms.get(p));
             trace.rx_comm = trace.rx_pid.and_then(|p| comms.get(p));
+            trace.cgroup = trace.pid.and_then(|p| comms.cgroup(p));
+            trace.rx_cgroup = trace.rx_pid.and_then(|p| comms.cgroup(p));
             stats.traces += 1;
             if !trace.complete {
                 stats.incomplete += 1;

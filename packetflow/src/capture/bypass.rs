@@ -25,7 +25,7 @@ use packetflow_common::counters;
 
 use super::{
     expr,
-    writer::{Out, TextStyle, text_line},
+    writer::{Line, Out, TextStyle, text_line},
     xsk::{self, HEADROOM, MAX_CHUNK, Mode, Stats, Xsk},
 };
 use crate::{
@@ -83,7 +83,11 @@ impl Reader {
                     let data = &bytes[..bytes.len().min(*snaplen)];
                     let r = match out {
                         Out::Pcap(w) => w.packet(0, ts, data, bytes.len() as u32, pcapng::FLAG_INBOUND, ""),
-                        Out::Text(w) => text_line(w, ts, ifname, "In ", data, bytes.len() as u32, style),
+                        Out::Text(w) => text_line(
+                            w,
+                            &Line { wall_ns: ts, ifname, dir: "In ", data, len: bytes.len() as u32, notes: &[] },
+                            style,
+                        ),
                     };
                     match r {
                         Ok(()) => *written += 1,

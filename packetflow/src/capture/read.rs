@@ -11,7 +11,10 @@ use std::{
 use anyhow::Result;
 use packetflow_common::capture::{DIR_IN, DIR_OUT, matches, summarize};
 
-use super::{expr, writer::text_line};
+use super::{
+    expr,
+    writer::{Line, text_line},
+};
 use crate::{cmd::capture::Args, error::user, format::pcap_read::Reader, format::pcapng};
 
 pub fn run(file: &str, a: &Args) -> Result<()> {
@@ -88,12 +91,10 @@ pub fn run(file: &str, a: &Args) -> Result<()> {
                 DIR_OUT => "Out",
                 _ => "-  ",
             };
-            text_line(&mut text, f.ts_ns, ifname, dir, data, f.orig_len, &style)?;
-            if style.verbose > 0
-                && let Some(c) = &f.comment
-            {
-                writeln!(text, "    {c}")?;
-            }
+            // The file's comment: with -v, or in the JSON object.
+            let comment = f.comment.as_deref().filter(|_| style.verbose > 0 || style.json).unwrap_or_default();
+            let line = Line { wall_ns: f.ts_ns, ifname, dir, data, len: f.orig_len, notes: &[comment] };
+            text_line(&mut text, &line, &style)?;
         }
     };
     text.flush()?;

@@ -146,7 +146,8 @@ fn drop_words(namer: &mut crate::kernel::drops::DropNamer, h: &CapHdr) -> String
 }
 
 /// tcpdump's output options: `-e` (link header), `-v` (IP header fields), `-x`/`-xx`
-/// (hex, without/with the link header), `-X`/`-XX` (hex and ASCII), `-A` (ASCII).
+/// (hex, without/with the link header), `-X`/`-XX` (hex and ASCII), `-A` (ASCII); and
+/// `--json` (one JSON object per packet instead of a line).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TextStyle {
     pub link: bool,
@@ -154,19 +155,31 @@ pub struct TextStyle {
     pub hex: u8,
     pub hex_ascii: u8,
     pub ascii: bool,
+    pub json: bool,
+}
+
+/// A packet as a line shows it.
+pub(super) struct Line<'a> {
+    pub wall_ns: u64,
+    pub ifname: &'a str,
+    /// "In ", "Out", "Drop" or "-  ".
+    pub dir: &'a str,
+    pub data: &'a [u8],
+    /// The packet's length before truncation.
+    pub len: u32,
+    /// A drop's reason, stage times, a file's comment: on lines of their own.
+    pub notes: &'a [&'a str],
 }
 
 /// One tcpdump-like line: local time, interface, direction, what the packet is; then
-/// what `style` asks for.
-pub(super) fn text_line(
-    w: &mut dyn Write,
-    wall_ns: u64,
-    ifname: &str,
-    dir: &str,
-    data: &[u8],
-    len: u32,
-    style: &TextStyle,
-) -> std::io::Result<()> {
+/// what `style` asks for, and the notes. With `style.json`, one JSON object instead
+/// (`packet_json`).
+pub(super) fn text_line(w: &mut dyn Write, l: &Line, style: &TextStyle) -> std::io::Result<()> {
+    let Line { wall_ns, ifname, dir, data, len, notes } = *l;
+    if style.json {
+        serde_json::to_writer(&mut *w, &packet_json(l))?;
+        return w.write_all(b"\n");
+    }
     let secs = (wall_ns / 1_000_000_000) as i64;
     // SAFETY: localtime_r writes only into `tm`, a zeroed plain C struct we own; `secs`
     // outlives the call.
@@ -200,7 +213,51 @@ pub(super) fn text_line(
     } else if style.ascii {
         writeln!(w, "{}", decode::printable(body(false), true))?;
     }
+    for n in notes.iter().filter(|n| !n.is_empty()) {
+        writeln!(w, "    {n}")?;
+    }
     Ok(())
+}
+
+/// `capture --json`: a packet as one object (docs/capture.md, "JSON lines").
+fn packet_json(l: &Line) -> serde_json::Value {
+    let Line { wall_ns, ifname, dir, data, len, notes } = *l;
+    let mut o = serde_json::json!({
+        "type": "packet",
+        "v": 1,
+        "time_ns": wall_ns,
+        "ifname": ifname,
+        "dir": match dir.trim() { "In" => "in", "Out" => "out", "Drop" => "drop", _ => "unknown" },
+        "len": len,
+        "caplen": data.len(),
+        "summary": decode::summary(data, len),
+    });
+    if let Some(t) = frame::ethertype(data) {
+        o["ethertype"] = t.into();
+    }
+    if let Some(ip) = frame::ip(data) {
+        o["src"] = ip.src.to_string().into();
+        o["dst"] = ip.dst.to_string().into();
+        o["proto"] = match ip.proto {
+            6 => "tcp".into(),
+            17 => "udp".into(),
+            1 => "icmp".into(),
+            58 => "icmp6".into(),
+            p => p.into(),
+        };
+        if matches!(ip.proto, 6 | 17)
+            && ip.frag == 0
+            && let (Some(sp), Some(dp)) = (frame::be16(data, ip.l4), frame::be16(data, ip.l4 + 2))
+        {
+            o["sport"] = sp.into();
+            o["dport"] = dp.into();
+        }
+    }
+    let notes: Vec<&str> = notes.iter().copied().filter(|n| !n.is_empty()).collect();
+    if !notes.is_empty() {
+        o["notes"] = notes.into();
+    }
+    o
 }
 
 /// With `--stages`, at most this many packets wait for their traces; beyond that the
@@ -231,13 +288,10 @@ impl WriterState {
                     DIR_OUT => "Out",
                     _ => "Drop",
                 };
-                text_line(w, p.wall_ns, &iface.name, dir, &p.data, p.hdr.len, &self.style)?;
-                if !dropped.is_empty() {
-                    writeln!(w, "    {dropped}")?;
-                }
-                if !comment.is_empty() {
-                    writeln!(w, "    {comment}")?;
-                }
+                let notes = [dropped.as_str(), comment];
+                let line =
+                    Line { wall_ns: p.wall_ns, ifname: &iface.name, dir, data: &p.data, len: p.hdr.len, notes: &notes };
+                text_line(w, &line, &self.style)?;
             }
             Out::Pcap(w) => {
                 use std::fmt::Write as _;

@@ -48,6 +48,10 @@ pub struct Args {
     /// Lines: also the packet in ASCII (web pages, text protocols).
     #[arg(short = 'A')]
     pub ascii: bool,
+    /// One JSON object per packet instead of a line (time, interface, direction, lengths,
+    /// addresses, ports, the line's summary; a drop's reason and stage times in `notes`).
+    #[arg(long, conflicts_with = "write")]
+    pub json: bool,
     /// List the interfaces: their state, the XDP modes each offers, AF_XDP zero-copy, and
     /// which program holds its XDP slot. Nothing is captured.
     #[arg(short = 'D', long = "list-interfaces")]
@@ -102,6 +106,7 @@ impl Args {
             hex: self.hex,
             hex_ascii: self.hex_ascii,
             ascii: self.ascii,
+            json: self.json,
         }
     }
 }

@@ -731,6 +731,44 @@ fn read_back_round_trips_and_reads_tcpdump_files() {
         "with the link header: {xx}"
     );
 
+    // --json: one object per packet, the file's comment in `notes`.
+    let (code, objects, err) = read(&["-r", file, "--json", "udp"], None);
+    assert_eq!(code, Some(0), "{err}");
+    let objects: Vec<serde_json::Value> = objects.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    assert_eq!(objects.len(), 5);
+    for o in &objects {
+        assert_eq!(
+            (o["type"].as_str(), o["proto"].as_str(), o["dir"].as_str()),
+            (Some("packet"), Some("udp"), Some("in"))
+        );
+        assert_eq!(
+            (o["dport"].as_u64(), o["len"].as_u64(), o["ifname"].as_str()),
+            (Some(u64::from(port)), Some(102), Some("lo"))
+        );
+        assert!(o["notes"][0].as_str().is_some_and(|n| n.starts_with("hook=xdp")), "{o}");
+    }
+    // ... and live.
+    let live = std::thread::spawn(move || {
+        Command::new(bin())
+            .args(["capture", "-i", "lo", "-c", "3", "--json", "udp", "port", &port.to_string()])
+            .output()
+    });
+    // Bursts until the capture (started in the thread) has its three packets; bounded.
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(500));
+        if live.is_finished() {
+            break;
+        }
+        udp_burst(port, 3, 60);
+    }
+    assert!(live.is_finished(), "capture -c 3 --json did not end");
+    let o = live.join().unwrap().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    assert_eq!(lines.len(), 3);
+    assert!(lines.iter().all(|l| l["dport"].as_u64() == Some(u64::from(port)) && l["caplen"] == 102));
+
     // Bad files.
     let text = tmp("r-text.txt");
     std::fs::write(&text, "GET / HTTP/1.1\r\n\r\n").unwrap();

@@ -33,8 +33,8 @@ use packetflow_common::{
     counters,
 };
 
-pub use writer::TextStyle;
 use writer::{HELD_MAX, Iface, Out, Packet, WriterState, write_loop};
+pub use writer::{Rotation, TextStyle};
 
 use crate::{
     cmd::capture::Args,
@@ -91,6 +91,13 @@ async fn read_rings(
 }
 
 pub async fn run(a: Args) -> Result<()> {
+    let rotating = a.file_size.is_some() || a.rotate_secs.is_some();
+    if a.file_count.is_some() && !rotating {
+        crate::user_bail!("-W keeps a ring of files: it needs -C SIZE or -G SECS");
+    }
+    if rotating && (a.write.as_deref() == Some("-") || a.read.is_some() || a.bypass) {
+        crate::user_bail!("-C and -G rotate the files of a live capture: -w FILE, not stdout, -r or --bypass");
+    }
     if a.list {
         list::run();
         return Ok(());
@@ -199,7 +206,8 @@ pub async fn run(a: Args) -> Result<()> {
     let out: Out = match a.write.as_deref() {
         None => Out::Text(Box::new(std::io::BufWriter::new(std::io::stdout()))),
         Some(path) => {
-            let w = crate::format::output::writer(path)?;
+            let first = a.rotation().map_or_else(|| path.to_string(), |r| r.name(0));
+            let w = crate::format::output::writer(&first)?;
             let os = format!("Linux {}", platform::host::kernel_release());
             Out::Pcap(pcapng::Writer::new(w, &format!("packetflow {}", env!("CARGO_PKG_VERSION")), &os)?)
         }
@@ -221,6 +229,7 @@ pub async fn run(a: Args) -> Result<()> {
         namer: a.drops.then(|| crate::kernel::drops::DropNamer::new(tracer.drop_reasons.clone())),
         drops_elsewhere: 0,
         style: a.style(),
+        rotation: a.rotation(),
     };
     for (ns, name, ifindex, is_lo) in &targets {
         let ns_ino = platform::netns::netns_inode(ns.as_deref().unwrap_or(std::path::Path::new("/proc/self/ns/net")))

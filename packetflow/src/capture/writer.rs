@@ -109,6 +109,67 @@ pub(super) enum Out {
     Pcap(pcapng::Writer<Box<dyn Write + Send>>),
 }
 
+/// `-C`/`-W`/`-G`: when the pcapng output goes on in a new file, and its name. Files are
+/// FILE, FILE1, FILE2, ... (tcpdump's `-C` names); with `-W N` FILE0 ... FILE(N-1),
+/// then FILE0 again (a ring); a FILE with `%` conversions is put through strftime (local
+/// time) when each file opens, as tcpdump does with `-G` (and then, without -C or -W,
+/// gets no number).
+pub struct Rotation {
+    pub path: String,
+    /// `-C`: bytes per file (MB of 1,000,000 bytes, as tcpdump).
+    pub max_bytes: Option<u64>,
+    /// `-G`: seconds per file.
+    pub every: Option<Duration>,
+    /// `-W`: at most this many files, reused in turn.
+    pub ring: Option<u32>,
+    /// The number of the file being written.
+    pub index: u32,
+    pub opened: std::time::Instant,
+}
+
+impl Rotation {
+    /// The name of file number `index`.
+    pub fn name(&self, index: u32) -> String {
+        let timed = self.path.contains('%');
+        let base = if timed { strftime(&self.path) } else { self.path.clone() };
+        match self.ring {
+            Some(n) => format!("{base}{}", index % n),
+            // `-G` alone with a time in the name: the time tells the files apart.
+            None if index == 0 || (timed && self.max_bytes.is_none()) => base,
+            None => format!("{base}{index}"),
+        }
+    }
+
+    fn due(&self, written: u64) -> bool {
+        self.max_bytes.is_some_and(|m| written >= m) || self.every.is_some_and(|e| self.opened.elapsed() >= e)
+    }
+
+    /// The next file, created (a ring's old file is overwritten).
+    fn open_next(&mut self) -> Result<Box<dyn Write + Send>> {
+        self.index += 1;
+        self.opened = std::time::Instant::now();
+        crate::format::output::writer(&self.name(self.index))
+    }
+}
+
+/// `path` with strftime's conversions, in local time.
+fn strftime(path: &str) -> String {
+    let Ok(fmt) = std::ffi::CString::new(path) else { return path.to_string() };
+    let mut buf = vec![0u8; path.len() * 4 + 64];
+    // SAFETY: time(NULL) and localtime_r write only into `now` and `tm`, which we own;
+    // strftime writes at most `buf.len()` bytes into `buf` and returns how many.
+    let n = unsafe {
+        let now = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        libc::localtime_r(&raw const now, &raw mut tm);
+        libc::strftime(buf.as_mut_ptr().cast(), buf.len(), fmt.as_ptr(), &raw const tm)
+    };
+    if n == 0 {
+        return path.to_string();
+    }
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
 pub(super) struct WriterState {
     pub(super) out: Out,
     pub(super) ifaces: BTreeMap<u32, Iface>,
@@ -134,6 +195,8 @@ pub(super) struct WriterState {
     /// Dropped packets on interfaces not captured (not written; said at the end).
     pub(super) drops_elsewhere: u64,
     pub(super) style: TextStyle,
+    /// `-C`/`-G`: when to go on in a new file.
+    pub(super) rotation: Option<Rotation>,
 }
 
 /// "NO_SOCKET at __udp4_lib_rcv+0x4bc" for a `HOOK_DROP` packet (its header's `_pad`).
@@ -295,6 +358,11 @@ impl WriterState {
             }
             Out::Pcap(w) => {
                 use std::fmt::Write as _;
+                if let Some(r) = &mut self.rotation
+                    && r.due(w.written)
+                {
+                    w.rotate(r.open_next()?)?;
+                }
                 let flags = match p.hdr.dir {
                     DIR_IN => pcapng::FLAG_INBOUND,
                     DIR_OUT => pcapng::FLAG_OUTBOUND,
@@ -438,6 +506,7 @@ mod tests {
             held_overflow: 0,
             error: None,
             style: TextStyle::default(),
+            rotation: None,
         }
     }
 

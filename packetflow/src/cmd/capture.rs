@@ -27,6 +27,17 @@ pub struct Args {
     /// same filter and lines; with -w, the packets kept are written again as pcapng.
     #[arg(short = 'r', value_name = "FILE", conflicts_with_all = ["ifaces", "bypass", "stages", "drops", "duration"])]
     pub read: Option<String>,
+    /// With -w: go on in a new file once this one holds SIZE MB (1,000,000 bytes):
+    /// FILE, FILE1, FILE2, ... (with -W: FILE0 to FILE(N-1), in turn).
+    #[arg(short = 'C', value_name = "SIZE", requires = "write", value_parser = clap::value_parser!(u64).range(1..))]
+    pub file_size: Option<u64>,
+    /// With -w: go on in a new file every SECS seconds; strftime conversions in FILE
+    /// (%Y%m%d-%H%M%S) name each file by its start.
+    #[arg(short = 'G', value_name = "SECS", requires = "write", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rotate_secs: Option<u64>,
+    /// With -C or -G: keep at most N files, reused in turn (a ring).
+    #[arg(short = 'W', value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub file_count: Option<u32>,
     /// Stop after COUNT packets.
     #[arg(short = 'c', long, value_name = "COUNT")]
     pub count: Option<u64>,
@@ -98,6 +109,19 @@ pub enum Direction {
 }
 
 impl Args {
+    /// `-C`/`-G`/`-W` (the first file is the one `-w` opens: `Rotation::name(0)`).
+    pub fn rotation(&self) -> Option<crate::capture::Rotation> {
+        let path = self.write.clone().filter(|p| p != "-")?;
+        (self.file_size.is_some() || self.rotate_secs.is_some()).then(|| crate::capture::Rotation {
+            path,
+            max_bytes: self.file_size.map(|mb| mb * 1_000_000),
+            every: self.rotate_secs.map(std::time::Duration::from_secs),
+            ring: self.file_count,
+            index: 0,
+            opened: std::time::Instant::now(),
+        })
+    }
+
     /// The line options (-e, -v, -x, -X, -A).
     pub fn style(&self) -> crate::capture::TextStyle {
         crate::capture::TextStyle {

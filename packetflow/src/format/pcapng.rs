@@ -57,6 +57,12 @@ fn ts_words(ns: u64) -> [u8; 8] {
 pub struct Writer<W: Write> {
     w: W,
     interfaces: u32,
+    /// The section header's and interface descriptions' bodies, written again at the
+    /// start of each file by `rotate`.
+    shb: Vec<u8>,
+    idbs: Vec<Vec<u8>>,
+    /// Bytes written to the current file.
+    pub written: u64,
 }
 
 impl<W: Write> Writer<W> {
@@ -71,7 +77,21 @@ impl<W: Write> Writer<W> {
         o.add(3, os.as_bytes()).add(4, app.as_bytes());
         body.extend(o.finish());
         block(&mut w, SHB, &body)?;
-        Ok(Writer { w, interfaces: 0 })
+        Ok(Writer { w, interfaces: 0, written: 12 + body.len() as u64, shb: body, idbs: Vec::new() })
+    }
+
+    /// Goes on in a new file (`capture -C/-G`): the section header and every interface
+    /// description again, so each file stands alone; interface ids stay. Returns the
+    /// previous output, flushed.
+    pub fn rotate(&mut self, mut w: W) -> io::Result<W> {
+        self.w.flush()?;
+        block(&mut w, SHB, &self.shb)?;
+        self.written = 12 + self.shb.len() as u64;
+        for body in &self.idbs {
+            block(&mut w, IDB, body)?;
+            self.written += 12 + body.len() as u64;
+        }
+        Ok(std::mem::replace(&mut self.w, w))
     }
 
     /// Describes an interface; returns its id for `packet` and `stats`.
@@ -84,6 +104,8 @@ impl<W: Write> Writer<W> {
         o.add(2, name.as_bytes()).add(9, &[9]).add(OPT_COMMENT, comment.as_bytes());
         body.extend(o.finish());
         block(&mut self.w, IDB, &body)?;
+        self.written += 12 + body.len() as u64;
+        self.idbs.push(body);
         self.interfaces += 1;
         Ok(self.interfaces - 1)
     }
@@ -104,6 +126,7 @@ impl<W: Write> Writer<W> {
         let opts = if flags != 0 { opt(4) } else { 0 } + if comment.is_empty() { 0 } else { opt(comment.len()) };
         let opts = if opts == 0 { 0 } else { opts + 4 };
         let total = (12 + 20 + data.len() + pad4(data.len()) + opts) as u32;
+        self.written += u64::from(total);
         let mut head = [0u8; 28];
         head[0..4].copy_from_slice(&EPB.to_le_bytes());
         head[4..8].copy_from_slice(&total.to_le_bytes());
@@ -150,6 +173,7 @@ impl<W: Write> Writer<W> {
             .add(4, &received.to_le_bytes())
             .add(5, &dropped.to_le_bytes());
         body.extend(o.finish());
+        self.written += 12 + body.len() as u64;
         block(&mut self.w, ISB, &body)
     }
 
@@ -174,6 +198,27 @@ fn block(w: &mut impl Write, ty: u32, body: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After `rotate`, the new file starts with the section header and every interface
+    /// description: it reads alone, with the same interface ids.
+    #[test]
+    fn a_rotated_file_stands_alone() {
+        let mut w = Writer::new(Vec::new(), "packetflow test", "Linux").unwrap();
+        let a = w.interface("lo", 65535, "").unwrap();
+        let b = w.interface("eth0", 128, "").unwrap();
+        w.packet(a, 1, &[1; 10], 10, FLAG_INBOUND, "").unwrap();
+        let first = w.rotate(Vec::new()).unwrap();
+        // The packet block: 32 bytes of header, 12 of data (10 + padding), 12 of options.
+        assert_eq!(w.written, first.len() as u64 - 56, "the new file holds its headers only");
+        w.packet(b, 2, &[2; 20], 20, FLAG_OUTBOUND, "").unwrap();
+        let second = w.into_inner();
+        for (file, iface, len) in [(first, 0, 10), (second, 1, 20)] {
+            let mut r = crate::format::pcap_read::Reader::open(&file[..]).unwrap();
+            let f = r.next_frame().unwrap().expect("one packet");
+            assert_eq!((f.iface, f.data.len()), (iface, len));
+            assert!(r.next_frame().unwrap().is_none());
+        }
+    }
 
     #[test]
     fn blocks_are_padded_and_framed() {
@@ -203,7 +248,9 @@ mod tests {
             [(&[1u8, 2, 3][..], FLAG_INBOUND, "hook=xdp"), (&[7u8; 8][..], 0, ""), (&[9u8][..], 0, "abcd")]
         {
             let mut out = Vec::new();
-            Writer { w: &mut out, interfaces: 1 }.packet(0, 5 << 32 | 6, data, 100, flags, comment).unwrap();
+            Writer { w: &mut out, interfaces: 1, shb: Vec::new(), idbs: Vec::new(), written: 0 }
+                .packet(0, 5 << 32 | 6, data, 100, flags, comment)
+                .unwrap();
             let mut want = Vec::new();
             want.extend(0u32.to_le_bytes());
             want.extend(5u32.to_le_bytes());

@@ -786,3 +786,58 @@ fn read_back_round_trips_and_reads_tcpdump_files() {
     assert!(err.contains("corrupt at byte"), "{err}");
     assert!(some.lines().count() > 5, "the packets before the damage are printed");
 }
+
+/// `-C 1 -W 3`: a ring of three files of 1 MB, each a whole pcapng file tshark reads
+/// alone; `-G 1`: a new file every second, named by strftime.
+#[test]
+fn files_rotate_by_size_in_a_ring_and_by_time() {
+    require_root();
+    let port = unique_port();
+    let dir = tmp("rotate");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = dir.join("ring.pcapng");
+    let cap =
+        start_pf(&["-i", "lo", "-w", base.to_str().unwrap(), "-C", "1", "-W", "3", "udp", "port", &port.to_string()]);
+    // 5,000 datagrams of 1,000 bytes: about 5 MB of pcapng, five files' worth.
+    for _ in 0..50 {
+        udp_burst(port, 100, 1000);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    cap.stop();
+    let mut names: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    assert_eq!(names, ["ring.pcapng0", "ring.pcapng1", "ring.pcapng2"], "a ring of three");
+    for n in &names {
+        let p = dir.join(n);
+        let size = std::fs::metadata(&p).unwrap().len();
+        assert!(size <= 1_000_000 + 1200, "{n}: {size} bytes");
+        assert_eq!(tshark_complaints(&p), "", "{n}");
+        assert!(!fields(&p, Some("udp")).is_empty(), "{n} holds packets");
+    }
+    let full = names.iter().filter(|n| std::fs::metadata(dir.join(n)).unwrap().len() >= 999_000).count();
+    assert!(full >= 2, "at least two files filled: {names:?}");
+
+    let timed = dir.join("t-%H%M%S.pcapng");
+    let cap = start_pf(&["-i", "lo", "-w", timed.to_str().unwrap(), "-G", "1", "udp", "port", &port.to_string()]);
+    for _ in 0..25 {
+        udp_burst(port, 2, 100);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cap.stop();
+    let timed: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("t-"))
+        .collect();
+    assert!(timed.len() >= 2, "a file per second: {timed:?}");
+    assert!(timed.iter().all(|n| n.len() == "t-HHMMSS.pcapng".len()), "named by their start only: {timed:?}");
+    for n in &timed {
+        assert_eq!(tshark_complaints(&dir.join(n)), "", "{n}");
+    }
+    let o = packetflow(&["capture", "-i", "lo", "-W", "2", "-w", base.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "-W without -C or -G");
+}

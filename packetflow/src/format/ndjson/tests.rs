@@ -143,11 +143,11 @@ fn lines_keep_their_bytes() {
         |t: &Trace, names: &mut Names| serde_json::to_string(&TraceJson::new(t, names, &SAMPLE_AVAILABLE)).unwrap();
     assert_eq!(
         line(&traces[0], &mut names),
-        r#"{"type":"trace","v":1,"kind":"data","proto":"tcp","family":"ipv4","src":"127.0.0.1","sport":40000,"dst":"10.1.2.3","dport":5201,"seq":4000000000,"len":1448,"path":"loopback","ifname":"lo","ifindex":1,"rx_ifname":"lo","pid":1234,"tid":1235,"comm":"iperf\"3\\\u0001é","rx_pid":99,"rx_comm":"srv","complete":true,"missing":["nic_xmit"],"stages":[{"stage":"send_syscall","t_ns":100,"cpu":0},{"stage":"dev_queue","t_ns":150,"cpu":0},{"stage":"netif_receive","t_ns":170,"cpu":3},{"stage":"recv_syscall","t_ns":1000000000000,"cpu":65535}],"total_ns":999999999900}"#
+        r#"{"type":"trace","v":1,"kind":"data","proto":"tcp","family":"ipv4","src":"127.0.0.1","sport":40000,"dst":"10.1.2.3","dport":5201,"seq":4000000000,"len":1448,"path":"loopback","ifname":"lo","ifindex":1,"rx_ifname":"lo","pid":1234,"tid":1235,"comm":"iperf\"3\\\u0001é","rx_pid":99,"rx_comm":"srv","netns":0,"rx_netns":0,"complete":true,"missing":["nic_xmit"],"stages":[{"stage":"send_syscall","t_ns":100,"cpu":0},{"stage":"dev_queue","t_ns":150,"cpu":0},{"stage":"netif_receive","t_ns":170,"cpu":3},{"stage":"recv_syscall","t_ns":1000000000000,"cpu":65535}],"total_ns":999999999900}"#
     );
     assert_eq!(
         line(&traces[1], &mut names),
-        r#"{"type":"trace","v":1,"kind":"retrans","proto":"udp","family":"ipv6","src":"2001:db8::1","sport":0,"dst":"::ffff:1.2.3.4","dport":65535,"seq":0,"len":0,"path":"nic","ifname":"eth0","ifindex":2,"rx_ifname":null,"pid":null,"tid":null,"comm":null,"rx_pid":null,"rx_comm":null,"complete":false,"missing":["send_syscall","nic_xmit","netif_receive","recv_syscall"],"stages":[{"stage":"dev_queue","t_ns":5,"cpu":1}],"total_ns":0}"#
+        r#"{"type":"trace","v":1,"kind":"retrans","proto":"udp","family":"ipv6","src":"2001:db8::1","sport":0,"dst":"::ffff:1.2.3.4","dport":65535,"seq":0,"len":0,"path":"nic","ifname":"eth0","ifindex":2,"rx_ifname":null,"pid":null,"tid":null,"comm":null,"rx_pid":null,"rx_comm":null,"netns":0,"complete":false,"missing":["send_syscall","nic_xmit","netif_receive","recv_syscall"],"stages":[{"stage":"dev_queue","t_ns":5,"cpu":1}],"total_ns":0}"#
     );
 
     let mut stats = Stats::default();

@@ -473,6 +473,12 @@ mod tests {
         assert_eq!(err("sample = 4000000000\n"), "f.toml:1: sample: must be at most 1000000");
         assert!(err("pid = 0\n").starts_with("f.toml:1: pid: must be between 1 and 4194304"));
         assert!(err("pid = 5000000\n").starts_with("f.toml:1: pid: must be between"));
+        assert!(err("pids = [1, 0]\n").contains("pids: 0 is not between"), "{}", err("pids = [1, 0]\n"));
+        assert!(err("comm = \"a-name-longer-than-15\"\n").contains("comm: a command name is 1 to 15 bytes"));
+        // The process keys become the kernel filter's process criteria.
+        let c = Config::parse("pid = 7\npids = [8, 9]\ncomm = \"nginx\"\n", "f").unwrap();
+        let f = c.filter();
+        assert_eq!((f.pids, f.comm.as_deref()), (vec![7, 8, 9], Some("nginx")));
         // The largest values are fine, and do not overflow once turned into bytes and ns.
         let text = "rotate_mb = 65536\nmax_total_mb = 16777216\ntimeout_ms = 600000\nslow_us = 600000000\nrotate_secs = 2592000\nsample = 1000000\npid = 4194304\n";
         let c = Config::parse(text, "f").unwrap();
